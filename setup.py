@@ -1,0 +1,27 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = re.search(
+    r'__version__ = "([^"]+)"', (here / "selchat" / "_version.py").read_text()
+).group(1)
+
+setup(
+    name="selchat",
+    version=version,
+    description="A direct-chat server on a single-threaded selectors reactor, and its terminal client",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["selchat", "selchat.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "click>=8.1",
+        "prompt_toolkit>=3.0.36",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6.80", "pexpect>=4.8"],
+    },
+    entry_points={"console_scripts": ["selchat=selchat.cli:main"]},
+)
