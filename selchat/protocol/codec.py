@@ -1,0 +1,220 @@
+"""Frames <-> events.
+
+A frame is one line of UTF-8 text ending in LF (a CR right before the LF is
+dropped, so ``nc -C`` and telnet work). The first word is the verb, matched
+case-insensitively; the rest are arguments separated by single spaces. The last
+argument of some frames (a password, a message) is "the rest of the line" and
+may contain spaces.
+
+``decode_client`` / ``decode_server`` parse a line received from the client /
+the server; ``encode`` turns any event into the bytes of its frame.
+"""
+
+from __future__ import annotations
+
+import re
+
+from selchat.protocol import events as ev
+from selchat.protocol.errors import FrameError
+
+#: Longest frame accepted, in bytes, not counting the line ending.
+MAX_FRAME = 4096
+
+# Control characters other than TAB are refused anywhere in a frame: they
+# would let one user garble another's terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def decode_text(line: bytes, verb: str = "-") -> str:
+    """Bytes of a frame -> str, or FrameError(bad-encoding)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameError("bad-encoding", "frame is not valid UTF-8", verb) from None
+    if _CONTROL.search(text):
+        raise FrameError("bad-encoding", "frame contains control characters", verb)
+    return text
+
+
+def split_verb(line: bytes) -> tuple[str, bytes]:
+    """``b"MSG hi there"`` -> ``("MSG", b"hi there")``. The verb is upper-cased."""
+    verb, _, rest = line.partition(b" ")
+    try:
+        return verb.decode("ascii").upper(), rest
+    except UnicodeDecodeError:
+        raise FrameError("bad-encoding", "frame is not valid UTF-8") from None
+
+
+def _args(verb: str, rest: str, count: int, usage: str) -> list[str]:
+    """Split ``rest`` into exactly ``count`` arguments; the last takes the remainder."""
+    if count == 0:
+        if rest:
+            raise FrameError("bad-syntax", f"usage: {usage}", verb)
+        return []
+    parts = rest.split(" ", count - 1)
+    if len(parts) != count or not all(parts):
+        raise FrameError("bad-syntax", f"usage: {usage}", verb)
+    return parts
+
+
+# --- client -> server --------------------------------------------------------
+
+_CLIENT_NULLARY = {
+    "ACCEPT": ev.Accept(),
+    "DECLINE": ev.Decline(),
+    "QUIT": ev.Quit(),
+    "EXIT": ev.Exit(),
+    "WHO": ev.Who(),
+    "HELP": ev.Help(),
+}
+
+CLIENT_VERBS = (
+    "LOGIN", "REGISTER", "ATTACH", "CHAT", "ACCEPT", "DECLINE", "QUIT", "EXIT",
+    "WHO", "HELP", "MSG", "PING", "PONG",
+)
+
+
+def decode_client(line: bytes) -> ev.Event:
+    """Parse one frame sent by a client (without its line ending)."""
+    verb, raw = split_verb(line)
+    rest = decode_text(raw, verb)
+    if verb == "MSG":
+        if not rest:
+            raise FrameError("empty", "empty message", verb)
+        return ev.Message(rest)
+    if verb in _CLIENT_NULLARY:
+        _args(verb, rest, 0, verb)
+        return _CLIENT_NULLARY[verb]
+    if verb == "PING":
+        return ev.Ping(rest)
+    if verb == "PONG":
+        return ev.Pong(rest)
+    if verb == "CHAT":
+        (user,) = _args(verb, rest, 1, "CHAT <user>")
+        if " " in user:
+            raise FrameError("bad-syntax", "usage: CHAT <user>", verb)
+        return ev.ChatRequest(user)
+    if verb in ("LOGIN", "REGISTER"):
+        user, password = _args(verb, rest, 2, f"{verb} <user> <password>")
+        return (ev.Login if verb == "LOGIN" else ev.Register)(user, password)
+    if verb == "ATTACH":
+        role, token = _args(verb, rest, 2, "ATTACH CHAT|CHECK <token>")
+        role = role.upper()
+        if role not in ("CHAT", "CHECK") or " " in token:
+            raise FrameError("bad-syntax", "usage: ATTACH CHAT|CHECK <token>", verb)
+        return ev.Attach(ev.Role(role), token)
+    if not verb:
+        raise FrameError("bad-syntax", "empty frame", "-")
+    raise FrameError("unknown-command", f"unknown command {verb}; send HELP for the list", verb)
+
+
+# --- server -> client --------------------------------------------------------
+
+_SERVER_ONE_USER = {
+    "REQUEST": ev.Request,
+    "STARTED": ev.Started,
+    "DECLINED": ev.Declined,
+    "EXPIRED": ev.Expired,
+    "CANCELLED": ev.Cancelled,
+    "READY": ev.Ready,
+}
+
+
+def decode_server(line: bytes) -> ev.Event:
+    """Parse one frame sent by the server (without its line ending)."""
+    verb, raw = split_verb(line)
+    rest = decode_text(raw, verb)
+    if verb == "MSG":
+        user, text = _args(verb, rest, 2, "MSG <user> <text>")
+        return ev.Incoming(user, text)
+    if verb in _SERVER_ONE_USER:
+        (user,) = _args(verb, rest, 1, f"{verb} <user>")
+        return _SERVER_ONE_USER[verb](user)
+    if verb == "OK":
+        what, _, info = rest.partition(" ")
+        if not what:
+            raise FrameError("bad-syntax", "usage: OK <verb> [info]", verb)
+        if what == "ATTACH" and info in ("CHAT", "CHECK"):
+            return ev.Attached(ev.Role(info))
+        return ev.Ok(what, info)
+    if verb == "ERR":
+        what, code, text = _args(verb, rest, 3, "ERR <verb> <code> <text>")
+        return ev.Error(what, code, text)
+    if verb == "NACK":
+        seq, code, text = _args(verb, rest, 3, "NACK <seq> <code> <text>")
+        if not seq.isdigit():
+            raise FrameError("bad-syntax", "usage: NACK <seq> <code> <text>", verb)
+        return ev.Nack(int(seq), code, text)
+    if verb == "USER":
+        user, status = _args(verb, rest, 2, "USER <user> <status>")
+        return ev.UserEntry(user, status)
+    if verb == "ENDED":
+        user, reason, text = _args(verb, rest, 3, "ENDED <user> <reason> <text>")
+        return ev.Ended(user, reason, text)
+    if verb == "WELCOME":
+        user, chat, check = _args(verb, rest, 3, "WELCOME <user> <chat-token> <check-token>")
+        return ev.Welcome(user, chat, check)
+    if verb == "HELLO":
+        version, software = _args(verb, rest, 2, "HELLO <version> <software>")
+        if not version.isdigit():
+            raise FrameError("bad-syntax", "usage: HELLO <version> <software>", verb)
+        return ev.Hello(int(version), software)
+    if verb == "BYE":
+        reason, text = _args(verb, rest, 2, "BYE <reason> <text>")
+        return ev.Bye(reason, text)
+    if verb == "SHUTDOWN":
+        return ev.Shutdown(rest)
+    if verb == "PING":
+        return ev.Ping(rest)
+    if verb == "PONG":
+        return ev.Pong(rest)
+    raise FrameError("unknown-command", f"unknown server frame {verb or '(empty)'}", verb or "-")
+
+
+# --- events -> bytes ---------------------------------------------------------
+
+
+def _frame(*parts: object) -> bytes:
+    return (" ".join(str(p) for p in parts if p != "") + "\n").encode("utf-8")
+
+
+_ENCODERS = {
+    # client frames
+    ev.Login: lambda e: _frame("LOGIN", e.user, e.password),
+    ev.Register: lambda e: _frame("REGISTER", e.user, e.password),
+    ev.Attach: lambda e: _frame("ATTACH", e.role.value, e.token),
+    ev.ChatRequest: lambda e: _frame("CHAT", e.user),
+    ev.Accept: lambda e: b"ACCEPT\n",
+    ev.Decline: lambda e: b"DECLINE\n",
+    ev.Quit: lambda e: b"QUIT\n",
+    ev.Exit: lambda e: b"EXIT\n",
+    ev.Who: lambda e: b"WHO\n",
+    ev.Help: lambda e: b"HELP\n",
+    ev.Message: lambda e: f"MSG {e.text}\n".encode("utf-8"),
+    # either side
+    ev.Ping: lambda e: _frame("PING", e.data),
+    ev.Pong: lambda e: _frame("PONG", e.data),
+    # server frames
+    ev.Hello: lambda e: _frame("HELLO", e.version, e.software),
+    ev.Welcome: lambda e: _frame("WELCOME", e.user, e.chat_token, e.check_token),
+    ev.Attached: lambda e: _frame("OK", "ATTACH", e.role.value),
+    ev.Ready: lambda e: _frame("READY", e.user),
+    ev.Ok: lambda e: _frame("OK", e.verb, e.info),
+    ev.Error: lambda e: _frame("ERR", e.verb, e.code, e.text),
+    ev.UserEntry: lambda e: _frame("USER", e.user, e.status),
+    ev.Request: lambda e: _frame("REQUEST", e.user),
+    ev.Started: lambda e: _frame("STARTED", e.user),
+    ev.Declined: lambda e: _frame("DECLINED", e.user),
+    ev.Expired: lambda e: _frame("EXPIRED", e.user),
+    ev.Cancelled: lambda e: _frame("CANCELLED", e.user),
+    ev.Ended: lambda e: _frame("ENDED", e.user, e.reason, e.text),
+    ev.Incoming: lambda e: f"MSG {e.user} {e.text}\n".encode("utf-8"),
+    ev.Nack: lambda e: _frame("NACK", e.seq, e.code, e.text),
+    ev.Shutdown: lambda e: _frame("SHUTDOWN", e.text),
+    ev.Bye: lambda e: _frame("BYE", e.reason, e.text),
+}
+
+
+def encode(event: ev.Event) -> bytes:
+    """The frame of ``event``, line ending included."""
+    return _ENCODERS[type(event)](event)

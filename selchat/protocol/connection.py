@@ -1,0 +1,194 @@
+"""One socket's protocol state, with no I/O: bytes in, events out; events in, bytes out.
+
+    conn = Connection(SERVER)
+    conn.receive_data(data)          # b"" means the peer closed
+    while (event := conn.next_event()) is not NEED_DATA:
+        ...                          # BadFrame carries the reply to send
+    sock_bytes = conn.send(reply)    # checked against the state table
+
+Nothing here reads a clock or touches a socket, so every behaviour can be
+tested by feeding bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from selchat.protocol import codec
+from selchat.protocol import events as ev
+from selchat.protocol.errors import FrameError, LocalProtocolError
+from selchat.protocol.state import CLIENT_FRAMES, SERVER_FRAMES, State, next_state
+
+#: An unterminated run longer than this closes the connection: the peer is not
+#: speaking our protocol (or is trying to make us buffer without bound).
+MAX_UNTERMINATED = 64 * 1024
+
+
+class Side(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+CLIENT = Side.CLIENT
+SERVER = Side.SERVER
+
+
+class Connection:
+    """The protocol state of one socket, seen from ``our_side``."""
+
+    __slots__ = (
+        "our_side", "state", "max_frame", "msg_seq",
+        "_buf", "_pos", "_scan", "_discarding", "_discard_head", "_eof", "_decode", "_in_table", "_out_table",
+    )
+
+    def __init__(self, our_side: Side, max_frame: int = codec.MAX_FRAME):
+        self.our_side = our_side
+        self.state = State.FRESH
+        self.max_frame = max_frame
+        #: MSG frames counted on a chat socket, in the direction we receive
+        #: (server) or send (client): NACK <seq> names the seq-th one.
+        self.msg_seq = 0
+        self._buf = bytearray()
+        self._pos = 0               # start of the first unconsumed byte in _buf
+        self._scan = 0              # bytes of _buf already known to hold no LF
+        self._discarding = 0        # > 0: bytes dropped of an over-long frame so far
+        self._discard_head = b""    # the start of the over-long frame (for its verb)
+        self._eof = False
+        if our_side is SERVER:
+            self._decode, self._in_table, self._out_table = codec.decode_client, CLIENT_FRAMES, SERVER_FRAMES
+        else:
+            self._decode, self._in_table, self._out_table = codec.decode_server, SERVER_FRAMES, CLIENT_FRAMES
+
+    # -- inbound ---------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes from the peer. ``b""`` means the peer closed its side."""
+        if data:
+            if self._pos:
+                # Drop consumed lines once per read, not once per line: deleting
+                # the head of a bytearray is a memmove of everything after it.
+                del self._buf[: self._pos]
+                self._scan -= self._pos
+                self._pos = 0
+            self._buf += data
+        else:
+            self._eof = True
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet turned into events."""
+        return len(self._buf) - self._pos
+
+    def next_event(self) -> ev.Event:
+        """The next complete event, ``NEED_DATA``, ``BadFrame`` or ``ConnectionClosed``.
+
+        Never raises for anything the peer sent.
+        """
+        while True:
+            line = self._next_line()
+            if line is None:
+                if self._discarding > MAX_UNTERMINATED:
+                    return self._fatal("too-long", f"no line ending within {MAX_UNTERMINATED} bytes")
+                if self._eof:
+                    self._buf.clear()
+                    self._pos = self._scan = 0
+                    self.state = State.CLOSED
+                    return ev.ConnectionClosed()
+                return ev.NEED_DATA
+            if line is _OVERLONG:
+                err = FrameError("too-long", f"frame longer than {self.max_frame} bytes")
+                return self._refuse(err, self._discard_head)
+            if not line:
+                continue  # blank lines are ignored (nc users press Enter)
+            try:
+                event = self._decode(line)
+            except FrameError as err:
+                return self._refuse(err, line)
+            nxt = next_state(self._in_table, self.state, event)
+            if nxt is None:
+                return self._refuse(self._wrong_state(event), line)
+            self.state = nxt
+            if self.our_side is SERVER and type(event) is ev.Message:
+                self.msg_seq += 1
+            return event
+
+    def _next_line(self):
+        """Pop one line from the buffer (without CR LF), or _OVERLONG, or None."""
+        buf, pos = self._buf, self._pos
+        nl = buf.find(b"\n", self._scan)
+        if nl < 0:
+            pending = len(buf) - pos
+            if self._discarding or pending > self.max_frame + 1:  # +1: room for a CR
+                if not self._discarding:
+                    self._discard_head = bytes(buf[pos : pos + 8])
+                self._discarding += pending
+                buf.clear()
+                self._pos = self._scan = 0
+            else:
+                self._scan = len(buf)
+            return None
+        end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl
+        if self._discarding or end - pos > self.max_frame:
+            if not self._discarding:
+                self._discard_head = bytes(buf[pos : pos + 8])
+            self._discarding = 0
+            line = _OVERLONG
+        else:
+            line = bytes(buf[pos:end])
+        if nl + 1 == len(buf):
+            buf.clear()
+            self._pos = self._scan = 0
+        else:
+            self._pos = self._scan = nl + 1
+        return line
+
+    def _refuse(self, err: FrameError, line: bytes) -> ev.BadFrame:
+        """Turn a FrameError into the reply for the peer. State is unchanged."""
+        if err.fatal:
+            return self._fatal(err.code, err.text)
+        if self.our_side is SERVER and self.state is State.CHAT and _is_msg(line):
+            # The client counts its MSG frames; a refused one still counts.
+            self.msg_seq += 1
+            return ev.BadFrame(ev.Nack(self.msg_seq, err.code, err.text))
+        return ev.BadFrame(ev.Error(err.verb, err.code, err.text))
+
+    def _wrong_state(self, event: ev.Event) -> FrameError:
+        verb = codec.encode(event).split(b" ", 1)[0].strip().decode("ascii")
+        where = {
+            State.FRESH: "log in or attach first",
+            State.AUTHENTICATING: "wait for the login reply",
+            State.ATTACHING: "wait for the attach reply",
+            State.LOGIN: "the login socket only receives; send commands on the chat socket",
+            State.CHAT: "this is the chat socket",
+            State.CHECK: "the check socket only carries PING and PONG",
+            State.CLOSED: "the socket is closed",
+        }[self.state]
+        return FrameError("wrong-socket", f"{verb} is not valid here: {where}", verb)
+
+    def _fatal(self, code: str, text: str) -> ev.BadFrame:
+        self._buf.clear()
+        self._discarding = 0
+        self.state = State.CLOSED
+        return ev.BadFrame(ev.Bye(code, text), fatal=True)
+
+    # -- outbound --------------------------------------------------------------
+
+    def send(self, event: ev.Event) -> bytes:
+        """The bytes of ``event``; raises LocalProtocolError if not valid now."""
+        nxt = next_state(self._out_table, self.state, event)
+        if nxt is None:
+            raise LocalProtocolError(f"cannot send {type(event).__name__} in state {self.state.name}")
+        self.state = nxt
+        if self.our_side is CLIENT and type(event) is ev.Message:
+            self.msg_seq += 1
+        return codec.encode(event)
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.our_side.value} {self.state.name} buffered={len(self._buf)}>"
+
+
+_OVERLONG = object()
+
+
+def _is_msg(line: bytes) -> bool:
+    return line[:3].upper() == b"MSG" and line[3:4] in (b" ", b"")

@@ -1,0 +1,271 @@
+"""The events of the selchat wire protocol.
+
+Every frame on the wire is one event. Events are small frozen dataclasses; the
+codec (``codec.py``) turns them into bytes and back, and the per-socket state
+machine (``state.py``) says which of them may cross a socket in which state.
+
+Events that expect an answer can build it (``Ping.response()``), but the
+protocol core never answers by itself: the caller decides.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+
+
+class Role(enum.Enum):
+    """The job a socket does once it has identified itself."""
+
+    LOGIN = "LOGIN"
+    CHAT = "CHAT"
+    CHECK = "CHECK"
+
+
+class Event:
+    """Base class of every protocol event."""
+
+    __slots__ = ()
+
+
+# --- Frames the client sends -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Login(Event):
+    user: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class Register(Event):
+    user: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class Attach(Event):
+    role: Role  # CHAT or CHECK
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest(Event):
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Accept(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Decline(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Quit(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Exit(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Who(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Help(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Message(Event):
+    """A chat line from the client; relayed to the partner as ``Incoming``."""
+
+    text: str
+
+
+# --- Heartbeats: either side may send them on the check socket ---------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Event):
+    data: str = ""
+
+    def response(self) -> "Pong":
+        return Pong(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Event):
+    data: str = ""
+
+
+# --- Frames the server sends -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Event):
+    """The greeting on every accepted socket."""
+
+    version: int
+    software: str
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Event):
+    """Login succeeded; the tokens attach the chat and check sockets."""
+
+    user: str
+    chat_token: str
+    check_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Attached(Event):
+    """``OK ATTACH <role>``: the socket now does that role."""
+
+    role: Role
+
+
+@dataclass(frozen=True, slots=True)
+class Ready(Event):
+    """All three sockets are attached: the user is online."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ok(Event):
+    """A command succeeded. ``info`` is command-specific (may be empty)."""
+
+    verb: str
+    info: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Event):
+    """A command or frame was refused; nothing changed.
+
+    ``verb`` is the verb of the refused frame (``-`` when it had none);
+    ``code`` is a stable kebab-case word for programs, ``text`` is for people.
+    """
+
+    verb: str
+    code: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserEntry(Event):
+    """One line of a ``WHO`` answer (followed by ``OK WHO <count>``)."""
+
+    user: str
+    status: str  # "idle" or "busy"
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Event):
+    """``user`` asks you for a chat: answer ACCEPT or DECLINE."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Started(Event):
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Declined(Event):
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Expired(Event):
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled(Event):
+    """A pending request went away because one side left."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ended(Event):
+    """The chat with ``user`` is over. ``reason``: quit, left, dropped, shutdown."""
+
+    user: str
+    reason: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming(Event):
+    """``MSG <user> <text>``: your partner said something."""
+
+    user: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Nack(Event):
+    """Your ``seq``-th MSG on this chat socket was not delivered."""
+
+    seq: int
+    code: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Event):
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Bye(Event):
+    """The last frame before the server closes the socket."""
+
+    reason: str
+    text: str
+
+
+# --- Pseudo-events produced by the receiving side, never sent ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class BadFrame(Event):
+    """The peer sent something invalid here.
+
+    ``reply`` is the frame to send back (``Error``, ``Nack`` or ``Bye``).
+    When ``fatal`` is set the connection cannot continue: send the reply and close.
+    """
+
+    reply: Event
+    fatal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed(Event):
+    """The peer closed its side (EOF)."""
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+"""Returned by ``Connection.next_event()`` when no complete frame is buffered."""
