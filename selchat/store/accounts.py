@@ -1,0 +1,349 @@
+"""The account store: usernames and scrypt password hashes in SQLite.
+
+Usernames are 1-32 characters of ``[A-Za-z0-9_-]``.  They are stored as
+given (the *canonical* spelling) and are unique regardless of case; every
+lookup is case-insensitive and reports the canonical spelling.
+
+The database runs in WAL mode with ``synchronous=FULL``, so once
+:meth:`AccountStore.add_user` returns, the registration is on disk and
+survives a crash of the process (and, as far as the OS and disk honour
+fsync, a power loss).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from datetime import datetime, timezone
+
+from selchat.store.passwords import (
+    DEFAULT_SCRYPT_N,
+    MAX_PASSWORD_BYTES,
+    dummy_verify,
+    hash_password,
+    verify_password,
+)
+
+__all__ = [
+    "DEFAULT_DB_PATH",
+    "USERNAME_MAX",
+    "SCHEMA_VERSION",
+    "BUSY_TIMEOUT_MS",
+    "StoreError",
+    "InvalidUsername",
+    "InvalidPassword",
+    "UserExists",
+    "StorageUnavailable",
+    "check_username",
+    "check_password",
+    "AccountStore",
+]
+
+#: Default database file, relative to the current working directory.
+DEFAULT_DB_PATH = "selchat.db"
+
+USERNAME_MAX = 32
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+
+_USERNAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class StoreError(Exception):
+    """Base class of account-store errors.
+
+    ``code`` is a short kebab-case string suitable for a protocol reply;
+    ``str(err)`` is a human-readable message.
+    """
+
+    code = "store"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidUsername(StoreError):
+    code = "bad-username"
+
+
+class InvalidPassword(StoreError):
+    code = "bad-password"
+
+
+class UserExists(StoreError):
+    code = "taken"
+
+
+class StorageUnavailable(StoreError):
+    """The database could not be read or written (disk full, read-only, locked...)."""
+
+    code = "storage"
+
+
+def check_username(name: str) -> None:
+    """Raise :class:`InvalidUsername` unless *name* is 1-32 chars of ``[A-Za-z0-9_-]``."""
+    if not isinstance(name, str):
+        raise InvalidUsername("username must be a string")
+    if not name:
+        raise InvalidUsername("username must not be empty")
+    if len(name) > USERNAME_MAX:
+        raise InvalidUsername(
+            f"username must be at most {USERNAME_MAX} characters (got {len(name)})"
+        )
+    if not _USERNAME_RE.fullmatch(name):
+        raise InvalidUsername(
+            "username may contain only ASCII letters, digits, '_' and '-'"
+        )
+
+
+def check_password(password: str) -> None:
+    """Raise :class:`InvalidPassword` unless *password* is acceptable.
+
+    Acceptable: 1 to ``MAX_PASSWORD_BYTES`` bytes once encoded as UTF-8,
+    with no NUL, CR or LF.
+    """
+    if not isinstance(password, str):
+        raise InvalidPassword("password must be a string")
+    if not password:
+        raise InvalidPassword("password must not be empty")
+    if "\x00" in password or "\r" in password or "\n" in password:
+        raise InvalidPassword("password must not contain NUL, CR or LF")
+    try:
+        size = len(password.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidPassword("password is not valid Unicode text") from None
+    if size > MAX_PASSWORD_BYTES:
+        raise InvalidPassword(
+            f"password must be at most {MAX_PASSWORD_BYTES} bytes of UTF-8 (got {size})"
+        )
+
+
+def _now_iso() -> str:
+    # "+00:00" rather than "Z" so datetime.fromisoformat() reads it on 3.10 too.
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _storage_error(action: str, exc: sqlite3.Error) -> StorageUnavailable:
+    err = StorageUnavailable(f"account storage unavailable ({action}): {exc}")
+    err.__cause__ = exc
+    return err
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    name    TEXT NOT NULL PRIMARY KEY COLLATE NOCASE,
+    pwhash  TEXT NOT NULL,
+    created TEXT NOT NULL
+)
+"""
+
+
+class AccountStore:
+    """Accounts in a SQLite database at *path*.
+
+    *path* is a file name (``":memory:"`` works, for tests) or a SQLite
+    ``file:`` URI (e.g. ``"file:selchat.db?mode=ro"``).  *scrypt_n* is the
+    scrypt cost used for new hashes and for dummy work; existing hashes
+    verify with the parameters they were made with.
+
+    Threading: one ``AccountStore`` per thread.  The underlying
+    :class:`sqlite3.Connection` keeps ``check_same_thread`` at its default,
+    so using a store from a thread other than the one that created it
+    raises :class:`sqlite3.ProgrammingError`.  Create one store per worker
+    thread; several stores (threads or processes) may share one database
+    file, SQLite's locking plus a busy timeout of ``BUSY_TIMEOUT_MS``
+    serialise the writes.
+
+    Errors: validation problems raise :class:`InvalidUsername` /
+    :class:`InvalidPassword`, a duplicate name raises :class:`UserExists`,
+    and any SQLite failure (disk full, read-only database, lock not
+    obtained within the busy timeout, corrupt file) raises
+    :class:`StorageUnavailable`, including on open.  Misuse such as calling
+    from the wrong thread still raises :class:`sqlite3.ProgrammingError`.
+    """
+
+    def __init__(self, path: str, scrypt_n: int = DEFAULT_SCRYPT_N) -> None:
+        self.path = path
+        self.scrypt_n = scrypt_n
+        self._conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(
+                path,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,  # autocommit; explicit BEGIN where needed
+                uri=path.startswith("file:"),
+            )
+        except sqlite3.ProgrammingError:
+            raise  # misuse (wrong thread...), not a storage failure
+        except sqlite3.Error as exc:
+            raise _storage_error("open", exc) from exc
+        try:
+            self._setup(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _storage_error("open", exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    # -- setup -------------------------------------------------------------
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError:
+            # Read-only database (or directory): switching modes needs a
+            # write.  Reads still work; writes will raise StorageUnavailable.
+            pass
+        conn.execute("PRAGMA synchronous = FULL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise StorageUnavailable(
+                f"database {self.path!r} has schema version {version}; "
+                f"this selchat understands up to {SCHEMA_VERSION}"
+            )
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the write lock: another store may have won the race.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                conn.execute(_SCHEMA)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # Future migrations: `if version == 1: ...; version = 2` here.
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageUnavailable("account store is closed")
+        return self._conn
+
+    # -- queries -------------------------------------------------------------
+
+    def _lookup(self, name: str) -> tuple[str, str] | None:
+        try:
+            return self._db.execute(
+                "SELECT name, pwhash FROM users WHERE name = ?", (name,)
+            ).fetchone()
+        except sqlite3.ProgrammingError:
+            raise  # misuse (wrong thread...), not a storage failure
+        except sqlite3.Error as exc:
+            raise _storage_error("read", exc) from exc
+
+    def add_user(self, name: str, password: str) -> str:
+        """Register *name* with *password*; return the canonical name.
+
+        Raises :class:`InvalidUsername`, :class:`InvalidPassword`,
+        :class:`UserExists` or :class:`StorageUnavailable`.  When this
+        returns, the row is committed and synced to disk.
+        """
+        check_username(name)
+        check_password(password)
+        existing = self._lookup(name)
+        if existing is not None:
+            raise UserExists(f"username {existing[0]!r} is already taken")
+        # Hash outside any transaction: it is slow and must not hold the lock.
+        encoded = hash_password(password, self.scrypt_n)
+        try:
+            self._db.execute(
+                "INSERT INTO users (name, pwhash, created) VALUES (?, ?, ?)",
+                (name, encoded, _now_iso()),
+            )
+        except sqlite3.IntegrityError:
+            # Lost a race with another store registering the same name.
+            existing = self._lookup(name)
+            taken = existing[0] if existing else name
+            raise UserExists(f"username {taken!r} is already taken") from None
+        except sqlite3.ProgrammingError:
+            raise  # misuse (wrong thread...), not a storage failure
+        except sqlite3.Error as exc:
+            raise _storage_error("write", exc) from exc
+        return name
+
+    def verify(self, name: str, password: str) -> str | None:
+        """Return the canonical name if *password* is right for *name*, else None.
+
+        An unknown user, a wrong password and a malformed name or password
+        all give None after the same amount of hashing work.  A database
+        failure raises :class:`StorageUnavailable` rather than returning None.
+        """
+        try:
+            check_username(name)
+            check_password(password)
+        except StoreError:
+            dummy_verify(password, self.scrypt_n)
+            return None
+        row = self._lookup(name)
+        if row is None:
+            dummy_verify(password, self.scrypt_n)
+            return None
+        canonical, encoded = row
+        if verify_password(password, encoded):
+            return canonical
+        return None
+
+    def delete_user(self, name: str) -> bool:
+        """Delete *name* (any case); True if it existed."""
+        try:
+            check_username(name)
+        except InvalidUsername:
+            return False
+        try:
+            cur = self._db.execute("DELETE FROM users WHERE name = ?", (name,))
+        except sqlite3.ProgrammingError:
+            raise  # misuse (wrong thread...), not a storage failure
+        except sqlite3.Error as exc:
+            raise _storage_error("write", exc) from exc
+        return cur.rowcount > 0
+
+    def list_users(self) -> list[tuple[str, str]]:
+        """All accounts as ``(canonical name, created ISO-8601 UTC)``, sorted case-insensitively."""
+        try:
+            rows = self._db.execute(
+                "SELECT name, created FROM users ORDER BY name COLLATE NOCASE, name"
+            ).fetchall()
+        except sqlite3.ProgrammingError:
+            raise  # misuse (wrong thread...), not a storage failure
+        except sqlite3.Error as exc:
+            raise _storage_error("read", exc) from exc
+        return [(n, c) for n, c in rows]
+
+    def exists(self, name: str) -> bool:
+        """True if an account *name* exists (case-insensitive)."""
+        try:
+            check_username(name)
+        except InvalidUsername:
+            return False
+        return self._lookup(name) is not None
+
+    def canonical_name(self, name: str) -> str | None:
+        """The registered spelling of *name*, or None if there is no such account."""
+        try:
+            check_username(name)
+        except InvalidUsername:
+            return None
+        row = self._lookup(name)
+        return row[0] if row else None
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+    def __enter__(self) -> AccountStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
