@@ -1,0 +1,171 @@
+"""The ``selchat`` command: serve, connect, user."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import logging.handlers
+import queue
+import sys
+
+import click
+
+from selchat import __version__
+from selchat.server.config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
+from selchat.store.accounts import DEFAULT_DB_PATH
+
+DEFAULTS = ServerConfig()
+
+
+def setup_logging(verbosity: int, default: int = logging.WARNING) -> None:
+    """Log to stderr through a queue: the reactor thread only appends to the
+    queue, a background thread does the writing, so a slow terminal or file
+    never blocks the loop."""
+    level = {0: default, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(q, handler)
+    listener.start()
+    atexit.register(listener.stop)
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(q)]
+    root.setLevel(level)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="selchat")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
+    """selchat: direct chat between two users, on a single-threaded server."""
+    ctx.obj = {"verbose": verbose}
+
+
+# -- serve --------------------------------------------------------------------------
+
+@main.command()
+@click.option("--host", envvar="SELCHAT_HOST", default=DEFAULT_HOST, show_default=True, metavar="ADDR",
+              help="Address to listen on.")
+@click.option("--port", envvar="SELCHAT_PORT", default=DEFAULT_PORT, show_default=True, type=int, metavar="PORT",
+              help="TCP port to listen on (0 picks a free one and prints it).")
+@click.option("--db", envvar="SELCHAT_DB", default=DEFAULT_DB_PATH, show_default=True, metavar="PATH",
+              help="SQLite account database (created if missing).")
+@click.option("--ping-interval", envvar="SELCHAT_PING_INTERVAL", default=DEFAULTS.ping_interval, show_default=True,
+              type=float, metavar="SECONDS", help="PING a check socket silent for this long.")
+@click.option("--ping-timeout", envvar="SELCHAT_PING_TIMEOUT", default=DEFAULTS.ping_timeout, show_default=True,
+              type=float, metavar="SECONDS", help="Drop a session this long after an unanswered PING.")
+@click.option("--request-timeout", envvar="SELCHAT_REQUEST_TIMEOUT", default=DEFAULTS.request_timeout,
+              show_default=True, type=float, metavar="SECONDS", help="An unanswered chat request expires after this.")
+@click.option("--login-timeout", default=DEFAULTS.login_timeout, show_default=True, type=float, metavar="SECONDS",
+              help="A new socket must log in or attach within this.")
+@click.option("--attach-timeout", default=DEFAULTS.attach_timeout, show_default=True, type=float, metavar="SECONDS",
+              help="After login, the chat and check sockets must attach within this.")
+@click.option("--registration/--no-registration", envvar="SELCHAT_REGISTRATION", default=True, show_default=True,
+              help="Let clients create accounts with REGISTER.")
+@click.option("--workers", default=DEFAULTS.workers, show_default=True, type=click.IntRange(1, 64), metavar="N",
+              help="Threads for password hashing and database writes.")
+@click.option("--scrypt-n", default=DEFAULTS.scrypt_n, type=int, hidden=True,
+              help="scrypt cost of new password hashes (tests and benchmarks lower it).")
+@click.pass_context
+def serve(ctx, host, port, db, ping_interval, ping_timeout, request_timeout, login_timeout, attach_timeout,
+          registration, workers, scrypt_n):
+    """Run the chat server (one thread, one selector) until SIGINT/SIGTERM."""
+    from selchat.server.app import Server, raise_nofile_limit
+
+    setup_logging(ctx.obj["verbose"], default=logging.INFO)
+    config = ServerConfig(
+        host=host, port=port, db=db, ping_interval=ping_interval, ping_timeout=ping_timeout,
+        request_timeout=request_timeout, login_timeout=login_timeout, attach_timeout=attach_timeout,
+        registration=registration, workers=workers, scrypt_n=scrypt_n,
+    )
+    nofile = raise_nofile_limit()
+    server = Server(config)
+    try:
+        address = server.listen()
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    server.install_signal_handlers()
+    logging.getLogger("selchat.server").info(
+        "descriptor limit %d: room for about %d clients (3 sockets each)", nofile, (nofile - 32) // 3)
+    click.echo(f"selchat {__version__} listening on {address[0]}:{address[1]} (database {db})", err=False)
+    sys.stdout.flush()
+    server.serve_forever()
+    click.echo("selchat stopped")
+
+
+# -- user ---------------------------------------------------------------------------
+
+@main.group()
+@click.option("--db", envvar="SELCHAT_DB", default=DEFAULT_DB_PATH, show_default=True, metavar="PATH",
+              help="SQLite account database.")
+@click.pass_context
+def user(ctx, db):
+    """Manage accounts in the database (the server may be running)."""
+    ctx.obj["db"] = db
+
+
+def _open_store(ctx):
+    from selchat.store.accounts import AccountStore, StoreError
+
+    try:
+        return AccountStore(ctx.obj["db"])
+    except StoreError as exc:
+        raise click.ClickException(str(exc))
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--password", envvar="SELCHAT_PASSWORD", metavar="PASSWORD", prompt=True, hide_input=True,
+              confirmation_prompt=True, help="The password (prompted, hidden, if not given; or $SELCHAT_PASSWORD).")
+@click.pass_context
+def user_add(ctx, name, password):
+    """Create account NAME."""
+    from selchat.store.accounts import StoreError
+
+    with _open_store(ctx) as store:
+        try:
+            canonical = store.add_user(name, password)
+        except StoreError as exc:
+            raise click.ClickException(str(exc))
+    click.echo(f"added {canonical}")
+
+
+@user.command("del")
+@click.argument("name")
+@click.pass_context
+def user_del(ctx, name):
+    """Delete account NAME (a logged-in user stays online until they leave)."""
+    from selchat.store.accounts import StoreError
+
+    with _open_store(ctx) as store:
+        try:
+            existed = store.delete_user(name)
+        except StoreError as exc:
+            raise click.ClickException(str(exc))
+    if not existed:
+        raise click.ClickException(f"no user {name}")
+    click.echo(f"deleted {name}")
+
+
+@user.command("list")
+@click.pass_context
+def user_list(ctx):
+    """List accounts, with their creation time (UTC)."""
+    with _open_store(ctx) as store:
+        for name, created in store.list_users():
+            click.echo(f"{name}\t{created}")
+
+
+# -- connect --------------------------------------------------------------------------
+
+try:
+    from selchat.client.command import connect
+except ImportError:  # pragma: no cover - while the client is being written
+    connect = None
+if connect is not None:
+    main.add_command(connect)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""A non-blocking socket with a bounded write buffer, after asyncio's transports.
+
+Reading: the reactor calls ``on_readable``; one ``recv`` per readiness event,
+handed to ``protocol.data_received``. ``pause_reading`` simply drops
+EVENT_READ from the selector registration.
+
+Writing: ``write`` appends to a bytearray and asks the reactor to flush this
+transport at the end of the turn, so everything written to one socket in one
+turn leaves in one ``send``. Whatever the kernel does not take stays buffered
+and EVENT_WRITE is registered only while it does. Past ``high_water`` bytes
+buffered the protocol's ``pause_writing`` is called, and ``resume_writing``
+once the buffer drains below ``low_water``: the protocol must then stop
+feeding this transport (the server pauses whoever writes into it).
+
+``close`` flushes what is buffered, then closes; ``abort`` closes at once.
+
+The protocol object must have: data_received(bytes), eof_received(),
+connection_lost(exc | None), pause_writing(), resume_writing().
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import socket
+
+log = logging.getLogger("selchat.reactor")
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+RECV_SIZE = 64 * 1024
+HIGH_WATER = 64 * 1024
+LOW_WATER = 16 * 1024
+
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
+
+
+class Transport:
+    __slots__ = (
+        "loop", "sock", "protocol", "peername", "_selector", "_mask", "_wbuf",
+        "_want_read", "_flush_pending", "_closing", "_closed", "_writing_paused",
+        "high_water", "low_water",
+    )
+
+    def __init__(self, loop, sock: socket.socket, protocol, high_water: int = HIGH_WATER, low_water: int = LOW_WATER):
+        sock.setblocking(False)
+        self.loop = loop
+        self.sock = sock
+        self.protocol = protocol
+        try:
+            self.peername = sock.getpeername()
+        except OSError:
+            self.peername = None
+        self._selector = loop.selector
+        self._wbuf = bytearray()
+        self._want_read = True
+        self._flush_pending = False
+        self._closing = False
+        self._closed = False
+        self._writing_paused = False
+        self.high_water = high_water
+        self.low_water = low_water
+        self._mask = EVENT_READ
+        self._selector.register(sock, EVENT_READ, self)
+
+    # -- state --------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def closing(self) -> bool:
+        return self._closing or self._closed
+
+    @property
+    def buffered(self) -> int:
+        """Bytes written but not yet accepted by the kernel."""
+        return len(self._wbuf)
+
+    def _update_mask(self) -> None:
+        if self._closed:
+            return
+        mask = (EVENT_READ if self._want_read and not self._closing else 0) | (EVENT_WRITE if self._wbuf else 0)
+        if mask == self._mask:
+            return
+        if not mask:
+            self._selector.unregister(self.sock)
+        elif not self._mask:
+            self._selector.register(self.sock, mask, self)
+        else:
+            self._selector.modify(self.sock, mask, self)
+        self._mask = mask
+
+    # -- reading ------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        if self._want_read:
+            self._want_read = False
+            self._update_mask()
+
+    def resume_reading(self) -> None:
+        if not self._want_read:
+            self._want_read = True
+            self._update_mask()
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except _WOULD_BLOCK:
+            return
+        except OSError as exc:
+            self._force_close(exc)
+            return
+        if data:
+            self.protocol.data_received(data)
+        else:
+            self._want_read = False
+            self._update_mask()
+            self.protocol.eof_received()
+
+    # -- writing ------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._closing or self._closed:
+            return
+        self._wbuf += data
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.want_flush(self)
+        if not self._writing_paused and len(self._wbuf) > self.high_water:
+            self._writing_paused = True
+            self.protocol.pause_writing()
+
+    def flush(self) -> None:
+        """Send what is buffered; called by the reactor at the end of a turn."""
+        self._flush_pending = False
+        if self._closed or not self._wbuf:
+            return
+        try:
+            sent = self.sock.send(self._wbuf)
+        except _WOULD_BLOCK:
+            sent = 0
+        except OSError as exc:
+            self._force_close(exc)
+            return
+        if sent:
+            del self._wbuf[:sent]
+        self._after_send()
+
+    def on_writable(self) -> None:
+        self.flush()
+
+    def _after_send(self) -> None:
+        if self._writing_paused and len(self._wbuf) <= self.low_water:
+            self._writing_paused = False
+            self.protocol.resume_writing()
+        if not self._wbuf and self._closing:
+            self._force_close(None)
+            return
+        self._update_mask()
+
+    # -- closing ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop reading, send what is buffered, then close."""
+        if self._closing or self._closed:
+            return
+        self._closing = True
+        if self._wbuf:
+            self._update_mask()
+            if not self._flush_pending:
+                self._flush_pending = True
+                self.loop.want_flush(self)
+        else:
+            self._force_close(None)
+
+    def abort(self) -> None:
+        """Close now, dropping anything buffered."""
+        self._force_close(None)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        if self._mask:
+            self._selector.unregister(self.sock)
+            self._mask = 0
+        self._wbuf.clear()
+        try:
+            self.sock.close()
+        finally:
+            self.loop.call_soon(self.protocol.connection_lost, exc)
+
+    def on_error(self, exc: BaseException) -> None:
+        """A protocol callback raised: drop this connection, keep the loop."""
+        self._force_close(exc)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "closing" if self._closing else "open"
+        return f"<Transport {self.peername} {state} buffered={len(self._wbuf)}>"
+
+
+def is_descriptor_exhaustion(exc: OSError) -> bool:
+    return exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)

@@ -1,0 +1,129 @@
+"""Presence, chat requests and chats: the server's policy, with no I/O.
+
+The hub works on session objects that have ``name``, ``key`` (lower-cased
+name), ``partner``, ``request``, ``busy`` and ``notify(event)``. It tells users
+things through ``notify`` and returns the reply to each command; it never
+touches a socket, so the tests drive it with plain objects and a fake clock.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from selchat.protocol import events as ev
+from selchat.server.session import PendingRequest
+
+COMMANDS_HELP = (
+    "CHAT <user> | ACCEPT | DECLINE | QUIT | EXIT | WHO | HELP | MSG <text>"
+    " (commands on the chat socket; see docs/protocol.md)"
+)
+
+
+class Hub:
+    def __init__(self, call_later: Callable, request_timeout: float):
+        self.call_later = call_later
+        self.request_timeout = request_timeout
+        self.online: dict[str, object] = {}  # key -> session
+
+    # -- presence -----------------------------------------------------------------
+
+    def join(self, session) -> None:
+        self.online[session.key] = session
+
+    def leave(self, session, reason: str, text: str) -> None:
+        """The session is going away: end its chat or request, tell the other side."""
+        if self.online.get(session.key) is session:
+            del self.online[session.key]
+        if session.request is not None:
+            req = session.request
+            self._clear_request(req)
+            req.other(session).notify(ev.Cancelled(session.name))
+        if session.partner is not None:
+            partner = session.partner
+            session.partner = partner.partner = None
+            partner.notify(ev.Ended(session.name, reason, text))
+
+    def who(self) -> list:
+        sessions = sorted(self.online.values(), key=lambda s: s.key)
+        entries = [ev.UserEntry(s.name, "busy" if s.busy else "idle") for s in sessions]
+        return entries + [ev.Ok("WHO", str(len(entries)))]
+
+    # -- chat requests ------------------------------------------------------------
+
+    def chat(self, session, name: str):
+        """Ask ``name`` for a chat. Returns the reply, or None when ``name`` is not
+        online (the caller then finds out whether the account exists at all)."""
+        key = name.lower()
+        if key == session.key:
+            return ev.Error("CHAT", "self", "you cannot chat with yourself")
+        if session.partner is not None:
+            return ev.Error("CHAT", "in-chat", f"you are already chatting with {session.partner.name}; QUIT first")
+        if session.request is not None:
+            other = session.request.other(session)
+            return ev.Error("CHAT", "pending", f"you already have a pending chat request with {other.name}")
+        target = self.online.get(key)
+        if target is None:
+            return None
+        if target.busy:
+            return ev.Error("CHAT", "busy", f"{target.name} is busy")
+        req = PendingRequest(session, target)
+        req.timer = self.call_later(self.request_timeout, self._expire, req)
+        session.request = target.request = req
+        target.notify(ev.Request(session.name))
+        return ev.Ok("CHAT", target.name)
+
+    def accept(self, session):
+        req = session.request
+        if req is None or req.target is not session:
+            return ev.Error("ACCEPT", "no-request", "no chat request to answer")
+        self._clear_request(req)
+        source = req.source
+        session.partner, source.partner = source, session
+        source.notify(ev.Started(session.name))
+        session.notify(ev.Started(source.name))
+        return ev.Ok("ACCEPT", source.name)
+
+    def decline(self, session):
+        req = session.request
+        if req is None or req.target is not session:
+            return ev.Error("DECLINE", "no-request", "no chat request to answer")
+        self._clear_request(req)
+        req.source.notify(ev.Declined(session.name))
+        return ev.Ok("DECLINE", req.source.name)
+
+    def quit(self, session):
+        partner = session.partner
+        if partner is not None:
+            session.partner = partner.partner = None
+            partner.notify(ev.Ended(session.name, "quit", f"{session.name} ended the chat"))
+            session.notify(ev.Ended(partner.name, "quit", "you ended the chat"))
+            return ev.Ok("QUIT", partner.name)
+        req = session.request
+        if req is not None and req.source is session:
+            self._clear_request(req)
+            req.target.notify(ev.Cancelled(session.name))
+            return ev.Ok("QUIT", req.target.name)
+        return ev.Error("QUIT", "not-in-chat", "you are not in a chat")
+
+    def _expire(self, req: PendingRequest) -> None:
+        if req.source.request is not req:
+            return  # answered or withdrawn meanwhile
+        self._clear_request(req)
+        req.source.notify(ev.Expired(req.target.name))
+        req.target.notify(ev.Expired(req.source.name))
+
+    @staticmethod
+    def _clear_request(req: PendingRequest) -> None:
+        if req.timer is not None:
+            req.timer.cancel()
+        req.source.request = req.target.request = None
+
+    # -- messages -----------------------------------------------------------------
+
+    def message(self, session, text: str, seq: int):
+        """Relay a chat line; returns a Nack if it cannot be delivered, else None."""
+        partner = session.partner
+        if partner is None:
+            return ev.Nack(seq, "not-in-chat", "you are not in a chat")
+        partner.notify(ev.Incoming(session.name, text))
+        return None
