@@ -40,9 +40,12 @@ def split_verb(line: bytes) -> tuple[str, bytes]:
     """``b"MSG hi there"`` -> ``("MSG", b"hi there")``. The verb is upper-cased."""
     verb, _, rest = line.partition(b" ")
     try:
-        return verb.decode("ascii").upper(), rest
+        text = verb.decode("ascii")
     except UnicodeDecodeError:
         raise FrameError("bad-encoding", "frame is not valid UTF-8") from None
+    if _CONTROL.search(text):
+        raise FrameError("bad-encoding", "frame contains control characters")
+    return text.upper(), rest
 
 
 def _args(verb: str, rest: str, count: int, usage: str) -> list[str]:
@@ -77,7 +80,7 @@ CLIENT_VERBS = (
 def decode_client(line: bytes) -> ev.Event:
     """Parse one frame sent by a client (without its line ending)."""
     verb, raw = split_verb(line)
-    rest = decode_text(raw, verb)
+    rest = decode_text(raw, verb or "-")
     if verb == "MSG":
         if not rest:
             raise FrameError("empty", "empty message", verb)
@@ -98,7 +101,8 @@ def decode_client(line: bytes) -> ev.Event:
         user, password = _args(verb, rest, 2, f"{verb} <user> <password>")
         return (ev.Login if verb == "LOGIN" else ev.Register)(user, password)
     if verb == "ATTACH":
-        role, token = _args(verb, rest, 2, "ATTACH CHAT|CHECK <token>")
+        # A missing token is a wrong token (same reply, socket closed), not a syntax error.
+        role, _, token = rest.partition(" ")
         role = role.upper()
         if role not in ("CHAT", "CHECK") or " " in token:
             raise FrameError("bad-syntax", "usage: ATTACH CHAT|CHECK <token>", verb)
@@ -123,7 +127,7 @@ _SERVER_ONE_USER = {
 def decode_server(line: bytes) -> ev.Event:
     """Parse one frame sent by the server (without its line ending)."""
     verb, raw = split_verb(line)
-    rest = decode_text(raw, verb)
+    rest = decode_text(raw, verb or "-")
     if verb == "MSG":
         user, text = _args(verb, rest, 2, "MSG <user> <text>")
         return ev.Incoming(user, text)
@@ -142,7 +146,7 @@ def decode_server(line: bytes) -> ev.Event:
         return ev.Error(what, code, text)
     if verb == "NACK":
         seq, code, text = _args(verb, rest, 3, "NACK <seq> <code> <text>")
-        if not seq.isdigit():
+        if not (seq.isascii() and seq.isdigit()):
             raise FrameError("bad-syntax", "usage: NACK <seq> <code> <text>", verb)
         return ev.Nack(int(seq), code, text)
     if verb == "USER":
@@ -156,7 +160,7 @@ def decode_server(line: bytes) -> ev.Event:
         return ev.Welcome(user, chat, check)
     if verb == "HELLO":
         version, software = _args(verb, rest, 2, "HELLO <version> <software>")
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit()):
             raise FrameError("bad-syntax", "usage: HELLO <version> <software>", verb)
         return ev.Hello(int(version), software)
     if verb == "BYE":

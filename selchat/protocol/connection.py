@@ -166,9 +166,11 @@ class Connection:
         return FrameError("wrong-socket", f"{verb} is not valid here: {where}", verb)
 
     def _fatal(self, code: str, text: str) -> ev.BadFrame:
+        """The stream cannot go on. The state stays as it is so the reply (a BYE)
+        can still be sent; every later next_event() says ConnectionClosed."""
         self._buf.clear()
-        self._discarding = 0
-        self.state = State.CLOSED
+        self._pos = self._scan = self._discarding = 0
+        self._eof = True
         return ev.BadFrame(ev.Bye(code, text), fatal=True)
 
     # -- outbound --------------------------------------------------------------

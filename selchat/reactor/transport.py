@@ -12,7 +12,10 @@ buffered the protocol's ``pause_writing`` is called, and ``resume_writing``
 once the buffer drains below ``low_water``: the protocol must then stop
 feeding this transport (the server pauses whoever writes into it).
 
-``close`` flushes what is buffered, then closes; ``abort`` closes at once.
+``close`` flushes what is buffered, then half-closes (FIN) and keeps reading,
+discarding, until the peer closes too or ``LINGER`` seconds pass: closing a
+socket with unread input makes the kernel send RST, and an RST can destroy the
+last frame we sent (a BYE) before the peer reads it. ``abort`` closes at once.
 
 The protocol object must have: data_received(bytes), eof_received(),
 connection_lost(exc | None), pause_writing(), resume_writing().
@@ -33,6 +36,7 @@ EVENT_WRITE = selectors.EVENT_WRITE
 RECV_SIZE = 64 * 1024
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
+LINGER = 2.0
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 
@@ -40,7 +44,7 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 class Transport:
     __slots__ = (
         "loop", "sock", "protocol", "peername", "_selector", "_mask", "_wbuf",
-        "_want_read", "_flush_pending", "_closing", "_closed", "_writing_paused",
+        "_want_read", "_flush_pending", "_closing", "_closed", "_writing_paused", "_eof", "_linger",
         "high_water", "low_water",
     )
 
@@ -60,6 +64,8 @@ class Transport:
         self._closing = False
         self._closed = False
         self._writing_paused = False
+        self._eof = False
+        self._linger = None
         self.high_water = high_water
         self.low_water = low_water
         self._mask = EVENT_READ
@@ -83,7 +89,7 @@ class Transport:
     def _update_mask(self) -> None:
         if self._closed:
             return
-        mask = (EVENT_READ if self._want_read and not self._closing else 0) | (EVENT_WRITE if self._wbuf else 0)
+        mask = (EVENT_READ if self._want_read else 0) | (EVENT_WRITE if self._wbuf else 0)
         if mask == self._mask:
             return
         if not mask:
@@ -114,9 +120,14 @@ class Transport:
         except OSError as exc:
             self._force_close(exc)
             return
+        if self._closing:  # lingering: discard until the peer closes
+            if not data:
+                self._force_close(None)
+            return
         if data:
             self.protocol.data_received(data)
         else:
+            self._eof = True
             self._want_read = False
             self._update_mask()
             self.protocol.eof_received()
@@ -158,24 +169,40 @@ class Transport:
             self._writing_paused = False
             self.protocol.resume_writing()
         if not self._wbuf and self._closing:
-            self._force_close(None)
+            self._shutdown_write()
             return
         self._update_mask()
 
     # -- closing ------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop reading, send what is buffered, then close."""
+        """Hand the protocol nothing more; send what is buffered, then close."""
         if self._closing or self._closed:
             return
         self._closing = True
+        self._want_read = not self._eof  # keep draining input while we linger
         if self._wbuf:
             self._update_mask()
             if not self._flush_pending:
                 self._flush_pending = True
                 self.loop.want_flush(self)
         else:
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        """All sent: send FIN, then wait (bounded) for the peer's FIN."""
+        if self._linger is not None or self._closed:
+            return
+        if self._eof:
             self._force_close(None)
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._force_close(None)
+            return
+        self._linger = self.loop.call_later(LINGER, self._force_close, None)
+        self._update_mask()
 
     def abort(self) -> None:
         """Close now, dropping anything buffered."""
@@ -186,6 +213,8 @@ class Transport:
             return
         self._closed = True
         self._closing = True
+        if self._linger is not None:
+            self._linger.cancel()
         if self._mask:
             self._selector.unregister(self.sock)
             self._mask = 0

@@ -1,0 +1,44 @@
+import pytest
+
+from tests.support import ServerProcess
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long soak/stress runs (make test-slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with make test-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server shared by a module's tests (each test uses its own user names)."""
+    srv = ServerProcess(tmp_path_factory.mktemp("server"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Start servers with special options; all are stopped after the test."""
+    started = []
+
+    def start(*args, **kwargs):
+        srv = ServerProcess(tmp_path, *args, **kwargs)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        if srv.proc.poll() is None:
+            srv.stop()

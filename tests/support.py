@@ -1,0 +1,189 @@
+"""Real servers and line-based sockets for the tests: no sleeps, only deadlines."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+DEADLINE = 10.0  # seconds any single expectation may take before the test fails
+_names = itertools.count(1)
+
+
+def unique(prefix: str = "u") -> str:
+    return f"{prefix}{os.getpid() % 10000}x{next(_names)}"
+
+
+def read_line_from(stream, timeout: float) -> str | None:
+    """One line from a pipe, or None at EOF; AssertionError past the deadline."""
+    sel = selectors.DefaultSelector()
+    sel.register(stream, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout):
+            raise AssertionError(f"no line within {timeout} s")
+    finally:
+        sel.close()
+    line = stream.readline()
+    return line.rstrip("\n") if line else None
+
+
+class ServerProcess:
+    """``selchat serve`` on a free port, as a real process."""
+
+    def __init__(self, tmp_path, *args: str, db: str | None = None):
+        self.db = db or str(tmp_path / "accounts.db")
+        cmd = [sys.executable, "-m", "selchat.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--db", self.db, "--scrypt-n", "16", *args]
+        self.log_path = tmp_path / f"server-{next(_names)}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
+        line = read_line_from(self.proc.stdout, DEADLINE)
+        if not line or "listening on" not in line:
+            self.stop()
+            raise AssertionError(f"server did not start: {line!r}\n{self.log()}")
+        self.host, port = line.split("listening on ")[1].split()[0].rsplit(":", 1)
+        self.port = int(port)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def connect(self) -> "LineSocket":
+        return LineSocket(self.host, self.port)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = DEADLINE) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("server did not stop in time")
+        finally:
+            self._log.close()
+
+
+class LineSocket:
+    """A client socket speaking frames by hand, like nc."""
+
+    def __init__(self, host: str, port: int, hello: bool = True):
+        self.sock = socket.create_connection((host, port), timeout=DEADLINE)
+        self.buf = b""
+        self.lines: collections.deque[str] = collections.deque()
+        self.eof = False
+        if hello:
+            greeting = self.line()
+            assert greeting.startswith("HELLO 1 selchat/"), greeting
+
+    def send(self, *lines: str) -> None:
+        self.sock.sendall("".join(line + "\n" for line in lines).encode())
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self, timeout: float = DEADLINE) -> str | None:
+        """The next frame, or None if the server closed the socket."""
+        deadline = time.monotonic() + timeout
+        while not self.lines:
+            if self.eof:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no frame within {timeout} s (have {self.buf!r})")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(262144)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                self.eof = True
+                if self.buf:
+                    self.lines.append(self.buf.decode())
+                    self.buf = b""
+                continue
+            *complete, self.buf = (self.buf + data).split(b"\n")
+            self.lines.extend(line.decode() for line in complete)
+        return self.lines.popleft()
+
+    def expect(self, prefix: str, timeout: float = DEADLINE) -> str:
+        line = self.line(timeout)
+        assert line is not None and line.startswith(prefix), f"expected {prefix!r}, got {line!r}"
+        return line
+
+    def expect_closed(self, timeout: float = DEADLINE) -> list[str]:
+        """Read until the server closes; returns the frames seen on the way."""
+        seen = []
+        while (line := self.line(timeout)) is not None:
+            seen.append(line)
+        return seen
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RawUser:
+    """One user's three sockets, driven frame by frame."""
+
+    def __init__(self, server: ServerProcess, name: str | None = None, password: str = "pw secret",
+                 register: bool = True, check: bool = True):
+        self.name = name or unique()
+        self.login = server.connect()
+        self.login.send(f"{'REGISTER' if register else 'LOGIN'} {self.name} {password}")
+        welcome = self.login.expect("WELCOME ")
+        _, self.name, self.chat_token, self.check_token = welcome.split()
+        self.chat = server.connect()
+        self.chat.send(f"ATTACH CHAT {self.chat_token}")
+        self.chat.expect("OK ATTACH CHAT")
+        self.check = None
+        if check:
+            self.check = server.connect()
+            self.check.send(f"ATTACH CHECK {self.check_token}")
+            self.check.expect("OK ATTACH CHECK")
+            self.login.expect(f"READY {self.name}")
+
+    def sockets(self):
+        return [s for s in (self.login, self.chat, self.check) if s is not None]
+
+    def close(self) -> None:
+        for s in self.sockets():
+            s.close()
+
+
+def start_chat(a: RawUser, b: RawUser) -> None:
+    a.chat.send(f"CHAT {b.name}")
+    a.chat.expect(f"OK CHAT {b.name}")
+    b.login.expect(f"REQUEST {a.name}")
+    b.chat.send("ACCEPT")
+    b.chat.expect(f"OK ACCEPT {a.name}")
+    a.login.expect(f"STARTED {b.name}")
+    b.login.expect(f"STARTED {a.name}")
+
+
+def wait_until(predicate, timeout: float = DEADLINE, interval: float = 0.02, what: str = "condition"):
+    """Poll ``predicate`` until true; fail loudly at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
