@@ -69,11 +69,16 @@ class Peer:
     def process(self) -> None:
         """Hand every buffered event to the server, unless reading is paused."""
         next_event, handle = self.conn.next_event, self.server.handle
-        while not self.paused and not self.transport.closing:
-            event = next_event()
-            if event is ev.NEED_DATA:
-                return
-            handle(self, event)
+        try:
+            while not self.paused and not self.transport.closing:
+                event = next_event()
+                if event is ev.NEED_DATA:
+                    return
+                handle(self, event)
+        except Exception as exc:
+            # A bug met by this client's input: drop this client, not the loop.
+            log.exception("error handling %r; closing it", self)
+            self.transport.on_error(exc)
 
     def pause(self, reason: int) -> None:
         if not self.paused:
