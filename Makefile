@@ -1,0 +1,34 @@
+# The two commands: `make run` and `make test`. Both set everything up from a bare python3.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Server options for `make run`; override on the command line: make run PORT=7000
+HOST ?= 127.0.0.1
+PORT ?= 7117
+DB   ?= selchat.db
+
+.PHONY: run test test-slow bench venv clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.py selchat/_version.py | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/selchat serve --host $(HOST) --port $(PORT) --db $(DB)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow --run-slow tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
