@@ -17,8 +17,11 @@ import re
 from selchat.protocol import events as ev
 from selchat.protocol.errors import FrameError
 
-#: Longest frame accepted, in bytes, not counting the line ending.
+#: Longest frame a client may send, in bytes, not counting the line ending.
 MAX_FRAME = 4096
+#: Longest frame the server may send: a client's ``MSG <text>`` is relayed as
+#: ``MSG <sender> <text>``, longer by the sender's name (<= 32) and a space.
+MAX_SERVER_FRAME = MAX_FRAME + 33
 
 # Control characters other than TAB are refused anywhere in a frame: they
 # would let one user garble another's terminal.

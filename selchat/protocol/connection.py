@@ -41,9 +41,11 @@ class Connection:
         "_buf", "_pos", "_scan", "_discarding", "_discard_head", "_eof", "_decode", "_in_table", "_out_table",
     )
 
-    def __init__(self, our_side: Side, max_frame: int = codec.MAX_FRAME):
+    def __init__(self, our_side: Side, max_frame: int | None = None):
         self.our_side = our_side
         self.state = State.FRESH
+        if max_frame is None:
+            max_frame = codec.MAX_FRAME if our_side is SERVER else codec.MAX_SERVER_FRAME
         self.max_frame = max_frame
         #: MSG frames counted on a chat socket, in the direction we receive
         #: (server) or send (client): NACK <seq> names the seq-th one.
@@ -63,6 +65,8 @@ class Connection:
 
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes from the peer. ``b""`` means the peer closed its side."""
+        if self._eof:
+            return  # after EOF or a fatal error nothing more is read
         if data:
             if self._pos:
                 # Drop consumed lines once per read, not once per line: deleting

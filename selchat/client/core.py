@@ -1,0 +1,665 @@
+"""The client session, sans I/O: typed lines and received bytes in, effects out.
+
+``ClientSession`` owns the three ``Connection(CLIENT)`` objects (login, chat,
+check) and what the user sees: the phase of the session and the partner it is
+about. Every public method returns a list of *effects* for the loop to carry
+out, in order:
+
+- ``Send(role, data)``: write these bytes on that socket;
+- ``Connect(role)``: open that socket now (the ``Send``\\ s for it follow);
+- ``Notice(kind, ...)``: show something to the user (``FORMATS`` renders it);
+- ``Close(code)``: the session is over; close every socket, exit with ``code``.
+
+Nothing here reads a clock or touches a socket. Time enters only through
+``Heartbeat``, whose methods take ``now`` from the loop.
+
+Three sockets, one order
+------------------------
+Replies to commands arrive on the chat socket, their consequences on the
+login socket. Bytes on two TCP connections can be read in either order, so
+``STARTED bob`` may be read before ``OK CHAT bob``. The rules that keep the
+display right whatever the order:
+
+- The login socket is the authority on chats and requests (REQUEST, STARTED,
+  DECLINED, EXPIRED, CANCELLED, ENDED change the phase unconditionally or
+  when they name the current partner).
+- ``/chat NAME`` from the idle phase moves to "request out" *when it is sent*
+  (optimistically), so an early STARTED/DECLINED finds the phase it expects;
+  ``ERR CHAT`` undoes it, ``OK CHAT`` only confirms it.
+- Your own ``/quit`` is shown once, as "you left the chat with bob", in either
+  order: the server also sends the quitter ``ENDED bob quit ...``; read before
+  ``OK QUIT`` it is held back, and shown only if the QUIT is refused after all
+  (bob quit first, so his ENDED was the real news).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import deque
+from dataclasses import dataclass
+
+from selchat.protocol import codec
+from selchat.protocol import events as ev
+from selchat.protocol.connection import CLIENT, Connection
+from selchat.protocol.errors import FrameError
+from selchat.protocol.state import State
+
+Role = ev.Role
+LOGIN, CHAT, CHECK = Role.LOGIN, Role.CHAT, Role.CHECK
+
+#: Sent message texts kept by sequence number so that a NACK can name its text.
+SENT_KEPT = 500
+#: WHO entries collected at most (the rest are counted, not listed).
+WHO_LISTED = 200
+#: Exit codes of ``selchat connect``.
+EXIT_OK, EXIT_LOGIN, EXIT_UNREACHABLE, EXIT_LOST = 0, 1, 2, 3
+
+USERNAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+MAX_PASSWORD_BYTES = 1024
+
+# --- What the user sees --------------------------------------------------------
+
+#: Every line the client shows, by kind. Scripted mode prints exactly these, one
+#: per line; tests and scripts depend on them, so change them with care.
+#: Fields: {user} a user name, {text} free text, {detail} a reason or code.
+FORMATS: dict[str, str] = {
+    # kind               format                                         shown on
+    "ready":             "logged in as {user}",                         # READY
+    "request-sent":      "chat request sent to {user}",                 # OK CHAT
+    "request-in":        "chat request from {user} (answer yes or no)", # REQUEST
+    "started":           "chat with {user} started",                    # STARTED
+    "declined":          "{user} declined your chat request",           # DECLINED
+    "expired":           "chat request with {user} expired",            # EXPIRED
+    "cancelled":         "chat request with {user} cancelled",          # CANCELLED
+    "message":           "[{user}] {text}",                             # MSG from the partner
+    "ended":             "chat with {user} ended ({detail}): {text}",   # ENDED
+    "who":               "online: {text}",                              # USER... OK WHO
+    "error":             "error: {text}",                               # ERR, or refused locally
+    "not-delivered":     "not delivered: '{text}' ({detail})",          # NACK
+    "not-delivered-old": "not delivered: message #{text} ({detail})",   # NACK of a forgotten seq
+    "shutdown":          "server: {text}",                              # SHUTDOWN
+    "disconnected":      "disconnected: {text}",                        # BYE
+    "you-declined":      "you declined {user}'s chat request",          # OK DECLINE
+    "you-left":          "you left the chat with {user}",               # OK QUIT while chatting
+    "you-withdrew":      "you withdrew your chat request to {user}",    # OK QUIT while asking
+    "logged-out":        "logged out",                                  # OK EXIT and BYE after /exit
+    "lost":              "connection lost: {text}",                     # EOF without BYE, no heartbeat
+    "protocol-error":    "protocol error: {text}",                      # the server broke the protocol
+    "hint-idle":         "not in a chat; /chat NAME to start one",      # plain line, idle
+    "hint-request-in":   "{user} asks for a chat: answer yes or no",    # plain line, request in
+    "hint-request-out":  "waiting for {user} to answer; /quit withdraws the request",
+    "help":              "commands: /chat NAME (ask NAME for a chat), yes or /accept,"
+                         " no or /decline, /quit (leave the chat or withdraw your request),"
+                         " /who (who is online), /exit (log out), /help; in a chat every"
+                         " other line is a message (start it with // to send a leading /)",
+    # Before there is a session: scripted mode prints these on stderr.
+    "login-failed":      "login failed: {text}",                        # ERR LOGIN, BYE auth-failed
+    "register-failed":   "registration failed: {text}",                 # ERR REGISTER
+    "unreachable":       "cannot reach {text}: {detail}",               # connect() failed
+    "retrying":          "retrying in {detail} s",
+}
+
+#: Kinds that belong on stderr in scripted mode: there is no session yet.
+STDERR_KINDS = frozenset({"login-failed", "register-failed", "unreachable", "retrying"})
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something to show the user; ``line()`` renders it from ``FORMATS``."""
+
+    kind: str
+    user: str = ""
+    text: str = ""
+    detail: str = ""
+
+    def line(self) -> str:
+        return FORMATS[self.kind].format(user=self.user, text=self.text, detail=self.detail)
+
+    @property
+    def to_stderr(self) -> bool:
+        return self.kind in STDERR_KINDS
+
+
+# --- What the loop does ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write ``data`` on the socket of ``role``."""
+
+    role: Role
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """Open the socket of ``role`` (to the same address as the login socket)."""
+
+    role: Role
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The session is over: close all sockets and exit with ``code``."""
+
+    code: int
+
+
+Effect = Send | Connect | Close | Notice
+
+
+class Phase(enum.Enum):
+    """What the user is doing, as the prompt shows it."""
+
+    CONNECTING = "connecting"
+    LOGGING_IN = "logging in"
+    ATTACHING = "attaching"
+    IDLE = "idle"
+    REQUEST_OUT = "request out"
+    REQUEST_IN = "request in"
+    CHATTING = "chatting"
+    CLOSED = "closed"
+
+
+ONLINE = frozenset({Phase.IDLE, Phase.REQUEST_OUT, Phase.REQUEST_IN, Phase.CHATTING})
+YES, NO = frozenset({"yes", "y"}), frozenset({"no", "n"})
+
+
+def check_username(user: str) -> str | None:
+    """None if ``user`` is a valid user name, else why not."""
+    if USERNAME.fullmatch(user):
+        return None
+    return f"not a valid user name: {user!r} (1-32 letters, digits, _ or -)"
+
+
+def check_password(password: str) -> str | None:
+    """None if ``password`` can be sent in a LOGIN frame, else why not."""
+    if not password:
+        return "the password is empty"
+    if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
+        return f"the password is longer than {MAX_PASSWORD_BYTES} bytes"
+    return _control_error(password, "the password")
+
+
+def _control_error(text: str, what: str) -> str | None:
+    try:
+        codec.decode_text(text.encode("utf-8"))
+    except (FrameError, UnicodeEncodeError):
+        return f"{what} contains control characters"
+    return None
+
+
+class ClientSession:
+    """One user's session over three sockets, with no I/O.
+
+    Call ``start()`` once the login socket is open, then ``receive(role, data)``
+    for bytes read (``b""`` at EOF), ``typed(line)`` for each line the user
+    enters, ``exit()`` / ``interrupt()`` for end of input and Ctrl-C, ``ping()``
+    and ``not_responding()`` from the heartbeat timer, ``lost(text)`` for a
+    socket error. Each returns the effects to carry out.
+    """
+
+    def __init__(self, user: str, password: str, register: bool = False):
+        self.user = user
+        self.phase = Phase.CONNECTING
+        self.partner: str | None = None   # whom the request or chat is with
+        self.leaving = False              # EXIT sent (or about to be)
+        self.exit_code: int | None = None
+        self._password = password
+        self._register = register
+        self._conns = {role: Connection(CLIENT) for role in Role}
+        self._sent: dict[int, str] = {}   # MSG seq -> text, the last SENT_KEPT
+        self._asks: deque[tuple[str, bool]] = deque()  # CHAT sent, reply pending: (user, optimistic)
+        self._quits: deque[str] = deque()  # QUIT sent, reply pending: the chat partner then, or ""
+        self._held_end: ev.Ended | None = None  # ENDED that may be the echo of our own QUIT
+        self._finished: set[Role] = set()  # while leaving: sockets that said their last
+        self._eof: set[Role] = set()       # sockets the server has closed
+        self._who: list[str] = []
+        self._who_more = 0
+        self._pings = 0
+        self._out: list[Effect] = []
+
+    # -- inputs ------------------------------------------------------------------
+
+    def start(self) -> list[Effect]:
+        """The login socket is open: log in (or register)."""
+        event = ev.Register if self._register else ev.Login
+        self._send(LOGIN, event(self.user, self._password))
+        self.phase = Phase.LOGGING_IN
+        return self._flush()
+
+    def receive(self, role: Role, data: bytes) -> list[Effect]:
+        """Bytes read from the socket of ``role``; ``b""`` means the server closed it."""
+        conn = self._conns[role]
+        if role in self._eof:
+            return []
+        conn.receive_data(data)
+        while self.phase is not Phase.CLOSED:
+            event = conn.next_event()
+            if event is ev.NEED_DATA:
+                break
+            if type(event) is ev.ConnectionClosed:
+                self._eof.add(role)  # next_event() would repeat it forever
+                self._on_event(role, event)
+                break
+            self._on_event(role, event)
+        return self._flush()
+
+    def typed(self, line: str) -> list[Effect]:
+        """One line the user entered (a paste of several is taken line by line)."""
+        for one in line.split("\n"):
+            self._typed_one(one.rstrip("\r"))
+        return self._flush()
+
+    def _typed_one(self, line: str) -> None:
+        if self.phase is Phase.CLOSED or self.leaving:
+            return
+        if self.phase not in ONLINE:
+            self._show("error", text="not logged in yet")
+        elif line.startswith("//"):
+            self._say(line[1:])
+        elif line.lstrip().startswith("/"):
+            self._command(line.split())
+        elif not line.strip():
+            pass  # an empty line says nothing
+        elif self.phase is Phase.REQUEST_IN and line.strip().lower() in YES:
+            self._send(CHAT, ev.Accept())
+        elif self.phase is Phase.REQUEST_IN and line.strip().lower() in NO:
+            self._send(CHAT, ev.Decline())
+        else:
+            self._say(line)
+
+    def exit(self) -> list[Effect]:
+        """Log out (``/exit``, end of input): send EXIT; the reply or the close ends it."""
+        self._leave()
+        return self._flush()
+
+    def interrupt(self) -> list[Effect]:
+        """Ctrl-C: leave the chat or withdraw the request; otherwise log out."""
+        if self.phase in (Phase.CHATTING, Phase.REQUEST_OUT) and not self.leaving:
+            self._cmd_quit()
+            return self._flush()
+        return self.exit()
+
+    def exit_timed_out(self) -> list[Effect]:
+        """The server did not answer EXIT in time: we leave anyway."""
+        if self.phase is not Phase.CLOSED:
+            self._show("logged-out")
+            self._close(EXIT_OK)
+        return self._flush()
+
+    def ping(self) -> list[Effect]:
+        """Heartbeat: ``PING <n>`` on the check socket (once it is attached)."""
+        if self._conns[CHECK].state is State.CHECK and self.phase is not Phase.CLOSED:
+            self._pings += 1
+            self._send(CHECK, ev.Ping(str(self._pings)))
+        return self._flush()
+
+    def not_responding(self) -> list[Effect]:
+        """Nothing arrived on the check socket for interval + timeout."""
+        return self.lost("server not responding")
+
+    def lost(self, text: str) -> list[Effect]:
+        """A socket failed (reset, could not connect): the session is over."""
+        if self.phase is not Phase.CLOSED:
+            self._end_with("lost", text)
+        return self._flush()
+
+    # -- state, for the UI ---------------------------------------------------------
+
+    @property
+    def online(self) -> bool:
+        """READY has arrived and the session is not over: the user may type."""
+        return self.phase in ONLINE
+
+    # -- received events -----------------------------------------------------------
+
+    def _on_event(self, role: Role, event: ev.Event) -> None:
+        handler = _HANDLERS.get(type(event))
+        if handler is None:  # the state tables let nothing else through
+            self._fatal(f"unexpected {type(event).__name__} on the {role.value.lower()} socket")
+        else:
+            handler(self, role, event)
+
+    def _on_hello(self, role: Role, event: ev.Hello) -> None:
+        if event.version != ev.PROTOCOL_VERSION:
+            self._fatal(f"the server speaks protocol version {event.version}, "
+                        f"this client version {ev.PROTOCOL_VERSION}")
+
+    def _on_welcome(self, role: Role, event: ev.Welcome) -> None:
+        self.user = event.user  # the spelling the account was registered with
+        self.phase = Phase.ATTACHING
+        for attach_role, token in ((CHAT, event.chat_token), (CHECK, event.check_token)):
+            self._out.append(Connect(attach_role))
+            self._send(attach_role, ev.Attach(attach_role, token))
+
+    def _on_attached(self, role: Role, event: ev.Attached) -> None:
+        pass  # READY on the login socket says when both are attached
+
+    def _on_ready(self, role: Role, event: ev.Ready) -> None:
+        self.user = event.user
+        self.phase = Phase.IDLE
+        self._show("ready", user=event.user)
+
+    def _on_request(self, role: Role, event: ev.Request) -> None:
+        self._enter(Phase.REQUEST_IN, event.user)
+        self._show("request-in", user=event.user)
+
+    def _on_started(self, role: Role, event: ev.Started) -> None:
+        self._enter(Phase.CHATTING, event.user)
+        self._show("started", user=event.user)
+
+    def _on_request_over(self, role: Role, event: ev.Declined | ev.Expired | ev.Cancelled) -> None:
+        if self._is_with(Phase.REQUEST_OUT, event.user) or self._is_with(Phase.REQUEST_IN, event.user):
+            self._enter(Phase.IDLE)
+        kind = {ev.Declined: "declined", ev.Expired: "expired", ev.Cancelled: "cancelled"}[type(event)]
+        self._show(kind, user=event.user)
+
+    def _on_ended(self, role: Role, event: ev.Ended) -> None:
+        if not self._is_with(Phase.CHATTING, event.user):
+            return  # already over: OK QUIT came first
+        self._enter(Phase.IDLE)
+        if event.reason == "quit" and event.user.lower() in self._quits:
+            self._held_end = event  # probably our own QUIT; OK QUIT will tell
+        else:
+            self._show("ended", user=event.user, detail=event.reason, text=event.text)
+
+    def _on_incoming(self, role: Role, event: ev.Incoming) -> None:
+        self._show("message", user=event.user, text=event.text)
+
+    def _on_ok(self, role: Role, event: ev.Ok) -> None:
+        verb, user = event.verb.upper(), event.info
+        if verb == "CHAT":
+            self._chat_answered(ok=True, user=user)
+        elif verb == "DECLINE":
+            if self._is_with(Phase.REQUEST_IN, user):
+                self._enter(Phase.IDLE)
+            self._show("you-declined", user=user)
+        elif verb == "QUIT":
+            self._quit_answered(ok=True, user=user)
+        elif verb == "WHO":
+            listed = ", ".join(self._who) or "nobody"
+            if self._who_more:
+                listed += f" and {self._who_more} more"
+            self._who, self._who_more = [], 0
+            self._show("who", text=listed)
+        elif verb == "EXIT":
+            self._socket_done(CHAT)
+        elif verb == "HELP":
+            self._show("help")
+        # OK ACCEPT: STARTED on the login socket says it.
+
+    def _on_error(self, role: Role, event: ev.Error) -> None:
+        if role is LOGIN and self.phase is Phase.LOGGING_IN:
+            kind = "register-failed" if self._register else "login-failed"
+            self._show(kind, text=event.text)
+            self._close(EXIT_LOGIN)
+            return
+        if role is not LOGIN and self.phase is Phase.ATTACHING:
+            self._end_with("protocol-error", f"could not attach the {role.value.lower()} socket: {event.text}")
+            return
+        if event.verb.upper() == "CHAT" and role is CHAT:
+            self._chat_answered(ok=False, user="")
+        if event.verb.upper() == "QUIT" and role is CHAT and self._quit_answered(ok=False, user=""):
+            return
+        self._show("error", text=event.text)
+
+    def _on_nack(self, role: Role, event: ev.Nack) -> None:
+        text = self._sent.get(event.seq)
+        if text is None:
+            self._show("not-delivered-old", text=str(event.seq), detail=event.text)
+        else:
+            self._show("not-delivered", text=text, detail=event.text)
+
+    def _on_user_entry(self, role: Role, event: ev.UserEntry) -> None:
+        if len(self._who) < WHO_LISTED:
+            self._who.append(f"{event.user} ({event.status})")
+        else:
+            self._who_more += 1
+
+    def _on_ping(self, role: Role, event: ev.Ping) -> None:
+        self._send(role, event.response())
+
+    def _on_pong(self, role: Role, event: ev.Pong) -> None:
+        pass  # any frame on the check socket is a sign of life; the loop notes it
+
+    def _on_shutdown(self, role: Role, event: ev.Shutdown) -> None:
+        self._show("shutdown", text=event.text)
+
+    def _on_bye(self, role: Role, event: ev.Bye) -> None:
+        if self.phase is Phase.LOGGING_IN and event.reason == "auth-failed":
+            self._show("register-failed" if self._register else "login-failed", text=event.text)
+            self._close(EXIT_LOGIN)
+        elif self.leaving:
+            if event.reason != "exit":
+                self._show("disconnected", text=event.text)
+            self._socket_done(role)
+        else:
+            self._end_with("disconnected", event.text)
+
+    def _on_closed(self, role: Role, event: ev.ConnectionClosed) -> None:
+        if self.leaving:
+            self._socket_done(role)
+        else:
+            self._end_with("lost", f"the server closed the {role.value.lower()} socket")
+
+    def _on_bad_frame(self, role: Role, event: ev.BadFrame) -> None:
+        reply = event.reply
+        self._fatal(f"bad frame on the {role.value.lower()} socket: {getattr(reply, 'text', reply)}")
+
+    # -- typed commands --------------------------------------------------------------
+
+    def _command(self, words: list[str]) -> None:
+        name, args = words[0].lower(), words[1:]
+        spec = _COMMANDS.get(name)
+        if spec is None:
+            self._show("error", text=f"unknown command {words[0]}; /help lists the commands")
+            return
+        method, usage = spec
+        if len(args) != usage.count(" "):
+            self._show("error", text=f"usage: {usage}")
+            return
+        method(self, *args)
+
+    def _cmd_chat(self, user: str) -> None:
+        problem = check_username(user)
+        if problem:
+            self._show("error", text=problem)
+            return
+        optimistic = self.phase is Phase.IDLE
+        if optimistic:
+            self._enter(Phase.REQUEST_OUT, user)
+        self._asks.append((user, optimistic))
+        self._send(CHAT, ev.ChatRequest(user))
+
+    def _cmd_accept(self) -> None:
+        self._send(CHAT, ev.Accept())
+
+    def _cmd_decline(self) -> None:
+        self._send(CHAT, ev.Decline())
+
+    def _cmd_quit(self) -> None:
+        chatting = self.phase is Phase.CHATTING and self.partner
+        self._quits.append(self.partner.lower() if chatting else "")
+        self._send(CHAT, ev.Quit())
+
+    def _cmd_exit(self) -> None:
+        self._leave()
+
+    def _cmd_who(self) -> None:
+        self._send(CHAT, ev.Who())
+
+    def _cmd_help(self) -> None:
+        self._show("help")
+
+    def _say(self, text: str) -> None:
+        """A chat message: sent when chatting, else a local hint."""
+        if self.phase is not Phase.CHATTING:
+            kind = {Phase.REQUEST_IN: "hint-request-in", Phase.REQUEST_OUT: "hint-request-out"}
+            self._show(kind.get(self.phase, "hint-idle"), user=self.partner or "")
+            return
+        problem = _control_error(text, "the message")
+        if problem is None and len(text.encode("utf-8")) + 4 > codec.MAX_FRAME:  # 4: "MSG "
+            problem = f"the message is longer than {codec.MAX_FRAME - 4} bytes"
+        if problem:
+            self._show("error", text=f"{problem}; not sent")
+            return
+        self._send(CHAT, ev.Message(text))
+        seq = self._conns[CHAT].msg_seq
+        self._sent[seq] = text
+        self._sent.pop(seq - SENT_KEPT, None)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _leave(self) -> None:
+        if self.phase is Phase.CLOSED or self.leaving:
+            return
+        if self.phase in ONLINE:
+            self.leaving = True
+            self._send(CHAT, ev.Exit())
+        else:
+            self._close(EXIT_OK)  # nothing to log out of yet
+
+    def _socket_done(self, role: Role) -> None:
+        """While leaving: ``role`` has said its last. Done when login and chat have.
+
+        Each socket is ordered, so once the chat socket gave OK EXIT (or EOF)
+        and the login socket BYE (or EOF), nothing sent before is left unread:
+        a WHO answer or a last message typed before the EXIT is still shown.
+        """
+        self._finished.add(role)
+        if {LOGIN, CHAT} <= self._finished:
+            self._show("logged-out")
+            self._close(EXIT_OK)
+
+    def _chat_answered(self, ok: bool, user: str) -> None:
+        """The reply to our oldest outstanding CHAT: confirm or undo its optimism."""
+        asked, optimistic = self._asks.popleft() if self._asks else (user, False)
+        user = user or asked
+        if ok:
+            if self._is_with(Phase.REQUEST_OUT, user):
+                self.partner = user  # the server's spelling of the name
+                self._show("request-sent", user=user)
+            elif not optimistic and self.phase is Phase.IDLE:
+                self._enter(Phase.REQUEST_OUT, user)  # our view was stale; the server knows
+                self._show("request-sent", user=user)
+            # else: STARTED/DECLINED/EXPIRED was read first and already shown
+        elif optimistic and self._is_with(Phase.REQUEST_OUT, asked):
+            self._enter(Phase.IDLE)
+
+    def _quit_answered(self, ok: bool, user: str) -> bool:
+        """The reply to our oldest outstanding QUIT. True if it showed something."""
+        left = self._quits.popleft() if self._quits else ""
+        held, self._held_end = self._held_end, None
+        if not ok:
+            if held is not None:  # the partner quit first: that was the news
+                self._show("ended", user=held.user, detail=held.reason, text=held.text)
+                return True
+            return False
+        if self._is_with(Phase.CHATTING, user) or (held is not None and left == user.lower()):
+            self._show("you-left", user=user)
+        elif self._is_with(Phase.REQUEST_OUT, user):
+            self._show("you-withdrew", user=user)
+        else:
+            return False  # the chat or request was already over, and shown
+        if self.partner and self.partner.lower() == user.lower():
+            self._enter(Phase.IDLE)
+        return True
+
+    def _is_with(self, phase: Phase, user: str) -> bool:
+        return self.phase is phase and (self.partner or "").lower() == user.lower()
+
+    def _enter(self, phase: Phase, partner: str | None = None) -> None:
+        self.phase, self.partner = phase, partner
+
+    def _send(self, role: Role, event: ev.Event) -> None:
+        self._out.append(Send(role, self._conns[role].send(event)))
+
+    def _show(self, kind: str, **fields: str) -> None:
+        self._out.append(Notice(kind, **fields))
+
+    def _fatal(self, text: str) -> None:
+        self._end_with("protocol-error", text)
+
+    def _end_with(self, kind: str, text: str) -> None:
+        """Show why the session ended; exit 3, or 0 when we were leaving anyway."""
+        self._show(kind, text=text)
+        self._close(EXIT_OK if self.leaving else EXIT_LOST)
+
+    def _close(self, code: int) -> None:
+        self.phase, self.partner, self.exit_code = Phase.CLOSED, None, code
+        self._out.append(Close(code))
+
+    def _flush(self) -> list[Effect]:
+        out, self._out = self._out, []
+        return out
+
+
+_HANDLERS = {
+    ev.Hello: ClientSession._on_hello,
+    ev.Welcome: ClientSession._on_welcome,
+    ev.Attached: ClientSession._on_attached,
+    ev.Ready: ClientSession._on_ready,
+    ev.Request: ClientSession._on_request,
+    ev.Started: ClientSession._on_started,
+    ev.Declined: ClientSession._on_request_over,
+    ev.Expired: ClientSession._on_request_over,
+    ev.Cancelled: ClientSession._on_request_over,
+    ev.Ended: ClientSession._on_ended,
+    ev.Incoming: ClientSession._on_incoming,
+    ev.Ok: ClientSession._on_ok,
+    ev.Error: ClientSession._on_error,
+    ev.Nack: ClientSession._on_nack,
+    ev.UserEntry: ClientSession._on_user_entry,
+    ev.Ping: ClientSession._on_ping,
+    ev.Pong: ClientSession._on_pong,
+    ev.Shutdown: ClientSession._on_shutdown,
+    ev.Bye: ClientSession._on_bye,
+    ev.ConnectionClosed: ClientSession._on_closed,
+    ev.BadFrame: ClientSession._on_bad_frame,
+}
+
+#: Typed commands: name -> (method, usage). The usage's word count is the arity.
+_COMMANDS = {
+    "/chat": (ClientSession._cmd_chat, "/chat NAME"),
+    "/accept": (ClientSession._cmd_accept, "/accept"),
+    "/decline": (ClientSession._cmd_decline, "/decline"),
+    "/quit": (ClientSession._cmd_quit, "/quit"),
+    "/exit": (ClientSession._cmd_exit, "/exit"),
+    "/who": (ClientSession._cmd_who, "/who"),
+    "/help": (ClientSession._cmd_help, "/help"),
+}
+
+
+class Heartbeat:
+    """When to PING and when to give up, from times the loop passes in.
+
+    The client sends a PING every ``interval`` seconds, and gives up when
+    nothing has arrived for ``interval + timeout`` seconds: the server answers
+    a PING at once, so a live server is never silent that long. ``seen`` is
+    called for every read and costs one assignment; the loop asks ``due`` only
+    when its single timer reaches ``deadline()``.
+    """
+
+    PING, DEAD = "ping", "dead"
+
+    def __init__(self, interval: float, timeout: float, now: float):
+        self.interval, self.timeout = interval, timeout
+        self.last_seen = now
+        self.next_ping = now + interval
+
+    def seen(self, now: float) -> None:
+        self.last_seen = now
+
+    def deadline(self) -> float:
+        return min(self.next_ping, self.last_seen + self.interval + self.timeout)
+
+    def due(self, now: float) -> str | None:
+        """``DEAD``, ``PING`` (and the next one is scheduled), or None."""
+        if now >= self.last_seen + self.interval + self.timeout:
+            return self.DEAD
+        if now >= self.next_ping:
+            self.next_ping = now + self.interval
+            return self.PING
+        return None

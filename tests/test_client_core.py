@@ -1,0 +1,592 @@
+"""The client session core (selchat.client.core), without sockets or clocks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from selchat.client.core import (
+    CHAT, CHECK, FORMATS, LOGIN, SENT_KEPT, STDERR_KINDS, ClientSession, Close, Connect, Heartbeat,
+    Notice, Phase, Send, check_password, check_username,
+)
+from selchat.protocol.codec import MAX_FRAME
+
+
+def frames(*lines: str) -> bytes:
+    return "".join(line + "\n" for line in lines).encode()
+
+
+def sent(effects, role=None) -> list[str]:
+    """The frames in ``effects`` (for one role, or all as 'ROLE: frame')."""
+    out = []
+    for e in effects:
+        if isinstance(e, Send) and (role is None or e.role is role):
+            text = e.data.decode().rstrip("\n")
+            out.append(text if role is not None else f"{e.role.value}: {text}")
+    return out
+
+
+def shown(effects) -> list[str]:
+    return [e.line() for e in effects if isinstance(e, Notice)]
+
+
+def closed(effects) -> int | None:
+    codes = [e.code for e in effects if isinstance(e, Close)]
+    assert len(codes) <= 1
+    return codes[0] if codes else None
+
+
+def online(user: str = "alice") -> ClientSession:
+    """A session taken through login, attach and READY."""
+    s = ClientSession(user, "secret")
+    s.start()
+    s.receive(LOGIN, frames("HELLO 1 selchat/0.1.0", f"WELCOME {user} ctok ktok"))
+    s.receive(CHAT, frames("HELLO 1 selchat/0.1.0", "OK ATTACH CHAT"))
+    s.receive(CHECK, frames("HELLO 1 selchat/0.1.0", "OK ATTACH CHECK"))
+    s.receive(LOGIN, frames(f"READY {user}"))
+    assert s.phase is Phase.IDLE
+    return s
+
+
+def chatting(partner: str = "bob") -> ClientSession:
+    s = online()
+    s.receive(LOGIN, frames(f"STARTED {partner}"))
+    assert s.phase is Phase.CHATTING and s.partner == partner
+    return s
+
+
+# --- logging in -------------------------------------------------------------------------
+
+
+def test_start_sends_login_on_the_login_socket():
+    s = ClientSession("alice", "correct horse")
+    assert s.phase is Phase.CONNECTING
+    assert sent(s.start()) == ["LOGIN: LOGIN alice correct horse"]
+    assert s.phase is Phase.LOGGING_IN
+
+
+def test_register_sends_register():
+    assert sent(ClientSession("alice", "pw", register=True).start()) == ["LOGIN: REGISTER alice pw"]
+
+
+def test_welcome_opens_and_attaches_both_sockets_then_ready_is_idle():
+    s = ClientSession("ALICE", "pw")
+    s.start()
+    effects = s.receive(LOGIN, frames("HELLO 1 selchat/0.1.0", "WELCOME Alice ctok ktok"))
+    assert effects == [Connect(CHAT), Send(CHAT, b"ATTACH CHAT ctok\n"),
+                       Connect(CHECK), Send(CHECK, b"ATTACH CHECK ktok\n")]
+    assert s.phase is Phase.ATTACHING and s.user == "Alice"
+    assert s.receive(CHAT, frames("HELLO 1 x", "OK ATTACH CHAT")) == []
+    assert s.receive(CHECK, frames("HELLO 1 x", "OK ATTACH CHECK")) == []
+    assert not s.online
+    assert shown(s.receive(LOGIN, frames("READY Alice"))) == ["logged in as Alice"]
+    assert s.online and s.phase is Phase.IDLE
+
+
+def test_frames_split_anywhere_give_the_same_result():
+    s = ClientSession("alice", "pw")
+    s.start()
+    effects = []
+    for byte in frames("HELLO 1 x", "WELCOME alice c k"):
+        effects += s.receive(LOGIN, bytes([byte]))
+    assert sent(effects) == ["CHAT: ATTACH CHAT c", "CHECK: ATTACH CHECK k"]
+
+
+def test_wrong_password_is_a_login_failure_with_exit_1():
+    s = ClientSession("alice", "wrong")
+    s.start()
+    effects = s.receive(LOGIN, frames("HELLO 1 x", "ERR LOGIN auth-failed invalid username or password"))
+    assert shown(effects) == ["login failed: invalid username or password"]
+    assert all(n.to_stderr for n in effects if isinstance(n, Notice))
+    assert closed(effects) == 1 and s.phase is Phase.CLOSED
+
+
+def test_registration_refused_says_so():
+    s = ClientSession("alice", "pw", register=True)
+    s.start()
+    effects = s.receive(LOGIN, frames("ERR REGISTER taken that name is taken"))
+    assert shown(effects) == ["registration failed: that name is taken"] and closed(effects) == 1
+
+
+def test_bye_auth_failed_while_logging_in_exits_1():
+    s = ClientSession("alice", "pw")
+    s.start()
+    assert closed(s.receive(LOGIN, frames("BYE auth-failed too many failures"))) == 1
+
+
+def test_refused_attach_ends_the_session():
+    s = ClientSession("alice", "pw")
+    s.start()
+    s.receive(LOGIN, frames("WELCOME alice c k"))
+    effects = s.receive(CHAT, frames("ERR ATTACH bad-token invalid or expired token"))
+    assert closed(effects) == 3
+    assert shown(effects) == ["protocol error: could not attach the chat socket: invalid or expired token"]
+
+
+def test_other_protocol_version_is_fatal():
+    s = ClientSession("alice", "pw")
+    s.start()
+    effects = s.receive(LOGIN, frames("HELLO 2 selchat/9"))
+    assert closed(effects) == 3 and shown(effects)[0].startswith("protocol error:")
+
+
+def test_lines_typed_before_ready_are_refused_locally():
+    s = ClientSession("alice", "pw")
+    s.start()
+    effects = s.typed("/who")
+    assert sent(effects) == [] and shown(effects) == ["error: not logged in yet"]
+
+
+# --- typed lines -> frames -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line, frame", [
+    ("/chat bob", "CHAT bob"),
+    ("/CHAT bob", "CHAT bob"),
+    ("  /who  ", "WHO"),
+    ("/accept", "ACCEPT"),
+    ("/decline", "DECLINE"),
+    ("/quit", "QUIT"),
+    ("/exit", "EXIT"),
+])
+def test_commands_become_frames_on_the_chat_socket(line, frame):
+    assert sent(online().typed(line), CHAT) == [frame]
+
+
+@pytest.mark.parametrize("line, error", [
+    ("/chat", "error: usage: /chat NAME"),
+    ("/chat bob carol", "error: usage: /chat NAME"),
+    ("/who now", "error: usage: /who"),
+    ("/chat b@d", "error: not a valid user name: 'b@d' (1-32 letters, digits, _ or -)"),
+    ("/frobnicate", "error: unknown command /frobnicate; /help lists the commands"),
+])
+def test_bad_commands_are_refused_locally(line, error):
+    effects = online().typed(line)
+    assert sent(effects) == [] and shown(effects) == [error]
+
+
+def test_help_is_local():
+    effects = online().typed("/help")
+    assert sent(effects) == [] and shown(effects) == [FORMATS["help"]]
+
+
+def test_plain_line_when_not_chatting_is_a_hint_and_not_sent():
+    s = online()
+    effects = s.typed("hello")
+    assert sent(effects) == [] and shown(effects) == ["not in a chat; /chat NAME to start one"]
+    assert s.typed("") == [] and s.typed("   ") == []
+
+
+def test_plain_line_while_asked_or_asking_hints_at_the_answer():
+    s = online()
+    s.receive(LOGIN, frames("REQUEST bob"))
+    assert shown(s.typed("maybe")) == ["bob asks for a chat: answer yes or no"]
+    t = online()
+    t.typed("/chat bob")
+    assert shown(t.typed("hi")) == ["waiting for bob to answer; /quit withdraws the request"]
+
+
+def test_exit_sends_exit_once_and_ignores_later_lines():
+    s = online()
+    assert sent(s.typed("/exit"), CHAT) == ["EXIT"]
+    assert s.leaving
+    assert s.typed("/who") == [] and s.exit() == []
+
+
+# --- requests in ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("answer, frame", [("yes", "ACCEPT"), ("Y", "ACCEPT"), ("no", "DECLINE"), ("n", "DECLINE")])
+def test_yes_and_no_answer_a_request(answer, frame):
+    s = online()
+    assert shown(s.receive(LOGIN, frames("REQUEST bob"))) == ["chat request from bob (answer yes or no)"]
+    assert s.phase is Phase.REQUEST_IN and s.partner == "bob"
+    assert sent(s.typed(answer), CHAT) == [frame]
+
+
+def test_yes_is_a_message_when_chatting_and_a_hint_when_idle():
+    assert sent(chatting().typed("yes"), CHAT) == ["MSG yes"]
+    assert sent(online().typed("yes")) == []
+
+
+def test_accepted_request_becomes_a_chat_on_started():
+    s = online()
+    s.receive(LOGIN, frames("REQUEST bob"))
+    s.typed("yes")
+    assert shown(s.receive(CHAT, frames("OK ACCEPT bob"))) == []
+    assert shown(s.receive(LOGIN, frames("STARTED bob"))) == ["chat with bob started"]
+    assert s.phase is Phase.CHATTING and s.partner == "bob"
+
+
+def test_declining_goes_back_to_idle():
+    s = online()
+    s.receive(LOGIN, frames("REQUEST bob"))
+    s.typed("no")
+    assert shown(s.receive(CHAT, frames("OK DECLINE bob"))) == ["you declined bob's chat request"]
+    assert s.phase is Phase.IDLE and s.partner is None
+
+
+@pytest.mark.parametrize("frame, line", [
+    ("EXPIRED bob", "chat request with bob expired"),
+    ("CANCELLED bob", "chat request with bob cancelled"),
+])
+def test_request_in_that_goes_away(frame, line):
+    s = online()
+    s.receive(LOGIN, frames("REQUEST bob"))
+    assert shown(s.receive(LOGIN, frames(frame))) == [line]
+    assert s.phase is Phase.IDLE
+
+
+# --- requests out --------------------------------------------------------------------------
+
+
+def test_chat_request_out_is_confirmed_by_ok_chat():
+    s = online()
+    s.typed("/chat bob")
+    assert s.phase is Phase.REQUEST_OUT and s.partner == "bob"
+    assert shown(s.receive(CHAT, frames("OK CHAT bob"))) == ["chat request sent to bob"]
+    assert shown(s.receive(LOGIN, frames("STARTED bob"))) == ["chat with bob started"]
+    assert s.phase is Phase.CHATTING
+
+
+def test_names_match_regardless_of_case_and_take_the_servers_spelling():
+    s = online()
+    s.typed("/chat BOB")
+    s.receive(CHAT, frames("OK CHAT Bob"))
+    assert s.partner == "Bob"
+    assert shown(s.receive(LOGIN, frames("DECLINED Bob"))) == ["Bob declined your chat request"]
+    assert s.phase is Phase.IDLE
+
+
+def test_refused_chat_request_goes_back_to_idle():
+    s = online()
+    s.typed("/chat bob")
+    assert shown(s.receive(CHAT, frames("ERR CHAT busy bob is busy"))) == ["error: bob is busy"]
+    assert s.phase is Phase.IDLE and s.partner is None
+
+
+@pytest.mark.parametrize("frame, line", [
+    ("DECLINED bob", "bob declined your chat request"),
+    ("EXPIRED bob", "chat request with bob expired"),
+])
+def test_request_out_answered(frame, line):
+    s = online()
+    s.typed("/chat bob")
+    s.receive(CHAT, frames("OK CHAT bob"))
+    assert shown(s.receive(LOGIN, frames(frame))) == [line]
+    assert s.phase is Phase.IDLE
+
+
+def test_answer_read_before_ok_chat_is_shown_once_and_ok_chat_is_silent():
+    """Two sockets, two orders: DECLINED on the login socket may be read first."""
+    s = online()
+    s.typed("/chat bob")
+    assert shown(s.receive(LOGIN, frames("DECLINED bob"))) == ["bob declined your chat request"]
+    assert shown(s.receive(CHAT, frames("OK CHAT bob"))) == []
+    assert s.phase is Phase.IDLE
+    t = online()
+    t.typed("/chat bob")
+    assert shown(t.receive(LOGIN, frames("STARTED bob"))) == ["chat with bob started"]
+    assert shown(t.receive(CHAT, frames("OK CHAT bob"))) == []
+    assert t.phase is Phase.CHATTING
+
+
+def test_quit_withdraws_a_request_out():
+    s = online()
+    s.typed("/chat bob")
+    s.receive(CHAT, frames("OK CHAT bob"))
+    assert sent(s.typed("/quit"), CHAT) == ["QUIT"]
+    assert shown(s.receive(CHAT, frames("OK QUIT bob"))) == ["you withdrew your chat request to bob"]
+    assert s.phase is Phase.IDLE
+
+
+def test_request_in_while_asking_wins_and_the_refusal_does_not_undo_it():
+    s = online()
+    s.typed("/chat carol")
+    s.receive(LOGIN, frames("REQUEST bob"))
+    s.receive(CHAT, frames("ERR CHAT pending you already have a request"))
+    assert s.phase is Phase.REQUEST_IN and s.partner == "bob"
+
+
+# --- chatting --------------------------------------------------------------------------------
+
+
+def test_messages_are_sent_and_received():
+    s = chatting()
+    assert sent(s.typed("hello there"), CHAT) == ["MSG hello there"]
+    assert shown(s.receive(LOGIN, frames("MSG bob hi  you"))) == ["[bob] hi  you"]
+
+
+def test_a_pasted_block_is_taken_line_by_line():
+    assert sent(chatting().typed("one\r\ntwo\n/who")) == ["CHAT: MSG one", "CHAT: MSG two", "CHAT: WHO"]
+
+
+def test_the_longest_message_relayed_with_the_longest_name_is_accepted():
+    s = chatting("b" * 32)
+    text = "x" * (MAX_FRAME - 4)            # the longest text a client may send
+    effects = s.receive(LOGIN, frames(f"MSG {'b' * 32} {text}"))
+    assert shown(effects) == [f"[{'b' * 32}] {text}"] and closed(effects) is None
+
+
+def test_double_slash_sends_a_line_starting_with_slash():
+    assert sent(chatting().typed("//etc/passwd is a file"), CHAT) == ["MSG /etc/passwd is a file"]
+
+
+def test_nack_names_the_text_that_was_not_delivered():
+    s = chatting()
+    for text in ("one", "two", "three"):
+        s.typed(text)
+    effects = s.receive(CHAT, frames("NACK 2 not-in-chat you are not in a chat"))
+    assert shown(effects) == ["not delivered: 'two' (you are not in a chat)"]
+
+
+def test_nack_counts_every_msg_frame_sent_not_just_chat_lines():
+    s = chatting()
+    s.typed("first")
+    s.typed("/who")
+    s.typed("yes")  # a message while chatting
+    assert shown(s.receive(CHAT, frames("NACK 2 not-in-chat gone"))) == ["not delivered: 'yes' (gone)"]
+
+
+def test_nack_of_a_forgotten_message_names_its_number():
+    s = chatting()
+    for i in range(SENT_KEPT + 1):
+        s.typed(f"m{i}")
+    assert shown(s.receive(CHAT, frames("NACK 1 not-in-chat gone"))) == ["not delivered: message #1 (gone)"]
+    assert shown(s.receive(CHAT, frames("NACK 2 not-in-chat gone"))) == ["not delivered: 'm1' (gone)"]
+
+
+def test_messages_the_server_would_refuse_are_not_sent():
+    s = chatting()
+    effects = s.typed("bell\x07")
+    assert sent(effects) == [] and shown(effects) == ["error: the message contains control characters; not sent"]
+    effects = s.typed("x" * (MAX_FRAME - 3))
+    assert sent(effects) == [] and shown(effects)[0].startswith("error: the message is longer than")
+    assert sent(s.typed("x" * (MAX_FRAME - 4)), CHAT) == ["MSG " + "x" * (MAX_FRAME - 4)]
+    assert sent(s.typed("tab\tok"), CHAT) == ["MSG tab\tok"]
+
+
+def test_partner_ending_the_chat():
+    s = chatting()
+    effects = s.receive(LOGIN, frames("ENDED bob dropped connection lost"))
+    assert shown(effects) == ["chat with bob ended (dropped): connection lost"]
+    assert s.phase is Phase.IDLE and s.partner is None
+
+
+@pytest.mark.parametrize("order", ["ok-first", "ended-first"])
+def test_own_quit_is_shown_once_whatever_the_order(order):
+    s = chatting()
+    assert sent(s.typed("/quit"), CHAT) == ["QUIT"]
+    replies = [(CHAT, "OK QUIT bob"), (LOGIN, "ENDED bob quit you ended the chat")]
+    if order == "ended-first":
+        replies.reverse()
+    lines = []
+    for role, frame in replies:
+        lines += shown(s.receive(role, frames(frame)))
+    assert lines == ["you left the chat with bob"]
+    assert s.phase is Phase.IDLE
+
+
+def test_partner_quitting_first_is_shown_when_our_quit_is_refused():
+    s = chatting()
+    s.typed("/quit")
+    assert shown(s.receive(LOGIN, frames("ENDED bob quit bob ended the chat"))) == []
+    effects = s.receive(CHAT, frames("ERR QUIT not-in-chat you are not in a chat"))
+    assert shown(effects) == ["chat with bob ended (quit): bob ended the chat"]
+
+
+def test_interrupt_quits_a_chat_but_exits_when_idle():
+    s = chatting()
+    assert sent(s.interrupt(), CHAT) == ["QUIT"] and not s.leaving
+    t = online()
+    assert sent(t.interrupt(), CHAT) == ["EXIT"] and t.leaving
+
+
+# --- who, shutdown, heartbeats ---------------------------------------------------------------
+
+
+def test_who_lists_users_in_one_line():
+    s = online()
+    assert sent(s.typed("/who"), CHAT) == ["WHO"]
+    assert shown(s.receive(CHAT, frames("USER alice idle", "USER bob busy"))) == []
+    assert shown(s.receive(CHAT, frames("OK WHO 2"))) == ["online: alice (idle), bob (busy)"]
+
+
+def test_error_replies_are_shown():
+    s = online()
+    s.typed("/accept")
+    assert shown(s.receive(CHAT, frames("ERR ACCEPT no-request nobody asked you"))) == ["error: nobody asked you"]
+
+
+def test_shutdown_notice():
+    assert shown(online().receive(LOGIN, frames("SHUTDOWN server going down"))) == ["server: server going down"]
+
+
+def test_server_ping_is_answered_with_pong():
+    s = online()
+    assert sent(s.receive(CHECK, frames("PING 42"))) == ["CHECK: PONG 42"]
+    assert sent(s.receive(CHECK, frames("PING"))) == ["CHECK: PONG"]
+    assert s.receive(CHECK, frames("PONG 1")) == []
+
+
+def test_own_pings_count_up_and_wait_for_the_check_socket():
+    s = ClientSession("alice", "pw")
+    s.start()
+    assert s.ping() == []   # not attached yet
+    s = online()
+    assert sent(s.ping()) == ["CHECK: PING 1"]
+    assert sent(s.ping()) == ["CHECK: PING 2"]
+
+
+def test_heartbeat_pings_every_interval_and_gives_up_after_interval_plus_timeout():
+    hb = Heartbeat(interval=30, timeout=10, now=0)
+    assert hb.deadline() == 30 and hb.due(29.9) is None
+    assert hb.due(30) == Heartbeat.PING and hb.deadline() == 40
+    hb.seen(35)
+    assert hb.due(60) == Heartbeat.PING
+    assert hb.due(74.9) is None and hb.deadline() == 75
+    assert hb.due(75) == Heartbeat.DEAD
+
+
+# --- the end of a session ------------------------------------------------------------------
+
+
+def test_bye_is_reported_and_exits_3():
+    s = chatting()
+    effects = s.receive(LOGIN, frames("BYE replaced logged in from another client"))
+    assert shown(effects) == ["disconnected: logged in from another client"] and closed(effects) == 3
+    assert s.phase is Phase.CLOSED
+    assert s.receive(CHAT, b"") == [] and s.typed("hi") == []
+
+
+def test_eof_without_bye_is_a_lost_connection():
+    effects = online().receive(CHECK, b"")
+    assert shown(effects) == ["connection lost: the server closed the check socket"] and closed(effects) == 3
+
+
+@pytest.mark.parametrize("chat_end", [frames("OK EXIT"), b""])
+@pytest.mark.parametrize("login_end", [frames("BYE exit goodbye"), b""])
+@pytest.mark.parametrize("login_first", [True, False])
+def test_after_exit_the_session_ends_when_login_and_chat_sockets_have_ended(chat_end, login_end, login_first):
+    s = online()
+    s.typed("/exit")
+    assert s.receive(CHECK, b"") == []   # the check socket does not matter
+    steps = [(LOGIN, login_end), (CHAT, chat_end)]
+    if not login_first:
+        steps.reverse()
+    (role1, data1), (role2, data2) = steps
+    assert s.receive(role1, data1) == []
+    effects = s.receive(role2, data2)
+    assert shown(effects) == ["logged out"] and closed(effects) == 0
+
+
+def test_replies_read_after_bye_but_sent_before_exit_are_still_shown():
+    s = online()
+    s.typed("/who")
+    s.typed("/exit")
+    assert s.receive(LOGIN, frames("BYE exit goodbye")) == []
+    effects = s.receive(CHAT, frames("USER alice idle", "OK WHO 1", "OK EXIT"))
+    assert shown(effects) == ["online: alice (idle)", "logged out"] and closed(effects) == 0
+
+
+def test_bye_for_another_reason_while_leaving_is_shown_and_exits_0():
+    s = online()
+    s.exit()
+    assert shown(s.receive(LOGIN, frames("BYE shutdown server stopping"))) == ["disconnected: server stopping"]
+    assert closed(s.receive(CHAT, b"")) == 0
+
+
+def test_exit_timeout_exits_0():
+    s = online()
+    s.exit()
+    assert closed(s.exit_timed_out()) == 0
+
+
+def test_bad_frame_from_the_server_is_a_fatal_protocol_error():
+    effects = online().receive(LOGIN, frames("FROBNICATE now"))
+    assert closed(effects) == 3
+    assert shown(effects) == ["protocol error: bad frame on the login socket: unknown server frame FROBNICATE"]
+
+
+def test_frame_on_the_wrong_socket_is_a_protocol_error():
+    assert closed(online().receive(CHAT, frames("READY alice"))) == 3
+
+
+def test_not_responding_and_socket_errors_exit_3():
+    assert shown(online().not_responding()) == ["connection lost: server not responding"]
+    assert closed(online().lost("chat socket: reset")) == 3
+
+
+# --- formats and checks -------------------------------------------------------------------
+
+
+def test_every_format_renders_as_one_line():
+    for kind in FORMATS:
+        line = Notice(kind, user="bob", text="t", detail="d").line()
+        assert line and "\n" not in line and "{" not in line, kind
+    assert STDERR_KINDS <= set(FORMATS)
+
+
+def test_user_and_password_checks():
+    assert check_username("al-ice_9") is None
+    assert check_username("") and check_username("x" * 33) and check_username("a b")
+    assert check_password("correct horse") is None
+    assert check_password("") and check_password("x" * 1025) and check_password("a\x1bb")
+
+
+# --- properties ---------------------------------------------------------------------------
+
+
+_EFFECT_TYPES = (Send, Connect, Close, Notice)
+
+
+@settings(max_examples=300, deadline=None)
+@given(role=st.sampled_from([LOGIN, CHAT, CHECK]), data=st.binary(max_size=300))
+def test_any_bytes_from_the_server_give_effects_never_an_exception(role, data):
+    s = online()
+    effects = s.receive(role, data) + s.receive(role, b"")
+    assert all(isinstance(e, _EFFECT_TYPES) for e in effects)
+    assert s.phase is Phase.CLOSED
+    for e in effects:
+        if isinstance(e, Notice):
+            assert "\n" not in e.line()
+
+
+_SERVER_LINES = [
+    (LOGIN, "REQUEST bob"), (LOGIN, "STARTED bob"), (LOGIN, "DECLINED bob"), (LOGIN, "EXPIRED bob"),
+    (LOGIN, "CANCELLED bob"), (LOGIN, "ENDED bob quit q"), (LOGIN, "MSG bob hi"), (LOGIN, "REQUEST carol"),
+    (CHAT, "OK CHAT bob"), (CHAT, "ERR CHAT busy b"), (CHAT, "OK QUIT bob"), (CHAT, "ERR QUIT not-in-chat n"),
+    (CHAT, "OK DECLINE bob"), (CHAT, "OK ACCEPT bob"), (CHAT, "NACK 1 not-in-chat n"), (CHECK, "PING 3"),
+]
+_TYPED = ["/chat bob", "/chat carol", "yes", "no", "/quit", "hello", "/who", "/accept", "/decline"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_SERVER_LINES), st.sampled_from(_TYPED)), max_size=30))
+def test_any_mix_of_events_and_typing_keeps_a_consistent_phase(steps):
+    s = online()
+    for step in steps:
+        if isinstance(step, str):
+            effects = s.typed(step)
+        else:
+            role, line = step
+            effects = s.receive(role, frames(line))
+        assert all(isinstance(e, _EFFECT_TYPES) for e in effects)
+        assert s.phase in (Phase.IDLE, Phase.REQUEST_IN, Phase.REQUEST_OUT, Phase.CHATTING)
+        assert (s.partner is None) == (s.phase is Phase.IDLE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([LOGIN, CHAT, CHECK]),
+                          st.sampled_from([b"", b"OK EXIT\n", b"BYE exit bye\n", b"USER a idle\n", b"PING 1\n",
+                                           b"MSG bob hi\n", b"\xff\n", b"ENDED bob quit q\n"])),
+                max_size=12))
+def test_leaving_ends_once_whatever_arrives(steps):
+    s = online()
+    s.exit()
+    codes = []
+    for role, data in steps + [(LOGIN, b""), (CHAT, b""), (CHECK, b"")]:
+        effects = s.receive(role, data)
+        codes += [e.code for e in effects if isinstance(e, Close)]
+    assert s.phase is Phase.CLOSED and codes == [0]
