@@ -1,6 +1,6 @@
 import pytest
 
-from tests.support import ServerProcess
+from tests.support import ClientProcess, ServerProcess
 
 
 def pytest_addoption(parser):
@@ -42,3 +42,18 @@ def make_server(tmp_path):
     for srv in started:
         if srv.proc.poll() is None:
             srv.stop()
+
+
+@pytest.fixture
+def clients():
+    """Start ``selchat connect`` processes; all are killed after the test."""
+    started = []
+
+    def start(*args, **kwargs) -> ClientProcess:
+        client = ClientProcess(*args, **kwargs)
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        client.kill()

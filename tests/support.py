@@ -5,15 +5,20 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import queue
 import selectors
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 DEADLINE = 10.0  # seconds any single expectation may take before the test fails
 _names = itertools.count(1)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLIENT = [sys.executable, "-m", "selchat.cli", "connect"]
 
 
 def unique(prefix: str = "u") -> str:
@@ -187,3 +192,80 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+class ClientProcess:
+    """``selchat connect`` as a child process; its output read line by line with deadlines."""
+
+    def __init__(self, port: int, *args: str, password: str | None = "secret", stdin=subprocess.PIPE,
+                 user: str = "alice"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SELCHAT_")}
+        if password is not None:
+            env["SELCHAT_PASSWORD"] = password
+        cmd = [*CLIENT, "--port", str(port), *args]
+        if user:
+            cmd += ["--user", user]
+        self.proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=env, cwd=REPO_ROOT, text=True)
+        self.out: queue.Queue = queue.Queue()
+        self.err: queue.Queue = queue.Queue()
+        self.seen = {"out": [], "err": []}
+        for stream, q in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._pump, args=(stream, q), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, q) -> None:
+        for line in stream:
+            q.put(line.rstrip("\n"))
+        q.put(None)
+
+    def line(self, which: str = "out") -> str | None:
+        """The next line of stdout (or stderr); None at EOF; fails after the deadline."""
+        q = self.out if which == "out" else self.err
+        try:
+            line = q.get(timeout=DEADLINE)
+        except queue.Empty:
+            raise AssertionError(f"no line on std{which} within {DEADLINE} s; seen: {self.seen}") from None
+        self.seen[which].append(line)
+        return line
+
+    def expect(self, wanted: str, which: str = "out") -> None:
+        """Read lines until ``wanted``; fail if the stream ends first."""
+        while True:
+            line = self.line(which)
+            if line == wanted:
+                return
+            if line is None:
+                raise AssertionError(f"std{which} ended without {wanted!r}; seen: {self.seen}")
+
+    def rest(self, which: str = "out") -> list[str]:
+        """All remaining lines of a stream, up to its EOF."""
+        lines = []
+        while (line := self.line(which)) is not None:
+            lines.append(line)
+        return lines
+
+    def write(self, text: str) -> None:
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
+
+    def close_stdin(self) -> None:
+        self.proc.stdin.close()
+
+    def wait(self) -> int:
+        try:
+            return self.proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"client did not exit within {DEADLINE} s; seen: {self.seen}") from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream:
+                try:
+                    stream.close()
+                except OSError:
+                    pass

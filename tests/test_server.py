@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 
-import pytest
 
 from tests.support import DEADLINE, RawUser, ServerProcess, rss_kib, start_chat, unique
 
@@ -198,7 +193,6 @@ def test_silent_client_is_dropped_and_partner_told(make_server):
     alice, bob = RawUser(srv), RawUser(srv)
     start_chat(alice, bob)
     # bob answers PINGs, alice does not
-    seen_bob_ping = False
     assert alice.check.line() == "PING 1"
     line = bob.check.line()
     assert line.startswith("PING ")
