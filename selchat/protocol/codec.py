@@ -39,16 +39,22 @@ def decode_text(line: bytes, verb: str = "-") -> str:
     return text
 
 
+_VERB = re.compile(rb"[A-Za-z]{1,16}")
+
+
 def split_verb(line: bytes) -> tuple[str, bytes]:
-    """``b"MSG hi there"`` -> ``("MSG", b"hi there")``. The verb is upper-cased."""
+    """``b"MSG hi there"`` -> ``("MSG", b"hi there")``. The verb is upper-cased.
+
+    A verb is 1-16 letters; anything else is refused without echoing it, so an
+    error reply can never carry the peer's garbage (or be longer than a frame).
+    """
     verb, _, rest = line.partition(b" ")
-    try:
-        text = verb.decode("ascii")
-    except UnicodeDecodeError:
-        raise FrameError("bad-encoding", "frame is not valid UTF-8") from None
-    if _CONTROL.search(text):
-        raise FrameError("bad-encoding", "frame contains control characters")
-    return text.upper(), rest
+    if _VERB.fullmatch(verb) is None:
+        decode_text(line)  # bad bytes are reported as such
+        if not verb:
+            raise FrameError("bad-syntax", "empty frame")
+        raise FrameError("unknown-command", "unknown command; send HELP for the list")
+    return verb.decode("ascii").upper(), rest
 
 
 def _args(verb: str, rest: str, count: int, usage: str) -> list[str]:
@@ -110,8 +116,6 @@ def decode_client(line: bytes) -> ev.Event:
         if role not in ("CHAT", "CHECK") or " " in token:
             raise FrameError("bad-syntax", "usage: ATTACH CHAT|CHECK <token>", verb)
         return ev.Attach(ev.Role(role), token)
-    if not verb:
-        raise FrameError("bad-syntax", "empty frame", "-")
     raise FrameError("unknown-command", f"unknown command {verb}; send HELP for the list", verb)
 
 
@@ -175,7 +179,7 @@ def decode_server(line: bytes) -> ev.Event:
         return ev.Ping(rest)
     if verb == "PONG":
         return ev.Pong(rest)
-    raise FrameError("unknown-command", f"unknown server frame {verb or '(empty)'}", verb or "-")
+    raise FrameError("unknown-command", f"unknown server frame {verb}", verb)
 
 
 # --- events -> bytes ---------------------------------------------------------
