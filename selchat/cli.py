@@ -63,13 +63,26 @@ def main(ctx: click.Context, verbose: int) -> None:
               help="After login, the chat and check sockets must attach within this.")
 @click.option("--registration/--no-registration", envvar="SELCHAT_REGISTRATION", default=True, show_default=True,
               help="Let clients create accounts with REGISTER.")
+@click.option("--stuck-timeout", default=DEFAULTS.stuck_timeout, show_default=True, type=float, metavar="SECONDS",
+              help="Drop a client that has not read its output for this long.")
+@click.option("--max-connections", default=DEFAULTS.max_connections, show_default=True, type=int, metavar="N",
+              help="Open sockets in all (0: what the descriptor limit allows).")
+@click.option("--max-per-address", default=DEFAULTS.max_per_address, show_default=True, type=int, metavar="N",
+              help="Open sockets from one address (each user needs 3; 0: no limit).")
+@click.option("--conn-rate", default=DEFAULTS.conn_rate, show_default=True, type=float, metavar="PER_S",
+              help=f"New connections per second from one address, after a burst of {DEFAULTS.conn_burst} (0: no limit).")
+@click.option("--cmd-rate", default=DEFAULTS.cmd_rate, show_default=True, type=float, metavar="PER_S",
+              help=f"Commands per second per socket, after a burst of {DEFAULTS.cmd_burst} (0: no limit).")
+@click.option("--msg-rate", default=DEFAULTS.msg_rate, show_default=True, type=float, metavar="PER_S",
+              help=f"Chat messages per second per user, after a burst of {DEFAULTS.msg_burst} (0: no limit).")
 @click.option("--workers", default=DEFAULTS.workers, show_default=True, type=click.IntRange(1, 64), metavar="N",
               help="Threads for password hashing and database writes.")
 @click.option("--scrypt-n", default=DEFAULTS.scrypt_n, type=int, hidden=True,
               help="scrypt cost of new password hashes (tests and benchmarks lower it).")
 @click.pass_context
 def serve(ctx, host, port, db, ping_interval, ping_timeout, request_timeout, login_timeout, attach_timeout,
-          registration, workers, scrypt_n):
+          registration, stuck_timeout, max_connections, max_per_address, conn_rate, cmd_rate, msg_rate,
+          workers, scrypt_n):
     """Run the chat server (one thread, one selector) until SIGINT/SIGTERM."""
     from selchat.server.app import Server, raise_nofile_limit
 
@@ -77,7 +90,9 @@ def serve(ctx, host, port, db, ping_interval, ping_timeout, request_timeout, log
     config = ServerConfig(
         host=host, port=port, db=db, ping_interval=ping_interval, ping_timeout=ping_timeout,
         request_timeout=request_timeout, login_timeout=login_timeout, attach_timeout=attach_timeout,
-        registration=registration, workers=workers, scrypt_n=scrypt_n,
+        registration=registration, workers=workers, scrypt_n=scrypt_n, stuck_timeout=stuck_timeout,
+        max_connections=max_connections, max_per_address=max_per_address, conn_rate=conn_rate,
+        cmd_rate=cmd_rate, msg_rate=msg_rate,
     )
     nofile = raise_nofile_limit()
     server = Server(config)
@@ -87,7 +102,8 @@ def serve(ctx, host, port, db, ping_interval, ping_timeout, request_timeout, log
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     server.install_signal_handlers()
     logging.getLogger("selchat.server").info(
-        "descriptor limit %d: room for about %d clients (3 sockets each)", nofile, (nofile - 32) // 3)
+        "descriptor limit %d: room for %d sockets, about %d clients (3 sockets each)",
+        nofile, server.max_connections, server.max_connections // 3)
     click.echo(f"selchat {__version__} listening on {address[0]}:{address[1]} (database {db})", err=False)
     sys.stdout.flush()
     server.serve_forever()

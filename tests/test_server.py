@@ -230,22 +230,33 @@ def test_login_deadline_not_extended_by_bytes(make_server):
     assert sock.expect_closed() == ["BYE timeout no login within 0.5 seconds"]
 
 
-def test_unterminated_flood_closes_only_that_socket(server):
-    alice, bob = RawUser(server), RawUser(server)
+def test_unterminated_flood_ends_only_that_session(server):
+    alice, bob, mallory = RawUser(server), RawUser(server), RawUser(server)
     start_chat(alice, bob)
-    sock = server.connect()
     try:
-        sock.send_bytes(b"x" * (70 * 1024))
+        mallory.chat.send_bytes(b"x" * (70 * 1024))
     except OSError:
         pass
-    assert sock.expect_closed() == ["BYE too-long no line ending within 65536 bytes"]
+    assert mallory.chat.expect_closed() == ["BYE too-long no line ending within 65536 bytes"]
     alice.chat.send("MSG still here")
     assert bob.login.line() == f"MSG {alice.name} still here"
 
 
-def test_slow_reader_pauses_sender_without_loss(server):
+def test_input_before_login_is_capped(server):
+    partial = server.connect()
+    partial.send_bytes(b"LOGIN x " + b"p" * 9000)  # no line ending yet, under the 64 KiB cap
+    assert partial.expect_closed() == ["BYE too-much too much input before login"]
+    chatty = server.connect()
+    chatty.send(*["FOO"] * 11)
+    seen = chatty.expect_closed()
+    assert seen[-1] == "BYE too-much too many frames before login"
+    assert len(seen) == 11  # ten refusals, then the BYE
+
+
+def test_slow_reader_pauses_sender_without_loss(make_server):
     """A partner that does not read: the server stops reading from the sender
     instead of buffering without bound, and delivers everything once it reads."""
+    server = make_server("--msg-rate", "0")
     alice, bob = RawUser(server), RawUser(server)
     start_chat(alice, bob)
     payload = "y" * 1000

@@ -24,8 +24,9 @@ MAX_FRAME = 4096
 MAX_SERVER_FRAME = MAX_FRAME + 33
 
 # Control characters other than TAB are refused anywhere in a frame: they
-# would let one user garble another's terminal.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# would let one user garble another's terminal. C1 controls (U+0080-U+009F)
+# too: some terminals read U+009B as ESC [.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def decode_text(line: bytes, verb: str = "-") -> str:

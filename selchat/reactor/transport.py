@@ -13,9 +13,11 @@ once the buffer drains below ``low_water``: the protocol must then stop
 feeding this transport (the server pauses whoever writes into it).
 
 ``close`` flushes what is buffered, then half-closes (FIN) and keeps reading,
-discarding, until the peer closes too or ``LINGER`` seconds pass: closing a
-socket with unread input makes the kernel send RST, and an RST can destroy the
-last frame we sent (a BYE) before the peer reads it. ``abort`` closes at once.
+discarding, until the peer closes too: closing a socket with unread input
+makes the kernel send RST, and an RST can destroy the last frame we sent (a
+BYE) before the peer reads it. Flushing and lingering together last at most
+``LINGER`` seconds, so a peer that reads nothing cannot keep the socket open.
+``abort`` closes at once.
 
 The protocol object must have: data_received(bytes), eof_received(),
 connection_lost(exc | None), pause_writing(), resume_writing().
@@ -181,6 +183,7 @@ class Transport:
             return
         self._closing = True
         self._want_read = not self._eof  # keep draining input while we linger
+        self._linger = self.loop.call_later(LINGER, self._force_close, None)
         if self._wbuf:
             self._update_mask()
             if not self._flush_pending:
@@ -190,8 +193,8 @@ class Transport:
             self._shutdown_write()
 
     def _shutdown_write(self) -> None:
-        """All sent: send FIN, then wait (bounded) for the peer's FIN."""
-        if self._linger is not None or self._closed:
+        """All sent: send FIN, then wait (until the linger timer) for the peer's FIN."""
+        if self._closed:
             return
         if self._eof:
             self._force_close(None)
@@ -201,7 +204,6 @@ class Transport:
         except OSError:
             self._force_close(None)
             return
-        self._linger = self.loop.call_later(LINGER, self._force_close, None)
         self._update_mask()
 
     def abort(self) -> None:

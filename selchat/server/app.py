@@ -25,6 +25,7 @@ from selchat.reactor.transport import Transport
 from selchat.server.accounts import Accounts
 from selchat.server.config import ServerConfig
 from selchat.server.hub import COMMANDS_HELP, Hub
+from selchat.server.limits import FailureTracker, bucket
 from selchat.server.peer import WAITING, Peer
 from selchat.server.session import Phase, Session
 from selchat.store.accounts import StoreError
@@ -45,6 +46,14 @@ class Server:
         self.by_sid: dict[int, Session] = {}     # sid -> session still attaching
         self.peers: set[Peer] = set()
         self.listener: Listener | None = None
+        self.per_host: dict[str, int] = {}          # open sockets per source address
+        self.host_rate: dict[str, object] = {}      # connection-rate bucket per address
+        self.login_failures = FailureTracker()      # keyed by "user:<name>" and "addr:<host>"
+        self.hashing = 0                            # password checks queued or running
+        # Keep the socket cap below the descriptor limit, with room for the
+        # listener, the database, the wake-up pipe and the log.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_connections = config.max_connections or max(16, soft - 64)
         self._sids = itertools.count(1)
         self._stopping = False
         self._handlers = {
@@ -116,11 +125,50 @@ class Server:
     # -- connections ----------------------------------------------------------------
 
     def accept(self, sock, address) -> None:
-        peer = Peer(self, address)
+        refusal = self._refusal(address)
+        if refusal is not None:
+            # Refused before any state is made: one best-effort line, then close.
+            try:
+                sock.send(f"BYE {refusal}\n".encode())
+            except OSError:
+                pass
+            sock.close()
+            return
+        host = address[0] if isinstance(address, tuple) else str(address)
+        self.per_host[host] = self.per_host.get(host, 0) + 1
+        cfg = self.config
+        peer = Peer(self, address, bucket(cfg.cmd_rate, cfg.cmd_burst, self.reactor.clock()))
         peer.transport = Transport(self.reactor, sock, peer)
         self.peers.add(peer)
-        peer.deadline = self.reactor.call_later(self.config.login_timeout, self._login_timeout, peer)
+        peer.deadline = self.reactor.call_later(cfg.login_timeout, self._login_timeout, peer)
         peer.send(HELLO)
+
+    def _refusal(self, address) -> str | None:
+        """Why a new connection from ``address`` is refused, or None."""
+        cfg = self.config
+        if self._stopping:
+            return "shutdown server is shutting down"
+        if self.max_connections and len(self.peers) >= self.max_connections:
+            return "server-full the server has no room for more connections"
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if cfg.max_per_address and self.per_host.get(host, 0) >= cfg.max_per_address:
+            return f"too-many-connections at most {cfg.max_per_address} connections from one address"
+        if cfg.conn_rate > 0:
+            now = self.reactor.clock()
+            rate = self.host_rate.get(host)
+            if rate is None:
+                if len(self.host_rate) > 10_000:
+                    self._prune_host_rates(now)
+                rate = self.host_rate[host] = bucket(cfg.conn_rate, cfg.conn_burst, now)
+            if not rate.take(now):
+                return "too-fast too many new connections from one address; slow down"
+        return None
+
+    def _prune_host_rates(self, now: float) -> None:
+        for host, rate in list(self.host_rate.items()):
+            rate.refill(now)
+            if rate.full:
+                del self.host_rate[host]
 
     def _login_timeout(self, peer: Peer) -> None:
         peer.deadline = None
@@ -128,10 +176,17 @@ class Server:
             peer.close(ev.Bye("timeout", "no login within %g seconds" % self.config.login_timeout))
 
     def peer_lost(self, peer: Peer, exc) -> None:
-        self.peers.discard(peer)
-        if peer.deadline is not None:
-            peer.deadline.cancel()
-            peer.deadline = None
+        if peer in self.peers:
+            self.peers.discard(peer)
+            left = self.per_host.get(peer.host, 1) - 1
+            if left > 0:
+                self.per_host[peer.host] = left
+            else:
+                self.per_host.pop(peer.host, None)
+        for timer in (peer.deadline, peer.stuck):
+            if timer is not None:
+                timer.cancel()
+        peer.deadline = peer.stuck = None
         session = peer.session
         if session is not None and session.phase is not Phase.CLOSED:
             self.end_session(session, "dropped", f"{session.name} lost connection")
@@ -151,17 +206,38 @@ class Server:
     # -- logging in -----------------------------------------------------------------
 
     def on_login(self, peer: Peer, event) -> None:
-        """LOGIN or REGISTER: check the password on a worker; stop reading meanwhile."""
+        """LOGIN or REGISTER: check the password on a worker; stop reading meanwhile.
+
+        Failed logins slow down further attempts for the same account and from
+        the same address (FailureTracker); the wait happens before hashing.
+        """
         register = type(event) is ev.Register
         verb = "REGISTER" if register else "LOGIN"
         if register and not self.config.registration:
             peer.send(ev.Error(verb, "registration-closed", "registration is closed on this server"))
             return
         peer.pause(WAITING)
-        call = self.accounts.register if register else self.accounts.verify
-        call(event.user, event.password, done=lambda fut: self._login_done(peer, verb, fut))
+        now = self.reactor.clock()
+        keys = (f"user:{event.user.lower()}", f"addr:{peer.host}")
+        delay = max(self.login_failures.delay(key, now) for key in keys)
+        if delay > 0:
+            self.reactor.call_later(delay, self._check_password, peer, event, verb, keys)
+        else:
+            self._check_password(peer, event, verb, keys)
 
-    def _login_done(self, peer: Peer, verb: str, future) -> None:
+    def _check_password(self, peer: Peer, event, verb: str, keys) -> None:
+        if peer.transport.closing:
+            return
+        if self.hashing >= self.config.max_hash_queue:
+            peer.send(ev.Error(verb, "busy", "the server is busy; try again in a moment"))
+            peer.resume(WAITING)
+            return
+        self.hashing += 1
+        call = self.accounts.register if verb == "REGISTER" else self.accounts.verify
+        call(event.user, event.password, done=lambda fut: self._login_done(peer, verb, keys, fut))
+
+    def _login_done(self, peer: Peer, verb: str, keys, future) -> None:
+        self.hashing -= 1
         if peer.transport.closing:
             return
         try:
@@ -175,7 +251,10 @@ class Server:
             peer.send(ev.Error(verb, "storage", "the account store failed; try again later"))
             peer.resume(WAITING)
             return
+        now = self.reactor.clock()
         if name is None:
+            for key in keys:
+                self.login_failures.failed(key, now)
             peer.failures += 1
             peer.send(ev.Error(verb, "auth-failed", AUTH_FAILED))
             if peer.failures >= self.config.max_login_failures:
@@ -183,6 +262,8 @@ class Server:
             else:
                 peer.resume(WAITING)
             return
+        for key in keys:
+            self.login_failures.succeeded(key)
         if self._stopping:
             peer.close(ev.Bye("shutdown", "server is shutting down"))
             return
@@ -198,6 +279,8 @@ class Server:
         sid = next(self._sids)
         secrets_by_role = {Role.CHAT: secrets.token_urlsafe(16), Role.CHECK: secrets.token_urlsafe(16)}
         session = Session(sid, name, secrets_by_role)
+        cfg = self.config
+        session.requests = bucket(cfg.request_rate, cfg.request_burst, self.reactor.clock())
         session.login = peer
         peer.session = session
         if peer.deadline is not None:
@@ -227,6 +310,8 @@ class Server:
         peer.session = session
         if event.role is Role.CHAT:
             session.chat = peer
+            cfg = self.config
+            peer.msg_bucket = bucket(cfg.msg_rate, cfg.msg_burst, self.reactor.clock())
         else:
             session.check = peer
         peer.send(ev.Attached(event.role))
@@ -270,6 +355,16 @@ class Server:
         for peer in session.peers():
             peer.close(bye if peer is login else None)
         log.info("%s session %d ended: %s", session.name, session.sid, reason)
+
+    def peer_stuck(self, peer: Peer) -> None:
+        """``peer`` has not read its output for stuck_timeout seconds: drop it.
+
+        Its buffer cannot drain, so it is aborted rather than flushed."""
+        peer.stuck = None
+        session = peer.session
+        if session is not None:
+            self.end_session(session, "dropped", f"{session.name} stopped reading")
+        peer.transport.abort()
 
     # -- heartbeats -----------------------------------------------------------------
 
@@ -324,8 +419,17 @@ class Server:
         session = self._online(peer, "CHAT")
         if session is None:
             return
+        requests = session.requests
+        if requests is not None:
+            requests.refill(self.reactor.clock())
+            if requests.tokens < 1.0:
+                wait = requests.wait()
+                peer.send(ev.Error("CHAT", "rate-limited", f"too many chat requests; try again in {wait:.0f} s"))
+                return
         reply = self.hub.chat(session, event.user)
         if reply is not None:
+            if requests is not None and type(reply) is ev.Ok:
+                requests.tokens -= 1.0  # only requests that reached someone count
             peer.send(reply)
             return
         # Not online: say whether the account exists at all (a database read,

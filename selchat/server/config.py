@@ -1,4 +1,7 @@
-"""Server settings, with their defaults in one place (the CLI and docs read them)."""
+"""Server settings, with their defaults in one place (the CLI and the docs read them).
+
+Every limit here is listed, with the server it follows, in docs/security.md.
+"""
 
 from __future__ import annotations
 
@@ -16,24 +19,57 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     db: str = DEFAULT_DB_PATH
-    #: A fresh socket must log in or attach within this many seconds of accept.
+
+    # -- deadlines (seconds) --
+    #: A fresh socket must log in or attach within this of accept (not reset by input).
     login_timeout: float = 30.0
     #: After WELCOME, the chat and check sockets must attach within this.
     attach_timeout: float = 10.0
     #: The server PINGs a check socket that has been silent this long ...
-    ping_interval: float = 30.0
+    ping_interval: float = 90.0
     #: ... and drops the session if nothing arrives this long after the PING.
-    ping_timeout: float = 30.0
-    #: An unanswered chat request expires after this many seconds.
+    ping_timeout: float = 60.0
+    #: An unanswered chat request expires after this.
     request_timeout: float = 60.0
+    #: A socket whose output stays over the high-water mark this long is dropped.
+    stuck_timeout: float = 30.0
+
+    # -- input before login --
+    #: Bytes and frames a socket may send before it has logged in or attached.
+    prelogin_bytes: int = 8192
+    prelogin_frames: int = 10
     #: Failed logins on one socket before it is closed.
     max_login_failures: int = 3
+
+    # -- flood control: token buckets (rate per second, burst); rate 0 = unlimited --
+    cmd_rate: float = 2.0
+    cmd_burst: int = 5
+    msg_rate: float = 50.0
+    msg_burst: int = 100
+    #: Chat requests a user may send: a burst of 3, then one every 10 s.
+    request_rate: float = 0.1
+    request_burst: int = 3
+
+    # -- connections --
+    #: Open sockets in all; 0 means "what the descriptor limit allows".
+    max_connections: int = 0
+    #: Open sockets from one address (a user needs 3); 0 = unlimited.
+    max_per_address: int = 60
+    #: New connections per second from one address, after a burst; 0 = unlimited.
+    conn_rate: float = 10.0
+    conn_burst: int = 30
+
+    # -- passwords --
     #: Whether clients may create accounts with REGISTER.
     registration: bool = True
     #: Threads for password hashing and database writes.
     workers: int = 2
+    #: Password checks waiting or running at once; more are refused as "busy".
+    max_hash_queue: int = 256
     #: scrypt cost for new password hashes (tests lower it).
     scrypt_n: int = DEFAULT_SCRYPT_N
+
+    # -- reactor --
     #: Timer wheel tick, seconds: timers fire up to one tick late.
     tick: float = 0.05
     #: How long a graceful shutdown waits for buffers to drain.

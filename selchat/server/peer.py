@@ -21,17 +21,20 @@ log = logging.getLogger("selchat.server")
 WAITING = 1      # a worker is checking a password or looking up a user
 BACKLOG = 2      # our own output buffer is over its high-water mark
 PARTNER = 4      # the login socket we feed is over its high-water mark
+FLOOD = 8        # over the rate limit: wait for tokens
 
 
 class Peer:
     __slots__ = (
         "server", "transport", "conn", "session", "deadline", "failures",
-        "paused", "congested", "feeders", "address",
+        "paused", "congested", "feeders", "address", "host",
+        "cmd_bucket", "msg_bucket", "prelogin_bytes", "prelogin_frames", "stuck",
     )
 
-    def __init__(self, server, address):
+    def __init__(self, server, address, cmd_bucket):
         self.server = server
         self.address = address
+        self.host = address[0] if isinstance(address, tuple) else str(address)
         self.transport = None
         self.conn = Connection(SERVER)
         self.session = None        # set once logged in or attached
@@ -40,10 +43,20 @@ class Peer:
         self.paused = 0
         self.congested = False     # our output is over the high-water mark
         self.feeders: list = []    # chat peers paused because we are congested
+        self.cmd_bucket = cmd_bucket    # rate limit of every frame but chat messages
+        self.msg_bucket = cmd_bucket    # the chat socket gets its own for messages
+        self.prelogin_bytes = 0    # input before logging in or attaching
+        self.prelogin_frames = 0
+        self.stuck = None          # timer: output congested for too long
 
     # -- from the transport ---------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.session is None:
+            self.prelogin_bytes += len(data)
+            if self.prelogin_bytes > self.server.config.prelogin_bytes:
+                self.close(ev.Bye("too-much", "too much input before login"))
+                return
         self.conn.receive_data(data)
         self.process()
 
@@ -58,27 +71,63 @@ class Peer:
     def pause_writing(self) -> None:
         self.congested = True
         self.pause(BACKLOG)
+        self.stuck = self.server.reactor.call_later(self.server.config.stuck_timeout, self.server.peer_stuck, self)
 
     def resume_writing(self) -> None:
         self.congested = False
+        if self.stuck is not None:
+            self.stuck.cancel()
+            self.stuck = None
         self.resume(BACKLOG)
         self.resume_feeders()
 
     # -- events -------------------------------------------------------------------
 
     def process(self) -> None:
-        """Hand every buffered event to the server, unless reading is paused."""
+        """Hand every buffered event to the server, unless reading is paused.
+
+        Each handled frame takes a token from this socket's bucket (chat
+        messages from their own); once one runs dry, reading pauses until
+        tokens come back, so a flood is slowed, not dropped.
+        """
         next_event, handle = self.conn.next_event, self.server.handle
+        cmd, msg = self.cmd_bucket, self.msg_bucket
+        if cmd is not None or msg is not None:
+            now = self.server.reactor.clock()
+            if cmd is not None:
+                cmd.refill(now)
+            if msg is not None and msg is not cmd:
+                msg.refill(now)
         try:
             while not self.paused and not self.transport.closing:
                 event = next_event()
                 if event is ev.NEED_DATA:
                     return
+                if self.session is None and not self.prelogin_frame():
+                    return
                 handle(self, event)
+                bucket = msg if type(event) is ev.Message else cmd
+                if bucket is not None:
+                    bucket.tokens -= 1.0
+                    if bucket.tokens < 1.0:
+                        self.throttle(bucket)
+                        return
         except Exception as exc:
             # A bug met by this client's input: drop this client, not the loop.
             log.exception("error handling %r; closing it", self)
             self.transport.on_error(exc)
+
+    def prelogin_frame(self) -> bool:
+        """Count a frame received before login; False (and closed) past the cap."""
+        self.prelogin_frames += 1
+        if self.prelogin_frames > self.server.config.prelogin_frames:
+            self.close(ev.Bye("too-much", "too many frames before login"))
+            return False
+        return True
+
+    def throttle(self, bucket) -> None:
+        self.pause(FLOOD)
+        self.server.reactor.call_later(bucket.wait(), self.resume, FLOOD)
 
     def pause(self, reason: int) -> None:
         if not self.paused:
@@ -115,9 +164,10 @@ class Peer:
         """Send ``bye`` if given, flush, close."""
         if bye is not None:
             self.send(bye)
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
+        for timer in (self.deadline, self.stuck):
+            if timer is not None:
+                timer.cancel()
+        self.deadline = self.stuck = None
         self.transport.close()
 
     def __repr__(self) -> str:

@@ -35,7 +35,7 @@ class Session:
 
     __slots__ = (
         "sid", "name", "key", "phase", "login", "chat", "check", "tokens",
-        "partner", "request", "attach_timer", "heartbeat", "awaiting_pong", "ping_seq",
+        "partner", "request", "requests", "attach_timer", "heartbeat", "awaiting_pong", "ping_seq",
         "__weakref__",
     )
 
@@ -50,6 +50,7 @@ class Session:
         self.tokens = tokens  # Role -> secret still unused
         self.partner: Session | None = None
         self.request: PendingRequest | None = None
+        self.requests = None  # token bucket for chat requests sent
         self.attach_timer = None
         self.heartbeat = None
         self.awaiting_pong = False
