@@ -1,3 +1,5 @@
+import signal
+
 import pytest
 
 from tests.support import ClientProcess, ServerProcess
@@ -39,9 +41,9 @@ def make_server(tmp_path):
         return srv
 
     yield start
-    for srv in started:
+    for srv in started:  # killed, not stopped: a graceful stop is tested on its own
         if srv.proc.poll() is None:
-            srv.stop()
+            srv.stop(signal.SIGKILL)
 
 
 @pytest.fixture

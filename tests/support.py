@@ -41,13 +41,14 @@ def read_line_from(stream, timeout: float) -> str | None:
 class ServerProcess:
     """``selchat serve`` on a free port, as a real process."""
 
-    def __init__(self, tmp_path, *args: str, db: str | None = None):
+    def __init__(self, tmp_path, *args: str, db: str | None = None, preexec_fn=None):
         self.db = db or str(tmp_path / "accounts.db")
         cmd = [sys.executable, "-m", "selchat.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                "--db", self.db, "--scrypt-n", "16", *args]
         self.log_path = tmp_path / f"server-{next(_names)}.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
+                                     preexec_fn=preexec_fn)
         line = read_line_from(self.proc.stdout, DEADLINE)
         if not line or "listening on" not in line:
             self.stop()
@@ -86,6 +87,14 @@ class LineSocket:
         if hello:
             greeting = self.line()
             assert greeting.startswith("HELLO 1 selchat/"), greeting
+
+    @classmethod
+    def wrap(cls, sock: socket.socket) -> "LineSocket":
+        """A LineSocket over an already connected socket (nothing read yet)."""
+        self = cls.__new__(cls)
+        self.sock, self.buf, self.eof = sock, b"", False
+        self.lines = collections.deque()
+        return self
 
     def send(self, *lines: str) -> None:
         self.sock.sendall("".join(line + "\n" for line in lines).encode())

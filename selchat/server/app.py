@@ -48,7 +48,10 @@ class Server:
         self.listener: Listener | None = None
         self.per_host: dict[str, int] = {}          # open sockets per source address
         self.host_rate: dict[str, object] = {}      # connection-rate bucket per address
-        self.login_failures = FailureTracker()      # keyed by "user:<name>" and "addr:<host>"
+        # Failed logins slow further attempts: per account after 2 failures,
+        # per address after 10 (many users may share an address).
+        self.user_failures = FailureTracker(free=2)
+        self.addr_failures = FailureTracker(free=10)
         self.hashing = 0                            # password checks queued or running
         # Keep the socket cap below the descriptor limit, with room for the
         # listener, the database, the wake-up pipe and the log.
@@ -98,8 +101,10 @@ class Server:
         log.info("shutting down: %d sessions", len(self.sessions))
         if self.listener is not None:
             self.listener.close()
-        for session in list(self.sessions.values()):
+        sessions = list(self.sessions.values())
+        for session in sessions:  # everyone hears it first, before chats end
             session.notify(ev.Shutdown("server is shutting down"))
+        for session in sessions:
             self.end_session(session, "shutdown", "the server is shutting down",
                              ev.Bye("shutdown", "server is shutting down"))
         for peer in list(self.peers):
@@ -218,8 +223,8 @@ class Server:
             return
         peer.pause(WAITING)
         now = self.reactor.clock()
-        keys = (f"user:{event.user.lower()}", f"addr:{peer.host}")
-        delay = max(self.login_failures.delay(key, now) for key in keys)
+        keys = (event.user.lower(), peer.host)
+        delay = max(self.user_failures.delay(keys[0], now), self.addr_failures.delay(keys[1], now))
         if delay > 0:
             self.reactor.call_later(delay, self._check_password, peer, event, verb, keys)
         else:
@@ -253,8 +258,8 @@ class Server:
             return
         now = self.reactor.clock()
         if name is None:
-            for key in keys:
-                self.login_failures.failed(key, now)
+            self.user_failures.failed(keys[0], now)
+            self.addr_failures.failed(keys[1], now)
             peer.failures += 1
             peer.send(ev.Error(verb, "auth-failed", AUTH_FAILED))
             if peer.failures >= self.config.max_login_failures:
@@ -262,8 +267,8 @@ class Server:
             else:
                 peer.resume(WAITING)
             return
-        for key in keys:
-            self.login_failures.succeeded(key)
+        self.user_failures.succeeded(keys[0])
+        self.addr_failures.succeeded(keys[1])
         if self._stopping:
             peer.close(ev.Bye("shutdown", "server is shutting down"))
             return

@@ -1,0 +1,398 @@
+"""Abuse and faults, each with a canary pair chatting through it.
+
+Every test here starts a real server, puts two users in a chat (the canary),
+does something hostile or breaks something, and checks that the canary's
+messages still arrive, in order, none lost. Heavier variants are marked slow
+(``make test-slow``); the sizes here keep ``make test`` quick.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.support import DEADLINE, LineSocket, RawUser, ServerProcess, rss_kib, start_chat, unique
+
+
+class Canary:
+    """Two users chatting; ``check()`` proves the chat still works, in order."""
+
+    def __init__(self, server):
+        self.alice, self.bob = RawUser(server), RawUser(server)
+        start_chat(self.alice, self.bob)
+        self.sent = 0
+
+    def check(self, count: int = 3) -> None:
+        first = self.sent
+        self.alice.chat.send(*[f"MSG canary {first + i}" for i in range(count)])
+        self.sent += count
+        for i in range(count):
+            assert self.bob.login.line() == f"MSG {self.alice.name} canary {first + i}"
+
+
+@pytest.fixture
+def canary_server(make_server):
+    """make_server, plus a canary on the server it returns."""
+
+    def start(*args, **kwargs):
+        srv = make_server(*args, **kwargs)
+        canary = Canary(srv)
+        canary.check()
+        return srv, canary
+
+    return start
+
+
+# --- input ------------------------------------------------------------------------
+
+
+def test_long_unterminated_line(canary_server):
+    srv, canary = canary_server()
+    mallory = RawUser(srv)
+    try:
+        mallory.chat.send_bytes(b"A" * (80 * 1024))
+    except OSError:
+        pass
+    assert mallory.chat.expect_closed() == ["BYE too-long no line ending within 65536 bytes"]
+    canary.check()
+
+
+def test_over_long_line_is_refused_whole_and_not_relayed(canary_server):
+    srv, canary = canary_server()
+    text = "z" * 5000
+    canary.alice.chat.send(f"MSG {text}", "MSG after")
+    seq = canary.sent + 1  # the canary's messages count too
+    assert canary.alice.chat.line() == f"NACK {seq} too-long frame longer than 4096 bytes"
+    assert canary.bob.login.line() == f"MSG {canary.alice.name} after"  # nothing of the long one
+    canary.check()
+
+
+def test_byte_by_byte_with_a_split_multibyte_character(canary_server):
+    srv, canary = canary_server()
+    frame = "MSG naïve café ☕ 𝄞\n".encode()
+    for i in range(len(frame)):
+        canary.alice.chat.send_bytes(frame[i:i + 1])
+    assert canary.bob.login.line() == f"MSG {canary.alice.name} naïve café ☕ 𝄞"
+    canary.check()
+
+
+def test_fifty_pipelined_commands_in_one_send(canary_server):
+    srv, canary = canary_server("--cmd-rate", "0")
+    user = RawUser(srv)
+    user.chat.send(*(["HELP", "QUIT"] * 25))
+    for _ in range(25):
+        assert user.chat.line().startswith("OK HELP ")
+        assert user.chat.line() == "ERR QUIT not-in-chat you are not in a chat"
+    canary.check()
+
+
+def test_command_flood_is_slowed_not_dropped(canary_server):
+    srv, canary = canary_server()  # default: a burst of 5, then 2 per second
+    user = RawUser(srv)
+    started = time.monotonic()
+    user.chat.send(*["QUIT"] * 11)
+    for _ in range(11):
+        assert user.chat.line() == "ERR QUIT not-in-chat you are not in a chat"
+    # 5 at once, the other 6 at 2/s: at least ~3 s, whatever the machine
+    assert time.monotonic() - started >= 2.5
+    canary.check()
+
+
+def test_message_flood_is_slowed_and_delivered_in_order(canary_server):
+    srv, canary = canary_server("--msg-rate", "100")  # burst 100, then 100/s
+    alice, bob = canary.alice, canary.bob
+    started = time.monotonic()
+    alice.chat.send(*[f"MSG flood {i}" for i in range(300)])
+    for i in range(300):
+        assert bob.login.line() == f"MSG {alice.name} flood {i}"
+    assert time.monotonic() - started >= 1.5  # 200 over the burst at 100/s
+    canary.check()
+
+
+def test_random_bytes_before_login(canary_server):
+    srv, canary = canary_server()
+    junk = srv.connect()
+    try:
+        junk.send_bytes(random.Random(7).randbytes(1 << 20))
+    except OSError:
+        pass  # the server may close before all of it is sent
+    seen = junk.expect_closed()
+    assert seen and seen[-1].startswith("BYE "), seen
+    canary.check()
+
+
+def test_http_request_gets_an_error(canary_server):
+    srv, canary = canary_server()
+    http = srv.connect()
+    http.send_bytes(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert http.line() == "ERR GET unknown-command unknown command GET; send HELP for the list"
+    assert http.line() == "ERR - unknown-command unknown command; send HELP for the list"
+    canary.check()
+
+
+def test_bad_utf8_and_control_characters_reach_nobody(canary_server):
+    srv, canary = canary_server()
+    canary.alice.chat.send_bytes(b"MSG \xff\xfe\n" + b"MSG \x00nul\n" + b"MSG cr\rinside\n"
+                                 + "MSG c1\u009b31m\n".encode())
+    for seq in range(canary.sent + 1, canary.sent + 5):
+        assert canary.alice.chat.line().startswith(f"NACK {seq} bad-encoding ")
+    canary.check()
+
+
+# --- slow consumers -----------------------------------------------------------------
+
+
+def test_slow_consumer_is_dropped_and_sender_told(canary_server):
+    srv, canary = canary_server("--msg-rate", "0", "--stuck-timeout", "1")
+    sender, stuck = RawUser(srv), RawUser(srv)
+    start_chat(sender, stuck)
+    rss_before = rss_kib(srv.proc.pid)
+    data = b"".join(f"MSG {i} {'q' * 1000}\n".encode() for i in range(10_000))  # 10 MB
+    pump = threading.Thread(target=lambda: _send_quietly(sender.chat.sock, data), daemon=True)
+    pump.start()
+    # stuck never reads; within the stuck timeout the server drops it and tells the sender
+    assert sender.login.line() == f"ENDED {stuck.name} dropped {stuck.name} stopped reading"
+    assert rss_kib(srv.proc.pid) - rss_before < 8 * 1024
+    canary.check()
+
+
+def _send_quietly(sock, data):
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+# --- connections ----------------------------------------------------------------------
+
+
+def test_connect_flood_is_refused_per_address(canary_server):
+    srv, canary = canary_server("--max-per-address", "20", "--conn-rate", "0")
+    socks, refused = [], 0
+    for _ in range(40):
+        sock = socket.create_connection((srv.host, srv.port), timeout=DEADLINE)
+        socks.append(sock)
+    for sock in socks:
+        if LineSocket.wrap(sock).line().startswith("BYE too-many-connections"):
+            refused += 1
+    # the canary holds 6 sockets: 14 more fit, the other 26 are refused
+    assert refused == 26
+    for sock in socks:
+        sock.close()
+    canary.check()
+    RawUser(srv)  # once they are gone, new users get in again
+
+
+def test_connect_rate_per_address(canary_server):
+    srv, canary = canary_server("--conn-rate", "1")  # burst 30, then 1/s
+    lines = []
+    for _ in range(40):
+        sock = LineSocket(srv.host, srv.port, hello=False)
+        lines.append(sock.line())
+        sock.close()
+    assert sum(line.startswith("HELLO") for line in lines) <= 31
+    assert any(line.startswith("BYE too-fast ") for line in lines)
+    canary.check()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to lower the hard descriptor limit")
+def test_descriptor_exhaustion_pauses_accepting_and_recovers(tmp_path):
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    srv = ServerProcess(tmp_path, "--max-connections", "1000", "--max-per-address", "0",
+                        "--conn-rate", "0", preexec_fn=low_limit)
+    try:
+        canary = Canary(srv)
+        hogs = []
+        for _ in range(60):  # more than the server has descriptors for
+            hogs.append(socket.create_connection((srv.host, srv.port), timeout=DEADLINE))
+        canary.check()
+        assert "not accepting for" in srv.log()  # EMFILE met, listener paused (not spinning)
+        for sock in hogs:
+            sock.close()
+        late = RawUser(srv)  # accepted again once descriptors are free
+        assert late.name
+        canary.check()
+    finally:
+        srv.stop()
+
+
+# --- passwords ------------------------------------------------------------------------
+
+
+def test_password_guessing_is_slowed(canary_server):
+    srv, canary = canary_server()
+    victim = RawUser(srv)
+    waits = []
+    for attempt in range(5):
+        sock = srv.connect()
+        started = time.monotonic()
+        sock.send(f"LOGIN {victim.name} guess{attempt}")
+        assert sock.line() == "ERR LOGIN auth-failed invalid username or password"
+        waits.append(time.monotonic() - started)
+        sock.close()
+    # two free failures, then each attempt waits 1 s, 2 s, 4 s ...
+    assert waits[3] >= 0.9 and waits[4] >= 1.9, waits
+    canary.check()
+
+
+def test_long_passwords_in_parallel_do_not_stall_the_loop(make_server):
+    """Dozens of registrations and logins with 1024-byte passwords and the real
+    scrypt cost, while a canary chats: hashing runs off the loop, so the
+    canary keeps answering promptly."""
+    srv = make_server("--scrypt-n", "16384", "--max-per-address", "0", "--conn-rate", "0")
+    canary = Canary(srv)
+    password = "p" * 1024
+    names = [unique("long") for _ in range(32)]
+
+    def attempt(verb, name):
+        sock = LineSocket(srv.host, srv.port)
+        sock.send(f"{verb} {name} {password}")
+        reply = sock.line(timeout=60)
+        sock.close()
+        return reply
+
+    lags = []
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        for verb in ("REGISTER", "LOGIN"):
+            futures = [pool.submit(attempt, verb, name) for name in names]
+            while not all(f.done() for f in futures):
+                started = time.monotonic()
+                canary.check(1)
+                lags.append(time.monotonic() - started)
+            replies = [f.result() for f in futures]
+            assert all(r.startswith("WELCOME ") for r in replies), replies
+    # 64 scrypt hashes take seconds of CPU; on the loop they would stall the
+    # canary for all of that. Off the loop, its typical round trip stays short.
+    assert len(lags) >= 5 and sorted(lags)[len(lags) // 2] < 0.25, lags
+
+
+# --- requests ----------------------------------------------------------------------------
+
+
+def test_chat_request_spam_is_rate_limited(canary_server):
+    srv, canary = canary_server()
+    spammer, victim = RawUser(srv), RawUser(srv)
+    for _ in range(3):
+        spammer.chat.send(f"CHAT {victim.name}", "QUIT")
+        assert spammer.chat.line() == f"OK CHAT {victim.name}"
+        assert spammer.chat.line() == f"OK QUIT {victim.name}"
+    spammer.chat.send(f"CHAT {victim.name}")
+    assert spammer.chat.line().startswith("ERR CHAT rate-limited too many chat requests; try again in ")
+    for _ in range(3):
+        assert victim.login.line() == f"REQUEST {spammer.name}"
+        assert victim.login.line() == f"CANCELLED {spammer.name}"
+    canary.check()
+
+
+# --- shutdown and restart --------------------------------------------------------------------
+
+
+def test_sigterm_with_many_sessions(make_server):
+    srv = make_server("--max-per-address", "0", "--conn-rate", "0")
+    users = [RawUser(srv) for _ in range(40)]
+    for a, b in zip(users[::2], users[1::2]):
+        start_chat(a, b)
+    assert srv.stop(signal.SIGTERM, timeout=DEADLINE) == 0
+    for user in users:
+        seen = user.login.expect_closed()
+        assert seen[0] == "SHUTDOWN server is shutting down", seen
+        assert seen[-1] == "BYE shutdown server is shutting down", seen
+
+
+def test_sigkill_and_immediate_restart_rebinds_and_keeps_accounts(tmp_path):
+    srv = ServerProcess(tmp_path)
+    names = [RawUser(srv).name for _ in range(5)]
+    port = srv.port
+    srv.proc.kill()
+    srv.proc.wait()
+    again = ServerProcess(tmp_path, "--port", str(port), db=srv.db)
+    try:
+        assert again.port == port
+        for name in names:
+            assert RawUser(again, name, register=False).name == name
+    finally:
+        again.stop()
+
+
+# --- storage faults ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs the test can fill up or make read-only (root only)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount to make a small filesystem")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(path):
+    """Write zeros to ``path`` until the filesystem is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_disk_full_refuses_registration_and_keeps_everything_else(make_server, small_disk, tmp_path):
+    srv = make_server(db=str(small_disk / "a.db"))
+    canary = Canary(srv)
+    filler = small_disk / "filler"
+    _fill(filler)
+    sock = srv.connect()
+    sock.send(f"REGISTER {unique('late')} pw")
+    reply = sock.line()
+    assert reply.startswith("ERR REGISTER storage "), reply
+    canary.check()
+    again = RawUser(srv, canary.alice.name, password="pw secret", register=False)  # logins still work
+    assert again.name == canary.alice.name
+    filler.unlink()
+    sock.send(f"REGISTER {unique('later')} pw")
+    assert sock.line().startswith("WELCOME ")  # recovered once there is room
+
+
+def _immutable(paths, on: bool) -> None:
+    flag = "+i" if on else "-i"
+    for path in paths:
+        if subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode != 0:
+            pytest.skip("needs chattr on a filesystem that supports the immutable flag")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("chattr"), reason="needs root and chattr")
+def test_read_only_database_refuses_registration_and_recovers(make_server, tmp_path):
+    db = tmp_path / "ro.db"
+    srv = make_server(db=str(db))
+    canary = Canary(srv)
+    name = canary.alice.name
+    files = [db, db.with_name(db.name + "-wal")]
+    _immutable(files, True)  # not even root may write them now
+    try:
+        sock = srv.connect()
+        sock.send(f"REGISTER {unique('ro')} pw")
+        reply = sock.line()
+        assert reply.startswith("ERR REGISTER storage "), reply
+        canary.check()
+        assert RawUser(srv, name, password="pw secret", register=False).name == name
+    finally:
+        _immutable(files, False)
+    sock.send(f"REGISTER {unique('rw')} pw")
+    assert sock.line().startswith("WELCOME ")
