@@ -17,6 +17,7 @@ import secrets
 import signal
 
 from selchat import __version__
+from selchat.protocol import codec
 from selchat.protocol import events as ev
 from selchat.protocol.events import Role
 from selchat.reactor.listener import Listener, bind
@@ -419,6 +420,14 @@ class Server:
             # The partner's output is backed up: read no more from this
             # sender until it drains. What was read is still delivered.
             target.feed_paused_by(peer)
+
+    def relay(self, peer: Peer, session: Session, block: bytes, count: int) -> None:
+        """The fast path of on_message: ``count`` plain messages in one block."""
+        target = session.partner.login
+        if target.conn.can_send(ev.Incoming):
+            target.transport.write(codec.relay_block(session.name_bytes, block))
+            if target.congested:
+                target.feed_paused_by(peer)
 
     def on_chat(self, peer: Peer, event: ev.ChatRequest) -> None:
         session = self._online(peer, "CHAT")

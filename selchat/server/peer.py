@@ -90,7 +90,8 @@ class Peer:
         messages from their own); once one runs dry, reading pauses until
         tokens come back, so a flood is slowed, not dropped.
         """
-        next_event, handle = self.conn.next_event, self.server.handle
+        conn = self.conn
+        next_event, handle = conn.next_event, self.server.handle
         cmd, msg = self.cmd_bucket, self.msg_bucket
         if cmd is not None or msg is not None:
             now = self.server.reactor.clock()
@@ -100,10 +101,23 @@ class Peer:
                 msg.refill(now)
         try:
             while not self.paused and not self.transport.closing:
+                session = self.session
+                if session is not None and session.partner is not None and session.chat is self:
+                    # Fast path: a run of plain chat messages, relayed as one block.
+                    limit = int(msg.tokens) if msg is not None else 1 << 30
+                    batch = conn.next_messages(limit)
+                    if batch is not None:
+                        self.server.relay(self, session, *batch)
+                        if msg is not None:
+                            msg.tokens -= batch[1]
+                            if msg.tokens < 1.0:
+                                self.throttle(msg)
+                                return
+                        continue
                 event = next_event()
                 if event is ev.NEED_DATA:
                     return
-                if self.session is None and not self.prelogin_frame():
+                if session is None and not self.prelogin_frame():
                     return
                 handle(self, event)
                 bucket = msg if type(event) is ev.Message else cmd

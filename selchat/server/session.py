@@ -34,7 +34,7 @@ class Session:
     """
 
     __slots__ = (
-        "sid", "name", "key", "phase", "login", "chat", "check", "tokens",
+        "sid", "name", "name_bytes", "key", "phase", "login", "chat", "check", "tokens",
         "partner", "request", "requests", "attach_timer", "heartbeat", "awaiting_pong", "ping_seq",
         "__weakref__",
     )
@@ -42,6 +42,7 @@ class Session:
     def __init__(self, sid: int, name: str, tokens: dict):
         self.sid = sid
         self.name = name
+        self.name_bytes = name.encode("ascii")  # user names are ASCII; used by the relay
         self.key = name.lower()
         self.phase = Phase.ATTACHING
         self.login = None
