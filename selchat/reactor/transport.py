@@ -124,7 +124,14 @@ class Transport:
             return
         if self._closing:  # lingering: discard until the peer closes
             if not data:
-                self._force_close(None)
+                # The peer is done sending; finish sending what we still
+                # owe it (a half-closing peer still reads), then close.
+                self._eof = True
+                self._want_read = False
+                if self._wbuf:
+                    self._update_mask()
+                else:
+                    self._force_close(None)
             return
         if data:
             self.protocol.data_received(data)

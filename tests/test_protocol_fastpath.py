@@ -1,0 +1,96 @@
+"""The relay's fast path (Connection.next_messages + codec.relay_block) must
+give exactly what the frame-by-frame path gives, for any input."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from selchat.protocol import codec
+from selchat.protocol import events as ev
+from selchat.protocol.connection import SERVER, Connection
+from selchat.protocol.state import State
+
+texts = st.one_of(
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=40),
+    st.text(min_size=0, max_size=20),  # anything, control characters included
+    st.just("x" * 4100),  # over the cap
+)
+frames = st.one_of(
+    texts.map(lambda t: b"MSG " + t.encode("utf-8", "surrogatepass") + b"\n"),
+    texts.map(lambda t: b"msg " + t.encode("utf-8", "surrogatepass") + b"\r\n"),
+    st.sampled_from([b"WHO\n", b"\n", b"MSG \n", b"MSG\n", b"QUIT\n", b"MSG \xff\n", b"MSG a\rb\n"]),
+)
+
+
+def chat_connection() -> Connection:
+    conn = Connection(SERVER)
+    conn.state = State.CHAT
+    return conn
+
+
+def slow(chunks) -> list:
+    conn = chat_connection()
+    out = []
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        while (event := conn.next_event()) is not ev.NEED_DATA:
+            out.append(event)
+    return out, conn.msg_seq
+
+
+def fast(chunks, limit) -> list:
+    """What the server's Peer.process does: the fast path first, then one event."""
+    conn = chat_connection()
+    out = []
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        while True:
+            batch = conn.next_messages(limit)
+            if batch is not None:
+                block, count = batch
+                lines = block.split(b"\n")
+                assert len(lines) == count
+                out.extend(ev.Message(line[4:].decode()) for line in lines)
+                continue
+            event = conn.next_event()
+            if event is ev.NEED_DATA:
+                break
+            out.append(event)
+    return out, conn.msg_seq
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(frames, max_size=30), st.data(), st.integers(1, 40))
+def test_fast_path_gives_the_same_events_and_seq(frame_list, data, limit):
+    stream = b"".join(frame_list)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    chunks = [chunk for chunk in chunks if chunk]  # b"" would mean EOF
+    assert fast(chunks, limit) == slow(chunks)
+
+
+@given(st.lists(st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=50),
+                min_size=1, max_size=20),
+       st.from_regex(r"[A-Za-z0-9_-]{1,32}", fullmatch=True))
+def test_relay_block_equals_encoding_each_message(messages, sender):
+    block = b"\n".join(b"MSG " + m.encode() for m in messages)
+    expected = b"".join(codec.encode(ev.Incoming(sender, m)) for m in messages)
+    assert codec.relay_block(sender.encode(), block) == expected
+
+
+def test_fast_path_respects_the_limit_and_counts_seq():
+    conn = chat_connection()
+    conn.receive_data(b"MSG a\nMSG b\nMSG c\n")
+    assert conn.next_messages(2) is None  # more than allowed: frame by frame
+    assert conn.next_event() == ev.Message("a")
+    conn.receive_data(b"MSG d\n")
+    assert conn.next_messages(5) == (b"MSG b\nMSG c\nMSG d", 3)
+    assert conn.msg_seq == 4
+    assert conn.buffered == 0
+
+
+def test_fast_path_only_on_a_chat_socket():
+    conn = Connection(SERVER)
+    conn.receive_data(b"MSG a\n")
+    assert conn.next_messages(10) is None
