@@ -21,7 +21,7 @@ setup(
         "prompt_toolkit>=3.0.36",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.80", "pexpect>=4.8"],
+        "test": ["pytest>=7", "hypothesis>=6.80", "pexpect>=4.8", "trustme>=1.0"],
     },
     entry_points={"console_scripts": ["selchat=selchat.cli:main"]},
 )

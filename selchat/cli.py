@@ -6,6 +6,7 @@ import atexit
 import logging
 import logging.handlers
 import queue
+import ssl
 import sys
 
 import click
@@ -75,6 +76,10 @@ def main(ctx: click.Context, verbose: int) -> None:
               help=f"Commands per second per socket, after a burst of {DEFAULTS.cmd_burst} (0: no limit).")
 @click.option("--msg-rate", default=DEFAULTS.msg_rate, show_default=True, type=float, metavar="PER_S",
               help=f"Chat messages per second per user, after a burst of {DEFAULTS.msg_burst} (0: no limit).")
+@click.option("--tls-cert", envvar="SELCHAT_TLS_CERT", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
+              help="Serve TLS with this certificate chain (PEM); plaintext without it.")
+@click.option("--tls-key", envvar="SELCHAT_TLS_KEY", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
+              help="The private key for --tls-cert (PEM), if not in the same file.")
 @click.option("--workers", default=DEFAULTS.workers, show_default=True, type=click.IntRange(1, 64), metavar="N",
               help="Threads for password hashing and database writes.")
 @click.option("--scrypt-n", default=DEFAULTS.scrypt_n, type=int, hidden=True,
@@ -82,7 +87,7 @@ def main(ctx: click.Context, verbose: int) -> None:
 @click.pass_context
 def serve(ctx, host, port, db, ping_interval, ping_timeout, request_timeout, login_timeout, attach_timeout,
           registration, stuck_timeout, max_connections, max_per_address, conn_rate, cmd_rate, msg_rate,
-          workers, scrypt_n):
+          tls_cert, tls_key, workers, scrypt_n):
     """Run the chat server (one thread, one selector) until SIGINT/SIGTERM."""
     from selchat.server.app import Server, raise_nofile_limit
 
@@ -92,10 +97,15 @@ def serve(ctx, host, port, db, ping_interval, ping_timeout, request_timeout, log
         request_timeout=request_timeout, login_timeout=login_timeout, attach_timeout=attach_timeout,
         registration=registration, workers=workers, scrypt_n=scrypt_n, stuck_timeout=stuck_timeout,
         max_connections=max_connections, max_per_address=max_per_address, conn_rate=conn_rate,
-        cmd_rate=cmd_rate, msg_rate=msg_rate,
+        cmd_rate=cmd_rate, msg_rate=msg_rate, tls_cert=tls_cert, tls_key=tls_key,
     )
+    if tls_key and not tls_cert:
+        raise click.UsageError("--tls-key needs --tls-cert")
     nofile = raise_nofile_limit()
-    server = Server(config)
+    try:
+        server = Server(config)
+    except ssl.SSLError as exc:
+        raise click.ClickException(f"cannot use the TLS certificate or key: {exc}")
     try:
         address = server.listen()
     except OSError as exc:
@@ -104,7 +114,8 @@ def serve(ctx, host, port, db, ping_interval, ping_timeout, request_timeout, log
     logging.getLogger("selchat.server").info(
         "descriptor limit %d: room for %d sockets, about %d clients (3 sockets each)",
         nofile, server.max_connections, server.max_connections // 3)
-    click.echo(f"selchat {__version__} listening on {address[0]}:{address[1]} (database {db})", err=False)
+    scheme = "TLS" if tls_cert else "plaintext"
+    click.echo(f"selchat {__version__} listening on {address[0]}:{address[1]} ({scheme}, database {db})")
     sys.stdout.flush()
     server.serve_forever()
     click.echo("selchat stopped")

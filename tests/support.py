@@ -60,8 +60,10 @@ class ServerProcess:
         self._log.flush()
         return self.log_path.read_text()
 
+    client_tls = None  # an ssl.SSLContext when the server speaks TLS
+
     def connect(self) -> "LineSocket":
-        return LineSocket(self.host, self.port)
+        return LineSocket(self.host, self.port, tls=self.client_tls)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = DEADLINE) -> int:
         if self.proc.poll() is None:
@@ -79,8 +81,10 @@ class ServerProcess:
 class LineSocket:
     """A client socket speaking frames by hand, like nc."""
 
-    def __init__(self, host: str, port: int, hello: bool = True):
+    def __init__(self, host: str, port: int, hello: bool = True, tls=None):
         self.sock = socket.create_connection((host, port), timeout=DEADLINE)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         self.buf = b""
         self.lines: collections.deque[str] = collections.deque()
         self.eof = False

@@ -22,6 +22,7 @@ from selchat.protocol import events as ev
 from selchat.protocol.events import Role
 from selchat.reactor.listener import Listener, bind
 from selchat.reactor.loop import Reactor
+from selchat.reactor.tls import TLSTransport, server_context
 from selchat.reactor.transport import Transport
 from selchat.server.accounts import Accounts
 from selchat.server.config import ServerConfig
@@ -42,6 +43,7 @@ class Server:
         self.config = config
         self.reactor = reactor or Reactor(tick=config.tick, workers=config.workers)
         self.accounts = Accounts(self.reactor, config.db, config.scrypt_n)
+        self.tls = server_context(config.tls_cert, config.tls_key) if config.tls_cert else None
         self.hub = Hub(self.reactor.call_later, config.request_timeout)
         self.sessions: dict[str, Session] = {}   # key -> the account's one session
         self.by_sid: dict[int, Session] = {}     # sid -> session still attaching
@@ -144,7 +146,11 @@ class Server:
         self.per_host[host] = self.per_host.get(host, 0) + 1
         cfg = self.config
         peer = Peer(self, address, bucket(cfg.cmd_rate, cfg.cmd_burst, self.reactor.clock()))
-        peer.transport = Transport(self.reactor, sock, peer)
+        if self.tls is not None:
+            peer.transport = TLSTransport(self.reactor, sock, peer, context=self.tls,
+                                          handshake_timeout=cfg.tls_handshake_timeout)
+        else:
+            peer.transport = Transport(self.reactor, sock, peer)
         self.peers.add(peer)
         peer.deadline = self.reactor.call_later(cfg.login_timeout, self._login_timeout, peer)
         peer.send(HELLO)

@@ -69,6 +69,12 @@ class ServerConfig:
     #: scrypt cost for new password hashes (tests lower it).
     scrypt_n: int = DEFAULT_SCRYPT_N
 
+    # -- TLS (off when tls_cert is None) --
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: A TLS handshake must complete within this of accept.
+    tls_handshake_timeout: float = 10.0
+
     # -- reactor --
     #: Timer wheel tick, seconds: timers fire up to one tick late.
     tick: float = 0.05
