@@ -365,16 +365,8 @@ class TLSTransport(Transport):
             if self._closing and not self._plain and not self._notified:
                 self._queue_close_notify()
             self._collect_output()
-        if self._wbuf:
-            try:
-                sent = self.sock.send(self._wbuf)
-            except _WOULD_BLOCK:
-                sent = 0
-            except OSError as exc:
-                self._force_close(exc)
-                return
-            if sent:
-                del self._wbuf[:sent]
+        if self._wbuf and not self._send_buffered():
+            return
         self._after_send()
 
     def _after_send(self) -> None:

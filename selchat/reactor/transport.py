@@ -159,16 +159,21 @@ class Transport:
         self._flush_pending = False
         if self._closed or not self._wbuf:
             return
+        if self._send_buffered():
+            self._after_send()
+
+    def _send_buffered(self) -> bool:
+        """One ``send`` of the write buffer; False if the socket failed (it is closed)."""
         try:
             sent = self.sock.send(self._wbuf)
         except _WOULD_BLOCK:
-            sent = 0
+            return True
         except OSError as exc:
             self._force_close(exc)
-            return
+            return False
         if sent:
             del self._wbuf[:sent]
-        self._after_send()
+        return True
 
     def on_writable(self) -> None:
         self.flush()
