@@ -79,10 +79,10 @@ def test_relay_block_equals_encoding_each_message(messages, sender):
     assert codec.relay_block(sender.encode(), block) == expected
 
 
-def test_fast_path_respects_the_limit_and_counts_seq():
+def test_fast_path_counts_seq_across_both_paths():
     conn = chat_connection()
-    conn.receive_data(b"MSG a\nMSG b\nMSG c\n")
-    assert conn.next_messages(2) is None  # more than allowed: frame by frame
+    conn.receive_data(b"msg a\nMSG b\nMSG c\n")
+    assert conn.next_messages(5) is None  # a lower-case verb: frame by frame
     assert conn.next_event() == ev.Message("a")
     conn.receive_data(b"MSG d\n")
     assert conn.next_messages(5) == (b"MSG b\nMSG c\nMSG d", 3)
@@ -94,3 +94,12 @@ def test_fast_path_only_on_a_chat_socket():
     conn = Connection(SERVER)
     conn.receive_data(b"MSG a\n")
     assert conn.next_messages(10) is None
+
+
+def test_fast_path_takes_at_most_limit_frames_and_leaves_the_rest():
+    conn = chat_connection()
+    conn.receive_data(b"MSG a\nMSG b\nMSG c\nMSG d\n")
+    assert conn.next_messages(2) == (b"MSG a\nMSG b", 2)
+    assert conn.next_messages(0) is None
+    assert conn.next_messages(5) == (b"MSG c\nMSG d", 2)
+    assert conn.msg_seq == 4 and conn.buffered == 0

@@ -138,10 +138,10 @@ class Connection:
     def next_messages(self, limit: int) -> tuple[bytes, int] | None:
         """The relay's fast path (server side, chat socket).
 
-        If every complete frame buffered is a plain ``MSG <text>`` (upper-case
-        verb, printable ASCII, within the length cap) and there are at most
-        ``limit`` of them, consume them all and return ``(block, count)``:
-        the frames joined by LF, without the last LF. Otherwise return None
+        If the next complete frames buffered (at most ``limit`` of them) are
+        all plain ``MSG <text>`` (upper-case verb, printable ASCII, within the
+        length cap), consume them and return ``(block, count)``: the frames
+        joined by LF, without the last LF. Otherwise return None
         and leave everything to ``next_event()``, which handles the general
         case frame by frame; the same bytes are not scanned again.
 
@@ -155,12 +155,19 @@ class Connection:
         end = buf.rfind(b"\n", max(pos, self._fast_from))
         if end < 0:
             return None
-        self._fast_from = end + 1  # win or lose, do not scan these bytes twice
+        if limit < 1:
+            return None
         block = bytes(buf[pos:end])
         count = block.count(b"\n") + 1
+        if count > limit:
+            # Take only as many frames as allowed; the rest wait their turn.
+            rest = block.split(b"\n", limit)[-1]
+            block = block[: len(block) - len(rest) - 1]
+            end = pos + len(block)
+            count = limit
+        self._fast_from = end + 1  # win or lose, do not scan these bytes twice
         if (
-            count > limit
-            or not block.startswith(b"MSG ")
+            not block.startswith(b"MSG ")
             or block.count(b"\nMSG ") != count - 1
             or not block.isascii()
             or len(block.translate(None, _CONTROLS_BUT_LF)) != len(block)

@@ -110,7 +110,7 @@ class Peer:
                         self.server.relay(self, session, *batch)
                         if msg is not None:
                             msg.tokens -= batch[1]
-                            if msg.tokens < 1.0:
+                            if msg.tokens < 1.0 and not self.refilled(msg):
                                 self.throttle(msg)
                                 return
                         continue
@@ -123,7 +123,7 @@ class Peer:
                 bucket = msg if type(event) is ev.Message else cmd
                 if bucket is not None:
                     bucket.tokens -= 1.0
-                    if bucket.tokens < 1.0:
+                    if bucket.tokens < 1.0 and not self.refilled(bucket):
                         self.throttle(bucket)
                         return
         except Exception as exc:
@@ -138,6 +138,12 @@ class Peer:
             self.close(ev.Bye("too-much", "too many frames before login"))
             return False
         return True
+
+    def refilled(self, bucket) -> bool:
+        """Refill from the clock; True if a token is back already (a high
+        rate must not wait for the next timer tick)."""
+        bucket.refill(self.server.reactor.clock())
+        return bucket.tokens >= 1.0
 
     def throttle(self, bucket) -> None:
         self.pause(FLOOD)
