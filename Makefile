@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 7117
 DB   ?= selchat.db
 
-.PHONY: run test test-slow bench venv clean
+.PHONY: run test test-slow bench bench-quick venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --run-slow tests
+
+# The standard matrix of docs/performance.md (about 3 minutes), with the
+# asyncio baseline measured in the same run.
+bench: $(STAMP)
+	$(BIN)/selchat bench --matrix standard --save bench-results.json
+
+bench-quick: $(STAMP)
+	$(BIN)/selchat bench --matrix quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

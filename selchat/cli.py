@@ -186,12 +186,11 @@ def user_list(ctx):
 
 # -- connect --------------------------------------------------------------------------
 
-try:
-    from selchat.client.command import connect
-except ImportError:  # pragma: no cover - while the client is being written
-    connect = None
-if connect is not None:
-    main.add_command(connect)
+from selchat.bench.command import bench  # noqa: E402  (heavy modules load lazily)
+from selchat.client.command import connect  # noqa: E402
+
+main.add_command(connect)
+main.add_command(bench)
 
 
 if __name__ == "__main__":

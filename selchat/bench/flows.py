@@ -1,0 +1,362 @@
+"""The measuring loop: flows of numbered, timestamped messages over ready sockets.
+
+A *flow* is one direction of one pair: the sender's socket (selchat: its
+chat socket; baseline: its only socket) and the partner's receiving socket
+(selchat: its login socket). Each message's text is
+
+    <seq:10 digits> <send time, monotonic ns:19 digits> <x padding>
+
+to ``--size`` bytes. The receiver checks that the sequence numbers arrive
+exactly in order, and records ``receive time - send time`` (one clock, since
+both ends live in the same worker process, and CLOCK_MONOTONIC is one clock
+for the whole machine anyway).
+
+The loop is closed: a flow keeps ``window`` messages in flight, and every
+batch that arrives frees room that is refilled at once with one ``send()``
+(all messages of a batch share one timestamp: the moment of that send).
+
+Costs are kept out of the loop: frames are made by one ``%`` each from a
+template built once per batch; a received chunk is parsed by one regular
+expression call and checked and timed by C-level ``map``/``list`` calls,
+not by a Python loop per message (under 1 us per message sent and received,
+Python side, at 32 in flight).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import time
+from array import array
+from itertools import repeat
+
+from selchat.bench.sysinfo import machine_busy_seconds
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+RECV_SIZE = 256 * 1024
+HEADER = 31            # "<seq:10> <stamp:19> " before the padding
+MIN_SIZE = HEADER + 1  # at least one byte of padding
+
+# " <seq> <stamp> x" in "MSG alice ..." (selchat) or "from alice ..." (baseline). Unanchored
+# it is twice as fast; a chunk must still hold exactly one match per line.
+_RX = re.compile(rb" (\d{10}) (\d{19}) x")
+FINDALL = _RX.findall
+SEARCH = _RX.search
+
+monotonic_ns = time.monotonic_ns
+
+
+class Fleet:
+    """All the sockets of one worker for one server: one selector, flows, problems."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.selector = selectors.DefaultSelector()
+        self.flows: list[Flow] = []
+        self.conns: list[Conn] = []
+        self.problems: list[str] = []
+        self.problem_count = 0
+        self.pings = 0
+
+    def add(self, conn: "Conn") -> "Conn":
+        conn.sock.setblocking(False)
+        self.selector.register(conn.sock, EVENT_READ, conn)
+        self.conns.append(conn)
+        return conn
+
+    def problem(self, text: str) -> None:
+        self.problem_count += 1
+        if len(self.problems) < 20:
+            self.problems.append(text)
+
+    def keepalive(self, timeout: float = 0) -> None:
+        """Between timed runs: answer PINGs, notice drops."""
+        for key, mask in self.selector.select(timeout):
+            conn = key.data
+            if mask & EVENT_READ:
+                conn.on_read()
+            if mask & EVENT_WRITE:
+                conn.on_writable()
+
+    # -- the timed window ------------------------------------------------------------
+
+    def run(self, window: int, duration: float, start_ns: int, drain_timeout: float = 10.0,
+            progress=None, slot: int = 0) -> dict:
+        """One timed window: start at ``start_ns``, keep ``window`` messages in
+        flight per flow for ``duration`` seconds, then stop sending and wait for
+        everything in flight. Returns counts, latencies and our own CPU time."""
+        flows = self.flows
+        lat = array("q")
+        base = [(f.sent, f.received) for f in flows]
+        late0, gaps0, problems0 = self.late_gaps() + (self.problem_count,)
+        samples0 = len(self.problems)
+        for f in flows:
+            f.window, f.lat = window, lat
+        wait = (start_ns - monotonic_ns()) / 1e9
+        if wait > 0:
+            time.sleep(wait)
+        busy0 = machine_busy_seconds()
+        cpu0 = os.times()
+        t0 = monotonic_ns()
+        end = t0 + int(duration * 1e9)
+        for f in flows:
+            f.sending = True
+            f.top_up()
+        select = self.selector.select
+        received = 0
+        last_rx = t0
+        drain_until = None
+        while True:
+            now = monotonic_ns()
+            timeout = (end - now) / 1e9 if drain_until is None else 0.05
+            got = 0
+            for key, mask in select(timeout if timeout > 0 else 0):
+                conn = key.data
+                if mask & EVENT_READ:
+                    got += conn.on_read()
+                if mask & EVENT_WRITE:
+                    conn.on_writable()
+            if got:
+                received += got
+                last_rx = monotonic_ns()
+                if progress is not None:
+                    progress[slot] = received
+            if drain_until is None:
+                if monotonic_ns() >= end:
+                    for f in flows:
+                        f.sending = False
+                    drain_until = monotonic_ns() + int(drain_timeout * 1e9)
+            elif all(f.sent == f.received for f in flows) or monotonic_ns() >= drain_until:
+                break
+        cpu = os.times()
+        busy = machine_busy_seconds() - busy0
+        sent = sum(f.sent - s for f, (s, _) in zip(flows, base))
+        got_total = sum(f.received - r for f, (_, r) in zip(flows, base))
+        late, gaps = self.late_gaps()
+        return {
+            "t0_ns": t0, "last_rx_ns": last_rx, "sent": sent, "received": got_total,
+            "lost": sum(f.sent - f.received for f in flows),
+            "reordered": late - late0, "gaps": gaps - gaps0,
+            "problems": self.problem_count - problems0, "problem_samples": self.problems[samples0:samples0 + 5],
+            "gen_user": cpu.user - cpu0.user, "gen_sys": cpu.system - cpu0.system,
+            "machine_busy": busy, "lat": lat.tobytes(),
+        }
+
+    def late_gaps(self) -> tuple[int, int]:
+        return sum(f.late for f in self.flows), sum(f.gaps for f in self.flows)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.sock.close()
+        self.selector.close()
+
+
+class Conn:
+    """A socket in a fleet that should not say anything (a chat socket: the
+    server answers a delivered message with nothing). Also does the writing."""
+
+    __slots__ = ("sock", "fleet", "label", "outbuf", "dead")
+
+    def __init__(self, sock, fleet: Fleet, label: str):
+        self.sock, self.fleet, self.label = sock, fleet, label
+        self.outbuf = None
+        self.dead = False
+
+    def write(self, data: bytes) -> None:
+        if self.dead:
+            return  # already reported; what it should have sent counts as lost
+        if self.outbuf is not None:
+            self.outbuf += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._lost(f"send failed: {exc}")
+            return
+        if sent < len(data):
+            self.outbuf = bytearray(data[sent:])
+            self.fleet.selector.modify(self.sock, EVENT_READ | EVENT_WRITE, self)
+
+    def on_writable(self) -> None:
+        if self.outbuf is None or self.dead:
+            return
+        try:
+            sent = self.sock.send(self.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(f"send failed: {exc}")
+            return
+        del self.outbuf[:sent]
+        if not self.outbuf:
+            self.outbuf = None
+            self.fleet.selector.modify(self.sock, EVENT_READ, self)
+
+    def recv(self) -> bytes | None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            self._lost(f"recv failed: {exc}")
+            return None
+        if not data:
+            self._lost("closed by the server")
+            return None
+        return data
+
+    def _lost(self, why: str) -> None:
+        if not self.dead:
+            self.dead = True
+            self.fleet.problem(f"{self.label}: {why}")
+            self.fleet.selector.unregister(self.sock)
+
+    def on_read(self) -> int:
+        data = self.recv()
+        if data:
+            self.fleet.problem(f"{self.label}: unexpected {data[:120]!r}")
+        return 0
+
+
+class CheckConn(Conn):
+    """A selchat check socket: answers the server's PINGs."""
+
+    __slots__ = ()
+
+    def on_read(self) -> int:
+        data = self.recv()
+        if not data:
+            return 0
+        for line in data.split(b"\n"):  # PINGs are tiny: one never spans two reads
+            if line.startswith(b"PING"):
+                self.write(b"PONG" + line[4:] + b"\n")
+                self.fleet.pings += 1
+            elif line:
+                self.fleet.problem(f"{self.label}: unexpected {line[:120]!r}")
+        return 0
+
+
+class RxConn(Conn):
+    """A socket that receives one flow (and may also send another: baseline)."""
+
+    __slots__ = ("flow",)
+
+    def __init__(self, sock, fleet: Fleet, label: str, flow: "Flow"):
+        super().__init__(sock, fleet, label)
+        self.flow = flow
+
+    def on_read(self) -> int:
+        if self.flow is None:  # a baseline sender in a one-direction run
+            return Conn.on_read(self)
+        data = self.recv()
+        if not data:
+            return 0
+        return self.flow.receive(data, monotonic_ns())
+
+
+class Flow:
+    """One direction of one pair: what was sent, what arrived, in what order."""
+
+    __slots__ = ("tx", "fleet", "head", "tail", "window", "sent", "received", "expected",
+                 "late", "gaps", "rxbuf", "lat", "sending")
+
+    def __init__(self, fleet: Fleet, tx: Conn, prefix: bytes, size: int):
+        if size < MIN_SIZE:
+            raise ValueError(f"message size must be at least {MIN_SIZE} bytes")
+        self.fleet, self.tx = fleet, tx
+        self.head = prefix + b"%010d "                      # b"MSG %010d " or b"to bob %010d "
+        self.tail = b" " + b"x" * (size - HEADER) + b"\n"
+        self.window = 1
+        self.sent = 0          # messages handed to send() (seq of the last one)
+        self.received = 0      # messages that arrived
+        self.expected = 1      # next sequence number due
+        self.late = 0          # arrived after a higher number (reordered) or twice
+        self.gaps = 0          # numbers skipped when a higher one arrived
+        self.rxbuf = b""       # an incomplete last line
+        self.lat = array("q")
+        self.sending = False
+
+    def top_up(self) -> None:
+        """Send enough to have ``window`` in flight, in one send()."""
+        k = self.window - (self.sent - self.received)
+        if k <= 0:
+            return
+        first = self.sent + 1
+        self.sent += k
+        template = self.head + b"%019d" % monotonic_ns() + self.tail
+        if k == 1:
+            self.tx.write(template % first)
+        else:
+            self.tx.write(b"".join([template % seq for seq in range(first, first + k)]))
+
+    def send_one(self) -> None:
+        """One more message regardless of the window (paced, open-loop sending)."""
+        self.sent += 1
+        self.tx.write(self.head % self.sent + b"%019d" % monotonic_ns() + self.tail)
+
+    def receive(self, data: bytes, now: int) -> int:
+        """Account for a chunk read from the receiving socket; returns messages in it."""
+        if self.rxbuf:
+            data = self.rxbuf + data
+        if data[-1] != 10:  # ends inside a line: keep the piece for the next read
+            cut = data.rfind(b"\n") + 1
+            self.rxbuf = data[cut:]
+            data = data[:cut]
+            if not data:
+                return 0
+        elif self.rxbuf:
+            self.rxbuf = b""
+        found = FINDALL(data)
+        n = len(found)
+        if n != data.count(b"\n"):
+            return self._odd_lines(data, now)
+        seqs, stamps = zip(*found)
+        first = self.expected
+        self.expected = first + n
+        if list(map(int, seqs)) != list(range(first, first + n)):
+            self._misordered(seqs, first)
+        if stamps[0] == stamps[-1]:  # one burst (stamps only grow): one latency for all
+            self.lat.extend(repeat(now - int(stamps[0]), n))
+        else:
+            self.lat.extend(map(now.__sub__, map(int, stamps)))
+        self.received += n
+        if self.sending:
+            self.top_up()
+        return n
+
+    def _misordered(self, seqs, first: int) -> None:
+        """Slow path: redo the order check message by message."""
+        expected = first
+        for seq in map(int, seqs):
+            if seq == expected:
+                expected += 1
+            elif seq > expected:
+                self.gaps += seq - expected
+                expected = seq + 1
+            else:
+                self.late += 1
+        self.expected = expected
+
+    def _odd_lines(self, data: bytes, now: int) -> int:
+        """Slow path: a chunk holding something other than our messages."""
+        n = 0
+        for line in data.split(b"\n")[:-1]:
+            m = SEARCH(line)
+            if m is None:
+                self.fleet.problem(f"{self.tx.label} partner got {line[:120]!r}")
+                continue
+            n += 1
+            seq = int(m.group(1))
+            if seq != self.expected:
+                self._misordered([seq], self.expected)
+            else:
+                self.expected += 1
+            self.lat.append(now - int(m.group(2)))
+        self.received += n
+        if self.sending and n:
+            self.top_up()
+        return n

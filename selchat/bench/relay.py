@@ -1,0 +1,194 @@
+"""The relay benchmark: chatting pairs against selchat and the baseline, in one run.
+
+1. Start the servers: selchat (spawned with every user pre-registered, or
+   one already running) and the asyncio baseline; with ``pin``, both on the
+   first CPU and the load generator on the others.
+2. Start the worker processes; each sets up its share of the pairs on every
+   server (login, attach, chat request and accept) before any clock starts.
+3. One short warm-up window per server, not recorded; then ``repeat`` timed
+   windows per server, interleaved (selchat, baseline, baseline, selchat, ...)
+   so that noise on the machine hits both alike.
+4. Each window: read the server's CPU, start every worker at one instant,
+   keep ``window`` messages in flight per flow for ``duration`` seconds, wait
+   for the last one, read the server's CPU again. Report medians.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from selchat.bench import servers as srv
+from selchat.bench import stats, sysinfo
+from selchat.bench.progress import Progress, RateMeter
+from selchat.bench.workers import WorkerPool, relay_worker
+
+PASSWORD = "bench-password"
+START_DELAY = 0.2  # seconds between "run" and its start: every worker has the command by then
+
+
+@dataclass
+class RelayOptions:
+    pairs: int = 100
+    window: int = 32
+    size: int = 64
+    duration: float = 5.0
+    both: bool = True
+    repeat: int = 3
+    warmup: float = 1.0
+    baseline: bool = True
+    workers: int | None = None
+    pin: bool = False
+    host: str | None = None          # a running selchat instead of spawning one
+    port: int | None = None
+    server_pid: int | None = None
+    baseline_script: str | None = None
+    ping_interval: float | None = None
+    sources: int = 4                  # loopback source addresses to spread sockets over
+
+    def label(self) -> str:
+        return (f"{self.pairs} pairs, {self.window} in flight, {self.size} B, "
+                f"{'both directions' if self.both else 'one direction'}")
+
+
+def default_workers(gen_cpus: list[int] | None) -> int:
+    """One worker per CPU the generator has (pinned), else per CPU but the server's."""
+    if gen_cpus:
+        return len(gen_cpus)
+    return max(1, len(sysinfo.usable_cpus()) - 1)
+
+
+def generator_capacity(gen_cpus: list[int] | None) -> float:
+    return float(len(gen_cpus)) if gen_cpus else max(1.0, len(sysinfo.usable_cpus()) - 1.0)
+
+
+def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
+    progress = progress or Progress(False)
+    server_cpus, gen_cpus = sysinfo.split_cpus(opts.pin)
+    workers = min(opts.workers or default_workers(gen_cpus), opts.pairs)
+    external = opts.host is not None
+    tag = ("b" + secrets.token_hex(3)) if external else "u"  # fresh names to REGISTER on a running server
+    pairs = [(f"{tag}{i}a", f"{tag}{i}b") for i in range(opts.pairs)]
+    result = {"mode": "relay", "label": opts.label(), "options": asdict(opts),
+              "server_cpus": server_cpus, "generator_cpus": gen_cpus, "workers": workers}
+
+    with tempfile.TemporaryDirectory(prefix="selchat-bench-") as tmp, contextlib.ExitStack() as cleanup:
+        servers = _start_servers(opts, Path(tmp), pairs, server_cpus, cleanup)
+        progress.note(f"relay {opts.label()}: servers up "
+                      + ", ".join(f"{k} pid {s.pid} on {s.host}:{s.port}" for k, s in servers.items()))
+        verb = "REGISTER" if external else "LOGIN"
+        per_worker = opts.pairs // workers + 1
+        specs = [{
+            "servers": [(kind, s.address, verb) for kind, s in servers.items()],
+            "pairs": pairs[i::workers], "password": PASSWORD, "size": opts.size, "both": opts.both,
+            "sources": sysinfo.loopback_sources(servers["selchat"].host, opts.sources),
+            "cpus": gen_cpus, "nofile": per_worker * 8 + 256,
+            "concurrency": max(8, 128 // workers),
+        } for i in range(workers)]
+        pool = WorkerPool(relay_worker, specs)
+        cleanup.callback(pool.close)
+        started = time.monotonic()
+        setup = pool.gather(timeout=600)
+        progress.note(f"set up {opts.pairs} pairs x {len(servers)} servers in {time.monotonic() - started:.1f} s "
+                      f"({workers} worker process{'es' if workers > 1 else ''})")
+        capacity = generator_capacity(gen_cpus)
+        kinds = list(servers)
+        if opts.warmup > 0:
+            for kind in kinds:
+                _window(pool, servers[kind], kind, opts, opts.warmup, capacity, progress, "warm-up")
+        runs: dict[str, list] = {kind: [] for kind in kinds}
+        for r in range(opts.repeat):
+            for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+                figures = _window(pool, servers[kind], kind, opts, opts.duration, capacity, progress,
+                                  f"run {r + 1}/{opts.repeat}")
+                runs[kind].append(figures)
+                progress.note(f"  {kind:8} run {r + 1}/{opts.repeat}: {figures['msgs_per_s']:>9,} msgs/s  "
+                              f"{_num(figures['cpu_us_per_msg'], '.2f'):>6} us CPU/msg  "
+                              f"p50 {figures['p50_us']:,.0f} p99 {figures['p99_us']:,.0f} us  "
+                              f"CPU: server {_num(figures['server_cpu_pct'], '.0f')}% "
+                              f"generator {figures['generator_cpu_pct']:.0f}% other {figures['other_cpu_pct']:.0f}%")
+        for kind in kinds:
+            result[kind] = {
+                "summary": stats.median_summary(runs[kind]),
+                "runs": runs[kind],
+                "setup_seconds": round(max(s["setup_seconds"][kind] for s in setup), 2),
+                "server_log_problems": servers[kind].problems()[:10],
+            }
+    result.setdefault("baseline", None)
+    result["ratios"] = ratios(result["selchat"]["summary"], result["baseline"]["summary"]) if result["baseline"] else None
+    result["failures"] = correctness_failures(result)
+    result["correct"] = not result["failures"]
+    return result
+
+
+def _start_servers(opts: RelayOptions, tmp: Path, pairs, server_cpus, cleanup) -> dict:
+    users = [name for pair in pairs for name in pair]
+    nofile = len(users) * 3 + 1024
+    servers = {}
+    if opts.host is not None:
+        servers["selchat"] = srv.external_selchat(opts.host, opts.port, opts.server_pid)
+        if server_cpus and servers["selchat"].pid:
+            sysinfo.pin_process(servers["selchat"].pid, server_cpus)
+    else:
+        servers["selchat"] = srv.spawn_selchat(tmp, users, PASSWORD, cpus=server_cpus, nofile=nofile,
+                                               ping_interval=opts.ping_interval)
+        cleanup.callback(servers["selchat"].stop)
+    if opts.baseline:
+        servers["baseline"] = srv.spawn_baseline(tmp, opts.baseline_script, cpus=server_cpus, nofile=nofile)
+        cleanup.callback(servers["baseline"].stop)
+    return servers
+
+
+def _window(pool: WorkerPool, server, kind: str, opts: RelayOptions, duration: float, capacity: float,
+            progress: Progress, label: str) -> dict:
+    """One timed window on ``server``; its figures."""
+    start_ns = time.monotonic_ns() + int(START_DELAY * 1e9)
+    pool.broadcast("run", {"kind": kind, "window": opts.window, "duration": duration, "start_ns": start_ns})
+    user0, sys0 = server.cpu_times() if server.pid else (0.0, 0.0)  # the server is idle until start_ns
+    meter = RateMeter(progress, f"{kind} {label}", pool.progress, duration + START_DELAY)
+    reports = pool.gather(timeout=duration + 120, tick=meter)
+    user1, sys1 = server.cpu_times() if server.pid else (0.0, 0.0)  # idle again: everything arrived
+    memory = server.memory_kib()
+    measured = {"user": user1 - user0, "sys": sys1 - sys0,
+                "rss_kib": memory.get("rss", 0), "peak_kib": memory.get("peak", 0)}
+    figures = stats.run_figures(reports, measured, capacity)
+    if not server.pid:
+        for key in ("cpu_us_per_msg", "server_user_us_per_msg", "server_sys_us_per_msg", "server_cpu_pct",
+                    "rss_mib", "peak_rss_mib"):
+            figures[key] = None
+    return figures
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+RATIO_KEYS = ("msgs_per_s", "cpu_us_per_msg", "p50_us", "p99_us", "p999_us", "max_us", "rss_mib")
+
+
+def ratios(selchat: dict, baseline: dict) -> dict:
+    """selchat / baseline for each figure (above 1: selchat costs more, or relays more per second)."""
+    return {key: stats.ratio(selchat.get(key), baseline.get(key)) for key in RATIO_KEYS}
+
+
+def correctness_failures(result: dict) -> list[str]:
+    """What went wrong, if anything: loss, reordering, unexpected frames, server errors."""
+    failures = []
+    for kind in ("selchat", "baseline"):
+        part = result.get(kind)
+        if not part:
+            continue
+        s = part["summary"]
+        for key in ("lost", "reordered", "gaps", "problems"):
+            if s[key]:
+                failures.append(f"{kind}: {s[key]} {key}")
+        if s["received"] != s["sent"]:
+            failures.append(f"{kind}: sent {s['sent']} but received {s['received']}")
+        samples = [p for run in part["runs"] for p in run["problem_samples"]]
+        failures += [f"{kind}: {p}" for p in samples[:3]]
+        failures += [f"{kind} server log: {line}" for line in part["server_log_problems"][:3]]
+    return failures

@@ -1,0 +1,209 @@
+"""Text reports for people (the ``--json`` output is the result dict itself)."""
+
+from __future__ import annotations
+
+import json
+
+
+def table(rows: list[list], header: list[str] | None = None, right_from: int = 1) -> str:
+    """Columns aligned; every column from ``right_from`` on is right-aligned."""
+    cells = [[_cell(c) for c in row] for row in ([header] if header else []) + rows]
+    widths = [max(len(row[i]) for row in cells if i < len(row)) for i in range(max(map(len, cells)))]
+    lines = []
+    for row in cells:
+        parts = [c.rjust(w) if i >= right_from else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(parts).rstrip())
+    if header:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _x(value) -> str | None:
+    return None if value is None else f"{value:.2f}x"
+
+
+# -- relay ----------------------------------------------------------------------------
+
+RELAY_ROWS = [
+    ("relayed msgs/s", "msgs_per_s"),
+    ("server CPU us/msg", "cpu_us_per_msg"),
+    ("  of it user", "server_user_us_per_msg"),
+    ("  of it system", "server_sys_us_per_msg"),
+    ("latency p50 us", "p50_us"),
+    ("latency p99 us", "p99_us"),
+    ("latency p99.9 us", "p999_us"),
+    ("latency max us", "max_us"),
+    ("server RSS MiB", "rss_mib"),
+    ("server CPU %", "server_cpu_pct"),
+    ("generator CPU %", "generator_cpu_pct"),
+    ("generator CPU us/msg", "generator_us_per_msg"),
+    ("other load %", "other_cpu_pct"),
+    ("saturated", "saturated"),
+    ("messages sent", "sent"),
+    ("lost", "lost"),
+    ("reordered", "reordered"),
+    ("unexpected frames", "problems"),
+]
+
+
+def relay_text(result: dict) -> str:
+    opts = result["options"]
+    base = result.get("baseline")
+    sel = result["selchat"]["summary"]
+    ratios = result.get("ratios") or {}
+    head = (f"relay: {result['label']}; {opts['repeat']} x {opts['duration']:g} s per server, medians; "
+            + placement(result))
+    header = ["", "selchat"] + (["baseline", "ratio"] if base else [])
+    rows = []
+    for title, key in RELAY_ROWS:
+        row = [title, sel.get(key)]
+        if base:
+            row += [base["summary"].get(key), _x(ratios.get(key))]
+        rows.append(row)
+    lines = [head, table(rows, header)]
+    warning = noise_warning([result])
+    if warning:
+        lines.append(warning)
+    lines.append(correct_line(result))
+    return "\n".join(lines)
+
+
+#: Other processes using more than this share of a core make a run suspect.
+NOISY_PCT = 10.0
+
+
+def noise_warning(relay_results: list[dict]) -> str | None:
+    """A warning when other processes took CPU during the timed windows."""
+    worst = max((run["other_cpu_pct"] for r in relay_results for kind in ("selchat", "baseline")
+                 if r.get(kind) for run in r[kind]["runs"]), default=0.0)
+    if worst <= NOISY_PCT:
+        return None
+    return (f"warning: other processes used up to {worst:.0f}% of a core during the timed windows; the "
+            f"figures (above all latency and msgs/s) are perturbed. Rerun on a quiet machine; ratios from "
+            f"interleaved runs suffer least.")
+
+
+def placement(result: dict) -> str:
+    workers = result["workers"]
+    plural = "es" if workers > 1 else ""
+    if result.get("server_cpus"):
+        return (f"server pinned to CPU {','.join(map(str, result['server_cpus']))}, "
+                f"load generator ({workers} process{plural}) to CPU {','.join(map(str, result['generator_cpus']))}")
+    return f"unpinned, load generator {workers} process{plural}"
+
+
+def correct_line(result: dict) -> str:
+    if result["correct"]:
+        return "correct: yes (nothing lost, nothing reordered, no unexpected frames, no server errors)"
+    return "correct: NO\n" + "\n".join("  " + f for f in result["failures"][:12])
+
+
+# -- idle and login storm -------------------------------------------------------------
+
+def idle_text(r: dict) -> str:
+    rows = [
+        ["users (sockets)", f"{r['users']:,} ({r['sockets']:,})"],
+        ["connect + log in all", f"{r['connect_seconds']:.1f} s ({r['logins_per_s']:,.0f} users/s)"],
+        ["held with heartbeats", f"{r['hold_seconds']:.1f} s at --ping-interval {r['ping_interval']:g} "
+                                 f"({r['heartbeat_rounds']:.2f} rounds)"],
+        ["server RSS", f"{r['rss_mib']:.1f} MiB (empty {r['rss_mib_empty']:.1f} MiB; "
+                       f"{r['rss_kib_per_user']:.1f} KiB per user)"],
+        ["server CPU while holding", f"{r['hold_cpu_seconds']:.2f} s ({r['hold_cpu_pct']:.2f}% of a core)"],
+        ["CPU per heartbeat round", f"{r['cpu_ms_per_round']:.1f} ms"],
+        ["heartbeat CPU at default", f"{r['heartbeat_core_pct_at_default']:.3f}% of a core "
+                                     f"(ping interval {r['default_ping_interval']:g} s)"],
+        ["spurious drops", r["drops"]],
+    ]
+    lines = [f"idle: {r['users']:,} logged-in users; " + placement(r), table(rows, right_from=9)]
+    lines.append(correct_line(r))
+    return "\n".join(lines)
+
+
+def storm_text(r: dict) -> str:
+    chat = r["chat"]
+    rows = [
+        ["logins (real scrypt)", f"{r['logins']:,} at most {r['concurrency']} at a time"],
+        ["took", f"{r['seconds']:.1f} s = {r['logins_per_s']:.1f} logins/s"],
+        ["one login, connect to READY", f"p50 {r['login_ms']['p50_ms']} ms, p99 {r['login_ms']['p99_ms']} ms, "
+                                        f"max {r['login_ms']['max_ms']} ms"],
+        ["chatting pair before storm", _lat_ms(chat["quiet"])],
+        ["chatting pair during storm", _lat_ms(chat["storm"])],
+        ["chat messages lost / reordered", f"{chat['lost']} / {chat['reordered']}"],
+    ]
+    lines = [f"login storm: {r['logins']:,} logins while one pair chats at {r['rate']:g} msgs/s each way; "
+             + placement(r), table(rows, right_from=9)]
+    lines.append(correct_line(r))
+    return "\n".join(lines)
+
+
+def _lat_ms(lat: dict) -> str:
+    if not lat.get("samples"):
+        return "no samples"
+    return (f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms "
+            f"({lat['samples']:,} messages)")
+
+
+# -- the matrix ---------------------------------------------------------------------
+
+def matrix_text(m: dict) -> str:
+    machine = m["machine"]
+    lines = [f"selchat bench, {m['matrix']} matrix: {m['date']}, commit {m['commit']}; "
+             f"{machine['nproc']} x {machine['cpu_model']}, Linux {machine['kernel']}, Python {machine['python']}"]
+    header = ["scenario", "system", "msgs/s", "CPU us/msg", "p50 us", "p99 us", "p99.9 us", "max us",
+              "RSS MiB", "saturated", "other %"]
+    rows = []
+    for row in m["relay"]:
+        name = row["label"].split(", 64 B")[0] if ", 64 B" in row["label"] else row["label"]
+        for kind in ("selchat", "baseline"):
+            if not row.get(kind):
+                continue
+            s = row[kind]["summary"]
+            rows.append([name if kind == "selchat" else "", kind, s["msgs_per_s"], s["cpu_us_per_msg"], s["p50_us"],
+                         s["p99_us"], s["p999_us"], s["max_us"], s["rss_mib"], s["saturated"], s["other_cpu_pct"]])
+        if row.get("ratios"):
+            r = row["ratios"]
+            rows.append(["", "ratio", _x(r["msgs_per_s"]), _x(r["cpu_us_per_msg"]), _x(r["p50_us"]),
+                         _x(r["p99_us"]), _x(r["p999_us"]), _x(r["max_us"]), _x(r["rss_mib"]), "", ""])
+    lines += ["", table(rows, header, right_from=2)]
+    warning = noise_warning(m["relay"])
+    if warning:
+        lines.append(warning)
+    if m.get("idle"):
+        lines += ["", idle_text(m["idle"])]
+    if m.get("storm"):
+        lines += ["", storm_text(m["storm"])]
+    lines += ["", targets_text(m["targets"])]
+    bad = [row["label"] for row in m["relay"] if not row["correct"]]
+    bad += [k for k in ("idle", "storm") if m.get(k) and not m[k]["correct"]]
+    lines.append("correctness: " + ("all runs correct" if not bad else "FAILED in " + "; ".join(bad)))
+    return "\n".join(lines)
+
+
+def targets_text(targets: list[dict]) -> str:
+    rows = [[t["target"], t["limit"], t["shown"], "ok" if t["ok"] else ("n/a" if t["ok"] is None else "MISSED")]
+            for t in targets]
+    return "targets (issue 3)\n" + table(rows, ["target", "limit", "measured", ""], right_from=1)
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(result, indent=2, sort_keys=False)

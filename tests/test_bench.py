@@ -1,0 +1,180 @@
+"""``selchat bench``: the instrument must count right. Correctness only, never speed.
+
+The smoke runs drive real servers for a second or two; the unit tests feed
+the receive path crafted bytes to show it notices loss, reordering and
+foreign frames.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from selchat.bench import report
+from selchat.bench.command import bench
+from selchat.bench.flows import MIN_SIZE, Fleet, Flow
+from selchat.bench.stats import latency_summary, percentile
+from tests.support import ServerProcess
+
+SUMMARY_KEYS = {"msgs_per_s", "cpu_us_per_msg", "server_user_us_per_msg", "server_sys_us_per_msg", "p50_us",
+                "p99_us", "p999_us", "max_us", "server_cpu_pct", "generator_cpu_pct", "generator_us_per_msg", "other_cpu_pct", "rss_mib",
+                "peak_rss_mib", "sent", "received", "lost", "reordered", "gaps", "problems", "saturated", "runs"}
+
+
+def run_bench(*args: str) -> dict:
+    result = CliRunner().invoke(bench, [*args, "--json", "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def assert_relay_correct(summary: dict, measured_server: bool = True) -> None:
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["sent"] > 0 and summary["received"] == summary["sent"]
+    assert summary["lost"] == summary["reordered"] == summary["gaps"] == summary["problems"] == 0
+    assert 0 < summary["p50_us"] <= summary["p99_us"] <= summary["p999_us"] <= summary["max_us"]
+    assert summary["msgs_per_s"] > 0
+    if measured_server:
+        assert summary["cpu_us_per_msg"] > 0 and summary["rss_mib"] > 0
+
+
+# -- smoke runs against real servers ----------------------------------------------------
+
+def test_relay_against_selchat_and_baseline():
+    result = run_bench("--pairs", "3", "--duration", "1", "--repeat", "1", "--warmup", "0", "--workers", "2")
+    assert result["mode"] == "relay" and result["correct"] and result["failures"] == []
+    for kind in ("selchat", "baseline"):
+        assert_relay_correct(result[kind]["summary"])
+        assert len(result[kind]["runs"]) == 1
+    assert set(result["ratios"]) == {"msgs_per_s", "cpu_us_per_msg", "p50_us", "p99_us", "p999_us", "max_us",
+                                     "rss_mib"}
+    assert all(value > 0 for value in result["ratios"].values())
+    text = report.relay_text(result)
+    assert "baseline" in text and "correct: yes" in text
+
+
+def test_relay_one_direction_one_in_flight_no_baseline():
+    result = run_bench("--pairs", "2", "--window", "1", "--direction", "one", "--size", str(MIN_SIZE),
+                       "--duration", "0.5", "--repeat", "2", "--warmup", "0.2", "--no-baseline")
+    assert result["correct"] and result["baseline"] is None and result["ratios"] is None
+    assert_relay_correct(result["selchat"]["summary"])
+    assert result["selchat"]["summary"]["runs"] == 2
+
+
+def test_relay_against_a_running_server_registers_its_users(tmp_path):
+    """A server started by someone else, with its default flood limits: the
+    bench registers fresh users and, throttled or not, loses nothing."""
+    server = ServerProcess(tmp_path)
+    try:
+        result = run_bench("--port", str(server.port), "--pairs", "2", "--duration", "0.5", "--repeat", "1",
+                           "--warmup", "0", "--no-baseline")
+    finally:
+        server.stop()
+    assert result["correct"]
+    assert_relay_correct(result["selchat"]["summary"])
+
+
+def test_idle_users_are_held_without_drops():
+    result = run_bench("--idle", "20", "--ping-interval", "0.5")
+    assert result["mode"] == "idle" and result["correct"]
+    assert result["drops"] == 0 and result["sockets"] == 60
+    assert result["heartbeat_rounds"] >= 2
+    assert result["rss_mib"] > 0 and result["connect_seconds"] > 0
+    assert "spurious drops" in report.idle_text(result)
+
+
+def test_login_storm_with_real_hashing():
+    result = run_bench("--login-storm", "6", "--storm-concurrency", "3")
+    assert result["mode"] == "storm" and result["correct"]
+    assert result["logins_per_s"] > 0
+    chat = result["chat"]
+    assert chat["lost"] == 0 and chat["reordered"] == 0 and chat["storm"]["samples"] > 0
+    assert "logins/s" in report.storm_text(result)
+
+
+def test_modes_are_exclusive():
+    result = CliRunner().invoke(bench, ["--idle", "5", "--login-storm", "5"])
+    assert result.exit_code == 2 and "choose one" in result.output
+
+
+# -- the receive path, fed by hand ------------------------------------------------------
+
+class FakeTx:
+    label = "tx"
+
+    def __init__(self):
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+
+def make_flow(size: int = 40) -> tuple[Fleet, Flow, FakeTx]:
+    fleet = Fleet("test")
+    tx = FakeTx()
+    return fleet, Flow(fleet, tx, b"MSG ", size), tx
+
+
+def relayed(flow_tx: FakeTx, sender: bytes = b"alice") -> list[bytes]:
+    """What the server would deliver for what the flow sent: MSG <sender> <text>."""
+    return [b"MSG " + sender + b" " + line[4:] + b"\n" for line in flow_tx.written.split(b"\n") if line]
+
+
+def test_flow_sends_the_window_with_fixed_size_numbered_frames():
+    fleet, flow, tx = make_flow(size=40)
+    flow.window = 5
+    flow.top_up()
+    lines = tx.written.split(b"\n")[:-1]
+    assert len(lines) == 5 and flow.sent == 5
+    assert [int(line.split()[1]) for line in lines] == [1, 2, 3, 4, 5]
+    assert all(len(line) == len(b"MSG ") + 40 for line in lines)
+    flow.top_up()  # window full: nothing more
+    assert flow.sent == 5
+
+
+def test_flow_counts_in_order_delivery_split_anywhere():
+    fleet, flow, tx = make_flow()
+    flow.window = 4
+    flow.top_up()
+    lines = relayed(tx)
+    data = b"".join(lines)
+    cut = len(lines[0]) + 7  # inside the second line
+    stamp = int(tx.written.split()[2])
+    assert flow.receive(data[:cut], stamp + 5000) == 1
+    assert flow.receive(data[cut:], stamp + 9000) == 3
+    assert (flow.received, flow.late, flow.gaps) == (4, 0, 0)
+    assert list(flow.lat) == [5000, 9000, 9000, 9000]
+    assert not fleet.problems
+
+
+def test_flow_notices_reordering_loss_and_foreign_frames():
+    fleet, flow, tx = make_flow()
+    flow.window = 4
+    flow.top_up()
+    one, two, three, four = relayed(tx)
+    flow.receive(one + three + two, 10**18)  # 2 and 3 swapped
+    assert flow.late == 1 and flow.gaps == 1
+    flow.receive(b"ENDED alice dropped alice lost connection\n" + four, 10**18)
+    assert flow.received == 4 and fleet.problem_count == 1
+    assert "ENDED alice dropped" in fleet.problems[0]
+    fleet2, flow2, tx2 = make_flow()
+    flow2.window = 3
+    flow2.top_up()
+    first, _, third = relayed(tx2)
+    flow2.receive(first + third, 10**18)  # 2 never comes
+    assert flow2.gaps == 1 and flow2.sent - flow2.received == 1
+
+
+def test_percentiles_are_nearest_rank():
+    ordered = list(range(1, 1001))
+    assert percentile(ordered, 50) == 500 and percentile(ordered, 99) == 990
+    assert percentile(ordered, 99.9) == 999 and percentile([], 50) is None
+    summary = latency_summary([3000, 1000, 2000])
+    assert (summary["p50_us"], summary["max_us"], summary["samples"]) == (2.0, 3.0, 3)
+
+
+@pytest.mark.parametrize("size", [MIN_SIZE - 1, 0])
+def test_flow_refuses_a_size_without_room_for_padding(size):
+    with pytest.raises(ValueError):
+        make_flow(size)
