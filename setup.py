@@ -19,6 +19,7 @@ setup(
     install_requires=[
         "click>=8.1",
         "prompt_toolkit>=3.0.36",
+        'tomli>=1.1; python_version < "3.11"',   # the client's config file (tomllib from 3.11)
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.80", "pexpect>=4.8", "trustme>=1.0"],

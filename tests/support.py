@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 DEADLINE = 10.0  # seconds any single expectation may take before the test fails
 _names = itertools.count(1)
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_EMPTY_CONFIG_HOME = tempfile.mkdtemp(prefix="selchat-test-config-")
 CLIENT = [sys.executable, "-m", "selchat.cli", "connect"]
 
 
@@ -213,6 +215,7 @@ class ClientProcess:
     def __init__(self, port: int, *args: str, password: str | None = "secret", stdin=subprocess.PIPE,
                  user: str = "alice"):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SELCHAT_")}
+        env["XDG_CONFIG_HOME"] = _EMPTY_CONFIG_HOME  # a developer's own config must not leak in
         if password is not None:
             env["SELCHAT_PASSWORD"] = password
         cmd = [*CLIENT, "--port", str(port), *args]

@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from selchat.client.core import (
-    CHAT, CHECK, FORMATS, LOGIN, SENT_KEPT, STDERR_KINDS, ClientSession, Close, Connect, Heartbeat,
-    Notice, Phase, Send, check_password, check_username,
+    CHAT, CHECK, COMMANDS, ECHO_KINDS, FORMATS, JSON_FIELDS, LOGIN, SENT_KEPT, STDERR_KINDS, Backoff,
+    ClientSession, Close, Connect, Heartbeat, Notice, Phase, Reconnect, Roster, Send, check_password,
+    check_username,
 )
 from selchat.protocol.codec import MAX_FRAME
 
@@ -27,8 +28,13 @@ def sent(effects, role=None) -> list[str]:
     return out
 
 
-def shown(effects) -> list[str]:
-    return [e.line() for e in effects if isinstance(e, Notice)]
+def shown(effects, echoes: bool = False) -> list[str]:
+    """The lines shown (without the echoes of what the user sent, unless asked)."""
+    return [e.line() for e in effects if isinstance(e, Notice) and (echoes or e.kind not in ECHO_KINDS)]
+
+
+def kinds(effects) -> list[str]:
+    return [e.kind for e in effects if isinstance(e, Notice)]
 
 
 def closed(effects) -> int | None:
@@ -37,9 +43,9 @@ def closed(effects) -> int | None:
     return codes[0] if codes else None
 
 
-def online(user: str = "alice") -> ClientSession:
+def online(user: str = "alice", **kwargs) -> ClientSession:
     """A session taken through login, attach and READY."""
-    s = ClientSession(user, "secret")
+    s = ClientSession(user, "secret", **kwargs)
     s.start()
     s.receive(LOGIN, frames("HELLO 1 selchat/0.1.0", f"WELCOME {user} ctok ktok"))
     s.receive(CHAT, frames("HELLO 1 selchat/0.1.0", "OK ATTACH CHAT"))
@@ -49,8 +55,8 @@ def online(user: str = "alice") -> ClientSession:
     return s
 
 
-def chatting(partner: str = "bob") -> ClientSession:
-    s = online()
+def chatting(partner: str = "bob", **kwargs) -> ClientSession:
+    s = online(**kwargs)
     s.receive(LOGIN, frames(f"STARTED {partner}"))
     assert s.phase is Phase.CHATTING and s.partner == partner
     return s
@@ -160,6 +166,12 @@ def test_commands_become_frames_on_the_chat_socket(line, frame):
     ("/who now", "error: usage: /who"),
     ("/chat b@d", "error: not a valid user name: 'b@d' (1-32 letters, digits, _ or -)"),
     ("/frobnicate", "error: unknown command /frobnicate; /help lists the commands"),
+    ("/hlep", "error: unknown command /hlep; did you mean /help?"),
+    ("/chta bob", "error: unknown command /chta; did you mean /chat?"),
+    ("/q", "error: unknown command /q; did you mean /quit?"),
+    ("/whoo", "error: unknown command /whoo; did you mean /who?"),
+    ("/help me please", "error: usage: /help [COMMAND]"),
+    ("/help frob", "error: unknown command /frob; /help lists the commands"),
 ])
 def test_bad_commands_are_refused_locally(line, error):
     effects = online().typed(line)
@@ -403,7 +415,82 @@ def test_interrupt_quits_a_chat_but_exits_when_idle():
     assert sent(t.interrupt(), CHAT) == ["EXIT"] and t.leaving
 
 
+def test_second_interrupt_exits_also_before_the_first_is_answered():
+    s = chatting()
+    assert sent(s.interrupt(), CHAT) == ["QUIT"]
+    assert sent(s.interrupt(), CHAT) == ["EXIT"] and s.leaving   # OK QUIT not read yet
+    t = chatting()
+    t.interrupt()
+    t.receive(CHAT, frames("OK QUIT bob"))
+    assert t.phase is Phase.IDLE and sent(t.interrupt(), CHAT) == ["EXIT"]
+
+
+def test_interrupt_declines_a_request_in_and_withdraws_a_request_out():
+    s = online()
+    s.receive(LOGIN, frames("REQUEST bob"))
+    assert sent(s.interrupt(), CHAT) == ["DECLINE"] and not s.leaving
+    assert sent(s.interrupt(), CHAT) == ["EXIT"]
+    t = online()
+    t.typed("/chat bob")
+    assert sent(t.interrupt(), CHAT) == ["QUIT"] and not t.leaving
+
+
 # --- who, shutdown, heartbeats ---------------------------------------------------------------
+
+
+def test_background_who_refreshes_the_names_and_is_not_shown():
+    s = online()
+    assert sent(s.refresh_names(), CHAT) == ["WHO"] and s.refreshing
+    assert s.refresh_names() == []   # one at a time
+    effects = s.receive(CHAT, frames("USER alice idle", "USER bob busy", "OK WHO 2"))
+    assert effects == [Roster(("alice", "bob"))] and s.known_users == ("alice", "bob")
+    assert not s.refreshing
+
+
+def test_users_who_and_background_who_are_told_apart_in_either_order():
+    s = online()
+    s.typed("/who")
+    s.refresh_names()
+    s.typed("/who")
+    effects = s.receive(CHAT, frames("USER a idle", "OK WHO 1", "USER a idle", "USER b idle", "OK WHO 2",
+                                     "USER c idle", "OK WHO 1"))
+    assert shown(effects) == ["online: a (idle)", "online: c (idle)"]
+    assert [e for e in effects if isinstance(e, Roster)] == [Roster(("a",)), Roster(("a", "b")), Roster(("c",))]
+    t = online()
+    t.refresh_names()
+    assert shown(t.receive(CHAT, frames("ERR WHO too-long whatever"))) == []
+
+
+def test_names_seen_in_events_are_offered_until_the_next_who():
+    s = online()
+    s.receive(LOGIN, frames("REQUEST bob"))
+    assert s.known_users == ("bob",)
+    s.refresh_names()
+    s.receive(CHAT, frames("USER alice idle", "USER carol idle", "OK WHO 2"))
+    assert s.known_users == ("alice", "carol")
+
+
+def test_who_lines_and_json_fields_for_a_long_list():
+    s = online()
+    s.typed("/who")
+    s.receive(CHAT, frames(*[f"USER u{i} idle" for i in range(205)]))
+    [notice] = [e for e in s.receive(CHAT, frames("OK WHO 205")) if isinstance(e, Notice)]
+    assert notice.line().endswith("u199 (idle) and 5 more")
+    assert len(notice.fields()["users"]) == 205 and notice.fields()["more"] == 0
+
+
+def test_help_for_one_command():
+    s = online()
+    assert shown(s.typed("/help chat")) == ["/chat NAME: ask NAME for a chat (Tab completes names)"]
+    assert shown(s.typed("/help /QUIT")) == [f"/quit: {COMMANDS['/quit'].help}"]
+    assert all(c.help and c.usage.startswith(name) for name, c in COMMANDS.items())
+
+
+def test_a_sent_message_is_echoed_with_its_text():
+    s = chatting()
+    effects = s.typed("hi  there")
+    assert [(e.kind, e.user, e.text) for e in effects if isinstance(e, Notice)] == [("sent", "alice", "hi  there")]
+    assert shown(effects) == [] and shown(effects, echoes=True) == ["[alice] hi  there"]
 
 
 def test_who_lists_users_in_one_line():
@@ -518,14 +605,144 @@ def test_not_responding_and_socket_errors_exit_3():
     assert closed(online().lost("chat socket: reset")) == 3
 
 
+# --- reconnecting -------------------------------------------------------------------------
+
+
+def steady(value: float):
+    return lambda: value
+
+
+def test_backoff_doubles_up_to_the_cap_with_jitter_between_half_and_all():
+    low, high = Backoff(first=1, cap=30, rng=steady(0.0)), Backoff(first=1, cap=30, rng=steady(0.999999))
+    lows = [low.next() for _ in range(8)]
+    highs = [high.next() for _ in range(8)]
+    assert lows == [0.5, 1, 2, 4, 8, 15, 15, 15]
+    assert [round(h, 3) for h in highs] == [1, 2, 4, 8, 16, 30, 30, 30]
+    low.reset()
+    assert low.next() == 0.5 and low.attempt == 1
+    assert Backoff(rng=steady(0.5)).next() == 0.75
+
+
+def test_without_reconnect_a_lost_connection_exits_3():
+    assert closed(chatting().lost("login socket: reset")) == 3
+
+
+def test_a_lost_chat_is_said_then_a_reconnect_is_asked_for():
+    s = chatting(reconnect=True, backoff=Backoff(rng=steady(0.0)))
+    effects = s.receive(LOGIN, b"")
+    assert shown(effects) == [
+        "connection lost: the server closed the login socket",
+        "chat with bob ended: the connection was lost",
+        "reconnecting in 0.5 s (attempt 1): the server closed the login socket",
+    ]
+    assert effects[-1] == Reconnect(0.5) and closed(effects) is None
+    assert s.phase is Phase.RECONNECTING and s.partner is None
+    effects = s.reconnect_failed("Connection refused")
+    assert shown(effects) == ["reconnecting in 1.0 s (attempt 2): Connection refused"]
+    assert effects[-1] == Reconnect(1.0)
+
+
+def test_reconnect_logs_in_again_and_says_where_the_user_stands():
+    s = ClientSession("alice", "pw", register=True, reconnect=True, backoff=Backoff(rng=steady(0.0)))
+    assert sent(s.start()) == ["LOGIN: REGISTER alice pw"]
+    s.receive(LOGIN, frames("HELLO 1 x", "WELCOME Alice ctok ktok", "READY Alice", "STARTED bob"))
+    s.not_responding()
+    s.reconnect_failed("refused")
+    assert sent(s.start()) == ["LOGIN: LOGIN Alice pw"]   # the account exists now
+    effects = s.receive(LOGIN, frames("HELLO 1 x", "WELCOME Alice c2 k2"))
+    assert sent(effects) == ["CHAT: ATTACH CHAT c2", "CHECK: ATTACH CHECK k2"]
+    effects = s.receive(LOGIN, frames("READY Alice"))
+    assert shown(effects) == ["reconnected: logged in as Alice; not in a chat (the chat with bob ended when "
+                              "the connection was lost; /chat bob asks again)"]
+    assert s.phase is Phase.IDLE and s.backoff.attempt == 0
+
+
+def test_a_request_lost_with_the_connection_is_said():
+    s = online(reconnect=True)
+    s.typed("/chat bob")
+    assert "chat request with bob ended: the connection was lost" in shown(s.lost("chat socket: reset"))
+
+
+def test_reconnect_after_a_bye_unless_it_is_final():
+    s = online(reconnect=True)
+    effects = s.receive(LOGIN, frames("BYE shutdown server is shutting down"))
+    assert shown(effects)[0] == "disconnected: server is shutting down" and isinstance(effects[-1], Reconnect)
+    for reason in ("replaced", "auth-failed"):
+        t = online(reconnect=True)
+        assert closed(t.receive(LOGIN, frames(f"BYE {reason} no"))) == 3
+
+
+def test_no_reconnect_before_the_first_ready_or_after_a_protocol_error():
+    s = ClientSession("alice", "pw", reconnect=True)
+    s.start()
+    assert closed(s.receive(LOGIN, b"")) == 3
+    assert closed(online(reconnect=True).receive(LOGIN, frames("FROBNICATE"))) == 3
+
+
+def test_what_follows_a_drop_in_the_same_read_is_of_the_past():
+    s = chatting(reconnect=True)
+    effects = s.receive(LOGIN, frames("BYE ping-timeout no answer", "MSG bob late") + b"")
+    assert [type(e) for e in effects].count(Reconnect) == 1
+    assert "[bob] late" not in shown(effects)
+    assert s.receive(CHAT, b"") == [] and s.lost("check socket: reset") == [] and s.not_responding() == []
+
+
+def test_while_offline_only_help_and_exit_work():
+    s = online(reconnect=True)
+    s.lost("reset")
+    assert shown(s.typed("hello")) == ["error: not connected (reconnecting); not sent"]
+    assert shown(s.typed("/who")) == ["error: not connected (reconnecting); not sent"]
+    assert shown(s.typed("/help")) == [FORMATS["help"]]
+    effects = s.typed("/exit")
+    assert shown(effects) == ["stopped reconnecting"] and closed(effects) == 3 and sent(effects) == []
+
+
+def test_interrupt_or_end_of_input_while_offline_stops_reconnecting():
+    s = online(reconnect=True)
+    s.lost("reset")
+    assert closed(s.interrupt()) == 3
+    t = online(reconnect=True)
+    t.lost("reset")
+    assert closed(t.exit()) == 3
+
+
+def test_a_refused_login_after_reconnecting_exits_1():
+    s = online(reconnect=True)
+    s.lost("reset")
+    s.start()
+    assert closed(s.receive(LOGIN, frames("ERR LOGIN auth-failed invalid username or password"))) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(role=st.sampled_from([LOGIN, CHAT, CHECK]), data=st.binary(max_size=300))
+def test_with_reconnect_any_bytes_end_in_closed_or_reconnecting(role, data):
+    s = chatting(reconnect=True)
+    effects = s.receive(role, data) + s.receive(role, b"")
+    assert all(isinstance(e, _EFFECT_TYPES) for e in effects)
+    assert s.phase in (Phase.CLOSED, Phase.RECONNECTING)
+    assert [type(e) for e in effects].count(Reconnect) + [type(e) for e in effects].count(Close) == 1
+
+
 # --- formats and checks -------------------------------------------------------------------
 
 
 def test_every_format_renders_as_one_line():
     for kind in FORMATS:
-        line = Notice(kind, user="bob", text="t", detail="d").line()
+        line = Notice(kind, user="bob", text="t", detail="d", count=2).line()
         assert line and "\n" not in line and "{" not in line, kind
-    assert STDERR_KINDS <= set(FORMATS)
+    assert STDERR_KINDS <= set(FORMATS) and ECHO_KINDS <= set(FORMATS)
+
+
+def test_every_kind_has_its_json_fields_with_their_types():
+    assert set(JSON_FIELDS) == set(FORMATS)
+    for kind, fields in JSON_FIELDS.items():
+        notice = Notice(kind, user="bob", text="7", detail="1.5", users=(("bob", "idle"),), count=3)
+        out = notice.fields()
+        assert list(out) == list(fields), kind
+        for name, (_, kind_type) in fields.items():
+            assert type(out[name]) is kind_type, (kind, name)
+    assert Notice("who", users=(("a", "idle"), ("b", "busy"))).fields() == {
+        "users": [{"name": "a", "status": "idle"}, {"name": "b", "status": "busy"}], "more": 0}
 
 
 def test_user_and_password_checks():
@@ -538,7 +755,7 @@ def test_user_and_password_checks():
 # --- properties ---------------------------------------------------------------------------
 
 
-_EFFECT_TYPES = (Send, Connect, Close, Notice)
+_EFFECT_TYPES = (Send, Connect, Close, Notice, Reconnect, Roster)
 
 
 @settings(max_examples=300, deadline=None)

@@ -8,6 +8,7 @@ sleeps to synchronise: every wait is for a condition, with a deadline.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import threading
@@ -46,6 +47,7 @@ class FakeServer:
         self.accepted = 0
         self.tokens = {"CHAT": "ctok", "CHECK": "ktok"}
         self._user = None
+        self._ready_sent = False
         self._stopping = False
         self._threads: list[threading.Thread] = []
 
@@ -56,6 +58,10 @@ class FakeServer:
 
     def stop(self) -> None:
         self._stopping = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)   # stop listening now, and wake accept()
+        except OSError:
+            pass
         self.listener.close()
         self.close_all()
 
@@ -130,6 +136,8 @@ class FakeServer:
                 sock.sendall(b"ERR LOGIN auth-failed invalid username or password\n")
                 return None
             self._user = user
+            with self.cond:
+                self._ready_sent = False
             self._register("LOGIN", sock)
             sock.sendall(f"WELCOME {user} ctok ktok\n".encode())
             return "LOGIN"
@@ -141,7 +149,9 @@ class FakeServer:
             self._register(which, sock)
             sock.sendall(f"OK ATTACH {which}\n".encode())
             with self.cond:
-                ready = "CHAT" in self.socks and "CHECK" in self.socks
+                # both attach threads may see both sockets: READY goes out once
+                ready = "CHAT" in self.socks and "CHECK" in self.socks and not self._ready_sent
+                self._ready_sent = self._ready_sent or ready
             if ready:
                 self.send("LOGIN", f"READY {self._user}")
             return which
@@ -352,6 +362,92 @@ def test_register_sends_register(fake, clients):
     fake.wait_frame("fresh", "REGISTER carol pw carol")
 
 
+# --- reconnecting (--reconnect) ----------------------------------------------------------
+
+RECONNECTING = re.compile(r"reconnecting in \d+\.\d s \(attempt (\d+)\): (.+)")
+
+
+def expect_attempt(client, attempt: int) -> str:
+    """The next line is reconnect attempt ``attempt``; its reason."""
+    line = client.line()
+    match = RECONNECTING.fullmatch(line or "")
+    assert match and int(match.group(1)) == attempt, f"expected attempt {attempt}, got {line!r}"
+    return match.group(2)
+
+
+def test_without_reconnect_scripted_mode_exits_3_as_before(fake, clients):
+    client = clients(fake.port)
+    client.expect("logged in as alice")
+    fake.send("LOGIN", "STARTED bob")
+    client.expect("chat with bob started")
+    fake.close_all()
+    assert client.wait() == 3
+    assert [line.split(":")[0] for line in client.rest()] == ["connection lost"]
+
+
+def test_reconnect_logs_in_again_and_says_the_chat_was_lost(fake, clients):
+    client = clients(fake.port, "--reconnect", "--register")
+    client.expect("logged in as alice")
+    fake.send("LOGIN", "STARTED bob")
+    client.expect("chat with bob started")
+    fake.close_all()
+    assert client.line().startswith("connection lost: the server closed the ")
+    assert client.line() == "chat with bob ended: the connection was lost"
+    expect_attempt(client, 1)
+    assert client.line() == ("reconnected: logged in as alice; not in a chat (the chat with bob ended when "
+                             "the connection was lost; /chat bob asks again)")
+    # registered once; the second time it logs in to the account it made
+    logins = [line for role, line in fake.frames if role == "fresh" and line.endswith("alice secret")]
+    assert logins == ["REGISTER alice secret", "LOGIN alice secret"]
+    client.write("/who\n")   # and it is a working session again
+    client.expect("online: alice (idle)")
+
+
+def test_reconnect_tries_again_one_line_per_attempt_until_the_server_is_back(clients):
+    first = FakeServer().start()
+    port = first.port
+    client = clients(port, "--reconnect")
+    client.expect("logged in as alice")
+    first.stop()   # the port refuses connections from now on
+    assert client.line().startswith("connection lost: ")
+    expect_attempt(client, 1)
+    assert expect_attempt(client, 2) == "Connection refused"
+    second = FakeServer(socket.create_server(("127.0.0.1", port))).start()
+    try:
+        client.expect("reconnected: logged in as alice; not in a chat")
+        second.wait_frame("fresh", "LOGIN alice secret")
+    finally:
+        second.stop()
+
+
+def test_end_of_input_while_offline_stops_reconnecting_and_exits_3(clients):
+    server = FakeServer().start()
+    client = clients(server.port, "--reconnect")
+    client.expect("logged in as alice")
+    server.stop()
+    assert client.line().startswith("connection lost: ")
+    expect_attempt(client, 1)
+    client.close_stdin()
+    assert client.wait() == 3
+    assert "stopped reconnecting" in client.rest()
+
+
+def test_a_takeover_is_final_even_with_reconnect(fake, clients):
+    client = clients(fake.port, "--reconnect")
+    client.expect("logged in as alice")
+    fake.send("LOGIN", "BYE replaced logged in from another client")
+    fake.close_all()
+    assert client.wait() == 3
+    assert client.rest() == ["disconnected: logged in from another client"]
+    assert [line for role, line in fake.frames if line.startswith("LOGIN")] == ["LOGIN alice secret"]
+
+
+def test_timestamps_on_request_in_scripted_mode(fake, clients):
+    client = clients(fake.port, "--timestamps", "--timestamp-format", "<%H:%M:%S>")
+    line = client.line()
+    assert re.fullmatch(r"<\d\d:\d\d:\d\d> logged in as alice", line), line
+
+
 # --- against the real server ------------------------------------------------------------
 
 
@@ -385,7 +481,9 @@ def test_help_lists_every_option_with_a_metavar():
     result = CliRunner().invoke(connect, ["--help"])
     assert result.exit_code == 0
     for option in ("--host HOST", "--port PORT", "--user NAME", "--register", "--retry N",
-                   "--ping-interval SECONDS", "--ping-timeout SECONDS"):
+                   "--ping-interval SECONDS", "--ping-timeout SECONDS", "--reconnect / --no-reconnect",
+                   "--json", "--color / --no-color", "--bell / --no-bell", "--timestamps / --no-timestamps",
+                   "--timestamp-format FORMAT", "--config PATH"):
         assert option in result.output, option
 
 

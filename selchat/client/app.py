@@ -14,14 +14,23 @@ ends a session (``BYE``) on the login socket and then closes all three, but
 three TCP connections are read in no particular order: handing over such an
 EOF at once would often report "connection lost" instead of the reason.
 
-Connecting the login socket happens before the loop starts, blocking, with
-retries: nothing else can happen until it is open, and a plain loop with
-``time.sleep`` is the simplest honest way to back off (and to ask "retry?").
+The *link* is what belongs to one connection: the three transports, the
+heartbeat, the EOF holds and the tasks opening the chat and check sockets.
+On ``core.Reconnect`` the link is dropped whole (its generation number goes up,
+so a late callback of the old link knows it is stale), and after the delay a
+new login socket is opened on the loop, without blocking it: the user can
+still type ``/help`` or leave meanwhile, and the countdown is shown.
+
+Connecting the login socket the first time happens before the loop starts,
+blocking, with retries: nothing else can happen until it is open, and a plain
+loop with ``time.sleep`` is the simplest honest way to back off (and to ask
+"retry?").
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import time
@@ -29,7 +38,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from selchat.client import core
-from selchat.client.core import CHECK, LOGIN, ClientSession, Close, Connect, Heartbeat, Notice, Role, Send
+from selchat.client.core import (
+    CHECK, LOGIN, ClientSession, Close, Connect, Heartbeat, Notice, Phase, Reconnect, Role, Roster, Send,
+)
 
 CONNECT_TIMEOUT = 10.0   # seconds for one TCP connect
 EXIT_GRACE = 2.0         # seconds to wait for the server to confirm EXIT
@@ -38,6 +49,7 @@ RETRY_FIRST, RETRY_MAX = 1.0, 8.0
 READ_SIZE = 65536
 HIGH_WATER, LOW_WATER = 64 * 1024, 16 * 1024   # pause / resume reading input
 MAX_WRITE_BUFFER = 1024 * 1024                  # beyond this the server is not reading
+TICK = 0.5               # seconds between redraws of the reconnect countdown
 
 
 @dataclass(frozen=True)
@@ -50,12 +62,15 @@ class Settings:
     retry: int = 0
     ping_interval: float = 30.0
     ping_timeout: float = 30.0
+    reconnect: bool = False
 
 
 def describe(err: BaseException) -> str:
     """A short human reason for a socket error."""
     if isinstance(err, (socket.timeout, asyncio.TimeoutError, TimeoutError)):
         return "timed out"
+    if isinstance(err, OSError) and err.errno and not isinstance(err, socket.gaierror):
+        return os.strerror(err.errno)   # asyncio's own text names the address again
     return getattr(err, "strerror", None) or str(err) or type(err).__name__
 
 
@@ -64,8 +79,9 @@ def run(settings: Settings, ui, ask_retry: Callable[[], bool] | None = None) -> 
     sock = open_login_socket(settings.host, settings.port, settings.retry, ui.show, ask_retry)
     if sock is None:
         return core.EXIT_UNREACHABLE
-    session = ClientSession(settings.user, settings.password, settings.register)
-    client = Client(session, ui, sock.getpeername(), settings.ping_interval, settings.ping_timeout)
+    session = ClientSession(settings.user, settings.password, settings.register, reconnect=settings.reconnect)
+    client = Client(session, ui, sock.getpeername(), settings.ping_interval, settings.ping_timeout,
+                    server=(settings.host, settings.port))
     return asyncio.run(client.run(sock))
 
 
@@ -172,37 +188,40 @@ class Transport:
 class Client:
     """Drives one ``ClientSession`` on the running asyncio loop.
 
-    The UI calls ``typed(line)``, ``end_of_input()`` and ``interrupt()``; the
-    UI is told ``show(notice)``, ``refresh()`` (the phase may have changed),
-    ``start_input(client)`` once the user is online, ``pause_input()`` /
-    ``resume_input()`` for flow control and ``stop_input()`` when no more
-    input is wanted.
+    The UI calls ``typed(line)``, ``end_of_input()``, ``interrupt()`` and
+    ``refresh_names()``; the UI is told ``show(notice)``, ``refresh()`` (the
+    phase may have changed), ``start_input(client)`` once the user is online,
+    ``pause_input()`` / ``resume_input()`` for flow control and
+    ``stop_input()`` when no more input is wanted. ``reconnect_in()`` is the
+    countdown to the next reconnection attempt, for the status line.
     """
 
-    def __init__(self, session: ClientSession, ui, address, ping_interval: float, ping_timeout: float):
+    def __init__(self, session: ClientSession, ui, address, ping_interval: float, ping_timeout: float,
+                 server: tuple[str, int] | None = None):
         self.session, self.ui, self.address = session, ui, address
-        self.family = socket.AF_INET6 if len(address) == 4 else socket.AF_INET
+        self.server = server or address[:2]   # where to reconnect to (by name, resolved again)
         self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
         self.loop: asyncio.AbstractEventLoop | None = None
         self.done: asyncio.Future | None = None
         self.heartbeat: Heartbeat | None = None
+        self.reconnect_at: float | None = None   # loop time of the next attempt
+        self._gen = 0                              # the link's generation
         self._transports: dict[Role, Transport] = {}
+        self._link_tasks: set[asyncio.Task] = set()
+        self._link_timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._roster_waiters: list[asyncio.Future] = []
         self._input = "waiting"   # waiting -> running <-> paused -> stopped
 
     async def run(self, login_sock: socket.socket) -> int:
         """Run the session over ``login_sock`` until it ends; the exit code."""
         self.loop = asyncio.get_running_loop()
         self.done = self.loop.create_future()
-        self.heartbeat = Heartbeat(self.ping_interval, self.ping_timeout, self.loop.time())
         self._install_signals()
         with self.ui.output():
             try:
-                self._transports[LOGIN] = self._transport(LOGIN)
-                self._transports[LOGIN].start(login_sock)
-                self.apply(self.session.start())
-                self._arm_heartbeat()
+                self._start_link(login_sock)
                 return await self.done
             finally:
                 self._teardown()
@@ -219,17 +238,40 @@ class Client:
     def interrupt(self) -> None:
         self.apply(self.session.interrupt())
 
+    def refresh_names(self) -> asyncio.Future:
+        """Ask who is online without showing it; the future is done (with the
+        names) when the answer is in, or at once if none can be asked for."""
+        waiter = self.loop.create_future()
+        self._roster_waiters.append(waiter)
+        self.apply(self.session.refresh_names())
+        if not self.session.refreshing:
+            self._wake_roster_waiters()
+        return waiter
+
+    def reconnect_in(self) -> float | None:
+        """Seconds until the next reconnection attempt, or None."""
+        if self.reconnect_at is None:
+            return None
+        return max(0.0, self.reconnect_at - self.loop.time())
+
     # -- effects -------------------------------------------------------------------
 
     def apply(self, effects: list) -> None:
         """Carry out the session's effects, in order, then follow its phase."""
         for effect in effects:
-            if type(effect) is Send:
-                self._transports[effect.role].write(effect.data)
-            elif type(effect) is Connect:
+            kind = type(effect)
+            if kind is Send:
+                transport = self._transports.get(effect.role)
+                if transport is not None:
+                    transport.write(effect.data)
+            elif kind is Connect:
                 self._connect(effect.role)
-            elif type(effect) is Close:
+            elif kind is Close:
                 self._finish(effect.code)
+            elif kind is Reconnect:
+                self._reconnect_later(effect.delay)
+            elif kind is Roster:
+                self._wake_roster_waiters()
             else:
                 self.ui.show(effect)
         self._follow_phase()
@@ -257,31 +299,72 @@ class Client:
             self._input = "stopped"
             self.ui.stop_input()
 
-    # -- sockets ---------------------------------------------------------------------
+    def _wake_roster_waiters(self) -> None:
+        waiters, self._roster_waiters = self._roster_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(self.session.known_users)
+
+    # -- the link: one connection's sockets and timers --------------------------------
+
+    def _start_link(self, login_sock: socket.socket) -> None:
+        """A login socket is open: start a new link on it and log in."""
+        self.address = login_sock.getpeername()
+        self.heartbeat = Heartbeat(self.ping_interval, self.ping_timeout, self.loop.time())
+        self._transports[LOGIN] = self._transport(LOGIN)
+        self._transports[LOGIN].start(login_sock)
+        self.apply(self.session.start())
+        if not self.done.done():
+            self._arm_heartbeat()
+
+    def _drop_link(self) -> None:
+        """Close everything of the current connection; late callbacks find a new generation."""
+        self._gen += 1
+        for timer in self._link_timers.values():
+            timer.cancel()
+        self._link_timers.clear()
+        for task in list(self._link_tasks):
+            task.cancel()
+        for transport in self._transports.values():
+            transport.close()
+        self._transports.clear()
+        self._wake_roster_waiters()
 
     def _transport(self, role: Role) -> Transport:
-        return Transport(self.loop, role, self._on_read, self._on_socket_error, self._on_flow)
+        gen = self._gen
+
+        def on_read(role: Role, data: bytes) -> None:
+            if gen == self._gen:
+                self._on_read(role, data)
+
+        def on_error(role: Role, err: OSError) -> None:
+            if gen == self._gen:
+                self._on_socket_error(role, err)
+
+        return Transport(self.loop, role, on_read, on_error, self._on_flow)
 
     def _connect(self, role: Role) -> None:
         """Open the socket of ``role``; writes to it wait in its buffer meanwhile."""
         self._transports[role] = self._transport(role)
-        task = self.loop.create_task(self._finish_connect(role))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self.loop.create_task(self._finish_connect(role, self._gen))
+        self._link_tasks.add(task)
+        task.add_done_callback(self._link_tasks.discard)
 
-    async def _finish_connect(self, role: Role) -> None:
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
+    async def _finish_connect(self, role: Role, gen: int) -> None:
+        family = socket.AF_INET6 if len(self.address) == 4 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             await asyncio.wait_for(self.loop.sock_connect(sock, self.address), CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as err:
             sock.close()
-            self.apply(self.session.lost(f"cannot open the {role.value.lower()} socket: {describe(err)}"))
+            if gen == self._gen:
+                self.apply(self.session.lost(f"cannot open the {role.value.lower()} socket: {describe(err)}"))
             return
         except BaseException:
             sock.close()
             raise
-        if self.done.done():
+        if self.done.done() or gen != self._gen:
             sock.close()
         else:
             self._transports[role].start(sock)
@@ -301,14 +384,14 @@ class Client:
         def deliver() -> None:
             self.apply(self.session.receive(role, b""))
 
-        self._timers[f"eof-{role.value}"] = self.loop.call_later(EOF_GRACE, deliver)
+        self._link_timers[f"eof-{role.value}"] = self.loop.call_later(EOF_GRACE, deliver)
 
     def _on_socket_error(self, role: Role, err: OSError) -> None:
         self.apply(self.session.lost(f"{role.value.lower()} socket: {describe(err)}"))
 
     def _on_flow(self) -> None:
         """Pause reading input while the server is slow to take what we send."""
-        buffered = max(t.buffered for t in self._transports.values())
+        buffered = max((t.buffered for t in self._transports.values()), default=0)
         if self._input == "running" and buffered > HIGH_WATER:
             self._input = "paused"
             self.ui.pause_input()
@@ -316,18 +399,60 @@ class Client:
             self._input = "running"
             self.ui.resume_input()
 
+    # -- reconnecting --------------------------------------------------------------------
+
+    def _reconnect_later(self, delay: float) -> None:
+        self._drop_link()
+        if self._input == "paused":   # nothing is buffered any more
+            self._input = "running"
+            self.ui.resume_input()
+        self.reconnect_at = self.loop.time() + delay
+        self._timers["reconnect"] = self.loop.call_later(delay, self._reconnect_now)
+        self._tick()
+
+    def _tick(self) -> None:
+        """Redraw the countdown while it runs."""
+        self.ui.refresh()
+        if self.reconnect_at is not None and not self.done.done():
+            self._timers["tick"] = self.loop.call_later(TICK, self._tick)
+
+    def _reconnect_now(self) -> None:
+        task = self.loop.create_task(self._reconnect())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reconnect(self) -> None:
+        self.reconnect_at = None
+        self.ui.refresh()
+        try:
+            sock = await open_socket(self.loop, *self.server)
+        except (OSError, asyncio.TimeoutError) as err:
+            self.apply(self.session.reconnect_failed(describe(err)))
+            return
+        if self.done.done() or self.session.phase is not Phase.RECONNECTING:
+            sock.close()   # the user left meanwhile
+            return
+        self._start_link(sock)
+
     # -- timers and signals --------------------------------------------------------
 
     def _arm_heartbeat(self) -> None:
-        self._timers["heartbeat"] = self.loop.call_at(self.heartbeat.deadline(), self._on_heartbeat)
+        gen = self._gen
+
+        def fire() -> None:
+            if gen == self._gen:
+                self._on_heartbeat()
+
+        self._link_timers["heartbeat"] = self.loop.call_at(self.heartbeat.deadline(), fire)
 
     def _on_heartbeat(self) -> None:
+        gen = self._gen
         due = self.heartbeat.due(self.loop.time())
         if due == Heartbeat.DEAD:
             self.apply(self.session.not_responding())
         elif due == Heartbeat.PING:
             self.apply(self.session.ping())
-        if not self.done.done():
+        if not self.done.done() and gen == self._gen:
             self._arm_heartbeat()
 
     def _exit_grace_over(self) -> None:
@@ -344,14 +469,38 @@ class Client:
                 pass  # not the main thread (tests), or not supported here
 
     def _teardown(self) -> None:
+        self._drop_link()
+        self.reconnect_at = None
         for timer in self._timers.values():
             timer.cancel()
         for task in list(self._tasks):
             task.cancel()
-        for transport in self._transports.values():
-            transport.close()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             try:
                 self.loop.remove_signal_handler(signum)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
+
+
+async def open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket to ``host:port``, without blocking the loop.
+
+    Each address the name resolves to is tried in turn, each within
+    CONNECT_TIMEOUT; the last error is raised if none answers.
+    """
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: BaseException = OSError(f"no address for {host}")
+    for family, type_, proto, _, address in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, address), CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as err:
+            sock.close()
+            error = err
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error

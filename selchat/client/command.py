@@ -3,6 +3,12 @@
 Everything that needs a person (the user name, a hidden password prompt,
 "retry?") happens here, before the loop starts; ``app.run`` does the rest.
 
+Where an option's value comes from, first found wins (click's order): the
+command line, the option's environment variable, the config file (through
+``ctx.default_map``, filled by the eager ``--config`` option before any other
+is read), the default. ``NO_COLOR`` counts as the environment variable of
+``--color/--no-color``.
+
 Exit codes: 0 ok, 1 login failed or bad usage, 2 server unreachable,
 3 connection lost.
 """
@@ -11,11 +17,12 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
-from selchat.client import app, core
-from selchat.client.ui import InteractiveUI, ScriptedUI
+from selchat.client import app, config, core
+from selchat.client.ui import JsonUI, ScriptedUI
 
 PASSWORD_ENV = "SELCHAT_PASSWORD"
 
@@ -72,7 +79,24 @@ def _ask_retry() -> bool:
     return click.confirm("retry?", default=True)
 
 
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    """Eager: read the config file into ``ctx.default_map`` before the other options."""
+    path = Path(value).expanduser() if value else config.default_path()
+    try:
+        defaults = config.read(path, required=bool(value))
+    except config.ConfigError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param)
+    if os.environ.get("NO_COLOR"):   # https://no-color.org: set and not empty
+        defaults["color"] = False    # an environment variable outranks the file
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return str(path)
+
+
 @click.command("connect", cls=_Command)
+@click.option("--config", "config_path", envvar="SELCHAT_CONFIG", metavar="PATH", is_eager=True,
+              expose_value=False, callback=_load_config,
+              help="Read option defaults from this TOML file (env SELCHAT_CONFIG; default "
+                   "$XDG_CONFIG_HOME/selchat/config.toml, else ~/.config/selchat/config.toml).")
 @click.option("--host", envvar="SELCHAT_HOST", default="127.0.0.1", show_default=True,
               metavar="HOST", help="Server host name or address (env SELCHAT_HOST).")
 @click.option("--port", envvar="SELCHAT_PORT", default=7117, show_default=True,
@@ -83,27 +107,58 @@ def _ask_retry() -> bool:
               help="Create the account, then log in. The password comes from SELCHAT_PASSWORD "
                    "or is asked for twice.")
 @click.option("--retry", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
-              help="If the server is unreachable, try N more times (1 s apart, doubling up to 8 s).")
+              help="If the server is unreachable at start, try N more times (1 s apart, doubling up to 8 s).")
+@click.option("--reconnect/--no-reconnect", default=None,
+              help="When the connection is lost, reconnect (capped exponential backoff with jitter) and "
+                   "log in again. Default: on in interactive mode, off in scripted and --json mode.")
 @click.option("--ping-interval", default=30.0, show_default=True, type=click.FloatRange(min=0.05),
               metavar="SECONDS", help="Send a heartbeat PING this often.")
 @click.option("--ping-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.05),
               metavar="SECONDS",
               help="Give up when the server has been silent for the ping interval plus this long.")
-def connect(host, port, user, register, retry, ping_interval, ping_timeout):
+@click.option("--json", "json_mode", is_flag=True,
+              help="Print one JSON object per event on stdout (see the README for the fields); "
+                   "read commands from stdin as in scripted mode, also on a terminal.")
+@click.option("--color/--no-color", default=None,
+              help="Colours on a terminal (default on; NO_COLOR set turns them off).")
+@click.option("--bell/--no-bell", default=True, show_default=True,
+              help="Ring the terminal bell when a chat request arrives.")
+@click.option("--timestamps/--no-timestamps", default=None,
+              help="Start each line with the time. Default: on in interactive mode, off in scripted mode.")
+@click.option("--timestamp-format", default="%H:%M", show_default=True, metavar="FORMAT",
+              help="strftime format of the timestamps, e.g. '%H:%M:%S'.")
+def connect(host, port, user, register, retry, reconnect, ping_interval, ping_timeout, json_mode,
+            color, bell, timestamps, timestamp_format):
     """Log in to a selchat server and chat.
 
     On a terminal this is an interactive prompt (/help lists the commands).
     Otherwise lines are read from stdin as if typed and every event is printed
-    as one line on stdout; at the end of stdin the client logs out. The
-    password is read from SELCHAT_PASSWORD (required when not on a terminal).
+    as one line on stdout (or, with --json, as one JSON object); at the end of
+    stdin the client logs out. The password is read from SELCHAT_PASSWORD
+    (required when not on a terminal).
 
     Exit codes: 0 ok, 1 login failed or bad usage, 2 server unreachable,
     3 connection lost.
     """
-    interactive = _is_interactive()
+    interactive = not json_mode and _is_interactive()
     user = _get_user(user, interactive)
     password = _get_password(interactive, register)
+    if reconnect is None:
+        reconnect = interactive
+    if timestamps is None:
+        timestamps = interactive
     settings = app.Settings(host=host, port=port, user=user, password=password, register=register,
-                            retry=retry, ping_interval=ping_interval, ping_timeout=ping_timeout)
-    ui = InteractiveUI() if interactive else ScriptedUI()
+                            retry=retry, ping_interval=ping_interval, ping_timeout=ping_timeout,
+                            reconnect=reconnect)
+    stamps = timestamp_format if timestamps else None
+    if json_mode:
+        ui = JsonUI()
+    elif interactive:
+        from selchat.client.interactive import InteractiveUI   # prompt_toolkit: only on a terminal
+
+        if color is None:
+            color = os.environ.get("TERM") != "dumb"
+        ui = InteractiveUI(color=color, bell=bell, timestamp_format=stamps)
+    else:
+        ui = ScriptedUI(timestamp_format=stamps)
     sys.exit(app.run(settings, ui, ask_retry=_ask_retry if interactive else None))

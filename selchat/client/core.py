@@ -9,9 +9,33 @@ out, in order:
 - ``Connect(role)``: open that socket now (the ``Send``\\ s for it follow);
 - ``Notice(kind, ...)``: show something to the user (``FORMATS`` renders it);
 - ``Close(code)``: the session is over; close every socket, exit with ``code``.
+- ``Reconnect(delay)``: the connection is gone; close every socket, and after
+  ``delay`` seconds open a new login socket and call ``start()`` again (or
+  ``reconnect_failed(why)`` if it cannot be opened);
+- ``Roster(users)``: a fresh list of who is online (for tab completion).
 
 Nothing here reads a clock or touches a socket. Time enters only through
-``Heartbeat``, whose methods take ``now`` from the loop.
+``Heartbeat``, whose methods take ``now`` from the loop; chance only through
+``Backoff``, whose random source is passed in.
+
+Reconnecting
+------------
+With ``reconnect=True``, a session that has once been online and then loses
+its connection (EOF, a socket error, no heartbeat, or a ``BYE`` other than
+``replaced``, ``auth-failed`` or ``exit``) does not end: it says what was lost
+(the chat or request, if any), enters ``Phase.RECONNECTING`` and asks the loop
+to try again after a capped, jittered exponential delay (``Backoff``). The
+next ``start()`` logs in with the same credentials (``LOGIN``, also when the
+first time was ``REGISTER``); ``READY`` then says where the user stands now.
+Protocol errors and refused logins still end the session.
+
+Whose WHO
+---------
+Tab completion asks the server who is online with a WHO of its own
+(``refresh_names()``). Replies on the chat socket come in the order the
+commands went out, so a queue of "was it the user's?" flags, one per WHO
+sent, tells each ``OK WHO`` apart: every one refreshes ``known_users`` (a
+``Roster`` effect), only the user's own is shown.
 
 Three sockets, one order
 ------------------------
@@ -34,10 +58,13 @@ display right whatever the order:
 
 from __future__ import annotations
 
+import difflib
 import enum
+import random
 import re
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from selchat.protocol import codec
 from selchat.protocol import events as ev
@@ -50,8 +77,15 @@ LOGIN, CHAT, CHECK = Role.LOGIN, Role.CHAT, Role.CHECK
 
 #: Sent message texts kept by sequence number so that a NACK can name its text.
 SENT_KEPT = 500
-#: WHO entries collected at most (the rest are counted, not listed).
+#: WHO entries listed at most in the "online:" line (the rest are counted, not listed).
 WHO_LISTED = 200
+#: User names kept from a WHO reply for completion (and for --json) at most.
+NAMES_KEPT = 5000
+#: Reconnecting: the first delay, and the cap of the doubling (seconds).
+RECONNECT_FIRST, RECONNECT_CAP = 1.0, 30.0
+#: BYE reasons after which reconnecting would be wrong: someone else logged in
+#: to the account, the password is no longer accepted, or we asked to leave.
+FINAL_BYES = frozenset({"replaced", "auth-failed", "exit"})
 #: Exit codes of ``selchat connect``.
 EXIT_OK, EXIT_LOGIN, EXIT_UNREACHABLE, EXIT_LOST = 0, 1, 2, 3
 
@@ -61,8 +95,10 @@ MAX_PASSWORD_BYTES = 1024
 # --- What the user sees --------------------------------------------------------
 
 #: Every line the client shows, by kind. Scripted mode prints exactly these, one
-#: per line; tests and scripts depend on them, so change them with care.
-#: Fields: {user} a user name, {text} free text, {detail} a reason or code.
+#: per line; tests and scripts depend on them, so change them with care (add
+#: new kinds rather than change old ones).
+#: Fields: {user} a user name, {text} free text, {detail} a reason or code,
+#: {count} a number.
 FORMATS: dict[str, str] = {
     # kind               format                                         shown on
     "ready":             "logged in as {user}",                         # READY
@@ -73,6 +109,7 @@ FORMATS: dict[str, str] = {
     "expired":           "chat request with {user} expired",            # EXPIRED
     "cancelled":         "chat request with {user} cancelled",          # CANCELLED
     "message":           "[{user}] {text}",                             # MSG from the partner
+    "sent":              "[{user}] {text}",                             # MSG we sent (not in plain scripted mode)
     "ended":             "chat with {user} ended ({detail}): {text}",   # ENDED
     "who":               "online: {text}",                              # USER... OK WHO
     "error":             "error: {text}",                               # ERR, or refused locally
@@ -93,6 +130,13 @@ FORMATS: dict[str, str] = {
                          " no or /decline, /quit (leave the chat or withdraw your request),"
                          " /who (who is online), /exit (log out), /help; in a chat every"
                          " other line is a message (start it with // to send a leading /)",
+    "help-command":      "{text}: {detail}",                            # /help COMMAND
+    # Connection trouble, with reconnecting on.
+    "chat-dropped":      "chat with {user} ended: the connection was lost",
+    "request-dropped":   "chat request with {user} ended: the connection was lost",
+    "reconnecting":      "reconnecting in {detail} s (attempt {count}): {text}",
+    "reconnected":       "reconnected: logged in as {user}; {text}",   # READY after reconnecting
+    "gave-up":           "stopped reconnecting",                        # /exit, Ctrl-D while offline
     # Before there is a session: scripted mode prints these on stderr.
     "login-failed":      "login failed: {text}",                        # ERR LOGIN, BYE auth-failed
     "register-failed":   "registration failed: {text}",                 # ERR REGISTER
@@ -102,23 +146,85 @@ FORMATS: dict[str, str] = {
 
 #: Kinds that belong on stderr in scripted mode: there is no session yet.
 STDERR_KINDS = frozenset({"login-failed", "register-failed", "unreachable", "retrying"})
+#: Kinds that echo what the user did: shown on a terminal and in --json, but not
+#: in plain scripted mode, whose output stays what scripts already expect.
+ECHO_KINDS = frozenset({"sent"})
+
+#: The --json form of each kind: {json field: (Notice attribute, type)}. Every
+#: object also has "type" (the kind), "time" and "line" (the plain line); the
+#: README documents the same table, and the tests hold the two together.
+JSON_FIELDS: dict[str, dict[str, tuple[str, type]]] = {
+    "ready": {"user": ("user", str)},
+    "request-sent": {"user": ("user", str)},
+    "request-in": {"user": ("user", str)},
+    "started": {"user": ("user", str)},
+    "declined": {"user": ("user", str)},
+    "expired": {"user": ("user", str)},
+    "cancelled": {"user": ("user", str)},
+    "message": {"user": ("user", str), "text": ("text", str)},
+    "sent": {"user": ("user", str), "text": ("text", str)},
+    "ended": {"user": ("user", str), "reason": ("detail", str), "text": ("text", str)},
+    "who": {"users": ("users", list), "more": ("count", int)},
+    "error": {"text": ("text", str)},
+    "not-delivered": {"text": ("text", str), "reason": ("detail", str)},
+    "not-delivered-old": {"seq": ("count", int), "reason": ("detail", str)},
+    "shutdown": {"text": ("text", str)},
+    "disconnected": {"reason": ("detail", str), "text": ("text", str)},
+    "you-declined": {"user": ("user", str)},
+    "you-left": {"user": ("user", str)},
+    "you-withdrew": {"user": ("user", str)},
+    "logged-out": {},
+    "lost": {"text": ("text", str)},
+    "protocol-error": {"text": ("text", str)},
+    "hint-idle": {},
+    "hint-request-in": {"user": ("user", str)},
+    "hint-request-out": {"user": ("user", str)},
+    "help": {},
+    "help-command": {"command": ("text", str), "help": ("detail", str)},
+    "chat-dropped": {"user": ("user", str)},
+    "request-dropped": {"user": ("user", str)},
+    "reconnecting": {"attempt": ("count", int), "delay": ("detail", float), "text": ("text", str)},
+    "reconnected": {"user": ("user", str), "text": ("text", str), "lost_chat": ("detail", str)},
+    "gave-up": {},
+    "login-failed": {"text": ("text", str)},
+    "register-failed": {"text": ("text", str)},
+    "unreachable": {"address": ("text", str), "error": ("detail", str)},
+    "retrying": {"delay": ("detail", float)},
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Notice:
-    """Something to show the user; ``line()`` renders it from ``FORMATS``."""
+    """Something to show the user; ``line()`` renders it from ``FORMATS``.
+
+    ``users`` is the (name, status) list of a ``who`` notice; ``count`` a
+    number some kinds carry (the attempt, how many more users).
+    """
 
     kind: str
     user: str = ""
     text: str = ""
     detail: str = ""
+    users: tuple[tuple[str, str], ...] = ()
+    count: int = 0
 
     def line(self) -> str:
-        return FORMATS[self.kind].format(user=self.user, text=self.text, detail=self.detail)
+        return FORMATS[self.kind].format(user=self.user, text=self.text, detail=self.detail,
+                                         count=self.count)
 
     @property
     def to_stderr(self) -> bool:
         return self.kind in STDERR_KINDS
+
+    def fields(self) -> dict:
+        """The kind's own fields for --json (``JSON_FIELDS``), typed."""
+        out: dict = {}
+        for name, (attr, kind) in JSON_FIELDS[self.kind].items():
+            value = getattr(self, attr)
+            if attr == "users":
+                value = [{"name": n, "status": st} for n, st in value]
+            out[name] = kind(value)
+        return out
 
 
 # --- What the loop does ------------------------------------------------------
@@ -146,7 +252,21 @@ class Close:
     code: int
 
 
-Effect = Send | Connect | Close | Notice
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """The connection is gone: close all sockets; in ``delay`` s open a new login socket."""
+
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class Roster:
+    """Who is online now, from a WHO reply (the user's own or a background one)."""
+
+    users: tuple[str, ...]
+
+
+Effect = Send | Connect | Close | Notice | Reconnect | Roster
 
 
 class Phase(enum.Enum):
@@ -159,6 +279,7 @@ class Phase(enum.Enum):
     REQUEST_OUT = "request out"
     REQUEST_IN = "request in"
     CHATTING = "chatting"
+    RECONNECTING = "reconnecting"
     CLOSED = "closed"
 
 
@@ -190,6 +311,31 @@ def _control_error(text: str, what: str) -> str | None:
     return None
 
 
+class Backoff:
+    """Delays between reconnection attempts: capped exponential, with jitter.
+
+    Attempt n waits a random time between half and all of
+    ``min(cap, first * 2**(n-1))`` ("equal jitter"): never less than half the
+    nominal delay, so a dead server is not hammered, and spread out so that
+    the clients a restarted server dropped do not all come back in the same
+    instant. ``rng`` returns a float in [0, 1); tests pass their own.
+    """
+
+    def __init__(self, first: float = RECONNECT_FIRST, cap: float = RECONNECT_CAP,
+                 rng: Callable[[], float] = random.random):
+        self.first, self.cap, self.rng = first, cap, rng
+        self.attempt = 0
+
+    def next(self) -> float:
+        """The delay before the next attempt (and count it)."""
+        self.attempt += 1
+        nominal = min(self.cap, self.first * 2 ** min(self.attempt - 1, 32))
+        return nominal / 2 + self.rng() * nominal / 2
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
 class ClientSession:
     """One user's session over three sockets, with no I/O.
 
@@ -197,45 +343,83 @@ class ClientSession:
     for bytes read (``b""`` at EOF), ``typed(line)`` for each line the user
     enters, ``exit()`` / ``interrupt()`` for end of input and Ctrl-C, ``ping()``
     and ``not_responding()`` from the heartbeat timer, ``lost(text)`` for a
-    socket error. Each returns the effects to carry out.
+    socket error, ``refresh_names()`` to ask the server who is online without
+    showing it, ``reconnect_failed(text)`` when a login socket could not be
+    opened again. Each returns the effects to carry out.
     """
 
-    def __init__(self, user: str, password: str, register: bool = False):
+    def __init__(self, user: str, password: str, register: bool = False, reconnect: bool = False,
+                 backoff: Backoff | None = None):
         self.user = user
         self.phase = Phase.CONNECTING
         self.partner: str | None = None   # whom the request or chat is with
         self.leaving = False              # EXIT sent (or about to be)
         self.exit_code: int | None = None
+        self.reconnect = reconnect
+        self.backoff = backoff or Backoff()
+        self.known_users: tuple[str, ...] = ()  # from the last WHO, for completion
         self._password = password
         self._register = register
+        self._was_online = False           # READY has been seen once: reconnecting makes sense
+        self._offline = False              # lost, and not yet READY again
+        self._lost_chat = ""               # the partner of the chat the drop ended
+        self._answering = False            # ACCEPT/DECLINE sent for the request in
+        self._out: list[Effect] = []
+        self._new_connection()
+
+    def _new_connection(self) -> None:
+        """Forget everything about the current sockets (a reconnect starts afresh)."""
         self._conns = {role: Connection(CLIENT) for role in Role}
         self._sent: dict[int, str] = {}   # MSG seq -> text, the last SENT_KEPT
         self._asks: deque[tuple[str, bool]] = deque()  # CHAT sent, reply pending: (user, optimistic)
         self._quits: deque[str] = deque()  # QUIT sent, reply pending: the chat partner then, or ""
+        self._whos: deque[bool] = deque()  # WHO sent, reply pending: True if the user asked
         self._held_end: ev.Ended | None = None  # ENDED that may be the echo of our own QUIT
         self._finished: set[Role] = set()  # while leaving: sockets that said their last
         self._eof: set[Role] = set()       # sockets the server has closed
-        self._who: list[str] = []
+        self._who: list[tuple[str, str]] = []
         self._who_more = 0
         self._pings = 0
-        self._out: list[Effect] = []
 
     # -- inputs ------------------------------------------------------------------
 
     def start(self) -> list[Effect]:
-        """The login socket is open: log in (or register)."""
+        """The login socket is open: log in (or register; a reconnect logs in)."""
+        if self.phase is Phase.CLOSED:
+            return []
         event = ev.Register if self._register else ev.Login
         self._send(LOGIN, event(self.user, self._password))
         self.phase = Phase.LOGGING_IN
         return self._flush()
 
+    def reconnect_failed(self, text: str) -> list[Effect]:
+        """The login socket could not be opened again: wait longer, then try again."""
+        if self.phase is Phase.RECONNECTING:
+            self._next_attempt(text)
+        return self._flush()
+
+    def refresh_names(self) -> list[Effect]:
+        """Ask the server who is online, for completion: the reply is a ``Roster``
+        and is not shown. At most one such WHO is outstanding at a time."""
+        if self.online and not self.leaving and not self.refreshing:
+            self._whos.append(False)
+            self._send(CHAT, ev.Who())
+        return self._flush()
+
+    @property
+    def refreshing(self) -> bool:
+        """A background WHO is on its way."""
+        return False in self._whos
+
     def receive(self, role: Role, data: bytes) -> list[Effect]:
         """Bytes read from the socket of ``role``; ``b""`` means the server closed it."""
         conn = self._conns[role]
-        if role in self._eof:
-            return []
+        if role in self._eof or self.phase is Phase.RECONNECTING:
+            return []   # closed already, or from a connection given up
         conn.receive_data(data)
-        while self.phase is not Phase.CLOSED:
+        # Stop when the session ends, or when this connection was given up (a
+        # reconnect replaced it): what is left in it is of the past.
+        while self.phase is not Phase.CLOSED and self._conns[role] is conn:
             event = conn.next_event()
             if event is ev.NEED_DATA:
                 break
@@ -256,7 +440,13 @@ class ClientSession:
         if self.phase is Phase.CLOSED or self.leaving:
             return
         if self.phase not in ONLINE:
-            self._show("error", text="not logged in yet")
+            words = line.split()
+            if words and words[0].lower() in LOCAL_COMMANDS:
+                self._command(words)  # /help and /exit need no server
+            elif self._offline:
+                self._show("error", text="not connected (reconnecting); not sent")
+            else:
+                self._show("error", text="not logged in yet")
         elif line.startswith("//"):
             self._say(line[1:])
         elif line.lstrip().startswith("/"):
@@ -264,9 +454,9 @@ class ClientSession:
         elif not line.strip():
             pass  # an empty line says nothing
         elif self.phase is Phase.REQUEST_IN and line.strip().lower() in YES:
-            self._send(CHAT, ev.Accept())
+            self._cmd_accept()
         elif self.phase is Phase.REQUEST_IN and line.strip().lower() in NO:
-            self._send(CHAT, ev.Decline())
+            self._cmd_decline()
         else:
             self._say(line)
 
@@ -276,11 +466,18 @@ class ClientSession:
         return self._flush()
 
     def interrupt(self) -> list[Effect]:
-        """Ctrl-C: leave the chat or withdraw the request; otherwise log out."""
-        if self.phase in (Phase.CHATTING, Phase.REQUEST_OUT) and not self.leaving:
+        """Ctrl-C: leave the chat, withdraw the request or decline the one received;
+        otherwise (or when the first Ctrl-C is still being answered) log out."""
+        if self.leaving or self.phase not in ONLINE:
+            return self.exit()
+        if self.phase in (Phase.CHATTING, Phase.REQUEST_OUT) and not self._quits:
             self._cmd_quit()
-            return self._flush()
-        return self.exit()
+        elif self.phase is Phase.REQUEST_IN and not self._answering:
+            self._answering = True
+            self._send(CHAT, ev.Decline())
+        else:
+            self._leave()
+        return self._flush()
 
     def exit_timed_out(self) -> list[Effect]:
         """The server did not answer EXIT in time: we leave anyway."""
@@ -301,8 +498,9 @@ class ClientSession:
         return self.lost("server not responding")
 
     def lost(self, text: str) -> list[Effect]:
-        """A socket failed (reset, could not connect): the session is over."""
-        if self.phase is not Phase.CLOSED:
+        """A socket failed (reset, could not connect): the session is over,
+        or (reconnecting) this connection is."""
+        if self.phase not in (Phase.CLOSED, Phase.RECONNECTING):
             self._end_with("lost", text)
         return self._flush()
 
@@ -329,6 +527,7 @@ class ClientSession:
 
     def _on_welcome(self, role: Role, event: ev.Welcome) -> None:
         self.user = event.user  # the spelling the account was registered with
+        self._register = False  # the account exists now: a reconnect logs in
         self.phase = Phase.ATTACHING
         for attach_role, token in ((CHAT, event.chat_token), (CHECK, event.check_token)):
             self._out.append(Connect(attach_role))
@@ -340,14 +539,25 @@ class ClientSession:
     def _on_ready(self, role: Role, event: ev.Ready) -> None:
         self.user = event.user
         self.phase = Phase.IDLE
-        self._show("ready", user=event.user)
+        self._was_online = True
+        if self._offline:
+            lost, self._lost_chat, self._offline = self._lost_chat, "", False
+            self.backoff.reset()
+            state = "not in a chat"
+            if lost:
+                state += f" (the chat with {lost} ended when the connection was lost; /chat {lost} asks again)"
+            self._show("reconnected", user=event.user, text=state, detail=lost)
+        else:
+            self._show("ready", user=event.user)
 
     def _on_request(self, role: Role, event: ev.Request) -> None:
         self._enter(Phase.REQUEST_IN, event.user)
+        self._learn(event.user)
         self._show("request-in", user=event.user)
 
     def _on_started(self, role: Role, event: ev.Started) -> None:
         self._enter(Phase.CHATTING, event.user)
+        self._learn(event.user)
         self._show("started", user=event.user)
 
     def _on_request_over(self, role: Role, event: ev.Declined | ev.Expired | ev.Cancelled) -> None:
@@ -379,11 +589,7 @@ class ClientSession:
         elif verb == "QUIT":
             self._quit_answered(ok=True, user=user)
         elif verb == "WHO":
-            listed = ", ".join(self._who) or "nobody"
-            if self._who_more:
-                listed += f" and {self._who_more} more"
-            self._who, self._who_more = [], 0
-            self._show("who", text=listed)
+            self._who_answered()
         elif verb == "EXIT":
             self._socket_done(CHAT)
         elif verb == "HELP":
@@ -397,24 +603,32 @@ class ClientSession:
             self._close(EXIT_LOGIN)
             return
         if role is not LOGIN and self.phase is Phase.ATTACHING:
-            self._end_with("protocol-error", f"could not attach the {role.value.lower()} socket: {event.text}")
+            self._end_with("protocol-error", f"could not attach the {role.value.lower()} socket: {event.text}",
+                           again=False)
             return
-        if event.verb.upper() == "CHAT" and role is CHAT:
+        verb = event.verb.upper()
+        if verb == "CHAT" and role is CHAT:
             self._chat_answered(ok=False, user="")
-        if event.verb.upper() == "QUIT" and role is CHAT and self._quit_answered(ok=False, user=""):
+        if verb == "QUIT" and role is CHAT and self._quit_answered(ok=False, user=""):
             return
+        if verb in ("ACCEPT", "DECLINE"):
+            self._answering = False
+        if verb == "WHO" and role is CHAT and self._whos:
+            self._who, self._who_more = [], 0
+            if not self._whos.popleft():
+                return  # a background WHO: nobody asked to see its fate
         self._show("error", text=event.text)
 
     def _on_nack(self, role: Role, event: ev.Nack) -> None:
         text = self._sent.get(event.seq)
         if text is None:
-            self._show("not-delivered-old", text=str(event.seq), detail=event.text)
+            self._show("not-delivered-old", text=str(event.seq), detail=event.text, count=event.seq)
         else:
             self._show("not-delivered", text=text, detail=event.text)
 
     def _on_user_entry(self, role: Role, event: ev.UserEntry) -> None:
-        if len(self._who) < WHO_LISTED:
-            self._who.append(f"{event.user} ({event.status})")
+        if len(self._who) < NAMES_KEPT:
+            self._who.append((event.user, event.status))
         else:
             self._who_more += 1
 
@@ -433,10 +647,11 @@ class ClientSession:
             self._close(EXIT_LOGIN)
         elif self.leaving:
             if event.reason != "exit":
-                self._show("disconnected", text=event.text)
+                self._show("disconnected", text=event.text, detail=event.reason)
             self._socket_done(role)
         else:
-            self._end_with("disconnected", event.text)
+            self._end_with("disconnected", event.text, detail=event.reason,
+                           again=event.reason not in FINAL_BYES)
 
     def _on_closed(self, role: Role, event: ev.ConnectionClosed) -> None:
         if self.leaving:
@@ -452,15 +667,14 @@ class ClientSession:
 
     def _command(self, words: list[str]) -> None:
         name, args = words[0].lower(), words[1:]
-        spec = _COMMANDS.get(name)
-        if spec is None:
-            self._show("error", text=f"unknown command {words[0]}; /help lists the commands")
+        command = COMMANDS.get(name)
+        if command is None:
+            self._show("error", text=unknown_command(words[0]))
             return
-        method, usage = spec
-        if len(args) != usage.count(" "):
-            self._show("error", text=f"usage: {usage}")
+        if not command.arity[0] <= len(args) <= command.arity[1]:
+            self._show("error", text=f"usage: {command.usage}")
             return
-        method(self, *args)
+        command.method(self, *args)
 
     def _cmd_chat(self, user: str) -> None:
         problem = check_username(user)
@@ -474,9 +688,11 @@ class ClientSession:
         self._send(CHAT, ev.ChatRequest(user))
 
     def _cmd_accept(self) -> None:
+        self._answering = True
         self._send(CHAT, ev.Accept())
 
     def _cmd_decline(self) -> None:
+        self._answering = True
         self._send(CHAT, ev.Decline())
 
     def _cmd_quit(self) -> None:
@@ -488,10 +704,18 @@ class ClientSession:
         self._leave()
 
     def _cmd_who(self) -> None:
+        self._whos.append(True)
         self._send(CHAT, ev.Who())
 
-    def _cmd_help(self) -> None:
-        self._show("help")
+    def _cmd_help(self, name: str = "") -> None:
+        if not name:
+            self._show("help")
+            return
+        command = COMMANDS.get("/" + name.lower().lstrip("/"))
+        if command is None:
+            self._show("error", text=unknown_command(name if name.startswith("/") else "/" + name))
+        else:
+            self._show("help-command", text=command.usage, detail=command.help)
 
     def _say(self, text: str) -> None:
         """A chat message: sent when chatting, else a local hint."""
@@ -509,6 +733,7 @@ class ClientSession:
         seq = self._conns[CHAT].msg_seq
         self._sent[seq] = text
         self._sent.pop(seq - SENT_KEPT, None)
+        self._show("sent", user=self.user, text=text)
 
     # -- helpers -------------------------------------------------------------------
 
@@ -518,6 +743,9 @@ class ClientSession:
         if self.phase in ONLINE:
             self.leaving = True
             self._send(CHAT, ev.Exit())
+        elif self._offline:
+            self._show("gave-up")  # the connection was lost and is not back
+            self._close(EXIT_LOST)
         else:
             self._close(EXIT_OK)  # nothing to log out of yet
 
@@ -567,25 +795,69 @@ class ClientSession:
             self._enter(Phase.IDLE)
         return True
 
+    def _who_answered(self) -> None:
+        """OK WHO: the user's own is shown; every one refreshes the roster."""
+        mine = self._whos.popleft() if self._whos else True
+        entries, more = self._who, self._who_more
+        self._who, self._who_more = [], 0
+        self.known_users = tuple(name for name, _ in entries)
+        self._out.append(Roster(self.known_users))
+        if mine:
+            listed = ", ".join(f"{name} ({status})" for name, status in entries[:WHO_LISTED]) or "nobody"
+            unlisted = more + max(0, len(entries) - WHO_LISTED)
+            if unlisted:
+                listed += f" and {unlisted} more"
+            # --json lists up to NAMES_KEPT users; "more" counts the rest
+            self._show("who", text=listed, users=tuple(entries), count=more)
+
+    def _learn(self, user: str) -> None:
+        """A name seen in an event is online now: offer it for completion."""
+        if user.lower() not in (name.lower() for name in self.known_users):
+            self.known_users = (*self.known_users, user)[-NAMES_KEPT:]
+
     def _is_with(self, phase: Phase, user: str) -> bool:
         return self.phase is phase and (self.partner or "").lower() == user.lower()
 
     def _enter(self, phase: Phase, partner: str | None = None) -> None:
         self.phase, self.partner = phase, partner
+        self._answering = False
 
     def _send(self, role: Role, event: ev.Event) -> None:
         self._out.append(Send(role, self._conns[role].send(event)))
 
-    def _show(self, kind: str, **fields: str) -> None:
+    def _show(self, kind: str, **fields) -> None:
         self._out.append(Notice(kind, **fields))
 
     def _fatal(self, text: str) -> None:
-        self._end_with("protocol-error", text)
+        self._end_with("protocol-error", text, again=False)
 
-    def _end_with(self, kind: str, text: str) -> None:
-        """Show why the session ended; exit 3, or 0 when we were leaving anyway."""
-        self._show(kind, text=text)
-        self._close(EXIT_OK if self.leaving else EXIT_LOST)
+    def _end_with(self, kind: str, text: str, detail: str = "", again: bool = True) -> None:
+        """Show why the connection ended; then reconnect (if on, ``again`` and we
+        were online once), or exit 3, or 0 when we were leaving anyway."""
+        self._show(kind, text=text, detail=detail)
+        if self.leaving:
+            self._close(EXIT_OK)
+        elif again and self.reconnect and self._was_online:
+            self._drop(text)
+        else:
+            self._close(EXIT_LOST)
+
+    def _drop(self, why: str) -> None:
+        """The connection is gone: say what went with it, then try again later."""
+        if self.phase is Phase.CHATTING and self.partner:
+            self._lost_chat = self.partner
+            self._show("chat-dropped", user=self.partner)
+        elif self.phase in (Phase.REQUEST_IN, Phase.REQUEST_OUT) and self.partner:
+            self._show("request-dropped", user=self.partner)
+        self._enter(Phase.RECONNECTING)
+        self._offline = True
+        self._new_connection()
+        self._next_attempt(why)
+
+    def _next_attempt(self, why: str) -> None:
+        delay = self.backoff.next()
+        self._show("reconnecting", text=why, detail=f"{delay:.1f}", count=self.backoff.attempt)
+        self._out.append(Reconnect(delay))
 
     def _close(self, code: int) -> None:
         self.phase, self.partner, self.exit_code = Phase.CLOSED, None, code
@@ -620,16 +892,42 @@ _HANDLERS = {
     ev.BadFrame: ClientSession._on_bad_frame,
 }
 
-#: Typed commands: name -> (method, usage). The usage's word count is the arity.
-_COMMANDS = {
-    "/chat": (ClientSession._cmd_chat, "/chat NAME"),
-    "/accept": (ClientSession._cmd_accept, "/accept"),
-    "/decline": (ClientSession._cmd_decline, "/decline"),
-    "/quit": (ClientSession._cmd_quit, "/quit"),
-    "/exit": (ClientSession._cmd_exit, "/exit"),
-    "/who": (ClientSession._cmd_who, "/who"),
-    "/help": (ClientSession._cmd_help, "/help"),
+
+
+@dataclass(frozen=True)
+class Command:
+    """A typed command: what runs it, how it is written, what /help says."""
+
+    method: Callable
+    usage: str
+    help: str
+    arity: tuple[int, int] = (0, 0)   # fewest and most arguments
+
+
+#: Typed commands, in the order /help and completion list them.
+COMMANDS: dict[str, Command] = {
+    "/chat": Command(ClientSession._cmd_chat, "/chat NAME", "ask NAME for a chat (Tab completes names)",
+                     (1, 1)),
+    "/accept": Command(ClientSession._cmd_accept, "/accept", "accept the chat request you were sent (or: yes)"),
+    "/decline": Command(ClientSession._cmd_decline, "/decline", "decline the chat request you were sent (or: no)"),
+    "/quit": Command(ClientSession._cmd_quit, "/quit",
+                     "leave the chat, or withdraw your chat request (also Ctrl-C)"),
+    "/who": Command(ClientSession._cmd_who, "/who", "list who is online, and who is busy"),
+    "/help": Command(ClientSession._cmd_help, "/help [COMMAND]", "list the commands, or explain one", (0, 1)),
+    "/exit": Command(ClientSession._cmd_exit, "/exit", "log out and leave (also Ctrl-D)"),
 }
+#: Commands that work without a connection.
+LOCAL_COMMANDS = frozenset({"/help", "/exit"})
+
+
+def unknown_command(word: str) -> str:
+    """The error for a command that does not exist, naming the closest one."""
+    name = word.lower()
+    starting = [c for c in COMMANDS if c.startswith(name)] if len(name) > 1 else []
+    close = starting if len(starting) == 1 else difflib.get_close_matches(name, COMMANDS, n=1, cutoff=0.6)
+    if close:
+        return f"unknown command {word}; did you mean {close[0]}?"
+    return f"unknown command {word}; /help lists the commands"
 
 
 class Heartbeat:

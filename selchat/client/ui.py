@@ -1,15 +1,14 @@
-"""The two faces of the client: scripted (stdin/stdout lines) and interactive.
+"""The faces of the client for programs: scripted lines and --json.
 
-Both implement what ``app.Client`` expects of a UI: ``show(notice)``,
+Every UI implements what ``app.Client`` expects: ``show(notice)``,
 ``refresh()``, ``start_input(client)``, ``pause_input()``, ``resume_input()``,
 ``stop_input()``, ``output()`` (a context manager around the session) and
-``aclose()``.
+``aclose()``. The interactive one, on prompt_toolkit, is in ``interactive.py``
+(imported only on a terminal, so scripts do not pay for loading it).
 
 Scripted mode prints every notice as one line (``core.FORMATS``) and flushes,
-so another program can follow along; it reads commands from stdin. Interactive
-mode reads with a prompt_toolkit prompt whose text shows the phase, and prints
-notices above the input line through ``patch_stdout`` so they never garble
-what the user is typing.
+so another program can follow along; it reads commands from stdin. ``--json``
+reads the same way and prints one JSON object per notice instead.
 """
 
 from __future__ import annotations
@@ -17,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import json
 import os
 import sys
+import time
+from datetime import datetime, timezone
 
-from selchat.client.core import ClientSession, Notice, Phase
+from selchat.client.core import ECHO_KINDS, ClientSession, Notice, Phase
 
 MAX_INPUT_LINE = 64 * 1024   # a longer run without a newline is handed on as one line
 READ_SIZE = 65536
@@ -35,7 +37,24 @@ def prompt_text(session: ClientSession) -> str:
         return f"{user} [{partner} asks: yes/no]> "
     if session.phase is Phase.REQUEST_OUT:
         return f"{user} [waiting for {partner}]> "
+    if session.phase is Phase.RECONNECTING:
+        return f"{user} [offline]> "
     return f"{user}> "
+
+
+def stamp(fmt: str | None, when: float | None = None) -> str:
+    """``when`` (now by default) in local time by ``fmt``, and a space; "" without a format."""
+    if not fmt:
+        return ""
+    return time.strftime(fmt, time.localtime(when)) + " "
+
+
+def json_event(notice: Notice, when: float | None = None) -> str:
+    """One --json line: type, time, the plain line, and the kind's own fields."""
+    moment = datetime.fromtimestamp(time.time() if when is None else when, timezone.utc)
+    event = {"type": notice.kind, "time": moment.isoformat(timespec="milliseconds"), "line": notice.line()}
+    event.update(notice.fields())
+    return json.dumps(event, ensure_ascii=False)
 
 
 class StdinLines:
@@ -140,16 +159,26 @@ class StdinLines:
 
 
 class ScriptedUI:
-    """stdin lines in; one line per notice out on stdout (stderr before a session)."""
+    """stdin lines in; one line per notice out on stdout (stderr before a session).
 
-    def __init__(self, stdin_fd: int | None = None):
-        self._fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
+    Echoes of the user's own actions (``ECHO_KINDS``) are not printed: the
+    output stays what scripts written for earlier versions expect. With
+    ``timestamp_format`` every line starts with the local time.
+    """
+
+    def __init__(self, stdin_fd: int | None = None, timestamp_format: str | None = None):
+        self._fd = stdin_fd   # None: sys.stdin's, looked up when input starts
         self._lines: StdinLines | None = None
+        self.timestamp_format = timestamp_format
 
     def show(self, notice: Notice) -> None:
-        stream = sys.stderr if notice.to_stderr else sys.stdout
+        if notice.kind in ECHO_KINDS:
+            return
+        self._print(stamp(self.timestamp_format) + notice.line(), sys.stderr if notice.to_stderr else sys.stdout)
+
+    def _print(self, text: str, stream) -> None:
         try:
-            print(notice.line(), file=stream, flush=True)
+            print(text, file=stream, flush=True)
         except BrokenPipeError:
             # Nobody reads us any more; keep running to log out cleanly.
             sys.stdout = open(os.devnull, "w")
@@ -161,7 +190,8 @@ class ScriptedUI:
         pass
 
     def start_input(self, client) -> None:
-        self._lines = StdinLines(self._fd, client.typed, client.end_of_input)
+        fd = sys.stdin.fileno() if self._fd is None else self._fd
+        self._lines = StdinLines(fd, client.typed, client.end_of_input)
         self._lines.start()
 
     def pause_input(self) -> None:
@@ -180,65 +210,9 @@ class ScriptedUI:
         self.stop_input()
 
 
-class InteractiveUI:
-    """A prompt_toolkit prompt showing the phase; notices print above it.
-
-    Ctrl-D (EOF) logs out; Ctrl-C leaves the chat (or withdraws the request),
-    and logs out when there is neither. prompt_toolkit restores the terminal
-    whenever the prompt ends, also when its task is cancelled, and ``aclose``
-    always waits for that.
-    """
-
-    def __init__(self):
-        self._prompt = None
-        self._task: asyncio.Task | None = None
-        self._client = None
+class JsonUI(ScriptedUI):
+    """Like scripted mode, but every notice (also the ones scripted mode puts on
+    stderr, and the echoes) is one JSON object on one line of stdout."""
 
     def show(self, notice: Notice) -> None:
-        print(notice.line(), file=sys.stderr if notice.to_stderr else sys.stdout, flush=True)
-
-    def output(self):
-        from prompt_toolkit.patch_stdout import patch_stdout
-
-        return patch_stdout()
-
-    def refresh(self) -> None:
-        if self._prompt is not None:
-            self._prompt.app.invalidate()
-
-    def start_input(self, client) -> None:
-        from prompt_toolkit import PromptSession
-
-        self._client = client
-        self._prompt = PromptSession()
-        self._task = asyncio.get_running_loop().create_task(self._read_lines())
-
-    def pause_input(self) -> None:
-        pass   # a person cannot out-type the network
-
-    def resume_input(self) -> None:
-        pass
-
-    def stop_input(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-
-    async def aclose(self) -> None:
-        self.stop_input()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _read_lines(self) -> None:
-        session = self._client.session
-        while True:
-            try:
-                # handle_sigint=False: prompt_toolkit would remove our own SIGINT
-                # handler when the prompt ends; in raw mode Ctrl-C is a key anyway.
-                line = await self._prompt.prompt_async(lambda: prompt_text(session), handle_sigint=False)
-            except EOFError:
-                self._client.end_of_input()
-            except KeyboardInterrupt:
-                self._client.interrupt()
-            else:
-                self._client.typed(line)
+        self._print(json_event(notice), sys.stdout)
