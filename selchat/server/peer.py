@@ -113,6 +113,8 @@ class Peer:
                             if msg.tokens < 1.0 and not self.refilled(msg):
                                 self.throttle(msg)
                                 return
+                        if not conn.buffered:
+                            return  # the usual case: the whole read was one block
                         continue
                 event = next_event()
                 if event is ev.NEED_DATA:
