@@ -25,6 +25,20 @@ Connecting the login socket the first time happens before the loop starts,
 blocking, with retries: nothing else can happen until it is open, and a plain
 loop with ``time.sleep`` is the simplest honest way to back off (and to ask
 "retry?").
+
+TLS (``--tls``, ``tls.py``): every socket is an ``ssl.SSLSocket``. The first
+login socket's handshake is blocking too, right after its connect and bounded
+like it (CONNECT_TIMEOUT); the chat and check sockets and reconnects shake
+hands on the loop. ``Transport`` handles what a non-blocking ``SSLSocket``
+adds: ``SSLWantReadError``/``SSLWantWriteError`` on either side, and draining
+what OpenSSL has already decrypted, which ``select`` cannot see. A failure
+that retrying cannot mend (the certificate is not trusted, the server does not
+speak TLS) exits 2 at once, without ``--retry``'s tries.
+
+A first login socket that the server closes (or resets) before sending a
+single byte never reached a selchat server we can talk to; it also exits 2,
+and without ``--tls`` the message suggests it (a TLS server drops a plaintext
+client that way).
 """
 
 from __future__ import annotations
@@ -33,11 +47,13 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from selchat.client import core
+from selchat.client import tls as clienttls
 from selchat.client.core import (
     CHECK, LOGIN, ClientSession, Close, Connect, Heartbeat, Notice, Phase, Reconnect, Role, Roster, Send,
 )
@@ -63,10 +79,14 @@ class Settings:
     ping_interval: float = 30.0
     ping_timeout: float = 30.0
     reconnect: bool = False
+    tls: bool = False            # all three sockets over TLS
+    ca: str | None = None        # PEM file of the CAs to trust (else the system store)
 
 
 def describe(err: BaseException) -> str:
     """A short human reason for a socket error."""
+    if isinstance(err, (ssl.SSLError, clienttls.HandshakeTimeout)):
+        return clienttls.describe(err)
     if isinstance(err, (socket.timeout, asyncio.TimeoutError, TimeoutError)):
         return "timed out"
     if isinstance(err, OSError) and err.errno and not isinstance(err, socket.gaierror):
@@ -76,29 +96,38 @@ def describe(err: BaseException) -> str:
 
 def run(settings: Settings, ui, ask_retry: Callable[[], bool] | None = None) -> int:
     """Connect, run the session until it ends, and return the exit code."""
-    sock = open_login_socket(settings.host, settings.port, settings.retry, ui.show, ask_retry)
+    tls = clienttls.client_context(settings.ca) if settings.tls else None
+    sock = open_login_socket(settings.host, settings.port, settings.retry, ui.show, ask_retry, tls=tls)
     if sock is None:
         return core.EXIT_UNREACHABLE
     session = ClientSession(settings.user, settings.password, settings.register, reconnect=settings.reconnect)
     client = Client(session, ui, sock.getpeername(), settings.ping_interval, settings.ping_timeout,
-                    server=(settings.host, settings.port))
+                    server=(settings.host, settings.port), tls=tls)
     return asyncio.run(client.run(sock))
 
 
 def open_login_socket(host: str, port: int, retries: int, show: Callable[[Notice], None],
                       ask_retry: Callable[[], bool] | None = None,
-                      sleep: Callable[[float], None] = time.sleep) -> socket.socket | None:
+                      sleep: Callable[[float], None] = time.sleep,
+                      tls: ssl.SSLContext | None = None) -> socket.socket | None:
     """A connected socket, after up to ``retries`` more tries (1 s apart, doubling to 8 s).
 
-    When the tries are used up ``ask_retry`` (interactive mode) may ask for one
-    more. None if the server stays unreachable.
+    With ``tls`` the socket is an ``SSLSocket`` that has shaken hands, the
+    certificate checked for ``host``. When the tries are used up ``ask_retry``
+    (interactive mode) may ask for one more. None if the server stays
+    unreachable, or at once if TLS fails in a way no retry mends.
     """
     delay = RETRY_FIRST
     while True:
         try:
-            return socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+            if tls is not None:
+                sock = clienttls.handshake(sock, tls, host, CONNECT_TIMEOUT)
+            return sock
         except OSError as err:
             show(Notice("unreachable", text=f"{host}:{port}", detail=describe(err)))
+            if clienttls.is_fatal(err):
+                return None
         if retries > 0:
             retries -= 1
             show(Notice("retrying", detail=f"{delay:g}"))
@@ -115,14 +144,31 @@ class Transport:
     (``b""`` at EOF). Writes: sent at once when possible; only the rest is
     buffered, and EVENT_WRITE is watched only while the buffer is not empty.
     Bytes written before ``start()`` (the socket is still connecting) wait.
+
+    Over TLS (an ``ssl.SSLSocket``) three things differ:
+
+    - A read goes on until OpenSSL wants more from the network (or READ_SIZE
+      is reached): a record read whole may leave decrypted bytes inside the SSL
+      object (``pending()``) where ``select`` cannot see them. If some are
+      left at READ_SIZE, another read is scheduled with ``call_soon``.
+    - ``SSLWantReadError`` on a read means a partial record: wait. On a send,
+      ``SSLWantWriteError`` is the socket being full: the buffer stays as it is
+      (it is trimmed only after a ``send`` succeeds), so the retry passes the
+      same bytes and maybe more, as OpenSSL requires.
+    - The crossed cases (a read that must write first, a send that must read
+      first: key updates, renegotiation, which our server refuses) swap the
+      event watched until the other side is ready, so nothing spins.
     """
 
     def __init__(self, loop, role: Role, on_read, on_error, on_flow):
         self.loop, self.role = loop, role
         self.sock: socket.socket | None = None
         self._out = bytearray()
-        self._writing = False
+        self._reading = self._writing = False   # EVENT_READ / EVENT_WRITE watched
+        self._tls = False
+        self._read_wants_write = self._write_wants_read = False
         self.eof = False
+        self.received = 0   # bytes read so far
         self._on_read, self._on_error, self._on_flow = on_read, on_error, on_flow
 
     @property
@@ -133,12 +179,13 @@ class Transport:
         """The socket is connected: start reading and send what waited."""
         sock.setblocking(False)
         self.sock = sock
-        self.loop.add_reader(sock.fileno(), self._readable)
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._watch()
         self._flush()
 
     def write(self, data: bytes) -> None:
         self._out += data
-        if self.sock is not None and not self._writing:
+        if self.sock is not None and not (self._writing or self._write_wants_read):
             self._flush()
         if len(self._out) > MAX_WRITE_BUFFER:
             self._on_error(self.role, OSError("the server is not reading"))
@@ -146,42 +193,97 @@ class Transport:
     def close(self) -> None:
         if self.sock is None:
             return
-        self.loop.remove_reader(self.sock.fileno())
+        if self._reading:
+            self.loop.remove_reader(self.sock.fileno())
         if self._writing:
             self.loop.remove_writer(self.sock.fileno())
-        self.sock.close()
+        self._reading = self._writing = False
+        self.sock.close()   # over TLS without close_notify: the server reads a plain EOF
         self.sock = None
 
+    def _watch(self) -> None:
+        """Watch EVENT_READ and EVENT_WRITE exactly while they are needed."""
+        if self.sock is None:
+            return
+        read = (not self.eof and not self._read_wants_write) or self._write_wants_read
+        write = (bool(self._out) and not self._write_wants_read) or self._read_wants_write
+        fd = self.sock.fileno()
+        if read != self._reading:
+            self._reading = read
+            if read:
+                self.loop.add_reader(fd, self._readable)
+            else:
+                self.loop.remove_reader(fd)
+        if write != self._writing:
+            self._writing = write
+            if write:
+                self.loop.add_writer(fd, self._writable)
+            else:
+                self.loop.remove_writer(fd)
+
     def _readable(self) -> None:
+        if self._write_wants_read:   # a TLS send was waiting for this
+            self._write_wants_read = False
+            self._flush()
+        if self.sock is not None and not self.eof and not self._read_wants_write:
+            self._read()
+
+    def _writable(self) -> None:
+        if self._read_wants_write:   # a TLS read was waiting for this
+            self._read_wants_write = False
+            self._read()
+        if self.sock is not None:
+            self._flush()
+
+    def _read(self) -> None:
         try:
             data = self.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return
+        except ssl.SSLWantWriteError:
+            self._read_wants_write = True
+            self._watch()
             return
         except OSError as err:
             self._on_error(self.role, err)
             return
+        if data and self._tls:
+            data = self._drain(data)
         if not data:
-            self.loop.remove_reader(self.sock.fileno())
             self.eof = True
+            self._watch()
+        self.received += len(data)
         self._on_read(self.role, data)
+        if self._tls and self.sock is not None and not self.eof and self.sock.pending():
+            self.loop.call_soon(self._readable)   # READ_SIZE reached with bytes still decrypted
+
+    def _drain(self, data: bytes) -> bytes:
+        """More of what is readable over TLS without waiting, up to READ_SIZE in all."""
+        chunks, size = [data], len(data)
+        while size < READ_SIZE:
+            try:
+                more = self.sock.recv(READ_SIZE - size)
+            except OSError:   # wants more (the usual end), or an error the next read reports
+                break
+            if not more:
+                break   # EOF: the next read says so
+            chunks.append(more)
+            size += len(more)
+        return b"".join(chunks) if len(chunks) > 1 else data
 
     def _flush(self) -> None:
         try:
             while self._out:
                 sent = self.sock.send(self._out)
                 del self._out[:sent]
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
             pass
+        except ssl.SSLWantReadError:
+            self._write_wants_read = True
         except OSError as err:
             self._on_error(self.role, err)
             return
-        want = bool(self._out)
-        if want != self._writing:
-            self._writing = want
-            if want:
-                self.loop.add_writer(self.sock.fileno(), self._flush)
-            else:
-                self.loop.remove_writer(self.sock.fileno())
+        self._watch()
         self._on_flow()
 
 
@@ -197,9 +299,11 @@ class Client:
     """
 
     def __init__(self, session: ClientSession, ui, address, ping_interval: float, ping_timeout: float,
-                 server: tuple[str, int] | None = None):
+                 server: tuple[str, int] | None = None, tls: ssl.SSLContext | None = None):
         self.session, self.ui, self.address = session, ui, address
         self.server = server or address[:2]   # where to reconnect to (by name, resolved again)
+        self.tls = tls                         # every socket over TLS, checked for server[0]
+        self._links = 0                        # links started (the first, then reconnects)
         self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
         self.loop: asyncio.AbstractEventLoop | None = None
         self.done: asyncio.Future | None = None
@@ -310,6 +414,7 @@ class Client:
     def _start_link(self, login_sock: socket.socket) -> None:
         """A login socket is open: start a new link on it and log in."""
         self.address = login_sock.getpeername()
+        self._links += 1
         self.heartbeat = Heartbeat(self.ping_interval, self.ping_timeout, self.loop.time())
         self._transports[LOGIN] = self._transport(LOGIN)
         self._transports[LOGIN].start(login_sock)
@@ -356,6 +461,8 @@ class Client:
         sock.setblocking(False)
         try:
             await asyncio.wait_for(self.loop.sock_connect(sock, self.address), CONNECT_TIMEOUT)
+            if self.tls is not None:
+                sock = await clienttls.handshake_async(self.loop, sock, self.tls, self.server[0], CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as err:
             sock.close()
             if gen == self._gen:
@@ -374,6 +481,10 @@ class Client:
         # it, any answer to the handshake does.
         if role is CHECK or not self.session.online:
             self.heartbeat.seen(self.loop.time())
+        if role is LOGIN and not data and self._never_heard():
+            why = "the server closed the connection without sending HELLO"
+            self.apply(self.session.unreachable(self._server_text(), self._before_hello(why)))
+            return
         if not data and role is not LOGIN and not self._transports[LOGIN].eof and not self.session.leaving:
             self._hold_eof(role)
         else:
@@ -387,7 +498,24 @@ class Client:
         self._link_timers[f"eof-{role.value}"] = self.loop.call_later(EOF_GRACE, deliver)
 
     def _on_socket_error(self, role: Role, err: OSError) -> None:
+        if role is LOGIN and self._never_heard():
+            why = f"{describe(err)} (the server sent no HELLO)"
+            self.apply(self.session.unreachable(self._server_text(), self._before_hello(why)))
+            return
         self.apply(self.session.lost(f"{role.value.lower()} socket: {describe(err)}"))
+
+    def _never_heard(self) -> bool:
+        """The first login socket, and not a byte has come from the server on it."""
+        login = self._transports.get(LOGIN)
+        return self._links == 1 and login is not None and login.received == 0
+
+    def _server_text(self) -> str:
+        return f"{self.server[0]}:{self.server[1]}"
+
+    def _before_hello(self, text: str) -> str:
+        if self.tls is None:
+            text += " (if it serves TLS, connect with --tls)"
+        return text
 
     def _on_flow(self) -> None:
         """Pause reading input while the server is slow to take what we send."""
@@ -425,7 +553,7 @@ class Client:
         self.reconnect_at = None
         self.ui.refresh()
         try:
-            sock = await open_socket(self.loop, *self.server)
+            sock = await open_socket(self.loop, *self.server, tls=self.tls)
         except (OSError, asyncio.TimeoutError) as err:
             self.apply(self.session.reconnect_failed(describe(err)))
             return
@@ -482,11 +610,15 @@ class Client:
                 pass
 
 
-async def open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+async def open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int,
+                      tls: ssl.SSLContext | None = None) -> socket.socket:
     """A connected non-blocking TCP socket to ``host:port``, without blocking the loop.
 
     Each address the name resolves to is tried in turn, each within
-    CONNECT_TIMEOUT; the last error is raised if none answers.
+    CONNECT_TIMEOUT; the last error is raised if none answers. With ``tls``
+    the socket that answered then shakes hands (within CONNECT_TIMEOUT too,
+    the certificate checked for ``host``) and is returned as an ``SSLSocket``;
+    a failed handshake is raised, not passed over for another address.
     """
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     error: BaseException = OSError(f"no address for {host}")
@@ -502,5 +634,7 @@ async def open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> 
         except BaseException:
             sock.close()
             raise
+        if tls is not None:
+            sock = await clienttls.handshake_async(loop, sock, tls, host, CONNECT_TIMEOUT)
         return sock
     raise error

@@ -9,7 +9,13 @@ command line, the option's environment variable, the config file (through
 is read), the default. ``NO_COLOR`` counts as the environment variable of
 ``--color/--no-color``.
 
-Exit codes: 0 ok, 1 login failed or bad usage, 2 server unreachable,
+``--tls`` is off unless asked for; ``--ca`` (from wherever it comes) turns
+it on, and only an explicit ``--no-tls`` (or ``SELCHAT_TLS=0``, ``tls = false``)
+keeps it off, ``--ca`` then unused: a CA given is never silently a
+plaintext connection.
+
+Exit codes: 0 ok, 1 login failed or bad usage, 2 server unreachable (also:
+its TLS certificate is not trusted, or it does not speak TLS),
 3 connection lost.
 """
 
@@ -22,6 +28,7 @@ from pathlib import Path
 import click
 
 from selchat.client import app, config, core
+from selchat.client import tls as clienttls
 from selchat.client.ui import JsonUI, ScriptedUI
 
 PASSWORD_ENV = "SELCHAT_PASSWORD"
@@ -75,6 +82,21 @@ def _get_password(interactive: bool, register: bool) -> str:
     return password
 
 
+def _check_tls(tls: bool | None, ca: str | None) -> tuple[bool, str | None]:
+    """Whether to use TLS, and the CA file (checked now, before any prompt)."""
+    if tls is None:
+        tls = ca is not None   # --ca implies --tls
+    if not tls:
+        return False, None
+    if ca is not None:
+        ca = os.path.expanduser(ca)
+        try:
+            clienttls.client_context(ca)
+        except clienttls.CAError as err:
+            _fail(f"--ca {err}")
+    return True, ca
+
+
 def _ask_retry() -> bool:
     return click.confirm("retry?", default=True)
 
@@ -101,6 +123,12 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
               metavar="HOST", help="Server host name or address (env SELCHAT_HOST).")
 @click.option("--port", envvar="SELCHAT_PORT", default=7117, show_default=True,
               type=click.IntRange(1, 65535), metavar="PORT", help="Server TCP port (env SELCHAT_PORT).")
+@click.option("--tls/--no-tls", envvar="SELCHAT_TLS", default=None,
+              help="Speak TLS on all three sockets; the server's certificate must be trusted (system store, "
+                   "or --ca) and name --host (env SELCHAT_TLS=1). Default: off, on when --ca is given.")
+@click.option("--ca", envvar="SELCHAT_CA", metavar="PATH",
+              help="Trust only the CA certificates in this PEM file, not the system store (env SELCHAT_CA); "
+                   "implies --tls.")
 @click.option("--user", envvar="SELCHAT_USER", metavar="NAME",
               help="User name (env SELCHAT_USER); asked for when missing in interactive mode.")
 @click.option("--register", is_flag=True,
@@ -127,7 +155,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
               help="Start each line with the time. Default: on in interactive mode, off in scripted mode.")
 @click.option("--timestamp-format", default="%H:%M", show_default=True, metavar="FORMAT",
               help="strftime format of the timestamps, e.g. '%H:%M:%S'.")
-def connect(host, port, user, register, retry, reconnect, ping_interval, ping_timeout, json_mode,
+def connect(host, port, tls, ca, user, register, retry, reconnect, ping_interval, ping_timeout, json_mode,
             color, bell, timestamps, timestamp_format):
     """Log in to a selchat server and chat.
 
@@ -137,9 +165,13 @@ def connect(host, port, user, register, retry, reconnect, ping_interval, ping_ti
     stdin the client logs out. The password is read from SELCHAT_PASSWORD
     (required when not on a terminal).
 
-    Exit codes: 0 ok, 1 login failed or bad usage, 2 server unreachable,
-    3 connection lost.
+    With --tls every socket is encrypted and the server's certificate is
+    checked; a certificate that cannot be trusted exits 2.
+
+    Exit codes: 0 ok, 1 login failed or bad usage, 2 server unreachable (or
+    not trusted, or not speaking TLS when asked to), 3 connection lost.
     """
+    tls, ca = _check_tls(tls, ca)
     interactive = not json_mode and _is_interactive()
     user = _get_user(user, interactive)
     password = _get_password(interactive, register)
@@ -149,7 +181,7 @@ def connect(host, port, user, register, retry, reconnect, ping_interval, ping_ti
         timestamps = interactive
     settings = app.Settings(host=host, port=port, user=user, password=password, register=register,
                             retry=retry, ping_interval=ping_interval, ping_timeout=ping_timeout,
-                            reconnect=reconnect)
+                            reconnect=reconnect, tls=tls, ca=ca)
     stamps = timestamp_format if timestamps else None
     if json_mode:
         ui = JsonUI()

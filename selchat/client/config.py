@@ -8,6 +8,8 @@ It holds defaults for ``selchat connect`` options, one key per option::
     color = true
     timestamps = true
     timestamp_format = "%H:%M:%S"
+    tls = true
+    ca = "ca.pem"          # relative to the file's directory; ~ is expanded
 
 ``command.py`` hands the keys to click as ``default_map``, so a value on the
 command line wins, then the option's environment variable, then the file,
@@ -42,7 +44,11 @@ KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
     "bell": ("--bell/--no-bell", BOOLEAN),
     "timestamps": ("--timestamps/--no-timestamps", BOOLEAN),
     "timestamp_format": ("--timestamp-format", STRING),
+    "tls": ("--tls/--no-tls", BOOLEAN),
+    "ca": ("--ca", STRING),
 }
+#: Keys that name a file: a relative one is taken from the config file's directory.
+PATH_KEYS = frozenset({"ca"})
 
 
 class ConfigError(Exception):
@@ -72,7 +78,10 @@ def read(path: Path, required: bool) -> dict:
         raise ConfigError(f"{path}: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    return check(data, path)
+    out = check(data, path)
+    for key in PATH_KEYS & out.keys():
+        out[key] = str(Path(path).parent / Path(out[key]).expanduser())   # an absolute one stays
+    return out
 
 
 def check(data: dict, path: Path | str = "config") -> dict:

@@ -504,6 +504,16 @@ class ClientSession:
             self._end_with("lost", text)
         return self._flush()
 
+    def unreachable(self, address: str, text: str) -> list[Effect]:
+        """The first login socket ended before the server sent a single byte:
+        whatever answered at ``address`` is no selchat server we can talk to
+        (a TLS port spoken to in plaintext, say). Exit as for a server that
+        cannot be reached."""
+        if self.phase is not Phase.CLOSED:
+            self._show("unreachable", text=address, detail=text)
+            self._close(EXIT_UNREACHABLE)
+        return self._flush()
+
     # -- state, for the UI ---------------------------------------------------------
 
     @property

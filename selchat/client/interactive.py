@@ -126,6 +126,8 @@ def status_text(session: ClientSession, client, reconnect_note: Notice | None = 
         conn = "connected"
         if client is not None and client.server:
             conn += f" to {client.server[0]}:{client.server[1]}"
+            if getattr(client, "tls", None) is not None:
+                conn += " (TLS)"
     chat = {
         Phase.IDLE: "idle",
         Phase.REQUEST_IN: f"request from {partner}: yes or no?",
