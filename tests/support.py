@@ -188,6 +188,22 @@ def start_chat(a: RawUser, b: RawUser) -> None:
     b.login.expect(f"STARTED {a.name}")
 
 
+class Canary:
+    """Two users chatting; ``check()`` proves the chat still works, in order."""
+
+    def __init__(self, server):
+        self.alice, self.bob = RawUser(server), RawUser(server)
+        start_chat(self.alice, self.bob)
+        self.sent = 0
+
+    def check(self, count: int = 3) -> None:
+        first = self.sent
+        self.alice.chat.send(*[f"MSG canary {first + i}" for i in range(count)])
+        self.sent += count
+        for i in range(count):
+            assert self.bob.login.line() == f"MSG {self.alice.name} canary {first + i}"
+
+
 def wait_until(predicate, timeout: float = DEADLINE, interval: float = 0.02, what: str = "condition"):
     """Poll ``predicate`` until true; fail loudly at the deadline."""
     deadline = time.monotonic() + timeout

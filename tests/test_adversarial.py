@@ -21,23 +21,7 @@ import time
 
 import pytest
 
-from tests.support import DEADLINE, LineSocket, RawUser, ServerProcess, rss_kib, start_chat, unique
-
-
-class Canary:
-    """Two users chatting; ``check()`` proves the chat still works, in order."""
-
-    def __init__(self, server):
-        self.alice, self.bob = RawUser(server), RawUser(server)
-        start_chat(self.alice, self.bob)
-        self.sent = 0
-
-    def check(self, count: int = 3) -> None:
-        first = self.sent
-        self.alice.chat.send(*[f"MSG canary {first + i}" for i in range(count)])
-        self.sent += count
-        for i in range(count):
-            assert self.bob.login.line() == f"MSG {self.alice.name} canary {first + i}"
+from tests.support import DEADLINE, Canary, LineSocket, RawUser, ServerProcess, rss_kib, start_chat, unique
 
 
 @pytest.fixture

@@ -72,7 +72,10 @@ def test_relay_against_a_running_server_registers_its_users(tmp_path):
     finally:
         server.stop()
     assert result["correct"]
-    assert_relay_correct(result["selchat"]["summary"])
+    # Throttled to the default 50 msgs/s, the server may use less CPU than one
+    # clock tick (10 ms) in the window, so its CPU per message can read 0.
+    assert_relay_correct(result["selchat"]["summary"], measured_server=False)
+    assert result["selchat"]["summary"]["rss_mib"] > 0
 
 
 def test_idle_users_are_held_without_drops():

@@ -18,7 +18,6 @@ from click.testing import CliRunner
 from selchat.client import app, command
 from selchat.client import tls as clienttls
 from selchat.client.core import CHAT
-from selchat.reactor.tls import server_context
 from tests.support import DEADLINE, RawUser, ServerProcess, start_chat, unique
 
 CERT_VERIFY = "TLS: certificate verify failed: "

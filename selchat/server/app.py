@@ -302,7 +302,7 @@ class Server:
         self.by_sid[sid] = session
         session.attach_timer = self.reactor.call_later(self.config.attach_timeout, self._attach_timeout, session)
         peer.send(ev.Welcome(name, f"{sid}.{secrets_by_role[Role.CHAT]}", f"{sid}.{secrets_by_role[Role.CHECK]}"))
-        log.info("%s logged in from %s (session %d)", name, peer.address[0] if peer.address else "?", sid)
+        log.info("%s logged in from %s (session %d)", name, peer.host, sid)
 
     def _attach_timeout(self, session: Session) -> None:
         if session.phase is Phase.ATTACHING:
