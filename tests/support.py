@@ -204,18 +204,6 @@ class Canary:
             assert self.bob.login.line() == f"MSG {self.alice.name} canary {first + i}"
 
 
-def wait_until(predicate, timeout: float = DEADLINE, interval: float = 0.02, what: str = "condition"):
-    """Poll ``predicate`` until true; fail loudly at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
-
-
 def rss_kib(pid: int) -> int:
     """Resident set size of a process, from /proc."""
     with open(f"/proc/{pid}/status") as f:

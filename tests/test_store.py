@@ -480,7 +480,7 @@ def test_registration_survives_sigkill(db_path):
         store = AccountStore(sys.argv[1], scrypt_n=16)
         store.add_user("Survivor", "pw")
         print("ok", flush=True)
-        time.sleep(60)
+        time.sleep(60)  # stay alive, holding the store open, until the test kills us
         """
     )
     env = dict(os.environ)
