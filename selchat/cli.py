@@ -91,6 +91,8 @@ def serve(ctx, host, port, db, ping_interval, ping_timeout, request_timeout, log
     """Run the chat server (one thread, one selector) until SIGINT/SIGTERM."""
     from selchat.server.app import Server, raise_nofile_limit
 
+    if tls_key and not tls_cert:
+        raise click.UsageError("--tls-key needs --tls-cert")
     setup_logging(ctx.obj["verbose"], default=logging.INFO)
     config = ServerConfig(
         host=host, port=port, db=db, ping_interval=ping_interval, ping_timeout=ping_timeout,
@@ -99,8 +101,6 @@ def serve(ctx, host, port, db, ping_interval, ping_timeout, request_timeout, log
         max_connections=max_connections, max_per_address=max_per_address, conn_rate=conn_rate,
         cmd_rate=cmd_rate, msg_rate=msg_rate, tls_cert=tls_cert, tls_key=tls_key,
     )
-    if tls_key and not tls_cert:
-        raise click.UsageError("--tls-key needs --tls-cert")
     nofile = raise_nofile_limit()
     try:
         server = Server(config)
