@@ -68,7 +68,6 @@ selector registration), ``_force_close``, ``pause_reading``, ``on_writable``,
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 
 from selchat.reactor.transport import (
@@ -126,7 +125,7 @@ class TLSTransport(Transport):
 
     __slots__ = (
         "ssl_object", "_incoming", "_outgoing", "_plain", "_handshaking", "_handshake_timer",
-        "_notified", "_fin_sent", "_close_timer",
+        "_notified", "_close_timer",
     )
 
     def __init__(
@@ -147,7 +146,6 @@ class TLSTransport(Transport):
         self._handshaking = True
         self._handshake_timer = None
         self._notified = False  # close_notify queued
-        self._fin_sent = False
         self._close_timer = None  # bounds close(): handshake, flush and linger together
         super().__init__(loop, sock, protocol, high_water, low_water)
         if handshake_timeout is not None:
@@ -400,21 +398,6 @@ class TLSTransport(Transport):
             pass  # the peer's close_notify has not come: we do not wait for it
         except (ssl.SSLError, ValueError) as exc:
             log.debug("TLS shutdown with %s: %s", self.peername, _reason(exc))
-
-    def _shutdown_write(self) -> None:
-        """All sent, close_notify included: FIN, then read (discarding) until the peer's FIN."""
-        if self._closed or self._fin_sent:
-            return
-        if self._eof:
-            self._force_close(None)
-            return
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._force_close(None)
-            return
-        self._fin_sent = True
-        self._update_mask()
 
     def _close_expired(self) -> None:
         self._close_timer = None

@@ -46,7 +46,7 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 class Transport:
     __slots__ = (
         "loop", "sock", "protocol", "peername", "_selector", "_mask", "_wbuf",
-        "_want_read", "_flush_pending", "_closing", "_closed", "_writing_paused", "_eof", "_linger",
+        "_want_read", "_flush_pending", "_closing", "_closed", "_writing_paused", "_eof", "_linger", "_fin_sent",
         "high_water", "low_water",
     )
 
@@ -68,6 +68,7 @@ class Transport:
         self._writing_paused = False
         self._eof = False
         self._linger = None
+        self._fin_sent = False
         self.high_water = high_water
         self.low_water = low_water
         self._mask = EVENT_READ
@@ -205,8 +206,8 @@ class Transport:
             self._shutdown_write()
 
     def _shutdown_write(self) -> None:
-        """All sent: send FIN, then wait (until the linger timer) for the peer's FIN."""
-        if self._closed:
+        """All sent: send FIN (once), then wait (until the linger timer) for the peer's FIN."""
+        if self._closed or self._fin_sent:
             return
         if self._eof:
             self._force_close(None)
@@ -216,6 +217,7 @@ class Transport:
         except OSError:
             self._force_close(None)
             return
+        self._fin_sent = True
         self._update_mask()
 
     def abort(self) -> None:
