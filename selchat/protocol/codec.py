@@ -81,11 +81,6 @@ _CLIENT_NULLARY = {
     "HELP": ev.Help(),
 }
 
-CLIENT_VERBS = (
-    "LOGIN", "REGISTER", "ATTACH", "CHAT", "ACCEPT", "DECLINE", "QUIT", "EXIT",
-    "WHO", "HELP", "MSG", "PING", "PONG",
-)
-
 
 def decode_client(line: bytes) -> ev.Event:
     """Parse one frame sent by a client (without its line ending)."""

@@ -144,16 +144,6 @@ class Reactor:
         finally:
             self._running = False
 
-    def run_once(self, timeout: float = 0) -> None:
-        """One turn with at most ``timeout`` seconds of waiting (for tests and shutdown)."""
-        if self._ready or self._flush or self._from_threads:
-            timeout = 0
-        for key, mask in self.selector.select(timeout):
-            self._dispatch(key.data, mask)
-        self.timers.advance()
-        self._run_ready()
-        self._flush_all()
-
     def stop(self) -> None:
         """Make ``run()`` return after the current turn."""
         self._running = False
