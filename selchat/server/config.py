@@ -75,6 +75,20 @@ class ServerConfig:
     #: A TLS handshake must complete within this of accept.
     tls_handshake_timeout: float = 10.0
 
+    # -- operations (docs/operations.md) --
+    #: Lines sent to every user after READY (MOTD frames); read at start and on reload.
+    motd_file: str | None = None
+    #: Serve Prometheus metrics at http://HOST:PORT/metrics ("HOST:PORT"), off when None.
+    metrics: str | None = None
+    #: The admin control socket (a Unix socket, mode 0600), off when None.
+    admin_socket: str | None = None
+    #: Log to this file instead of stderr (reopened on SIGHUP, for logrotate).
+    log_file: str | None = None
+    #: "text" or "json".
+    log_format: str = "text"
+    #: The TOML file the settings came from (re-read on SIGHUP), if any.
+    config_file: str | None = None
+
     # -- reactor --
     #: Timer wheel tick, seconds: timers fire up to one tick late.
     tick: float = 0.05
