@@ -19,10 +19,11 @@ setup(
     install_requires=[
         "click>=8.1",
         "prompt_toolkit>=3.0.36",
+        "h11>=0.14",                             # HTTP/1.1 parsing for the server's /metrics
         'tomli>=1.1; python_version < "3.11"',   # the client's config file (tomllib from 3.11)
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.80", "pexpect>=4.8", "trustme>=1.0"],
+        "test": ["pytest>=7", "hypothesis>=6.80", "pexpect>=4.8", "trustme>=1.0", "prometheus_client>=0.16"],
     },
     entry_points={"console_scripts": ["selchat=selchat.cli:main"]},
 )

@@ -97,6 +97,10 @@ class Reactor:
         self._workers = workers
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._running = False
+        #: Jobs given to run_in_thread whose done callback has not run yet
+        #: (queued, running, or finished and waiting for the loop): the
+        #: worker queue depth that /metrics shows.
+        self.pending_jobs = 0
 
     # -- scheduling ---------------------------------------------------------------
 
@@ -118,7 +122,13 @@ class Reactor:
                 max_workers=self._workers, thread_name_prefix="selchat-worker"
             )
         future = self._executor.submit(func, *args)
-        future.add_done_callback(lambda f: self.call_soon_threadsafe(done, f))
+        self.pending_jobs += 1
+
+        def finished(f: concurrent.futures.Future) -> None:  # on the loop
+            self.pending_jobs -= 1
+            done(f)
+
+        future.add_done_callback(lambda f: self.call_soon_threadsafe(finished, f))
 
     def want_flush(self, transport) -> None:
         """Called by a transport on its first write of a turn."""
