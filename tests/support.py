@@ -53,8 +53,9 @@ class ServerProcess:
                                      preexec_fn=preexec_fn)
         line = read_line_from(self.proc.stdout, DEADLINE)
         if not line or "listening on" not in line:
+            log = self.log()
             self.stop()
-            raise AssertionError(f"server did not start: {line!r}\n{self.log()}")
+            raise AssertionError(f"server did not start: {line!r}\n{log}")
         self.host, port = line.split("listening on ")[1].split()[0].rsplit(":", 1)
         self.port = int(port)
 
@@ -83,8 +84,11 @@ class ServerProcess:
 class LineSocket:
     """A client socket speaking frames by hand, like nc."""
 
-    def __init__(self, host: str, port: int, hello: bool = True, tls=None):
-        self.sock = socket.create_connection((host, port), timeout=DEADLINE)
+    def __init__(self, host: str, port: int, hello: bool = True, tls=None, source: str | None = None):
+        # ``source``: connect from this local address (127.0.0.2 ... are all
+        # loopback on Linux), to look like another client machine.
+        self.sock = socket.create_connection((host, port), timeout=DEADLINE,
+                                             source_address=(source, 0) if source else None)
         if tls is not None:
             self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         self.buf = b""

@@ -215,20 +215,121 @@ def test_descriptor_exhaustion_pauses_accepting_and_recovers(tmp_path):
 # --- passwords ------------------------------------------------------------------------
 
 
-def test_password_guessing_is_slowed(canary_server):
-    srv, canary = canary_server()
-    victim = RawUser(srv)
-    waits = []
-    for attempt in range(5):
-        sock = srv.connect()
-        started = time.monotonic()
-        sock.send(f"LOGIN {victim.name} guess{attempt}")
-        assert sock.line() == "ERR LOGIN auth-failed invalid username or password"
-        waits.append(time.monotonic() - started)
+def _login_reply(srv, name: str, password: str, source: str | None = None) -> str | None:
+    sock = LineSocket(srv.host, srv.port, source=source)
+    try:
+        sock.send(f"LOGIN {name} {password}")
+        return sock.line()
+    finally:
         sock.close()
-    # two free failures, then each attempt waits 1 s, 2 s, 4 s ...
-    assert waits[3] >= 0.9 and waits[4] >= 1.9, waits
+
+
+def test_password_guessing_is_throttled_at_once_and_only_from_that_address(canary_server):
+    srv, canary = canary_server()
+    victim = RawUser(srv, password="the right one")
+    replies = [_login_reply(srv, victim.name, f"guess{i}") for i in range(3)]
+    assert replies == ["ERR LOGIN auth-failed invalid username or password"] * 3
+    # The fourth guess is not checked: it is answered at once, with the wait.
+    reply = _login_reply(srv, victim.name, "guess3")
+    assert reply.startswith("ERR LOGIN throttled "), reply
+    seconds = int(reply.split()[3])
+    assert 1 <= seconds <= 60, reply
+    # Even the right password waits its turn from that address ...
+    assert _login_reply(srv, victim.name, "the right one").startswith("ERR LOGIN throttled ")
+    # ... but the owner, from another address, is not slowed at all.
+    assert _login_reply(srv, victim.name, "the right one", source="127.0.0.2").startswith("WELCOME ")
+    # Once the wait is over, the right password works from the first address too.
+    deadline = time.monotonic() + seconds + DEADLINE
+    while (reply := _login_reply(srv, victim.name, "the right one")).startswith("ERR LOGIN throttled "):
+        assert time.monotonic() < deadline, "still throttled long after the wait it announced"
+        time.sleep(0.2)  # polling interval; the loop's exit is the condition
+    assert reply.startswith("WELCOME "), reply
     canary.check()
+
+
+def test_parallel_guesses_are_throttled_too(make_server):
+    srv = make_server()
+    victim = RawUser(srv)
+    socks = [LineSocket(srv.host, srv.port) for _ in range(6)]
+    for i, sock in enumerate(socks):  # all six in flight before any answer
+        sock.send(f"LOGIN {victim.name} guess{i}")
+    replies = [sock.line() for sock in socks]
+    failed = [r for r in replies if r.startswith("ERR LOGIN auth-failed")]
+    throttled = [r for r in replies if r.startswith("ERR LOGIN throttled")]
+    assert len(failed) == 3 and len(throttled) == 3, replies
+
+
+def test_guessing_from_20_addresses_never_locks_the_owner_out(make_server):
+    """Twenty attacking addresses guess as fast as they can, at the real
+    scrypt cost; the owner, from a fresh address, still gets in within 2 s,
+    and every throttled guess is answered, none held to the login deadline."""
+    srv = make_server("--scrypt-n", "16384")
+    owner = RawUser(srv, password="owner's password")
+    owner.close()
+    stop = threading.Event()
+    answers: list[str] = []
+    lock = threading.Lock()
+
+    def attack(source: str) -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                sock = LineSocket(srv.host, srv.port, source=source, hello=False)
+            except OSError:
+                continue
+            try:
+                sock.line()  # HELLO, or BYE too-fast
+                for _ in range(3):
+                    n += 1
+                    target = owner.name if n % 2 else unique("nobody")
+                    sock.send(f"LOGIN {target} guess{n}")
+                got = [sock.line(timeout=DEADLINE) for _ in range(3)]
+            except OSError:
+                got = []
+            finally:
+                sock.close()
+            with lock:
+                answers.extend(g for g in got if g is not None)
+
+    attackers = [threading.Thread(target=attack, args=(f"127.0.0.{i}",), daemon=True) for i in range(2, 22)]
+    for t in attackers:
+        t.start()
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while sum(a.startswith("ERR LOGIN throttled") for a in list(answers)) < 20:
+            assert time.monotonic() < deadline, answers[-5:]
+            time.sleep(0.05)  # polling interval
+        waits = []
+        for i in range(3):
+            sock = LineSocket(srv.host, srv.port, source=f"127.0.0.{50 + i}")
+            started = time.monotonic()
+            sock.send(f"LOGIN {owner.name} owner's password")
+            reply = sock.line()
+            waits.append(time.monotonic() - started)
+            sock.close()
+            assert reply.startswith("WELCOME "), reply
+        assert max(waits) < 2.0, waits
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(DEADLINE)
+    assert not any(a.startswith("BYE timeout") for a in answers)
+    assert {a.split()[2] for a in answers if a.startswith("ERR LOGIN")} <= {"auth-failed", "throttled", "busy"}
+
+
+def test_an_overlong_password_is_refused_without_hashing(make_server):
+    srv = make_server()
+    victim = RawUser(srv)
+    sock = LineSocket(srv.host, srv.port)
+    sock.send(f"LOGIN {victim.name} {'p' * 1025}")
+    # auth-failed would mean it was hashed and compared; bad-password means it was not.
+    assert sock.line() == "ERR LOGIN bad-password password must be at most 1024 bytes of UTF-8"
+    sock.send(f"LOGIN {victim.name} {'é' * 513}")  # 1026 bytes, 513 characters
+    assert sock.line() == "ERR LOGIN bad-password password must be at most 1024 bytes of UTF-8"
+    # Both count as failed attempts on the socket: the third closes it.
+    sock.send(f"LOGIN {victim.name} {'p' * 2000}")
+    assert sock.line().startswith("ERR LOGIN bad-password")
+    assert sock.expect_closed() == ["BYE auth-failed too many failed logins"]
 
 
 def test_long_passwords_in_parallel_do_not_stall_the_loop(make_server):
@@ -241,7 +342,8 @@ def test_long_passwords_in_parallel_do_not_stall_the_loop(make_server):
     names = [unique("long") for _ in range(32)]
 
     def attempt(verb, name):
-        sock = LineSocket(srv.host, srv.port)
+        # From four addresses: one address may have only 8 checks waiting.
+        sock = LineSocket(srv.host, srv.port, source=f"127.0.0.{2 + names.index(name) % 4}")
         sock.send(f"{verb} {name} {password}")
         reply = sock.line(timeout=60)
         sock.close()
@@ -291,8 +393,8 @@ def test_sigterm_with_many_sessions(make_server):
     assert srv.stop(signal.SIGTERM, timeout=DEADLINE) == 0
     for user in users:
         seen = user.login.expect_closed()
-        assert seen[0] == "SHUTDOWN server is shutting down", seen
-        assert seen[-1] == "BYE shutdown server is shutting down", seen
+        assert seen[0] == "SHUTDOWN the server is shutting down", seen
+        assert seen[-1] == "BYE shutdown the server is shutting down", seen
 
 
 def test_sigkill_and_immediate_restart_rebinds_and_keeps_accounts(tmp_path):

@@ -170,5 +170,22 @@ def test_server_shutdown_is_reported(make_server, clients):
     assert srv.stop() == 0
     assert alice.wait() == 3
     rest = alice.rest()
-    assert "server: server is shutting down" in rest
-    assert "disconnected: server is shutting down" in rest
+    assert "server: the server is shutting down" in rest
+    assert "disconnected: the server is shutting down" in rest
+
+
+def test_shutdown_mid_chat_tells_both_partners_the_same(make_server, clients):
+    srv = make_server()
+    a, b = unique("alice"), unique("bob")
+    alice = clients(srv.port, "--register", user=a, password="pw alice")
+    alice.expect(f"logged in as {a}")
+    bob = clients(srv.port, "--register", user=b, password="pw bob")
+    bob.expect(f"logged in as {b}")
+    chat(a, alice, b, bob)
+    assert srv.stop() == 0
+    assert alice.wait() == bob.wait() == 3
+    alice_saw = [line.replace(b, "OTHER") for line in alice.rest()]
+    bob_saw = [line.replace(a, "OTHER") for line in bob.rest()]
+    assert alice_saw == bob_saw
+    assert "chat with OTHER ended (shutdown): the server is shutting down" in alice_saw
+    assert not any("connection lost" in line for line in alice_saw), alice_saw

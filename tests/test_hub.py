@@ -908,3 +908,20 @@ class HubMachine(RuleBasedStateMachine):
 
 HubMachine.TestCase.settings = settings(max_examples=250, stateful_step_count=50, deadline=None)
 test_hub_state_machine = HubMachine.TestCase
+
+
+# --- shutdown ------------------------------------------------------------------
+
+
+def test_end_all_tells_both_partners_the_same_and_ends_requests(w):
+    alice, bob, carol, dave, erin = w.users("alice", "bob", "carol", "dave", "erin")
+    w.chatting(alice, bob)
+    w.requested(carol, dave)
+    w.hub.end_all("shutdown", "the server is shutting down")
+    assert take(alice) == [ev.Ended("bob", "shutdown", "the server is shutting down")]
+    assert take(bob) == [ev.Ended("alice", "shutdown", "the server is shutting down")]
+    assert take(carol) == [ev.Expired("dave")]
+    assert take(dave) == [ev.Expired("carol")]
+    assert_quiet(erin)
+    assert_free(alice, bob, carol, dave, erin)
+    assert len(w.wheel) == 0  # the request's expiry timer is cancelled

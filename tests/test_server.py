@@ -284,9 +284,16 @@ def test_sigterm_tells_everyone_and_exits_zero(make_server):
     fresh = srv.connect()
     assert srv.stop(signal.SIGTERM) == 0
     alice_seen = alice.login.expect_closed()
-    assert alice_seen[0] == "SHUTDOWN server is shutting down"
-    assert alice_seen[-1] == "BYE shutdown server is shutting down"
-    assert fresh.expect_closed() == ["BYE shutdown server is shutting down"]
+    bob_seen = bob.login.expect_closed()
+    assert alice_seen == [
+        "SHUTDOWN the server is shutting down",
+        f"ENDED {bob.name} shutdown the server is shutting down",
+        "BYE shutdown the server is shutting down",
+    ]
+    # Both partners are told the same thing, in the same order.
+    assert [line.replace(alice.name, "X") for line in bob_seen] == \
+        [line.replace(bob.name, "X") for line in alice_seen]
+    assert fresh.expect_closed() == ["BYE shutdown the server is shutting down"]
 
 
 def test_sigkill_restart_keeps_accounts(tmp_path):

@@ -40,7 +40,7 @@ def test_sigterm_with_hundreds_of_sessions(make_server):
     assert srv.stop(signal.SIGTERM, timeout=DEADLINE) == 0
     for user in users:
         seen = user.login.expect_closed()
-        assert seen[0] == "SHUTDOWN server is shutting down" and seen[-1].startswith("BYE shutdown"), seen
+        assert seen[0] == "SHUTDOWN the server is shutting down" and seen[-1].startswith("BYE shutdown"), seen
 
 
 def test_message_flood_for_a_minute_is_delivered_in_order(make_server):

@@ -30,6 +30,12 @@ class Accounts:
                 self._stores.append(store)
         return store
 
+    def check(self) -> None:
+        """Open the database once, now, so a path that cannot work fails at
+        start (StoreError) instead of at every login. Blocking: call it
+        before the loop runs."""
+        AccountStore(self.path, scrypt_n=self.scrypt_n).close()
+
     # Each of these returns immediately; ``done(future)`` runs on the loop.
 
     def verify(self, name: str, password: str, done) -> None:

@@ -9,12 +9,15 @@ sent once at the end of the reactor turn).
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import itertools
 import logging
+import math
 import resource
 import secrets
 import signal
+import time
 
 from selchat import __version__
 from selchat.protocol import codec
@@ -24,42 +27,92 @@ from selchat.reactor.listener import Listener, bind
 from selchat.reactor.loop import Reactor
 from selchat.reactor.tls import TLSTransport, server_context
 from selchat.reactor.transport import Transport
+from selchat.server import audit, systemd
 from selchat.server.accounts import Accounts
 from selchat.server.config import ServerConfig
+from selchat.server.control import ControlSocket
 from selchat.server.hub import COMMANDS_HELP, Hub
-from selchat.server.limits import FailureTracker, bucket
+from selchat.server.limits import FailureTracker, FairQueue, bucket
+from selchat.server.metrics import Metrics, MetricsEndpoint
 from selchat.server.peer import WAITING, Peer
 from selchat.server.session import Phase, Session
-from selchat.store.accounts import StoreError
+from selchat.store.accounts import MAX_PASSWORD_BYTES, StorageUnavailable, StoreError
 
 log = logging.getLogger("selchat.server")
 
 HELLO = ev.Hello(ev.PROTOCOL_VERSION, f"selchat/{__version__}")
 AUTH_FAILED = "invalid username or password"
+SHUTTING_DOWN = "the server is shutting down"
+
+#: Password checks one address may have waiting for a worker; more are "busy".
+HASHES_PER_ADDRESS = 8
+#: Failed logins for one account from one address before further attempts
+#: from that address are throttled (other addresses are not).
+FREE_FAILURES_PER_ACCOUNT = 3
+
+#: Settings a reload cannot change on a running server (docs/operations.md).
+RESTART_ONLY = ("host", "port", "db", "workers", "scrypt_n", "metrics", "admin_socket", "tick", "config_file")
+#: The MOTD file's limits: more lines or longer lines are cut (and logged).
+MOTD_MAX_LINES = 50
+MOTD_MAX_CHARS = 400
+
+
+def read_motd(path: str | None) -> list[str]:
+    """The MOTD file's lines (blocking: at start, or on a worker); OSError if unreadable."""
+    if not path:
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    if len(lines) > MOTD_MAX_LINES or any(len(line) > MOTD_MAX_CHARS for line in lines):
+        log.warning("MOTD %s: only the first %d lines of at most %d characters are sent",
+                    path, MOTD_MAX_LINES, MOTD_MAX_CHARS)
+    return ["".join(c for c in line[:MOTD_MAX_CHARS] if c.isprintable()) for line in lines[:MOTD_MAX_LINES]]
 
 
 class Server:
-    def __init__(self, config: ServerConfig, reactor: Reactor | None = None):
+    """``loader`` (``selchat.server.options.Loader``) re-reads the config file
+    on a reload; ``logs`` (``selchat.logsetup.Logs``) re-applies the log
+    settings and reopens the log file. Both are optional (tests leave them out).
+
+    Construction may block (it checks the database and reads the MOTD file):
+    it runs before the loop does, and raises StoreError or OSError on a
+    setting that cannot work, so that ``selchat serve`` fails at start.
+    """
+
+    def __init__(self, config: ServerConfig, reactor: Reactor | None = None, loader=None, logs=None):
         self.config = config
+        self.loader = loader
+        self.logs = logs
         self.reactor = reactor or Reactor(tick=config.tick, workers=config.workers)
         self.accounts = Accounts(self.reactor, config.db, config.scrypt_n)
+        self.accounts.check()
         self.tls = server_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+        self.motd = read_motd(config.motd_file)
+        self.started_at = time.time()
+        self._reloading = False
         self.hub = Hub(self.reactor.call_later, config.request_timeout)
         self.sessions: dict[str, Session] = {}   # key -> the account's one session
         self.by_sid: dict[int, Session] = {}     # sid -> session still attaching
         self.peers: set[Peer] = set()
         self.listener: Listener | None = None
+        self.metrics = Metrics()
+        self.metrics_endpoint: MetricsEndpoint | None = None  # /metrics, when config.metrics is set
+        self.control: ControlSocket | None = None  # the admin socket, when config.admin_socket is set
         self.per_host: dict[str, int] = {}          # open sockets per source address
         self.host_rate: dict[str, object] = {}      # connection-rate bucket per address
-        # Failed logins slow further attempts: per account after 2 failures,
-        # per address after 10 (many users may share an address).
-        self.user_failures = FailureTracker(free=2)
-        self.addr_failures = FailureTracker(free=10)
-        self.hashing = 0                            # password checks queued or running
+        # Failed logins throttle further attempts from the same address: for
+        # one account after 3, for any account after config.throttle_after
+        # (many users may share an address; 0 = never). A fresh address is
+        # never slowed.
+        self.pair_failures = FailureTracker(free=FREE_FAILURES_PER_ACCOUNT)
+        self.addr_failures = FailureTracker(free=config.throttle_after)
+        self.hash_queue = FairQueue()               # password checks waiting, per address
+        self.hashing = 0                            # password checks on a worker
         # Keep the socket cap below the descriptor limit, with room for the
         # listener, the database, the wake-up pipe and the log.
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.max_connections = config.max_connections or max(16, soft - 64)
+        self._fd_room = max(16, soft - 64)
+        self.max_connections = config.max_connections or self._fd_room
         self._sids = itertools.count(1)
         self._stopping = False
         self._handlers = {
@@ -87,6 +140,10 @@ class Server:
         if sock is None:
             sock = bind(self.config.host, self.config.port)
         self.listener = Listener(self.reactor, sock, self.accept)
+        if self.config.metrics:
+            self.metrics_endpoint = MetricsEndpoint(self, self.config.metrics)
+        if self.config.admin_socket:
+            self.control = ControlSocket(self, self.config.admin_socket)
         return self.listener.address
 
     def serve_forever(self) -> None:
@@ -101,17 +158,25 @@ class Server:
         if self._stopping:
             return
         self._stopping = True
+        systemd.notify("STOPPING=1")
         log.info("shutting down: %d sessions", len(self.sessions))
         if self.listener is not None:
             self.listener.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+        if self.control is not None:
+            self.control.close()  # removes the socket file
         sessions = list(self.sessions.values())
-        for session in sessions:  # everyone hears it first, before chats end
-            session.notify(ev.Shutdown("server is shutting down"))
+        # Both partners of a chat hear the same, in the same order: SHUTDOWN,
+        # ENDED <other> shutdown, BYE shutdown. (Ending the sessions one by
+        # one would tell the first "BYE" and its partner "ENDED".)
         for session in sessions:
-            self.end_session(session, "shutdown", "the server is shutting down",
-                             ev.Bye("shutdown", "server is shutting down"))
+            session.notify(ev.Shutdown(SHUTTING_DOWN))
+        self.hub.end_all("shutdown", SHUTTING_DOWN)
+        for session in sessions:
+            self.end_session(session, "shutdown", SHUTTING_DOWN, ev.Bye("shutdown", SHUTTING_DOWN))
         for peer in list(self.peers):
-            peer.close(ev.Bye("shutdown", "server is shutting down"))
+            peer.close(ev.Bye("shutdown", SHUTTING_DOWN))
         deadline = self.reactor.clock() + self.config.shutdown_grace
         self._wait_drained(deadline)
 
@@ -124,17 +189,111 @@ class Server:
         self.reactor.call_later(0.05, self._wait_drained, deadline)
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT -> graceful shutdown, run on the loop (wakes select)."""
-        def handler(signum, frame):
+        """SIGTERM/SIGINT -> graceful shutdown, SIGHUP -> reload; both run on
+        the loop (call_soon_threadsafe wakes select)."""
+        def stop(signum, frame):
             self.reactor.call_soon_threadsafe(self.shutdown)
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+
+        def reload(signum, frame):
+            self.reactor.call_soon_threadsafe(self.reload)
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    # -- reloading (SIGHUP, `selchat admin reload`) ---------------------------------
+
+    def reload(self, done=None) -> None:
+        """Re-read the config file, TLS certificate and key, MOTD and log
+        settings on a worker, then apply them on the loop; ``done(ok, message)``.
+
+        A file that fails to load or check keeps the old settings, and says
+        why. Settings that cannot change on a running server (RESTART_ONLY,
+        TLS on or off) keep their old value and are logged as needing a
+        restart. Sessions are untouched; new limits apply to new sockets
+        and to the next use of each deadline.
+        """
+        if self._reloading or self._stopping:
+            if done is not None:
+                done(False, "a reload is already running" if self._reloading else SHUTTING_DOWN)
+            return
+        self._reloading = True
+        systemd.notify("RELOADING=1")
+        log.info("reloading%s", f" {self.config.config_file}" if self.config.config_file else "")
+        loader, logs = self.loader, self.logs
+
+        def work():  # on a worker: file reads and the TLS key load may block
+            config = loader.load() if loader is not None else dataclasses.replace(self.config)
+            tls = server_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+            motd = read_motd(config.motd_file)
+            if logs is not None:
+                logs.apply(config)  # last: only once everything else checked out
+            return config, tls, motd
+
+        self.reactor.run_in_thread(work, done=lambda future: self._reloaded(future, done))
+
+    def _reloaded(self, future, done) -> None:
+        self._reloading = False
+        try:
+            config, tls, motd = future.result()
+        except Exception as exc:
+            ok, message = False, f"reload failed, keeping the old settings: {exc}"
+            log.error("%s", message)
+        else:
+            ok, message = True, self._apply(config, tls, motd)
+            log.info("%s", message)
+        systemd.notify("READY=1")
+        if done is not None:
+            done(ok, message)
+
+    def _apply(self, config: ServerConfig, tls, motd: list[str]) -> str:
+        """Switch to ``config`` (checked already); returns what changed, for the log."""
+        old = self.config
+        stuck = [f for f in RESTART_ONLY if getattr(config, f) != getattr(old, f)]
+        for name in stuck:
+            setattr(config, name, getattr(old, name))
+        if (config.tls_cert is None) != (old.tls_cert is None):
+            stuck.append("tls_cert (TLS on or off)")
+            config.tls_cert, config.tls_key, tls = old.tls_cert, old.tls_key, self.tls
+        changed = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(old, f.name)]
+        self.config = config
+        self.tls = tls                       # new handshakes use the new certificate
+        self.motd = motd
+        self.hub.request_timeout = config.request_timeout
+        self.max_connections = config.max_connections or self._fd_room
+        self.addr_failures.free = config.throttle_after
+        message = "reloaded: " + (", ".join(changed) + " changed" if changed else "no setting changed")
+        if stuck:
+            message += "; needs a restart to change: " + ", ".join(stuck)
+            log.warning("reload: %s cannot change on a running server; restart to apply", ", ".join(stuck))
+        return message
+
+    # -- operators (`selchat admin`) --------------------------------------------------
+
+    def kick(self, name: str, text: str) -> bool:
+        """End ``name``'s session: BYE kicked <text>; False if not logged in."""
+        session = self.sessions.get(name.lower())
+        if session is None:
+            return False
+        self.end_session(session, "kicked", f"{session.name} was disconnected by an operator",
+                         ev.Bye("kicked", text), why="kicked")
+        return True
+
+    def broadcast(self, text: str) -> int:
+        """NOTICE <text> to every logged-in user; returns how many."""
+        notice = ev.Notice(text)
+        for session in self.sessions.values():
+            session.notify(notice)
+        return len(self.sessions)
 
     # -- connections ----------------------------------------------------------------
 
     def accept(self, sock, address) -> None:
         refusal = self._refusal(address)
         if refusal is not None:
+            reason = refusal.partition(" ")[0]
+            self.metrics.refusals[reason] += 1
+            audit.emit("refused", logging.WARNING, addr=address[0] if isinstance(address, tuple) else address,
+                       reason=reason)
             # Refused before any state is made: one best-effort line, then close.
             try:
                 sock.send(f"BYE {refusal}\n".encode())
@@ -159,7 +318,7 @@ class Server:
         """Why a new connection from ``address`` is refused, or None."""
         cfg = self.config
         if self._stopping:
-            return "shutdown server is shutting down"
+            return "shutdown the server is shutting down"
         if self.max_connections and len(self.peers) >= self.max_connections:
             return "server-full the server has no room for more connections"
         host = address[0] if isinstance(address, tuple) else str(address)
@@ -218,76 +377,132 @@ class Server:
     # -- logging in -----------------------------------------------------------------
 
     def on_login(self, peer: Peer, event) -> None:
-        """LOGIN or REGISTER: check the password on a worker; stop reading meanwhile.
+        """LOGIN or REGISTER: answer a throttled or hopeless attempt at once,
+        else queue the password check for a worker; stop reading meanwhile.
 
-        Failed logins slow down further attempts for the same account and from
-        the same address (FailureTracker); the wait happens before hashing.
+        Failed logins throttle further attempts from the same address only
+        (for one account after FREE_FAILURES_PER_ACCOUNT, for any account
+        after config.throttle_after), so a guesser never locks the owner out
+        from elsewhere. A LOGIN counts as a failure for its account from
+        its address from the moment it is queued, so parallel guesses are
+        throttled too; a success clears it.
+        Checks wait in a FairQueue by address: one address's flood delays
+        another address's login by at most one check per busy address.
         """
         register = type(event) is ev.Register
         verb = "REGISTER" if register else "LOGIN"
         if register and not self.config.registration:
-            peer.send(ev.Error(verb, "registration-closed", "registration is closed on this server"))
+            self._login_refused(peer, verb, "registration-closed", "registration is closed on this server")
             return
-        peer.pause(WAITING)
+        if len(event.password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
+            # Never hash it: a long password costs as much as many guesses.
+            self._login_failed(peer, verb, event.user, "bad-password",
+                               f"password must be at most {MAX_PASSWORD_BYTES} bytes of UTF-8")
+            return
+        host = peer.host
+        pair = (event.user.lower(), host)
         now = self.reactor.clock()
-        keys = (event.user.lower(), peer.host)
-        delay = max(self.user_failures.delay(keys[0], now), self.addr_failures.delay(keys[1], now))
-        if delay > 0:
-            self.reactor.call_later(delay, self._check_password, peer, event, verb, keys)
-        else:
-            self._check_password(peer, event, verb, keys)
-
-    def _check_password(self, peer: Peer, event, verb: str, keys) -> None:
-        if peer.transport.closing:
+        wait = self.pair_failures.delay(pair, now)
+        if self.config.throttle_after:  # 0: never throttle an address as a whole
+            wait = max(wait, self.addr_failures.delay(host, now))
+        if wait > 0:
+            seconds = math.ceil(wait)
+            self.metrics.logins["throttled"] += 1
+            audit.emit("throttled", logging.WARNING, user=event.user, addr=host, wait=seconds)
+            self._login_failed(peer, verb, event.user, "throttled",
+                               f"{seconds} too many failed logins; try again in {seconds} s", counted=False)
             return
-        if self.hashing >= self.config.max_hash_queue:
-            peer.send(ev.Error(verb, "busy", "the server is busy; try again in a moment"))
-            peer.resume(WAITING)
+        if len(self.hash_queue) >= self.config.max_hash_queue or self.hash_queue.queued(host) >= HASHES_PER_ADDRESS:
+            self._login_refused(peer, verb, "busy", "the server is busy; try again in a moment")
             return
-        self.hashing += 1
-        call = self.accounts.register if verb == "REGISTER" else self.accounts.verify
-        call(event.user, event.password, done=lambda fut: self._login_done(peer, verb, keys, fut))
+        if not register:
+            self.pair_failures.failed(pair, now)
+        peer.pause(WAITING)
+        self.hash_queue.push(host, (peer, event, verb, pair))
+        self._run_hashes()
 
-    def _login_done(self, peer: Peer, verb: str, keys, future) -> None:
+    def _run_hashes(self) -> None:
+        """Keep every worker busy with the next password check, fairly by address."""
+        while self.hashing < self.config.workers and self.hash_queue:
+            peer, event, verb, pair = self.hash_queue.pop()
+            if peer.transport.closing:
+                continue  # gave up waiting; its charge stands (it never proved the password)
+            self.hashing += 1
+            call = self.accounts.register if verb == "REGISTER" else self.accounts.verify
+            call(event.user, event.password,
+                 done=lambda fut, p=peer, e=event, v=verb, k=pair: self._login_done(p, e, v, k, fut))
+
+    def _login_done(self, peer: Peer, event, verb: str, pair, future) -> None:
         self.hashing -= 1
-        if peer.transport.closing:
-            return
+        self._run_hashes()
         try:
             name = future.result()
-        except StoreError as exc:
-            peer.send(ev.Error(verb, exc.code, str(exc)))
-            peer.resume(WAITING)
+        except StorageUnavailable as exc:
+            self._refund(verb, pair)
+            self.metrics.logins["error"] += 1
+            audit.emit("storage-error", logging.ERROR, user=event.user, addr=peer.host, error=str(exc))
+            self._login_refused(peer, verb, exc.code, str(exc), count=False)
             return
-        except Exception:
+        except StoreError as exc:  # bad username, name taken: the client's mistake
+            self._refund(verb, pair)
+            self._login_refused(peer, verb, exc.code, str(exc))
+            return
+        except Exception as exc:
             log.exception("account store failed")
-            peer.send(ev.Error(verb, "storage", "the account store failed; try again later"))
-            peer.resume(WAITING)
+            self._refund(verb, pair)
+            self.metrics.logins["error"] += 1
+            audit.emit("storage-error", logging.ERROR, user=event.user, addr=peer.host, error=repr(exc))
+            self._login_refused(peer, verb, "storage", "the account store failed; try again later", count=False)
             return
-        now = self.reactor.clock()
-        if name is None:
-            self.user_failures.failed(keys[0], now)
-            self.addr_failures.failed(keys[1], now)
-            peer.failures += 1
-            peer.send(ev.Error(verb, "auth-failed", AUTH_FAILED))
-            if peer.failures >= self.config.max_login_failures:
-                peer.close(ev.Bye("auth-failed", "too many failed logins"))
-            else:
-                peer.resume(WAITING)
+        if name is None:  # logged even if the guesser hung up before the answer
+            self.addr_failures.failed(peer.host, self.reactor.clock())
+            self.metrics.logins["failed"] += 1
+            audit.emit("login-failed", logging.WARNING, user=event.user, addr=peer.host, reason="auth-failed")
+            if not peer.transport.closing:
+                self._login_failed(peer, verb, event.user, "auth-failed", AUTH_FAILED, counted=False)
             return
-        self.user_failures.succeeded(keys[0])
-        self.addr_failures.succeeded(keys[1])
+        if verb == "LOGIN":
+            self.pair_failures.succeeded(pair)
+        if peer.transport.closing:
+            return
         if self._stopping:
-            peer.close(ev.Bye("shutdown", "server is shutting down"))
+            peer.close(ev.Bye("shutdown", SHUTTING_DOWN))
             return
-        self._start_session(peer, name)
+        self.metrics.logins["ok"] += 1
+        session = self._start_session(peer, name)
+        audit.emit("register" if verb == "REGISTER" else "login", user=name, addr=peer.host, session=session.sid)
         peer.resume(WAITING)
 
-    def _start_session(self, peer: Peer, name: str) -> None:
+    def _refund(self, verb: str, pair) -> None:
+        """The check never ran to a verdict: take back the failure charged in advance."""
+        if verb == "LOGIN":
+            self.pair_failures.refund(pair)
+
+    def _login_refused(self, peer: Peer, verb: str, code: str, text: str, count: bool = True) -> None:
+        """An answer that is nobody's fault or not a guess: reading goes on."""
+        if count:
+            self.metrics.logins["refused"] += 1
+        if not peer.transport.closing:
+            peer.send(ev.Error(verb, code, text))
+            peer.resume(WAITING)
+
+    def _login_failed(self, peer: Peer, verb: str, user: str, code: str, text: str, counted: bool = True) -> None:
+        """A failed attempt: answered, and it counts toward closing this socket."""
+        if counted:
+            self.metrics.logins["failed"] += 1
+            audit.emit("login-failed", logging.WARNING, user=user, addr=peer.host, reason=code)
+        peer.failures += 1
+        peer.send(ev.Error(verb, code, text))
+        if peer.failures >= self.config.max_login_failures:
+            peer.close(ev.Bye("auth-failed", "too many failed logins"))
+        else:
+            peer.resume(WAITING)
+
+    def _start_session(self, peer: Peer, name: str) -> Session:
         old = self.sessions.get(name.lower())
-        if old is not None:
-            log.info("%s logged in again; replacing the old session", name)
+        if old is not None:  # the partner sees a drop; the old client hears why
             self.end_session(old, "dropped", f"{name} lost connection",
-                             ev.Bye("replaced", "logged in from another client"))
+                             ev.Bye("replaced", "logged in from another client"), why="replaced")
         sid = next(self._sids)
         secrets_by_role = {Role.CHAT: secrets.token_urlsafe(16), Role.CHECK: secrets.token_urlsafe(16)}
         session = Session(sid, name, secrets_by_role)
@@ -302,12 +517,13 @@ class Server:
         self.by_sid[sid] = session
         session.attach_timer = self.reactor.call_later(self.config.attach_timeout, self._attach_timeout, session)
         peer.send(ev.Welcome(name, f"{sid}.{secrets_by_role[Role.CHAT]}", f"{sid}.{secrets_by_role[Role.CHECK]}"))
-        log.info("%s logged in from %s (session %d)", name, peer.host, sid)
+        return session
 
     def _attach_timeout(self, session: Session) -> None:
         if session.phase is Phase.ATTACHING:
             self.end_session(session, "dropped", f"{session.name} lost connection",
-                             ev.Bye("attach-timeout", "chat and check sockets not attached in time"))
+                             ev.Bye("attach-timeout", "chat and check sockets not attached in time"),
+                             why="attach-timeout")
 
     def on_attach(self, peer: Peer, event: ev.Attach) -> None:
         session = self._check_token(event)
@@ -349,9 +565,16 @@ class Server:
         session.heartbeat = self.reactor.call_later(self.config.ping_interval, self._heartbeat, session)
         self.hub.join(session)
         session.notify(ev.Ready(session.name))
+        for line in self.motd:
+            session.notify(ev.Motd(line))
 
-    def end_session(self, session: Session, reason: str, text: str, bye: ev.Bye | None = None) -> None:
-        """End a session once: its chat or request, its timers, its three sockets."""
+    def end_session(self, session: Session, reason: str, text: str, bye: ev.Bye | None = None,
+                    why: str | None = None) -> None:
+        """End a session once: its chat or request, its timers, its three sockets.
+
+        ``reason`` and ``text`` are what the partner is told (ENDED); ``why``
+        is what the log says (session-end reason=...), ``reason`` if None.
+        """
         if session.phase is Phase.CLOSED:
             return
         session.phase = Phase.CLOSED
@@ -366,7 +589,8 @@ class Server:
         login = session.login
         for peer in session.peers():
             peer.close(bye if peer is login else None)
-        log.info("%s session %d ended: %s", session.name, session.sid, reason)
+        audit.emit("session-end", user=session.name, addr=login.host if login is not None else "-",
+                   session=session.sid, reason=why or reason)
 
     def peer_stuck(self, peer: Peer) -> None:
         """``peer`` has not read its output for stuck_timeout seconds: drop it.
@@ -375,7 +599,7 @@ class Server:
         peer.stuck = None
         session = peer.session
         if session is not None:
-            self.end_session(session, "dropped", f"{session.name} stopped reading")
+            self.end_session(session, "dropped", f"{session.name} stopped reading", why="stuck")
         peer.transport.abort()
 
     # -- heartbeats -----------------------------------------------------------------
@@ -385,7 +609,8 @@ class Server:
             return
         if session.awaiting_pong:
             self.end_session(session, "dropped", f"{session.name} stopped answering heartbeats",
-                             ev.Bye("ping-timeout", "no answer to PING within %g seconds" % self.config.ping_timeout))
+                             ev.Bye("ping-timeout", "no answer to PING within %g seconds" % self.config.ping_timeout),
+                             why="ping-timeout")
             return
         session.awaiting_pong = True
         session.ping_seq += 1
@@ -421,6 +646,7 @@ class Server:
         if nack is not None:
             peer.send(nack)
             return
+        self.metrics.messages_relayed += 1
         target = session.partner.login
         if target.congested:
             # The partner's output is backed up: read no more from this
@@ -432,6 +658,7 @@ class Server:
         target = session.partner.login
         if target.conn.can_send(ev.Incoming):
             target.transport.write(codec.relay_block(session.name_bytes, block))
+            self.metrics.messages_relayed += count
             if target.congested:
                 target.feed_paused_by(peer)
 
@@ -494,7 +721,7 @@ class Server:
     def on_exit(self, peer: Peer, event) -> None:
         session = peer.session
         peer.send(ev.Ok("EXIT"))
-        self.end_session(session, "left", f"{session.name} logged out", ev.Bye("exit", "goodbye"))
+        self.end_session(session, "left", f"{session.name} logged out", ev.Bye("exit", "goodbye"), why="exit")
 
 
 def raise_nofile_limit() -> int:

@@ -10,6 +10,7 @@ so they do not change lightly.
 
 from __future__ import annotations
 
+import json
 import logging
 
 log = logging.getLogger("selchat.events")
@@ -25,5 +26,5 @@ def emit(event: str, level: int = logging.INFO, **fields) -> None:
 def _quote(value) -> str:
     text = str(value)
     if not text or any(c in text for c in ' "=\\') or not text.isprintable():
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').encode("unicode_escape").decode("ascii") + '"'
+        return json.dumps(text)  # quoted, with backslash escapes; ASCII only
     return text

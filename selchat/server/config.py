@@ -40,6 +40,10 @@ class ServerConfig:
     prelogin_frames: int = 10
     #: Failed logins on one socket before it is closed.
     max_login_failures: int = 3
+    #: Failed logins from one address (any accounts) before further attempts
+    #: from it are throttled; 0 = never throttle by address alone. (One
+    #: account is throttled from one address after 3 failures regardless.)
+    throttle_after: int = 10
 
     # -- flood control: token buckets (rate per second, burst); rate 0 = unlimited --
     cmd_rate: float = 2.0

@@ -43,6 +43,21 @@ class Hub:
             session.partner = partner.partner = None
             partner.notify(ev.Ended(session.name, reason, text))
 
+    def end_all(self, reason: str, text: str) -> None:
+        """End every chat and request at once, telling both sides the same
+        (the server is shutting down: nobody is to blame)."""
+        for session in list(self.online.values()):
+            partner = session.partner
+            if partner is not None:
+                session.partner = partner.partner = None
+                session.notify(ev.Ended(partner.name, reason, text))
+                partner.notify(ev.Ended(session.name, reason, text))
+            req = session.request
+            if req is not None:
+                self._clear_request(req)
+                req.source.notify(ev.Expired(req.target.name))
+                req.target.notify(ev.Expired(req.source.name))
+
     def who(self) -> list:
         sessions = sorted(self.online.values(), key=lambda s: s.key)
         entries = [ev.UserEntry(s.name, "busy" if s.busy else "idle") for s in sessions]

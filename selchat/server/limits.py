@@ -5,6 +5,8 @@ Nothing here reads a clock; callers pass ``now``, so tests drive time by hand.
 
 from __future__ import annotations
 
+import collections
+
 
 class TokenBucket:
     """``burst`` tokens, refilled at ``rate`` per second; each event takes one."""
@@ -49,12 +51,13 @@ def bucket(rate: float, burst: int, now: float) -> TokenBucket | None:
 class FailureTracker:
     """Failed logins per key (an account or an address), with a growing delay.
 
-    The first ``free`` failures cost nothing; after that each further attempt
-    waits ``base * 2**(n - free - 1)`` seconds, at most ``cap``. A key forgets
-    its failures ``forget`` seconds after the last one, or on a success.
+    ``free`` failures cost nothing; once a key has ``n >= free`` of them,
+    the next attempt must wait ``base * 2**(n - free)`` seconds after the
+    last, at most ``cap``. A key forgets its failures ``forget`` seconds
+    after the last one, or on a success.
     """
 
-    def __init__(self, free: int = 2, base: float = 1.0, cap: float = 60.0,
+    def __init__(self, free: int = 3, base: float = 1.0, cap: float = 60.0,
                  forget: float = 900.0, max_keys: int = 100_000):
         self.free, self.base, self.cap, self.forget, self.max_keys = free, base, cap, forget, max_keys
         self._failures: dict[str, tuple[int, float]] = {}
@@ -64,9 +67,9 @@ class FailureTracker:
         count, last = self._failures.get(key, (0, 0.0))
         if not count or now - last > self.forget:
             return 0.0
-        if count <= self.free:
+        if count < self.free:
             return 0.0
-        wait = min(self.cap, self.base * 2 ** (count - self.free - 1))
+        wait = min(self.cap, self.base * 2 ** min(count - self.free, 32))
         return max(0.0, last + wait - now)
 
     def failed(self, key: str, now: float) -> None:
@@ -80,6 +83,14 @@ class FailureTracker:
     def succeeded(self, key: str) -> None:
         self._failures.pop(key, None)
 
+    def refund(self, key: str) -> None:
+        """Take back one failure: an attempt counted in advance did not fail."""
+        count, last = self._failures.get(key, (0, 0.0))
+        if count > 1:
+            self._failures[key] = (count - 1, last)
+        else:
+            self._failures.pop(key, None)
+
     def _prune(self, now: float) -> None:
         stale = [k for k, (_, last) in self._failures.items() if now - last > self.forget]
         for key in stale:
@@ -91,3 +102,39 @@ class FailureTracker:
 
     def __len__(self) -> int:
         return len(self._failures)
+
+
+class FairQueue:
+    """Jobs waiting per key (an address), taken round-robin across keys.
+
+    Password checks wait here for a worker: however many one address queues,
+    a job from another address waits for at most one job of each address
+    ahead of it, so a guesser cannot starve anyone else's login.
+    """
+
+    def __init__(self):
+        self._queues: dict[str, collections.deque] = {}  # insertion order = turn order
+        self._size = 0
+
+    def push(self, key: str, job) -> None:
+        self._queues.setdefault(key, collections.deque()).append(job)
+        self._size += 1
+
+    def pop(self):
+        """The next job: the first of the key whose turn it is (IndexError if empty)."""
+        if not self._queues:
+            raise IndexError("pop from an empty FairQueue")
+        key = next(iter(self._queues))
+        queue = self._queues.pop(key)
+        job = queue.popleft()
+        self._size -= 1
+        if queue:
+            self._queues[key] = queue  # to the back of the line
+        return job
+
+    def queued(self, key: str) -> int:
+        queue = self._queues.get(key)
+        return len(queue) if queue else 0
+
+    def __len__(self) -> int:
+        return self._size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 
 
 class Phase(enum.Enum):
@@ -36,7 +37,7 @@ class Session:
     __slots__ = (
         "sid", "name", "name_bytes", "key", "phase", "login", "chat", "check", "tokens",
         "partner", "request", "requests", "attach_timer", "heartbeat", "awaiting_pong", "ping_seq",
-        "__weakref__",
+        "since", "__weakref__",
     )
 
     def __init__(self, sid: int, name: str, tokens: dict):
@@ -56,6 +57,7 @@ class Session:
         self.heartbeat = None
         self.awaiting_pong = False
         self.ping_seq = 0
+        self.since = time.time()  # wall clock of the login, for `selchat admin who`
 
     @property
     def busy(self) -> bool:
