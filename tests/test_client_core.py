@@ -510,6 +510,54 @@ def test_shutdown_notice():
     assert shown(online().receive(LOGIN, frames("SHUTDOWN server going down"))) == ["server: server going down"]
 
 
+def test_motd_lines_are_shown_as_they_are_after_ready():
+    s = ClientSession("alice", "pw")
+    s.start()
+    s.receive(LOGIN, frames("HELLO 1 selchat/0.1.0", "WELCOME alice ctok ktok"))
+    s.receive(CHAT, frames("OK ATTACH CHAT"))
+    s.receive(CHECK, frames("OK ATTACH CHECK"))
+    effects = s.receive(LOGIN, frames("READY alice", "MOTD Welcome to selchat!", "MOTD", "MOTD   be kind"))
+    assert shown(effects) == ["logged in as alice", "Welcome to selchat!", "", "  be kind"]
+    assert kinds(effects) == ["ready", "motd", "motd", "motd"]
+    assert [e.fields() for e in effects if isinstance(e, Notice)][1:] == [
+        {"text": "Welcome to selchat!"}, {"text": ""}, {"text": "  be kind"}]
+    assert s.phase is Phase.IDLE and sent(effects) == []
+
+
+def test_notices_are_shown_whatever_the_phase_and_change_nothing():
+    s = ClientSession("alice", "pw")
+    s.start()
+    s.receive(LOGIN, frames("WELCOME alice ctok ktok"))
+    assert shown(s.receive(LOGIN, frames("NOTICE before ready"))) == ["notice: before ready"]
+    assert s.phase is Phase.ATTACHING
+    s = chatting()
+    effects = s.receive(LOGIN, frames("NOTICE the server restarts at 18:00", "MSG bob still here"))
+    assert shown(effects) == ["notice: the server restarts at 18:00", "[bob] still here"]
+    assert kinds(effects)[0] == "notice" and effects[0].fields() == {"text": "the server restarts at 18:00"}
+    assert s.phase is Phase.CHATTING and s.partner == "bob" and sent(effects) == []
+
+
+def test_motd_after_a_reconnect_follows_the_reconnected_line():
+    s = online(reconnect=True, backoff=Backoff(rng=lambda: 0.0))
+    s.receive(LOGIN, b"")
+    s.start()
+    s.receive(LOGIN, frames("WELCOME alice c2 k2"))
+    s.receive(CHAT, frames("OK ATTACH CHAT"))
+    s.receive(CHECK, frames("OK ATTACH CHECK"))
+    assert kinds(s.receive(LOGIN, frames("READY alice", "MOTD hello again"))) == ["reconnected", "motd"]
+
+
+@pytest.mark.parametrize("role, line", [(CHAT, "NOTICE x"), (CHECK, "MOTD x"), (LOGIN, "MOTD x")])
+def test_motd_or_notice_where_the_server_may_not_send_it_is_a_protocol_error(role, line):
+    s = ClientSession("alice", "pw")
+    s.start()   # the login socket is AUTHENTICATING: no MOTD yet
+    if role is not LOGIN:
+        s = online()
+    effects = s.receive(role, frames(line))
+    assert kinds(effects) == ["protocol-error"] and closed(effects) == 3
+    assert line.split()[0] in shown(effects)[0]
+
+
 def test_server_ping_is_answered_with_pong():
     s = online()
     assert sent(s.receive(CHECK, frames("PING 42"))) == ["CHECK: PONG 42"]
@@ -667,9 +715,35 @@ def test_reconnect_after_a_bye_unless_it_is_final():
     s = online(reconnect=True)
     effects = s.receive(LOGIN, frames("BYE shutdown server is shutting down"))
     assert shown(effects)[0] == "disconnected: server is shutting down" and isinstance(effects[-1], Reconnect)
-    for reason in ("replaced", "auth-failed"):
+    for reason in ("replaced", "kicked", "auth-failed"):
         t = online(reconnect=True)
         assert closed(t.receive(LOGIN, frames(f"BYE {reason} no"))) == 3
+
+
+def test_kicked_says_so_and_exits_3_without_reconnecting():
+    s = chatting(reconnect=True)
+    effects = s.receive(LOGIN, frames("BYE kicked spamming"))
+    assert shown(effects) == ["disconnected: spamming"] and closed(effects) == 3
+    assert not any(isinstance(e, Reconnect) for e in effects)
+    # the partner of a kicked user is told why the chat ended
+    t = chatting()
+    assert shown(t.receive(LOGIN, frames("ENDED bob kicked bob was disconnected by an operator"))) == [
+        "chat with bob ended (kicked): bob was disconnected by an operator"]
+    assert t.phase is Phase.IDLE
+
+
+def test_shutdown_tells_both_partners_the_same_then_reconnects():
+    for me, partner in (("alice", "bob"), ("bob", "alice")):
+        s = chatting(partner, user=me, reconnect=True)
+        effects = s.receive(LOGIN, frames("SHUTDOWN the server is shutting down",
+                                          f"ENDED {partner} shutdown the server is shutting down",
+                                          "BYE shutdown the server is shutting down"))
+        assert shown(effects)[:3] == [
+            "server: the server is shutting down",
+            f"chat with {partner} ended (shutdown): the server is shutting down",
+            "disconnected: the server is shutting down",
+        ]
+        assert isinstance(effects[-1], Reconnect)
 
 
 def test_no_reconnect_before_the_first_ready_or_after_a_protocol_error():

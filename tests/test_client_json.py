@@ -173,6 +173,23 @@ def test_reconnecting_as_json():
         fake.stop()
 
 
+def test_motd_and_notice_as_json(clients):
+    fake = FakeServer(motd=["Welcome!", ""]).start()
+    try:
+        client = JsonClient(clients(fake.port, "--json"))
+        assert client.next()["type"] == "ready"
+        assert [(e["type"], e["text"], e["line"]) for e in (client.next(), client.next())] == [
+            ("motd", "Welcome!", "Welcome!"), ("motd", "", "")]
+        fake.send("LOGIN", "NOTICE back in  5 minutes")
+        notice = client.next()
+        assert (notice["type"], notice["text"]) == ("notice", "back in  5 minutes")
+        assert notice["line"] == "notice: back in  5 minutes"
+        client.process.close_stdin()
+        assert [e["type"] for e in client.rest()] == ["logged-out"]
+    finally:
+        fake.stop()
+
+
 @pytest.mark.parametrize("line", [
     '{"type": "nonsense", "time": "2025-01-01T00:00:00.000+00:00", "line": "x"}',
     '{"type": "ready", "time": "2025-01-01T00:00:00.000+00:00", "line": "x"}',

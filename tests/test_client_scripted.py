@@ -35,12 +35,13 @@ class FakeServer:
     """
 
     def __init__(self, listener: socket.socket | None = None, users=None, answer_pings=True,
-                 answer_exit=True):
+                 answer_exit=True, motd=()):
         self.listener = listener or socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.users = dict(users or {"alice": "secret"})
         self.answer_pings = answer_pings
         self.answer_exit = answer_exit
+        self.motd = tuple(motd)   # MOTD lines, sent with READY as the real server does
         self.cond = threading.Condition()
         self.frames: list[tuple[str, str]] = []
         self.socks: dict[str, socket.socket] = {}
@@ -153,7 +154,7 @@ class FakeServer:
                 ready = "CHAT" in self.socks and "CHECK" in self.socks and not self._ready_sent
                 self._ready_sent = self._ready_sent or ready
             if ready:
-                self.send("LOGIN", f"READY {self._user}")
+                self.send("LOGIN", "\n".join([f"READY {self._user}", *(f"MOTD {m}".rstrip() for m in self.motd)]))
             return which
         if role == "CHAT" and line == "WHO":
             sock.sendall(f"USER {self._user} idle\nOK WHO 1\n".encode())
@@ -502,3 +503,18 @@ def test_invalid_user_name_is_refused_before_connecting():
     result = CliRunner().invoke(connect, ["--user", "no spaces"], env={"SELCHAT_PASSWORD": "x"})
     assert result.exit_code == 1
     assert "not a valid user name" in result.output
+
+
+def test_motd_follows_logged_in_and_notices_arrive_any_time(clients):
+    server = FakeServer(motd=["Welcome to the fake server.", "", "Be kind."]).start()
+    try:
+        client = clients(server.port)
+        assert [client.line() for _ in range(4)] == [
+            "logged in as alice", "Welcome to the fake server.", "", "Be kind."]
+        server.send("LOGIN", "NOTICE the server restarts at 18:00")
+        assert client.line() == "notice: the server restarts at 18:00"
+        client.close_stdin()
+        assert client.wait() == 0
+        assert client.rest("out") == ["logged out"]
+    finally:
+        server.stop()

@@ -27,6 +27,7 @@ import pytest
 from selchat.client.core import COMMANDS, FORMATS, Notice
 from selchat.client.interactive import common_prefix, completions, render
 from tests.support import DEADLINE, REPO_ROOT, RawUser, unique
+from tests.test_client_scripted import FakeServer
 
 _BETWEEN = r"(?:\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|[\r\x08\x07])*"
 # SGR sequences that set a colour: 30-38/40-48 (and 38;5/48;5, 38;2/48;2), 90-97, 100-107
@@ -311,3 +312,22 @@ def test_help_lists_every_command(server, tty):
     alice.expect("/quit: leave the chat")
     alice.send("/exit\r")
     assert alice.finish() == 0
+
+
+def test_motd_after_login_and_a_notice_above_a_half_typed_line(tty):
+    fake = FakeServer(users={"alice": "pw tty"}, motd=["Welcome to the fake server.", "Be kind."]).start()
+    try:
+        alice = tty(fake.port, "alice", "--no-timestamps")
+        alice.expect("logged in as alice")
+        alice.expect("Welcome to the fake server.")
+        alice.expect("Be kind.")
+        alice.expect("alice> ")
+        alice.send("half typ")
+        alice.expect("half typ")
+        fake.send("LOGIN", "NOTICE the server restarts at 18:00")
+        alice.expect("notice: the server restarts at 18:00")
+        alice.expect("alice> half typ")   # drawn again under it, intact
+        alice.send("\x15\x04")   # Ctrl-U clears the line, Ctrl-D on the empty line exits
+        assert alice.finish() == 0
+    finally:
+        fake.stop()

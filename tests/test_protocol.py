@@ -18,7 +18,6 @@ from selchat.protocol.state import CLIENT_FRAMES, SERVER_FRAMES, State, next_sta
 
 MAX_FRAME = codec.MAX_FRAME  # what the server accepts from a client
 MAX_SERVER_FRAME = codec.MAX_SERVER_FRAME  # what the client accepts from the server
-MAX_SERVER_FRAME = codec.MAX_SERVER_FRAME  # what the client accepts from the server
 
 # --- helpers --------------------------------------------------------------------
 
@@ -109,6 +108,8 @@ login_socket_events = st.one_of(
     st.builds(ev.Incoming, NAME, TEXT),
     st.builds(ev.Error, WORD, WORD, TEXT),
     st.builds(ev.Shutdown, OPT_TEXT),
+    st.builds(ev.Notice, OPT_TEXT),
+    st.builds(ev.Motd, OPT_TEXT),
 )
 
 # ``Ok("ATTACH", "CHAT")`` is the same frame as ``Attached(CHAT)``: the codec
@@ -190,6 +191,9 @@ def test_server_event_roundtrip(event):
         (ev.Incoming("bob", "hi  there"), b"MSG bob hi  there\n"),
         (ev.Nack(3, "empty", "empty message"), b"NACK 3 empty empty message\n"),
         (ev.Shutdown(""), b"SHUTDOWN\n"),
+        (ev.Notice("back in 5 minutes"), b"NOTICE back in 5 minutes\n"),
+        (ev.Motd("Welcome to  selchat "), b"MOTD Welcome to  selchat \n"),
+        (ev.Motd(""), b"MOTD\n"),  # a blank line of the message of the day
         (ev.Bye("exit", "see you"), b"BYE exit see you\n"),
     ],
 )
@@ -209,6 +213,65 @@ def test_non_ascii_digits_are_bad_syntax_not_a_crash(line):
     assert info.value.code == "bad-syntax"
     events, _ = feed(CLIENT, State.CHAT, [line.encode() + b"\n"])
     assert events == [ev.BadFrame(ev.Error(line.split()[0], "bad-syntax", info.value.text))]
+
+
+@pytest.mark.parametrize(
+    "line, event",
+    [
+        (b"MOTD", ev.Motd("")),
+        (b"MOTD ", ev.Motd("")),
+        (b"motd  indented", ev.Motd(" indented")),
+        (b"Motd a\tb ", ev.Motd("a\tb ")),
+        (b"NOTICE the server restarts at 18:00", ev.Notice("the server restarts at 18:00")),
+        (b"notice x", ev.Notice("x")),
+        (b"NOTICE", ev.Notice("")),
+    ],
+)
+def test_motd_and_notice_take_the_rest_of_the_line(line, event):
+    events, conn = feed(CLIENT, State.LOGIN, [line + b"\r\n"])
+    assert events == [event]
+    assert conn.state is State.LOGIN
+
+
+@pytest.mark.parametrize("verb, event", [("MOTD", ev.Motd), ("NOTICE", ev.Notice)])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain",
+        "",
+        "tab\tkept, escape \x1b[2J, bell \x07, CR \r, C1 \x9b, lone surrogate \ud800",
+        "two\nBYE kicked forged",
+        "x" * 10_000,
+        "\u00e9" * 3000,  # 2 bytes each: the cut must not split one
+        "\u20ac" * 2000,  # 3 bytes each
+    ],
+)
+def test_fit_text_makes_any_text_a_frame_the_client_accepts(verb, event, text):
+    fitted = codec.fit_text(verb, text)
+    frame = codec.encode(event(fitted))
+    assert len(frame) - 1 <= MAX_SERVER_FRAME
+    # the encoder does the same by itself: whatever text the server is given,
+    # it sends one frame that the client takes, never a forged second one
+    assert codec.encode(event(text)) == frame and frame.count(b"\n") == 1
+    events, _ = feed(CLIENT, State.LOGIN, [frame])
+    assert events == [event(fitted)]
+    if text.isprintable() and len(text.encode()) < 4000:
+        assert fitted == text  # what needs no change is not changed
+    else:
+        assert not {"\x1b", "\r", "\n", "\ud800"} & set(fitted)
+        assert fitted.startswith(text[:3].replace("\x1b", "\ufffd"))
+    assert "\t" in codec.fit_text(verb, "a\tb")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([ev.Motd, ev.Notice]), st.text(max_size=60) | st.text(min_size=4000, max_size=4200))
+def test_any_operator_text_is_sent_as_one_acceptable_frame(event, text):
+    conn = connection(CLIENT, State.LOGIN)
+    conn.receive_data(connection(SERVER, State.LOGIN).send(event(text)))
+    got = drain(conn)
+    assert got == [event(codec.fit_text("MOTD" if event is ev.Motd else "NOTICE", text))]
+    if all(c.isprintable() or c == "\t" for c in text) and len(text) < 1000:
+        assert got[0].text == text  # text that is fine goes through unchanged
 
 
 # --- split invariance -----------------------------------------------------------
@@ -643,7 +706,8 @@ chunks = st.one_of(
     # junk after a verb, an empty verb or a known one
     st.builds(
         lambda verb, junk, end: verb + junk + end,
-        st.sampled_from([b"", b" ", b"MSG ", b"LOGIN ", b"PING ", b"OK ", b"ERR ", b"X ", b"NACK ", b"HELLO "]),
+        st.sampled_from([b"", b" ", b"MSG ", b"LOGIN ", b"PING ", b"OK ", b"ERR ", b"X ", b"NACK ", b"HELLO ",
+                         b"MOTD ", b"NOTICE "]),
         st.sampled_from([b"\xff", b"\x00", b"\x1b[0m", b"\r", b"a\x7f", b"\xc3", "\u00b2 a b".encode()]),
         st.sampled_from([b"\n", b"\r\n"]),
     ),

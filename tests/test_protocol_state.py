@@ -62,6 +62,10 @@ SERVER_EVENTS = [
     ev.Nack(3, "not-in-chat", "you are not chatting"),
     ev.Shutdown("going down"),
     ev.Shutdown(""),
+    ev.Notice("back in five minutes"),
+    ev.Notice(""),
+    ev.Motd("welcome to selchat"),
+    ev.Motd(""),
     ev.Bye("exit", "see you"),
     ev.Ping("7"),
     ev.Pong("7"),
@@ -75,6 +79,7 @@ VERB = {
     ev.Error: "ERR", ev.UserEntry: "USER", ev.Request: "REQUEST", ev.Started: "STARTED",
     ev.Declined: "DECLINED", ev.Expired: "EXPIRED", ev.Cancelled: "CANCELLED", ev.Ended: "ENDED",
     ev.Incoming: "MSG", ev.Nack: "NACK", ev.Shutdown: "SHUTDOWN", ev.Bye: "BYE",
+    ev.Notice: "NOTICE", ev.Motd: "MOTD",
 }
 
 WHERE = {
@@ -93,6 +98,7 @@ _COMMANDS = {ev.ChatRequest, ev.Accept, ev.Decline, ev.Quit, ev.Exit, ev.Who, ev
 _LOGIN_SOCKET = {
     ev.Ready, ev.Request, ev.Started, ev.Declined, ev.Expired, ev.Cancelled,
     ev.Ended, ev.Incoming, ev.Error, ev.Shutdown,
+    ev.Notice, ev.Motd,  # after WELCOME, before READY too; only on the login socket
 }
 
 
@@ -331,6 +337,41 @@ def test_login_socket_client_side():
     assert conn.state is S.LOGIN
     assert receive(conn, b"BYE shutdown server stopping\n") == [ev.Bye("shutdown", "server stopping")]
     assert conn.state is S.CLOSED
+
+
+def test_motd_and_notice_only_on_a_logged_in_login_socket():
+    """The client takes MOTD and NOTICE after WELCOME (READY or not) on the
+    login socket, and refuses them anywhere else, as the server may not send them."""
+    conn = Connection(CLIENT)
+    receive(conn, b"HELLO 1 selchat/0.1.0\n")
+    for line, verb in ((b"MOTD hi", "MOTD"), (b"NOTICE hi", "NOTICE")):
+        assert receive(conn, line + b"\n") == [
+            ev.BadFrame(ev.Error(verb, "wrong-socket", f"{verb} is not valid here: log in or attach first"))
+        ]
+    conn.send(ev.Login("alice", "pw"))
+    assert receive(conn, b"NOTICE early\n") == [
+        ev.BadFrame(ev.Error("NOTICE", "wrong-socket", "NOTICE is not valid here: wait for the login reply"))
+    ]
+    assert receive(conn, b"WELCOME alice c k\nNOTICE before ready\nREADY alice\nMOTD Welcome!\nMOTD\n"
+                         b"MOTD  be nice\nNOTICE going down at 6\n") == [
+        ev.Welcome("alice", "c", "k"), ev.Notice("before ready"), ev.Ready("alice"),
+        ev.Motd("Welcome!"), ev.Motd(""), ev.Motd(" be nice"), ev.Notice("going down at 6"),
+    ]
+    assert conn.state is S.LOGIN
+    for state in (S.CHAT, S.CHECK):
+        other = conn_in(CLIENT, state)
+        where = WHERE[state]
+        assert receive(other, b"MOTD x\nNOTICE y\n") == [
+            ev.BadFrame(ev.Error("MOTD", "wrong-socket", f"MOTD is not valid here: {where}")),
+            ev.BadFrame(ev.Error("NOTICE", "wrong-socket", f"NOTICE is not valid here: {where}")),
+        ]
+        with pytest.raises(LocalProtocolError):
+            conn_in(SERVER, state).send(ev.Notice("x"))
+    server = conn_in(SERVER, S.LOGIN)
+    assert server.send(ev.Motd("")) == b"MOTD\n" and server.send(ev.Notice("hi")) == b"NOTICE hi\n"
+    assert server.state is S.LOGIN
+    with pytest.raises(LocalProtocolError):
+        conn_in(CLIENT, S.LOGIN).send(ev.Notice("x"))  # server -> client only
 
 
 @pytest.mark.parametrize("role, state", [(CHAT, S.CHAT), (CHECK, S.CHECK)])

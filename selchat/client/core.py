@@ -22,7 +22,7 @@ Reconnecting
 ------------
 With ``reconnect=True``, a session that has once been online and then loses
 its connection (EOF, a socket error, no heartbeat, or a ``BYE`` other than
-``replaced``, ``auth-failed`` or ``exit``) does not end: it says what was lost
+``replaced``, ``kicked``, ``auth-failed`` or ``exit``) does not end: it says what was lost
 (the chat or request, if any), enters ``Phase.RECONNECTING`` and asks the loop
 to try again after a capped, jittered exponential delay (``Backoff``). The
 next ``start()`` logs in with the same credentials (``LOGIN``, also when the
@@ -84,8 +84,10 @@ NAMES_KEPT = 5000
 #: Reconnecting: the first delay, and the cap of the doubling (seconds).
 RECONNECT_FIRST, RECONNECT_CAP = 1.0, 30.0
 #: BYE reasons after which reconnecting would be wrong: someone else logged in
-#: to the account, the password is no longer accepted, or we asked to leave.
-FINAL_BYES = frozenset({"replaced", "auth-failed", "exit"})
+#: to the account, an operator disconnected us (``selchat admin kick``: coming
+#: straight back would undo it), the password is no longer accepted, or we
+#: asked to leave.
+FINAL_BYES = frozenset({"replaced", "kicked", "auth-failed", "exit"})
 #: Exit codes of ``selchat connect``.
 EXIT_OK, EXIT_LOGIN, EXIT_UNREACHABLE, EXIT_LOST = 0, 1, 2, 3
 
@@ -116,6 +118,8 @@ FORMATS: dict[str, str] = {
     "not-delivered":     "not delivered: '{text}' ({detail})",          # NACK
     "not-delivered-old": "not delivered: message #{text} ({detail})",   # NACK of a forgotten seq
     "shutdown":          "server: {text}",                              # SHUTDOWN
+    "motd":              "{text}",                                      # MOTD: a line of the message of the day
+    "notice":            "notice: {text}",                              # NOTICE: the operator's broadcast
     "disconnected":      "disconnected: {text}",                        # BYE
     "you-declined":      "you declined {user}'s chat request",          # OK DECLINE
     "you-left":          "you left the chat with {user}",               # OK QUIT while chatting
@@ -169,6 +173,8 @@ JSON_FIELDS: dict[str, dict[str, tuple[str, type]]] = {
     "not-delivered": {"text": ("text", str), "reason": ("detail", str)},
     "not-delivered-old": {"seq": ("count", int), "reason": ("detail", str)},
     "shutdown": {"text": ("text", str)},
+    "motd": {"text": ("text", str)},
+    "notice": {"text": ("text", str)},
     "disconnected": {"reason": ("detail", str), "text": ("text", str)},
     "you-declined": {"user": ("user", str)},
     "you-left": {"user": ("user", str)},
@@ -651,6 +657,12 @@ class ClientSession:
     def _on_shutdown(self, role: Role, event: ev.Shutdown) -> None:
         self._show("shutdown", text=event.text)
 
+    def _on_motd(self, role: Role, event: ev.Motd) -> None:
+        self._show("motd", text=event.text)
+
+    def _on_notice(self, role: Role, event: ev.Notice) -> None:
+        self._show("notice", text=event.text)
+
     def _on_bye(self, role: Role, event: ev.Bye) -> None:
         if self.phase is Phase.LOGGING_IN and event.reason == "auth-failed":
             self._show("register-failed" if self._register else "login-failed", text=event.text)
@@ -897,6 +909,8 @@ _HANDLERS = {
     ev.Ping: ClientSession._on_ping,
     ev.Pong: ClientSession._on_pong,
     ev.Shutdown: ClientSession._on_shutdown,
+    ev.Motd: ClientSession._on_motd,
+    ev.Notice: ClientSession._on_notice,
     ev.Bye: ClientSession._on_bye,
     ev.ConnectionClosed: ClientSession._on_closed,
     ev.BadFrame: ClientSession._on_bad_frame,

@@ -171,6 +171,10 @@ def decode_server(line: bytes) -> ev.Event:
         return ev.Bye(reason, text)
     if verb == "SHUTDOWN":
         return ev.Shutdown(rest)
+    if verb == "NOTICE":
+        return ev.Notice(rest)
+    if verb == "MOTD":
+        return ev.Motd(rest)
     if verb == "PING":
         return ev.Ping(rest)
     if verb == "PONG":
@@ -218,8 +222,25 @@ _ENCODERS = {
     ev.Incoming: lambda e: f"MSG {e.user} {e.text}\n".encode("utf-8"),
     ev.Nack: lambda e: _frame("NACK", e.seq, e.code, e.text),
     ev.Shutdown: lambda e: _frame("SHUTDOWN", e.text),
+    # The operator's text, not a client's: made safe here, whoever sends it,
+    # so that a stray newline or escape cannot forge a frame or cost every
+    # client its connection.
+    ev.Notice: lambda e: _frame("NOTICE", fit_text("NOTICE", e.text)),
+    ev.Motd: lambda e: _frame("MOTD", fit_text("MOTD", e.text)),
     ev.Bye: lambda e: _frame("BYE", e.reason, e.text),
 }
+
+
+def fit_text(verb: str, text: str) -> str:
+    """``text`` made sendable as the rest-of-line argument of the server frame
+    ``verb``, for text that no client typed (a MOTD line read from a file, an
+    operator's broadcast): control characters other than TAB become U+FFFD,
+    and the text is cut at a character boundary so that the frame fits in
+    MAX_SERVER_FRAME bytes. A client refuses a frame that breaks either rule
+    as a protocol error and gives up the connection."""
+    data = _CONTROL.sub("\ufffd", text).encode("utf-8", "replace")  # "replace": lone surrogates
+    room = MAX_SERVER_FRAME - len(verb) - 1  # the verb and its space
+    return data[:room].decode("utf-8", "ignore")  # "ignore": a character cut in two
 
 
 def relay_block(sender: bytes, block: bytes) -> bytes:

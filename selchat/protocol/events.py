@@ -233,6 +233,22 @@ class Shutdown(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Notice(Event):
+    """``NOTICE <text>``: a message from the server's operator to everyone
+    online (``selchat admin broadcast``). Login socket, any time after WELCOME."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Motd(Event):
+    """``MOTD <text>``: one line of the message of the day, sent after READY.
+    ``text`` may be empty: a blank line of the message."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Bye(Event):
     """The last frame before the server closes the socket."""
 

@@ -44,7 +44,7 @@ CLIENT_FRAMES: dict[State, dict[type, State]] = {
 
 _USER_EVENTS = (
     ev.Ready, ev.Request, ev.Started, ev.Declined, ev.Expired, ev.Cancelled,
-    ev.Ended, ev.Incoming, ev.Error, ev.Shutdown,
+    ev.Ended, ev.Incoming, ev.Error, ev.Shutdown, ev.Notice, ev.Motd,
 )
 _ANY_TIME = {ev.Bye: S.CLOSED, ev.Shutdown: None}  # None: stay in the current state
 
