@@ -2,36 +2,21 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
-import logging.handlers
-import queue
+import os
 import ssl
 import sys
 
 import click
+from click.core import ParameterSource
 
-from selchat import __version__
-from selchat.server.config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
+from selchat import __version__, logsetup
+from selchat.server import options
+from selchat.server.config import ServerConfig
+from selchat.server.options import ConfigError, Loader
 from selchat.store.accounts import DEFAULT_DB_PATH
 
 DEFAULTS = ServerConfig()
-
-
-def setup_logging(verbosity: int, default: int = logging.WARNING) -> None:
-    """Log to stderr through a queue: the reactor thread only appends to the
-    queue, a background thread does the writing, so a slow terminal or file
-    never blocks the loop."""
-    level = {0: default, 1: logging.INFO}.get(verbosity, logging.DEBUG)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    q: queue.SimpleQueue = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(q, handler)
-    listener.start()
-    atexit.register(listener.stop)
-    root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(q)]
-    root.setLevel(level)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,80 +30,157 @@ def main(ctx: click.Context, verbose: int) -> None:
 
 # -- serve --------------------------------------------------------------------------
 
+def _setting(key: str, *decls: str, **kw):
+    """A ``serve`` option for ServerConfig field ``key``: its default from
+    ServerConfig, its SELCHAT_* variable shown in --help. The values are
+    resolved by ``selchat.server.options.Loader``, not here (see serve)."""
+    kw.setdefault("default", getattr(DEFAULTS, key))
+    kw.setdefault("show_default", kw["default"] is not None)
+    if key in options.ENV_KEYS:
+        kw.update(envvar=options.envvar(key), show_envvar=True)
+    return click.option(*(decls or (options.option(key),)), key, **kw)
+
+
+def _check_metrics(ctx, param, value):
+    from selchat.server.metrics import parse_address  # lazily: it brings the HTTP server
+
+    if value:
+        try:
+            parse_address(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9117, [::1]:9117)")
+    return value
+
+
 @main.command()
-@click.option("--host", envvar="SELCHAT_HOST", default=DEFAULT_HOST, show_default=True, metavar="ADDR",
-              help="Address to listen on.")
-@click.option("--port", envvar="SELCHAT_PORT", default=DEFAULT_PORT, show_default=True, type=int, metavar="PORT",
-              help="TCP port to listen on (0 picks a free one and prints it).")
-@click.option("--db", envvar="SELCHAT_DB", default=DEFAULT_DB_PATH, show_default=True, metavar="PATH",
-              help="SQLite account database (created if missing).")
-@click.option("--ping-interval", envvar="SELCHAT_PING_INTERVAL", default=DEFAULTS.ping_interval, show_default=True,
-              type=float, metavar="SECONDS", help="PING a check socket silent for this long.")
-@click.option("--ping-timeout", envvar="SELCHAT_PING_TIMEOUT", default=DEFAULTS.ping_timeout, show_default=True,
-              type=float, metavar="SECONDS", help="Drop a session this long after an unanswered PING.")
-@click.option("--request-timeout", envvar="SELCHAT_REQUEST_TIMEOUT", default=DEFAULTS.request_timeout,
-              show_default=True, type=float, metavar="SECONDS", help="An unanswered chat request expires after this.")
-@click.option("--login-timeout", default=DEFAULTS.login_timeout, show_default=True, type=float, metavar="SECONDS",
-              help="A new socket must log in or attach within this.")
-@click.option("--attach-timeout", default=DEFAULTS.attach_timeout, show_default=True, type=float, metavar="SECONDS",
-              help="After login, the chat and check sockets must attach within this.")
-@click.option("--registration/--no-registration", envvar="SELCHAT_REGISTRATION", default=True, show_default=True,
-              help="Let clients create accounts with REGISTER.")
-@click.option("--stuck-timeout", default=DEFAULTS.stuck_timeout, show_default=True, type=float, metavar="SECONDS",
-              help="Drop a client that has not read its output for this long.")
-@click.option("--max-connections", default=DEFAULTS.max_connections, show_default=True, type=int, metavar="N",
-              help="Open sockets in all (0: what the descriptor limit allows).")
-@click.option("--max-per-address", default=DEFAULTS.max_per_address, show_default=True, type=int, metavar="N",
-              help="Open sockets from one address (each user needs 3; 0: no limit).")
-@click.option("--conn-rate", default=DEFAULTS.conn_rate, show_default=True, type=float, metavar="PER_S",
-              help=f"New connections per second from one address, after a burst of {DEFAULTS.conn_burst} (0: no limit).")
-@click.option("--cmd-rate", default=DEFAULTS.cmd_rate, show_default=True, type=float, metavar="PER_S",
-              help=f"Commands per second per socket, after a burst of {DEFAULTS.cmd_burst} (0: no limit).")
-@click.option("--msg-rate", default=DEFAULTS.msg_rate, show_default=True, type=float, metavar="PER_S",
-              help=f"Chat messages per second per user, after a burst of {DEFAULTS.msg_burst} (0: no limit).")
-@click.option("--tls-cert", envvar="SELCHAT_TLS_CERT", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
-              help="Serve TLS with this certificate chain (PEM); plaintext without it.")
-@click.option("--tls-key", envvar="SELCHAT_TLS_KEY", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
-              help="The private key for --tls-cert (PEM), if not in the same file.")
-@click.option("--workers", default=DEFAULTS.workers, show_default=True, type=click.IntRange(1, 64), metavar="N",
-              help="Threads for password hashing and database writes.")
-@click.option("--scrypt-n", default=DEFAULTS.scrypt_n, type=int, hidden=True,
-              help="scrypt cost of new password hashes (tests and benchmarks lower it).")
+@click.option("--config", "config_path", envvar="SELCHAT_SERVER_CONFIG", show_envvar=True, metavar="PATH",
+              type=click.Path(dir_okay=False),
+              help="TOML file of settings (keys: the options' names, e.g. ping_interval = 90); "
+                   "re-read on SIGHUP. An option or variable outranks it.")
+@_setting("host", metavar="ADDR", help="Address to listen on.")
+@_setting("port", type=int, metavar="PORT", help="TCP port to listen on (0 picks a free one and prints it).")
+@_setting("db", metavar="PATH", help="SQLite account database (created if missing).")
+@_setting("ping_interval", type=float, metavar="SECONDS", help="PING a check socket silent for this long.")
+@_setting("ping_timeout", type=float, metavar="SECONDS", help="Drop a session this long after an unanswered PING.")
+@_setting("request_timeout", type=float, metavar="SECONDS", help="An unanswered chat request expires after this.")
+@_setting("login_timeout", type=float, metavar="SECONDS", help="A new socket must log in or attach within this.")
+@_setting("attach_timeout", type=float, metavar="SECONDS",
+          help="After login, the chat and check sockets must attach within this.")
+@_setting("registration", "--registration/--no-registration", show_default="on",
+          help="Let clients create accounts with REGISTER.")
+@_setting("stuck_timeout", type=float, metavar="SECONDS",
+          help="Drop a client that has not read its output for this long.")
+@_setting("max_connections", type=int, metavar="N", help="Open sockets in all (0: what the descriptor limit allows).")
+@_setting("max_per_address", type=int, metavar="N",
+          help="Open sockets from one address (each user needs 3; 0: no limit).")
+@_setting("conn_rate", type=float, metavar="PER_S",
+          help=f"New connections per second from one address, after a burst of {DEFAULTS.conn_burst} (0: no limit).")
+@_setting("cmd_rate", type=float, metavar="PER_S",
+          help=f"Commands per second per socket, after a burst of {DEFAULTS.cmd_burst} (0: no limit).")
+@_setting("msg_rate", type=float, metavar="PER_S",
+          help=f"Chat messages per second per user, after a burst of {DEFAULTS.msg_burst} (0: no limit).")
+@_setting("throttle_after", type=click.IntRange(min=0), metavar="N",
+          help="Failed logins from one address (any accounts) before its attempts are throttled (0: never).")
+@_setting("tls_cert", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
+          help="Serve TLS with this certificate chain (PEM); plaintext without it. Reloaded on SIGHUP.")
+@_setting("tls_key", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
+          help="The private key for --tls-cert (PEM), if not in the same file.")
+@_setting("workers", type=click.IntRange(1, 64), metavar="N", help="Threads for password hashing and database writes.")
+@_setting("motd_file", type=click.Path(dir_okay=False), metavar="PATH",
+          help="Send this file's lines to every user after login (re-read on SIGHUP).")
+@_setting("metrics", metavar="HOST:PORT", callback=_check_metrics,
+          help="Serve Prometheus metrics at http://HOST:PORT/metrics (off by default).")
+@_setting("admin_socket", type=click.Path(dir_okay=False), metavar="PATH",
+          help="Open the control socket for `selchat admin` here (mode 0600; off by default).")
+@_setting("log_file", type=click.Path(dir_okay=False), metavar="PATH",
+          help="Log to this file instead of stderr (reopened on SIGHUP, for logrotate).")
+@_setting("log_format", type=click.Choice(options.LOG_FORMATS), help="Log lines as text or one JSON object each.")
+@_setting("scrypt_n", type=int, hidden=True, help="scrypt cost of new password hashes (tests and benchmarks lower it).")
 @click.pass_context
-def serve(ctx, host, port, db, ping_interval, ping_timeout, request_timeout, login_timeout, attach_timeout,
-          registration, stuck_timeout, max_connections, max_per_address, conn_rate, cmd_rate, msg_rate,
-          tls_cert, tls_key, workers, scrypt_n):
-    """Run the chat server (one thread, one selector) until SIGINT/SIGTERM."""
+def serve(ctx, config_path, **settings):
+    """Run the chat server (one thread, one selector) until SIGINT/SIGTERM; SIGHUP reloads."""
     from selchat.server.app import Server, raise_nofile_limit
 
-    if tls_key and not tls_cert:
+    if settings["tls_key"] and not settings["tls_cert"] and config_path is None:
         raise click.UsageError("--tls-key needs --tls-cert")
-    setup_logging(ctx.obj["verbose"], default=logging.INFO)
-    config = ServerConfig(
-        host=host, port=port, db=db, ping_interval=ping_interval, ping_timeout=ping_timeout,
-        request_timeout=request_timeout, login_timeout=login_timeout, attach_timeout=attach_timeout,
-        registration=registration, workers=workers, scrypt_n=scrypt_n, stuck_timeout=stuck_timeout,
-        max_connections=max_connections, max_per_address=max_per_address, conn_rate=conn_rate,
-        cmd_rate=cmd_rate, msg_rate=msg_rate, tls_cert=tls_cert, tls_key=tls_key,
-    )
+    # Only what the command line says explicitly outranks the rest; the
+    # Loader reads the SELCHAT_* variables and the file itself, and again on
+    # every reload (so a value left to the file follows the file).
+    given = {key: value for key, value in settings.items()
+             if ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE}
+    loader = Loader(config_path, given, os.environ)
+    try:
+        config = loader.load()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    try:
+        logs = logsetup.setup(config, ctx.obj["verbose"])
+    except OSError as exc:
+        raise click.ClickException(f"cannot open the log file {config.log_file}: {exc.strerror or exc}")
+    try:
+        _serve(config, loader, logs, Server, raise_nofile_limit)
+    finally:
+        logs.close()
+    click.echo("selchat stopped")
+
+
+def _serve(config: ServerConfig, loader, logs, Server, raise_nofile_limit) -> None:  # noqa: N803
+    from selchat.server import systemd
+    from selchat.store.accounts import StoreError
+
     nofile = raise_nofile_limit()
     try:
-        server = Server(config)
-    except ssl.SSLError as exc:
+        server = Server(config, loader=loader, logs=logs)
+    except StoreError as exc:
+        raise click.ClickException(f"cannot open the database {config.db}: {exc}{_missing_dir(config.db)}")
+    except ssl.SSLError as exc:  # before OSError: SSLError is one
         raise click.ClickException(f"cannot use the TLS certificate or key: {exc}")
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        raise click.ClickException(f"cannot start: {exc.strerror or exc}{where}")
     try:
         address = server.listen()
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        _abandon(server)
+        raise click.ClickException(_listen_error(server, config, exc))
     server.install_signal_handlers()
     logging.getLogger("selchat.server").info(
         "descriptor limit %d: room for %d sockets, about %d clients (3 sockets each)",
         nofile, server.max_connections, server.max_connections // 3)
-    scheme = "TLS" if tls_cert else "plaintext"
-    click.echo(f"selchat {__version__} listening on {address[0]}:{address[1]} ({scheme}, database {db})")
+    scheme = "TLS" if config.tls_cert else "plaintext"
+    click.echo(f"selchat {__version__} listening on {address[0]}:{address[1]} ({scheme}, database {config.db})")
     sys.stdout.flush()
+    systemd.notify("READY=1", f"STATUS=listening on {address[0]}:{address[1]}")
     server.serve_forever()
-    click.echo("selchat stopped")
+
+
+def _missing_dir(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    return "" if os.path.isdir(folder) else f" (no directory {folder})"
+
+
+def _listen_error(server, config: ServerConfig, exc: OSError) -> str:
+    """Which of the listeners failed, and why. Server.listen binds the chat
+    port first, then the metrics one, then the admin socket."""
+    why = exc.strerror or str(exc)
+    if server.listener is None:
+        return f"cannot listen on {config.host}:{config.port}: {why}"
+    if config.metrics and server.metrics_endpoint is None:
+        return f"cannot serve metrics on {config.metrics}: {why}"
+    if str(exc).startswith("admin socket"):  # control.ControlError says which and why
+        return f"cannot open the {exc}"
+    return f"cannot open the admin socket {config.admin_socket}: {why}"
+
+
+def _abandon(server) -> None:
+    """Let go of a server that will not run (its threads, its database)."""
+    for close in (server.accounts.close, server.reactor.close):
+        try:
+            close()
+        except Exception:  # already failing; the first error is the one to show
+            pass
 
 
 # -- user ---------------------------------------------------------------------------
@@ -143,19 +205,39 @@ def _open_store(ctx):
 
 @user.command("add")
 @click.argument("name")
-@click.option("--password", envvar="SELCHAT_PASSWORD", metavar="PASSWORD", prompt=True, hide_input=True,
-              confirmation_prompt=True, help="The password (prompted, hidden, if not given; or $SELCHAT_PASSWORD).")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the password from the first line of stdin (else $SELCHAT_PASSWORD, else a hidden prompt).")
+@click.option("--password", "old_password", hidden=True,
+              help="Removed: a password on the command line shows in ps.")
 @click.pass_context
-def user_add(ctx, name, password):
-    """Create account NAME."""
+def user_add(ctx, name, password_stdin, old_password):
+    """Create account NAME. The password comes from --password-stdin,
+    $SELCHAT_PASSWORD or a hidden prompt (asked twice), never from an argument."""
     from selchat.store.accounts import StoreError
 
+    if old_password is not None:
+        raise click.UsageError("--password was removed (the password would show in ps): "
+                               "use --password-stdin, SELCHAT_PASSWORD or the prompt")
+    password = _new_password(password_stdin)
     with _open_store(ctx) as store:
         try:
             canonical = store.add_user(name, password)
         except StoreError as exc:
             raise click.ClickException(str(exc))
     click.echo(f"added {canonical}")
+
+
+def _new_password(from_stdin: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        password = line.removesuffix("\n").removesuffix("\r")
+        if not password:
+            raise click.ClickException("no password on stdin (--password-stdin reads its first line)")
+        return password
+    password = os.environ.get("SELCHAT_PASSWORD")
+    if password:
+        return password
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True)
 
 
 @user.command("del")
@@ -186,11 +268,13 @@ def user_list(ctx):
 
 # -- connect --------------------------------------------------------------------------
 
+from selchat.admin import admin  # noqa: E402
 from selchat.bench.command import bench  # noqa: E402  (heavy modules load lazily)
 from selchat.client.command import connect  # noqa: E402
 
 main.add_command(connect)
 main.add_command(bench)
+main.add_command(admin)
 
 
 if __name__ == "__main__":

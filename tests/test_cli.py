@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -11,6 +14,7 @@ from click.testing import CliRunner
 from selchat import __version__
 from selchat.cli import main
 from selchat.store.accounts import AccountStore
+from tests.support import DEADLINE
 
 
 @pytest.fixture(autouse=True)
@@ -80,3 +84,84 @@ def test_tls_key_without_cert_is_a_usage_error(tmp_path):
     key.write_text("x")
     result = CliRunner().invoke(main, ["serve", "--tls-key", str(key), "--db", str(tmp_path / "a.db")])
     assert result.exit_code == 2 and "--tls-key needs --tls-cert" in result.output
+
+
+def test_serve_help_shows_every_environment_variable():
+    help_text = " ".join(run("serve", "--help").output.split())   # unwrap click's line breaks
+    from selchat.server.options import ENV_KEYS, envvar, option
+
+    for key in ENV_KEYS:
+        assert option(key).split("/")[0] in help_text, key
+        assert f"env var: {envvar(key)}" in help_text, key
+    for new in ("--config PATH", "--log-file PATH", "--log-format [text|json]", "--metrics HOST:PORT",
+                "--admin-socket PATH", "--motd-file PATH", "--throttle-after N"):
+        assert new in help_text, new
+    assert "env var: SELCHAT_SERVER_CONFIG" in help_text
+
+
+def test_serve_with_a_database_it_cannot_open_exits_at_once(tmp_path):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "selchat.cli", "serve", "--port", "0",
+                             "--db", "/nonexistent-dir/x.db"], capture_output=True, text=True, timeout=DEADLINE)
+    assert result.returncode == 1
+    assert result.stdout == ""        # never said it was listening
+    assert result.stderr.startswith("Error: cannot open the database /nonexistent-dir/x.db: ")
+    assert "(no directory /nonexistent-dir)" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert time.monotonic() - started < 5
+
+
+def test_serve_metrics_address_errors(tmp_path):
+    bad = run("serve", "--metrics", "9117", "--db", str(tmp_path / "a.db"))
+    assert bad.exit_code == 2 and "'9117' is not HOST:PORT" in bad.output
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        result = run("serve", "--port", "0", "--metrics", f"127.0.0.1:{port}", "--db", str(tmp_path / "a.db"))
+    finally:
+        busy.close()
+    assert result.exit_code == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use" in result.output
+    assert "listening on" not in result.output
+
+
+def test_serve_says_why_the_admin_socket_cannot_be_made(tmp_path):
+    not_a_socket = tmp_path / "admin.sock"
+    not_a_socket.write_text("someone's file")
+    result = run("serve", "--port", "0", "--admin-socket", str(not_a_socket), "--db", str(tmp_path / "a.db"))
+    assert result.exit_code == 1
+    assert f"cannot open the admin socket {not_a_socket}: the file exists and is not a socket" in result.output
+    assert not_a_socket.read_text() == "someone's file"
+
+
+def test_serve_says_why_the_log_file_cannot_be_opened(tmp_path):
+    result = run("serve", "--port", "0", "--log-file", str(tmp_path / "no-dir" / "x.log"),
+                 "--db", str(tmp_path / "a.db"))
+    assert result.exit_code == 1 and "cannot open the log file" in result.output
+    assert "No such file or directory" in result.output
+
+
+def test_user_add_reads_the_password_from_stdin_or_the_environment(tmp_path):
+    db = str(tmp_path / "u.db")
+    piped = run("user", "--db", db, "add", "dave", "--password-stdin", input="from stdin\nignored\n",
+                env={"SELCHAT_PASSWORD": "not this"})
+    assert piped.exit_code == 0 and piped.output == "added dave\n"
+    env = run("user", "--db", db, "add", "erin", env={"SELCHAT_PASSWORD": "from env"})
+    assert env.exit_code == 0 and env.output == "added erin\n"
+    empty = run("user", "--db", db, "add", "fred", "--password-stdin", input="")
+    assert empty.exit_code == 1 and "no password on stdin" in empty.output
+    store = AccountStore(db, scrypt_n=16)
+    try:
+        assert store.verify("dave", "from stdin") == "dave"
+        assert store.verify("erin", "from env") == "erin"
+        assert not store.exists("fred")
+    finally:
+        store.close()
+
+
+def test_user_add_takes_no_password_argument(tmp_path):
+    """An argument shows in ps to every user of the machine."""
+    result = run("user", "--db", str(tmp_path / "u.db"), "add", "gina", "--password", "hunter2")
+    assert result.exit_code == 2 and "--password was removed" in result.output
+    assert "--password " not in run("user", "add", "--help").output.replace("--password-stdin", "")
