@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 7117
 DB   ?= selchat.db
 
-.PHONY: run test test-slow bench bench-quick venv clean
+.PHONY: run test test-random test-slow bench bench-quick venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/selchat serve --host $(HOST) --port $(PORT) --db $(DB)
 
+# In file order (pytest-randomly off); `make test-random` shuffles the order
+# (a new seed each run, printed at the top: reproduce one with: .venv/bin/python -m pytest -q --randomly-seed=N tests).
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:randomly tests
+
+test-random: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 test-slow: $(STAMP)

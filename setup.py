@@ -23,7 +23,8 @@ setup(
         'tomli>=1.1; python_version < "3.11"',   # the client's config file (tomllib from 3.11)
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.80", "pexpect>=4.8", "trustme>=1.0", "prometheus_client>=0.16"],
+        "test": ["pytest>=7", "hypothesis>=6.80", "pexpect>=4.8", "trustme>=1.0", "prometheus_client>=0.16",
+                 "pytest-randomly>=3.12"],
     },
     entry_points={"console_scripts": ["selchat=selchat.cli:main"]},
 )

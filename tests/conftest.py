@@ -24,8 +24,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """One server shared by a module's tests (each test uses its own user names)."""
-    srv = ServerProcess(tmp_path_factory.mktemp("server"))
+    """One server shared by a module's tests (each test uses its own user names).
+
+    Its per-address limits are off: every test connects from 127.0.0.1, so
+    with them on, one test's connections and failed logins would slow or
+    refuse the next test's, depending on the machine's speed. Tests of the
+    limits start their own server (make_server)."""
+    srv = ServerProcess(tmp_path_factory.mktemp("server"),
+                        "--conn-rate", "0", "--max-per-address", "0", "--throttle-after", "0")
     yield srv
     srv.stop()
 

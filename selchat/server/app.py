@@ -90,6 +90,7 @@ class Server:
         self.motd = read_motd(config.motd_file)
         self.started_at = time.time()
         self._reloading = False
+        self._reload_next: list | None = None   # asked again while reloading: their done callbacks
         self.hub = Hub(self.reactor.call_later, config.request_timeout)
         self.sessions: dict[str, Session] = {}   # key -> the account's one session
         self.by_sid: dict[int, Session] = {}     # sid -> session still attaching
@@ -211,10 +212,20 @@ class Server:
         TLS on or off) keep their old value and are logged as needing a
         restart. Sessions are untouched; new limits apply to new sockets
         and to the next use of each deadline.
+
+        Asked again while one runs (logrotate's SIGHUP just after an edit's),
+        it runs once more when that one ends: the files may have changed
+        after the running one read them. Requests meanwhile share that run.
         """
-        if self._reloading or self._stopping:
+        if self._stopping:
             if done is not None:
-                done(False, "a reload is already running" if self._reloading else SHUTTING_DOWN)
+                done(False, SHUTTING_DOWN)
+            return
+        if self._reloading:
+            if self._reload_next is None:
+                self._reload_next = []
+            if done is not None:
+                self._reload_next.append(done)
             return
         self._reloading = True
         systemd.notify("RELOADING=1")
@@ -244,6 +255,12 @@ class Server:
         systemd.notify("READY=1")
         if done is not None:
             done(ok, message)
+        waiting, self._reload_next = self._reload_next, None
+        if waiting is not None:
+            def tell_all(ok: bool, message: str) -> None:
+                for each in waiting:
+                    each(ok, message)
+            self.reload(tell_all)
 
     def _apply(self, config: ServerConfig, tls, motd: list[str]) -> str:
         """Switch to ``config`` (checked already); returns what changed, for the log."""
