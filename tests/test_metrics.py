@@ -26,9 +26,9 @@ from tests.support import DEADLINE, Canary, LineSocket, RawUser, start_chat
 class InProcessServer:
     """A chat server with /metrics, its reactor on a thread of the test process."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, **settings):
         config = ServerConfig(host="127.0.0.1", port=0, db=str(tmp_path / "accounts.db"), scrypt_n=16,
-                              metrics="127.0.0.1:0")
+                              metrics="127.0.0.1:0", **settings)
         self.server = Server(config)
         self.host, self.port = self.server.listen()[:2]
         self.metrics = self.server.metrics_endpoint.address[:2]
@@ -184,6 +184,31 @@ def test_two_users_chatting_show_up_in_the_metrics(srv):
     m = scrape(srv.metrics)
     assert value(m, "selchat_sessions_online") == 1
     assert value(m, "selchat_chats_active") == 0
+
+
+def test_failed_throttled_and_refused_logins_are_counted(tmp_path):
+    srv = InProcessServer(tmp_path, max_per_address=8)
+    try:
+        victim = RawUser(srv)                 # 3 sockets, kept open: no close races the count
+        guesses = []
+        for i in range(4):  # 3 checked and wrong, the 4th throttled without a check
+            sock = srv.connect()
+            sock.send(f"LOGIN {victim.name} wrong{i}")
+            assert sock.line().startswith("ERR LOGIN ")
+            guesses.append(sock)
+        last = srv.connect()                  # the 8th socket from this address
+        extra = LineSocket(srv.host, srv.port, hello=False)
+        assert extra.line().startswith("BYE too-many-connections")
+        m = scrape(srv.metrics)
+        assert value(m, "selchat_logins_total", result="ok") == 1
+        assert value(m, "selchat_logins_total", result="failed") == 3
+        assert value(m, "selchat_logins_total", result="throttled") == 1
+        assert value(m, "selchat_refusals_total", reason="too-many-connections") == 1
+        assert value(m, "selchat_password_checks_waiting") == 0
+        for sock in [*guesses, last, *victim.sockets()]:
+            sock.close()
+    finally:
+        srv.stop()
 
 
 def test_pending_request_and_attaching_session(srv):
