@@ -787,6 +787,28 @@ def test_a_refused_login_after_reconnecting_exits_1():
     assert closed(s.receive(LOGIN, frames("ERR LOGIN auth-failed invalid username or password"))) == 1
 
 
+@pytest.mark.parametrize("reply", [
+    "ERR LOGIN busy the server is busy; try again in a moment",
+    "ERR LOGIN storage account storage unavailable (read): disk I/O error",
+    "ERR LOGIN throttled 4 too many failed logins; try again in 4 s",
+])
+def test_a_server_that_says_not_now_after_reconnecting_is_tried_again(reply):
+    s = online(reconnect=True)
+    s.lost("reset")
+    s.start()
+    effects = s.receive(LOGIN, frames(reply))
+    assert closed(effects) is None and isinstance(effects[-1], Reconnect)
+    assert s.phase is Phase.RECONNECTING
+
+
+def test_throttled_at_the_first_login_exits_1_and_says_how_long():
+    s = ClientSession("alice", "pw", reconnect=True)
+    s.start()
+    effects = s.receive(LOGIN, frames("HELLO 1 x", "ERR LOGIN throttled 4 too many failed logins; try again in 4 s"))
+    assert closed(effects) == 1
+    assert shown(effects) == ["login failed: too many failed logins; try again in 4 s"]
+
+
 @settings(max_examples=200, deadline=None)
 @given(role=st.sampled_from([LOGIN, CHAT, CHECK]), data=st.binary(max_size=300))
 def test_with_reconnect_any_bytes_end_in_closed_or_reconnecting(role, data):

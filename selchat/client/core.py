@@ -88,6 +88,12 @@ RECONNECT_FIRST, RECONNECT_CAP = 1.0, 30.0
 #: straight back would undo it), the password is no longer accepted, or we
 #: asked to leave.
 FINAL_BYES = frozenset({"replaced", "kicked", "auth-failed", "exit"})
+#: ERR LOGIN codes that say "not now" rather than "no": a reconnecting client
+#: (its password worked before) waits and tries again instead of exiting.
+#: Many clients behind one address reconnecting after a restart can meet
+#: ``busy``; ``storage`` is the server's database; ``throttled`` someone
+#: else's guessing from the same address.
+TRANSIENT_LOGIN_ERRORS = frozenset({"busy", "storage", "throttled"})
 #: Exit codes of ``selchat connect``.
 EXIT_OK, EXIT_LOGIN, EXIT_UNREACHABLE, EXIT_LOST = 0, 1, 2, 3
 
@@ -615,8 +621,14 @@ class ClientSession:
     def _on_error(self, role: Role, event: ev.Error) -> None:
         if role is LOGIN and self.phase is Phase.LOGGING_IN:
             kind = "register-failed" if self._register else "login-failed"
-            self._show(kind, text=event.text)
-            self._close(EXIT_LOGIN)
+            text = event.text
+            if event.code == "throttled":  # "<seconds> <text>": the text says the seconds too
+                text = text.partition(" ")[2] or text
+            self._show(kind, text=text)
+            if event.code in TRANSIENT_LOGIN_ERRORS and self.reconnect and self._was_online:
+                self._drop(text)  # the password was right before: try again later
+            else:
+                self._close(EXIT_LOGIN)
             return
         if role is not LOGIN and self.phase is Phase.ATTACHING:
             self._end_with("protocol-error", f"could not attach the {role.value.lower()} socket: {event.text}",
