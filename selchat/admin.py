@@ -85,9 +85,9 @@ def admin(ctx, path, as_json):
     ctx.obj = {"socket": path, "json": as_json}
 
 
-def _run(ctx: click.Context, message: dict, show, timeout: float = TIMEOUT, failed: str = "error") -> None:
+def _run(ctx: click.Context, message: dict, show, timeout: float = TIMEOUT, failed: str | None = "error") -> None:
     """Ask the server, print its reply with ``show(reply)`` (or ``failed: <its
-    error>`` on stderr), exit with the right code."""
+    error>`` on stderr; the error alone if ``failed`` is None), exit with the right code."""
     try:
         reply = request(ctx.obj["socket"], message, timeout)
     except NoServer as exc:
@@ -98,7 +98,8 @@ def _run(ctx: click.Context, message: dict, show, timeout: float = TIMEOUT, fail
     elif reply.get("ok"):
         show(reply)
     else:
-        click.echo(f"{failed}: {reply.get('error', 'refused')}", err=True)
+        error = reply.get("error", "refused")
+        click.echo(error if failed is None else f"{failed}: {error}", err=True)
     if not reply.get("ok"):
         sys.exit(EXIT_REFUSED)
 
@@ -147,10 +148,17 @@ def who(ctx):
 
 @admin.command()
 @click.argument("name")
-@click.option("--message", "text", metavar="TEXT", help="What the user is told (BYE kicked TEXT).")
+@click.argument("words", nargs=-1, metavar="[REASON...]")
+@click.option("--message", "text", metavar="TEXT", help="What the user is told (BYE kicked TEXT); or give it as REASON.")
 @click.pass_context
-def kick(ctx, name, text):
-    """End NAME's session; their chat partner is told the chat ended."""
+def kick(ctx, name, words, text):
+    """End NAME's session; their chat partner is told the chat ended.
+
+    The reason may follow the name, as in IRC's KICK: `kick mallory stop spamming`."""
+    if words and text is not None:
+        raise click.UsageError("give the reason as REASON or as --message, not both")
+    if words:
+        text = " ".join(words)
     message = {"cmd": "kick", "user": name}
     if text is not None:
         message["text"] = text
@@ -176,8 +184,8 @@ def broadcast(ctx, words):
 @click.pass_context
 def reload(ctx):
     """Re-read the config and MOTD files, as SIGHUP does; print the result."""
-    _run(ctx, {"cmd": "reload"}, lambda r: click.echo(f"reloaded: {r['message']}"), timeout=RELOAD_TIMEOUT,
-         failed="reload failed, the old config stays")
+    # The server's message says it all: "reloaded: ..." or "reload failed, keeping the old settings: ...".
+    _run(ctx, {"cmd": "reload"}, lambda r: click.echo(r["message"]), timeout=RELOAD_TIMEOUT, failed=None)
 
 
 # -- formatting -------------------------------------------------------------------------

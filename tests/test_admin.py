@@ -112,6 +112,12 @@ def test_kick_ends_the_session_and_tells_the_partner(served):
     assert bob.name not in names and alice.name in names
 
 
+def test_kick_takes_the_reason_after_the_name_as_irc_does(served):
+    dave = RawUser(served)
+    assert admin(served.admin_path, "kick", dave.name, "stop", "spamming").returncode == 0
+    assert "BYE kicked stop spamming" in dave.login.expect_closed()
+
+
 def test_kick_without_a_message_says_an_operator_did_it(served):
     carol = RawUser(served)
     assert admin(served.admin_path, "kick", carol.name).returncode == 0
@@ -214,11 +220,12 @@ def test_reload_reports_the_result(tmp_path):
     try:
         result = admin(path, "reload")
         assert result.returncode == 0, result
-        assert result.stdout.startswith("reloaded")
+        assert result.stdout.startswith("reloaded: ") and result.stdout.count("reloaded") == 1
         config.write_text("this is = not [toml\n")
         result = admin(path, "reload")
         assert result.returncode == 1, result
-        assert result.stderr.startswith("reload failed, the old config stays: ")
+        assert result.stderr.startswith("reload failed, keeping the old settings: ")
+        assert "selchat.toml" in result.stderr and result.stderr.count("reload failed") == 1
         assert admin_json(path, "status")["pid"] == srv.proc.pid
     finally:
         srv.stop()
