@@ -8,15 +8,19 @@ foreign frames.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from selchat.bench import report
+from selchat.bench import matrix, relay, report, sysinfo
 from selchat.bench.command import bench
 from selchat.bench.flows import MIN_SIZE, Fleet, Flow
 from selchat.bench.stats import latency_summary, percentile
+from selchat.bench.vusers import Setup, VUser
 from tests.support import ServerProcess
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 SUMMARY_KEYS = {"msgs_per_s", "cpu_us_per_msg", "server_user_us_per_msg", "server_sys_us_per_msg", "p50_us",
                 "p99_us", "p999_us", "max_us", "server_cpu_pct", "generator_cpu_pct", "generator_us_per_msg", "other_cpu_pct", "rss_mib",
@@ -41,12 +45,28 @@ def assert_relay_correct(summary: dict, measured_server: bool = True) -> None:
 
 # -- smoke runs against real servers ----------------------------------------------------
 
-def test_relay_against_selchat_and_baseline():
-    result = run_bench("--pairs", "3", "--duration", "1", "--repeat", "1", "--warmup", "0", "--workers", "2")
+@pytest.fixture(scope="module")
+def relay_result():
+    return run_bench("--pairs", "3", "--duration", "1", "--repeat", "1", "--warmup", "0.4", "--workers", "2")
+
+
+@pytest.fixture(scope="module")
+def idle_result():
+    return run_bench("--idle", "20", "--ping-interval", "0.5")
+
+
+@pytest.fixture(scope="module")
+def storm_result():
+    return run_bench("--login-storm", "6", "--storm-concurrency", "3")
+
+
+def test_relay_against_selchat_and_baseline(relay_result):
+    result = relay_result
     assert result["mode"] == "relay" and result["correct"] and result["failures"] == []
     for kind in ("selchat", "baseline"):
         assert_relay_correct(result[kind]["summary"])
         assert len(result[kind]["runs"]) == 1
+        assert result[kind]["warmup"]["received"] > 0
     assert set(result["ratios"]) == {"msgs_per_s", "cpu_us_per_msg", "p50_us", "p99_us", "p999_us", "max_us",
                                      "rss_mib"}
     assert all(value > 0 for value in result["ratios"].values())
@@ -60,6 +80,42 @@ def test_relay_one_direction_one_in_flight_no_baseline():
     assert result["correct"] and result["baseline"] is None and result["ratios"] is None
     assert_relay_correct(result["selchat"]["summary"])
     assert result["selchat"]["summary"]["runs"] == 2
+    assert result["selchat"]["warmup"]["received"] > 0
+
+
+def test_every_server_is_warmed_up_with_a_burst_before_it_is_measured(monkeypatch):
+    """Each server gets its warm-up (a burst, then the measured shape) before
+    its first timed window, and the burst really had that much in flight."""
+    events = []
+    real_warm_up, real_window = relay.warm_up, relay._window
+
+    def warm_up(pool, server, kind, *args, **kwargs):
+        events.append(("warm-up", kind))
+        return real_warm_up(pool, server, kind, *args, **kwargs)
+
+    def window(pool, server, kind, opts, duration, capacity, progress, label, burst=0):
+        events.append((label, kind, burst))
+        return real_window(pool, server, kind, opts, duration, capacity, progress, label, burst)
+
+    monkeypatch.setattr(relay, "warm_up", warm_up)
+    monkeypatch.setattr(relay, "_window", window)
+    result = relay.run_relay(relay.RelayOptions(pairs=2, duration=0.3, repeat=2, warmup=0.4, workers=1))
+    assert result["correct"], result["failures"]
+    for kind in ("selchat", "baseline"):
+        mine = [e for e in events if e[1] == kind]
+        first_run = next(i for i, e in enumerate(mine) if e[0].startswith("run"))
+        before = mine[:first_run]
+        assert before[0] == ("warm-up", kind)
+        assert any(e[0] == "warm-up" and e[2] > 0 for e in before[1:]), before  # the burst
+        assert all(e[0] == "warm-up" for e in before)  # nothing measured before it
+        warm = result[kind]["warmup"]
+        assert warm["received"] == warm["sent"] >= warm["burst_messages"] > 0
+        assert len(result[kind]["runs"]) == 2
+
+
+def test_no_warm_up_when_asked_for_none():
+    result = run_bench("--pairs", "1", "--duration", "0.3", "--repeat", "1", "--warmup", "0", "--no-baseline")
+    assert result["correct"] and result["selchat"]["warmup"] is None
 
 
 def test_relay_against_a_running_server_registers_its_users(tmp_path):
@@ -78,8 +134,8 @@ def test_relay_against_a_running_server_registers_its_users(tmp_path):
     assert result["selchat"]["summary"]["rss_mib"] > 0
 
 
-def test_idle_users_are_held_without_drops():
-    result = run_bench("--idle", "20", "--ping-interval", "0.5")
+def test_idle_users_are_held_without_drops(idle_result):
+    result = idle_result
     assert result["mode"] == "idle" and result["correct"]
     assert result["drops"] == 0 and result["sockets"] == 60
     assert result["heartbeat_rounds"] >= 2
@@ -87,13 +143,69 @@ def test_idle_users_are_held_without_drops():
     assert "spurious drops" in report.idle_text(result)
 
 
-def test_login_storm_with_real_hashing():
-    result = run_bench("--login-storm", "6", "--storm-concurrency", "3")
+def test_login_storm_with_real_hashing(storm_result):
+    result = storm_result
     assert result["mode"] == "storm" and result["correct"]
     assert result["logins_per_s"] > 0
     chat = result["chat"]
     assert chat["lost"] == 0 and chat["reordered"] == 0 and chat["storm"]["samples"] > 0
     assert "logins/s" in report.storm_text(result)
+
+
+def test_logins_refused_as_busy_are_sent_again(tmp_path):
+    """More logins at once from one address than the server queues password
+    checks for: the ones it answers "busy" are retried, and all get in."""
+    server = ServerProcess(tmp_path, "--conn-rate", "1e9", "--max-per-address", "0")
+    try:
+        users = [VUser(f"busy{i}") for i in range(48)]
+        setup = Setup("selchat", (server.host, server.port), password="pw-for-busy", verb="REGISTER",
+                      concurrency=48)
+        setup.run(users, timeout=60)
+        setup.release()
+    finally:
+        for user in users:
+            user.close()
+        server.stop()
+    assert all(u.t_ready for u in users)
+    assert setup.busy > 0  # the case under test happened
+
+
+def report_lines(texts: list[str]) -> list[str]:
+    return [line for text in texts for line in text.splitlines()]
+
+
+def assert_fits(lines: list[str]) -> None:
+    too_wide = [line for line in lines if len(line) > 100]
+    assert not too_wide, "\n".join(too_wide)
+    assert not [line for line in lines if "issue" in line.lower()]
+
+
+def test_every_report_line_fits_in_100_columns(relay_result, idle_result, storm_result):
+    """The text reports of real runs (these, a matrix made of them, and the
+    committed standard matrices), a failure included."""
+    m = {"mode": "matrix", "matrix": "quick", "date": "2026-01-01", "commit": sysinfo.git_commit(),
+         "machine": sysinfo.machine(), "pin": False, "relay": [relay_result], "idle": idle_result,
+         "storm": storm_result, "correct": True}
+    m["targets"] = matrix.targets(m)
+    texts = [report.relay_text(relay_result), report.idle_text(idle_result), report.storm_text(storm_result),
+             report.matrix_text(m)]
+    for path in sorted(RESULTS.glob("*.json")):
+        saved = json.loads(path.read_text())
+        saved["targets"] = matrix.targets(saved)  # as this version names them
+        texts.append(report.matrix_text(saved))
+    broken = json.loads(json.dumps(relay_result))
+    broken["correct"] = False
+    broken["failures"] = ["selchat server log: " + "x" * 300, "baseline: 12 lost"]
+    texts.append(report.relay_text(broken))
+    lines = report_lines(texts)
+    assert "baseline" in report.matrix_text(m) and "targets" in report.matrix_text(m)
+    assert len(lines) > 60
+    assert_fits(lines)
+
+
+def test_help_names_no_issue():
+    result = CliRunner().invoke(bench, ["--help"])
+    assert result.exit_code == 0 and "issue" not in result.output.lower()
 
 
 def test_modes_are_exclusive():

@@ -34,11 +34,16 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1), metavar="N",
               help="Timed windows per server; the report shows medians.")
 @click.option("--warmup", default=1.0, show_default=True, type=click.FloatRange(0), metavar="SECONDS",
-              help="An unrecorded window per server before the timed ones.")
+              help="Unrecorded traffic per server before the timed windows (a burst, then the measured "
+                   "shape), so that every server is measured in its steady state; 0: none.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also drive the asyncio baseline relay, interleaved, and show ratios.")
 @click.option("--baseline-script", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
               help="The baseline relay to run (default: bench/baselines/asyncio_relay.py).")
+@click.option("--baseline-port", type=click.IntRange(1, 65535), metavar="PORT",
+              help="Measure the baseline already listening on 127.0.0.1:PORT instead of spawning one.")
+@click.option("--baseline-pid", type=int, metavar="PID",
+              help="Pid of that baseline, for CPU and RSS (found by its port otherwise).")
 @click.option("--host", default="127.0.0.1", show_default=True, metavar="ADDR",
               help="Address of a running selchat (with --port).")
 @click.option("--port", type=click.IntRange(1, 65535), metavar="PORT",
@@ -64,12 +69,13 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
 @click.option("--storm-rate", default=100.0, show_default=True, type=click.FloatRange(1, 10000),
               metavar="PER_S", help="--login-storm: messages per second each way of the chatting pair.")
 @click.option("--matrix", type=click.Choice(["standard", "quick"]),
-              help="Run a whole matrix (relay rows, idle, login storm) and check the targets of issue 3.")
+              help="Run a whole matrix (relay rows, idle, login storm) and check the targets.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--save", type=click.Path(dir_okay=False, writable=True), metavar="PATH",
               help="Also write the result as JSON to PATH.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def bench(pairs, window, size, duration, direction, repeat, warmup, baseline, baseline_script, host, port, spawn,
+def bench(pairs, window, size, duration, direction, repeat, warmup, baseline, baseline_script, baseline_port,
+          baseline_pid, host, port, spawn,
           server_pid, ping_interval, pin, workers, idle_users, hold, storm_logins, storm_concurrency, storm_rate,
           matrix, as_json, save, quiet):
     """Measure selchat: relay throughput, latency and CPU per message beside
@@ -88,8 +94,8 @@ def bench(pairs, window, size, duration, direction, repeat, warmup, baseline, ba
         raise click.UsageError(f"choose one of {', '.join(chosen)}")
     if spawn and port:
         raise click.UsageError("--spawn starts its own server: leave out --port")
-    if chosen and port:
-        raise click.UsageError(f"{chosen[0]} always spawns its server: leave out --port")
+    if chosen and (port or baseline_port):
+        raise click.UsageError(f"{chosen[0]} always spawns its servers: leave out --port and --baseline-port")
     from selchat.bench import report
     from selchat.bench.progress import Progress
 
@@ -121,7 +127,8 @@ def bench(pairs, window, size, duration, direction, repeat, warmup, baseline, ba
             opts = RelayOptions(pairs=pairs, window=window, size=size, duration=duration, both=direction == "both",
                                 repeat=repeat, warmup=warmup, baseline=baseline, workers=workers, pin=pin,
                                 host=host if port else None, port=port, server_pid=server_pid,
-                                baseline_script=baseline_script, ping_interval=ping_interval)
+                                baseline_script=baseline_script, baseline_port=baseline_port,
+                                baseline_pid=baseline_pid, ping_interval=ping_interval)
             result = run_relay(opts, progress)
             text = report.relay_text
     except (BenchError, RuntimeError) as exc:

@@ -83,10 +83,13 @@ class Fleet:
     # -- the timed window ------------------------------------------------------------
 
     def run(self, window: int, duration: float, start_ns: int, drain_timeout: float = 10.0,
-            progress=None, slot: int = 0) -> dict:
+            progress=None, slot: int = 0, burst: int = 0) -> dict:
         """One timed window: start at ``start_ns``, keep ``window`` messages in
         flight per flow for ``duration`` seconds, then stop sending and wait for
-        everything in flight. Returns counts, latencies and our own CPU time."""
+        everything in flight. Returns counts, latencies and our own CPU time.
+
+        ``burst`` (warm-up only): the first flow keeps that many in flight
+        instead, so the server gets reads as large as its buffer."""
         flows = self.flows
         lat = array("q")
         base = [(f.sent, f.received) for f in flows]
@@ -94,6 +97,8 @@ class Fleet:
         samples0 = len(self.problems)
         for f in flows:
             f.window, f.lat = window, lat
+        if burst and flows:
+            flows[0].window = max(window, burst)
         wait = (start_ns - monotonic_ns()) / 1e9
         if wait > 0:
             time.sleep(wait)

@@ -22,6 +22,7 @@ from selchat.bench import servers as srv
 from selchat.bench import sysinfo
 from selchat.bench.progress import Progress
 from selchat.bench.relay import PASSWORD, default_workers
+from selchat.bench.vusers import sources_for
 from selchat.bench.workers import WorkerPool, idle_worker
 from selchat.server.config import ServerConfig
 
@@ -50,7 +51,8 @@ def run_idle(users: int, *, ping_interval: float = 5.0, hold: float | None = Non
     workers = min(max(workers or default_workers(gen_cpus), -(-sockets // (limit - 1024))), users)
     hold = hold or 2 * ping_interval + 1.0
     # ~20,000 client ports per source address leaves room for TIME_WAIT leftovers.
-    sources = sources or max(2, sockets // 20000 + 1)
+    concurrency = max(16, 256 // workers)
+    sources = sources or sources_for(concurrency * workers, max(2, sockets // 20000 + 1))
     names = [f"i{i}" for i in range(users)]
     result = {"mode": "idle", "users": users, "sockets": sockets, "ping_interval": ping_interval,
               "default_ping_interval": ServerConfig().ping_interval, "workers": workers,
@@ -64,7 +66,7 @@ def run_idle(users: int, *, ping_interval: float = 5.0, hold: float | None = Non
                       f"over {sources} source addresses, {workers} worker(s)")
         specs = [{"names": names[i::workers], "address": server.address, "password": PASSWORD,
                   "sources": sysinfo.loopback_sources(server.host, sources), "cpus": gen_cpus,
-                  "nofile": sockets // workers + 1024, "concurrency": max(16, 256 // workers)}
+                  "nofile": sockets // workers + 1024, "concurrency": concurrency}
                  for i in range(workers)]
         pool = WorkerPool(idle_worker, specs)
         cleanup.callback(pool.close)

@@ -85,15 +85,15 @@ def idle_targets(idle: dict) -> list[dict]:
     per round x 10,000 / users) and marked n/a rather than met."""
     users = idle["users"]
     full = users >= IDLE_USERS
-    scale = "" if full else f" (measured {users:,}, extrapolated)"
+    scale = "" if full else f" (from {users:,})"  # extrapolated from the users measured
     rss = idle["rss_mib"] if full else idle["rss_mib_empty"] + IDLE_USERS * idle["rss_kib_per_user"] / 1024
     pct = idle["heartbeat_core_pct_at_default"] * (1 if full else IDLE_USERS / users)
     return [
         _check(f"idle {users:,} users: nothing dropped", "0", idle["drops"], idle["drops"] == 0, str(idle["drops"])),
         _check(f"idle {IDLE_USERS:,} users: server RSS{scale}", f"<= {IDLE_RSS_MIB:g} MiB", round(rss, 1),
                rss <= IDLE_RSS_MIB if full else None, f"{rss:.1f} MiB"),
-        _check(f"idle {IDLE_USERS:,} users: heartbeat CPU at the default {idle['default_ping_interval']:g} s "
-               f"interval{scale}", f"<= {IDLE_HEARTBEAT_PCT:g}% of a core", round(pct, 4),
+        _check(f"idle {IDLE_USERS:,} users: heartbeat CPU, {idle['default_ping_interval']:g} s pings{scale}",
+               f"<= {IDLE_HEARTBEAT_PCT:g}% of a core", round(pct, 4),
                pct <= IDLE_HEARTBEAT_PCT if full else None, f"{pct:.3f}%"),
     ]
 

@@ -5,9 +5,9 @@
    first CPU and the load generator on the others.
 2. Start the worker processes; each sets up its share of the pairs on every
    server (login, attach, chat request and accept) before any clock starts.
-3. One short warm-up window per server, not recorded; then ``repeat`` timed
-   windows per server, interleaved (selchat, baseline, baseline, selchat, ...)
-   so that noise on the machine hits both alike.
+3. Warm every server up the same way, unrecorded (``warm_up``), then run
+   ``repeat`` timed windows per server, interleaved (selchat, baseline,
+   baseline, selchat, ...) so that noise on the machine hits both alike.
 4. Each window: read the server's CPU, start every worker at one instant,
    keep ``window`` messages in flight per flow for ``duration`` seconds, wait
    for the last one, read the server's CPU again. Report medians.
@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 import tempfile
 import time
@@ -25,10 +26,22 @@ from pathlib import Path
 from selchat.bench import servers as srv
 from selchat.bench import stats, sysinfo
 from selchat.bench.progress import Progress, RateMeter
+from selchat.bench.vusers import sources_for
 from selchat.bench.workers import WorkerPool, relay_worker
 
 PASSWORD = "bench-password"
 START_DELAY = 0.2  # seconds between "run" and its start: every worker has the command by then
+
+#: Bytes one flow per worker keeps in flight during the first half of the
+#: warm-up. A fresh process is not in its steady state: glibc's malloc serves
+#: a block of 128 KiB or more with mmap (and a shrink with mremap, a free with
+#: munmap) until it has freed one such block that was bigger, and only then
+#: raises that threshold for good. asyncio asks for 256 KiB on every read, so
+#: the baseline paid three extra system calls per read for as long as its reads
+#: stayed small, which at a steady 32 in flight is forever. A long-running
+#: server sees a burst sooner or later; the warm-up gives every server one
+#: (reads as large as its buffer), then the measured traffic itself.
+WARMUP_BURST_BYTES = 1 << 20
 
 
 @dataclass
@@ -47,6 +60,8 @@ class RelayOptions:
     port: int | None = None
     server_pid: int | None = None
     baseline_script: str | None = None
+    baseline_port: int | None = None  # a running baseline instead of spawning one
+    baseline_pid: int | None = None
     ping_interval: float | None = None
     sources: int = 4                  # loopback source addresses to spread sockets over
 
@@ -71,7 +86,8 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
     server_cpus, gen_cpus = sysinfo.split_cpus(opts.pin)
     workers = min(opts.workers or default_workers(gen_cpus), opts.pairs)
     external = opts.host is not None
-    tag = ("b" + secrets.token_hex(3)) if external else "u"  # fresh names to REGISTER on a running server
+    # Fresh names for servers that outlive this run (REGISTER on a running selchat).
+    tag = ("b" + secrets.token_hex(3)) if external or opts.baseline_port else "u"
     pairs = [(f"{tag}{i}a", f"{tag}{i}b") for i in range(opts.pairs)]
     result = {"mode": "relay", "label": opts.label(), "options": asdict(opts),
               "server_cpus": server_cpus, "generator_cpus": gen_cpus, "workers": workers}
@@ -82,12 +98,15 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
                       + ", ".join(f"{k} pid {s.pid} on {s.host}:{s.port}" for k, s in servers.items()))
         verb = "REGISTER" if external else "LOGIN"
         per_worker = opts.pairs // workers + 1
+        concurrency = max(8, 128 // workers)
+        sources = sysinfo.loopback_sources(servers["selchat"].host,
+                                           sources_for(concurrency * workers, opts.sources))
         specs = [{
             "servers": [(kind, s.address, verb) for kind, s in servers.items()],
             "pairs": pairs[i::workers], "password": PASSWORD, "size": opts.size, "both": opts.both,
-            "sources": sysinfo.loopback_sources(servers["selchat"].host, opts.sources),
+            "sources": sources,
             "cpus": gen_cpus, "nofile": per_worker * 8 + 256,
-            "concurrency": max(8, 128 // workers),
+            "concurrency": concurrency,
         } for i in range(workers)]
         pool = WorkerPool(relay_worker, specs)
         cleanup.callback(pool.close)
@@ -97,24 +116,25 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
                       f"({workers} worker process{'es' if workers > 1 else ''})")
         capacity = generator_capacity(gen_cpus)
         kinds = list(servers)
-        if opts.warmup > 0:
-            for kind in kinds:
-                _window(pool, servers[kind], kind, opts, opts.warmup, capacity, progress, "warm-up")
+        warmups: dict[str, dict | None] = {kind: None for kind in kinds}
         runs: dict[str, list] = {kind: [] for kind in kinds}
-        for r in range(opts.repeat):
-            for kind in (kinds if r % 2 == 0 else kinds[::-1]):
-                figures = _window(pool, servers[kind], kind, opts, opts.duration, capacity, progress,
-                                  f"run {r + 1}/{opts.repeat}")
-                runs[kind].append(figures)
-                progress.note(f"  {kind:8} run {r + 1}/{opts.repeat}: {figures['msgs_per_s']:>9,} msgs/s  "
-                              f"{_num(figures['cpu_us_per_msg'], '.2f'):>6} us CPU/msg  "
-                              f"p50 {figures['p50_us']:,.0f} p99 {figures['p99_us']:,.0f} us  "
-                              f"CPU: server {_num(figures['server_cpu_pct'], '.0f')}% "
-                              f"generator {figures['generator_cpu_pct']:.0f}% other {figures['other_cpu_pct']:.0f}%")
+        for step, kind, r in schedule(kinds, opts.repeat, opts.warmup > 0):
+            if step == "warm-up":
+                warmups[kind] = warm_up(pool, servers[kind], kind, opts, capacity, progress)
+                continue
+            figures = _window(pool, servers[kind], kind, opts, opts.duration, capacity, progress,
+                              f"run {r + 1}/{opts.repeat}")
+            runs[kind].append(figures)
+            progress.note(f"  {kind:8} run {r + 1}/{opts.repeat}: {figures['msgs_per_s']:>9,} msgs/s  "
+                          f"{_num(figures['cpu_us_per_msg'], '.2f'):>6} us CPU/msg  "
+                          f"p50 {figures['p50_us']:,.0f} p99 {figures['p99_us']:,.0f} us  "
+                          f"CPU: server {_num(figures['server_cpu_pct'], '.0f')}% "
+                          f"generator {figures['generator_cpu_pct']:.0f}% other {figures['other_cpu_pct']:.0f}%")
         for kind in kinds:
             result[kind] = {
                 "summary": stats.median_summary(runs[kind]),
                 "runs": runs[kind],
+                "warmup": warmups[kind],
                 "setup_seconds": round(max(s["setup_seconds"][kind] for s in setup), 2),
                 "server_log_problems": servers[kind].problems()[:10],
             }
@@ -137,17 +157,50 @@ def _start_servers(opts: RelayOptions, tmp: Path, pairs, server_cpus, cleanup) -
         servers["selchat"] = srv.spawn_selchat(tmp, users, PASSWORD, cpus=server_cpus, nofile=nofile,
                                                ping_interval=opts.ping_interval)
         cleanup.callback(servers["selchat"].stop)
-    if opts.baseline:
+    if opts.baseline and opts.baseline_port:
+        servers["baseline"] = srv.external_server("baseline", "127.0.0.1", opts.baseline_port, opts.baseline_pid)
+        if server_cpus and servers["baseline"].pid:
+            sysinfo.pin_process(servers["baseline"].pid, server_cpus)
+    elif opts.baseline:
         servers["baseline"] = srv.spawn_baseline(tmp, opts.baseline_script, cpus=server_cpus, nofile=nofile)
         cleanup.callback(servers["baseline"].stop)
     return servers
 
 
+def schedule(kinds: list[str], repeat: int, warm: bool = True):
+    """The order of a run: ("warm-up", kind, None) for every server before
+    anything is measured, then ("run", kind, r) for each repeat r, the servers
+    taking turns forwards and backwards (a, b, b, a, a, b, ...)."""
+    if warm:
+        for kind in kinds:
+            yield "warm-up", kind, None
+    for r in range(repeat):
+        for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+            yield "run", kind, r
+
+
+def warm_up(pool: WorkerPool, server, kind: str, opts: RelayOptions, capacity: float,
+            progress: Progress) -> dict:
+    """Bring ``server`` to its steady state before it is measured, the same way
+    for every server: ``opts.warmup`` seconds of the measured traffic, during
+    the first half of which one flow per worker keeps ``WARMUP_BURST_BYTES`` in
+    flight (see there). Nothing of it is recorded but what it relayed and
+    whether it was correct."""
+    burst = math.ceil(WARMUP_BURST_BYTES / opts.size)
+    halves = [_window(pool, server, kind, opts, opts.warmup / 2, capacity, progress, "warm-up", burst=b)
+              for b in (burst, 0)]
+    return {"seconds": opts.warmup, "burst_messages": burst,
+            **{key: sum(h[key] for h in halves)
+               for key in ("sent", "received", "reordered", "gaps", "problems")},
+            "problem_samples": [p for h in halves for p in h["problem_samples"]][:5]}
+
+
 def _window(pool: WorkerPool, server, kind: str, opts: RelayOptions, duration: float, capacity: float,
-            progress: Progress, label: str) -> dict:
+            progress: Progress, label: str, burst: int = 0) -> dict:
     """One timed window on ``server``; its figures."""
     start_ns = time.monotonic_ns() + int(START_DELAY * 1e9)
-    pool.broadcast("run", {"kind": kind, "window": opts.window, "duration": duration, "start_ns": start_ns})
+    pool.broadcast("run", {"kind": kind, "window": opts.window, "duration": duration, "start_ns": start_ns,
+                           "burst": burst})
     user0, sys0 = server.cpu_times() if server.pid else (0.0, 0.0)  # the server is idle until start_ns
     meter = RateMeter(progress, f"{kind} {label}", pool.progress, duration + START_DELAY)
     reports = pool.gather(timeout=duration + 120, tick=meter)
@@ -188,7 +241,13 @@ def correctness_failures(result: dict) -> list[str]:
                 failures.append(f"{kind}: {s[key]} {key}")
         if s["received"] != s["sent"]:
             failures.append(f"{kind}: sent {s['sent']} but received {s['received']}")
+        warm = part.get("warmup")
+        if warm:
+            for key in ("reordered", "gaps", "problems"):
+                if warm[key]:
+                    failures.append(f"{kind} warm-up: {warm[key]} {key}")
         samples = [p for run in part["runs"] for p in run["problem_samples"]]
+        samples += warm["problem_samples"] if warm else []
         failures += [f"{kind}: {p}" for p in samples[:3]]
         failures += [f"{kind} server log: {line}" for line in part["server_log_problems"][:3]]
     return failures

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import json
+import textwrap
+
+#: Every line of a report fits in this many columns.
+WIDTH = 100
+
+
+def wrap(text: str, indent: str = "") -> str:
+    """Prose (a heading, a warning, a failure) folded to ``WIDTH`` columns."""
+    return "\n".join(textwrap.wrap(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False,
+                                    break_long_words=True))
 
 
 def table(rows: list[list], header: list[str] | None = None, right_from: int = 1) -> str:
@@ -71,8 +81,9 @@ def relay_text(result: dict) -> str:
     base = result.get("baseline")
     sel = result["selchat"]["summary"]
     ratios = result.get("ratios") or {}
-    head = (f"relay: {result['label']}; {opts['repeat']} x {opts['duration']:g} s per server, medians; "
-            + placement(result))
+    warm = f", after a {opts['warmup']:g} s warm-up" if opts.get("warmup") else ", no warm-up"
+    head = wrap(f"relay: {result['label']}; {opts['repeat']} x {opts['duration']:g} s per server{warm}, "
+                f"medians; " + placement(result))
     header = ["", "selchat"] + (["baseline", "ratio"] if base else [])
     rows = []
     for title, key in RELAY_ROWS:
@@ -98,9 +109,9 @@ def noise_warning(relay_results: list[dict]) -> str | None:
                  if r.get(kind) for run in r[kind]["runs"]), default=0.0)
     if worst <= NOISY_PCT:
         return None
-    return (f"warning: other processes used up to {worst:.0f}% of a core during the timed windows; the "
-            f"figures (above all latency and msgs/s) are perturbed. Rerun on a quiet machine; ratios from "
-            f"interleaved runs suffer least.")
+    return wrap(f"warning: other processes used up to {worst:.0f}% of a core during the timed windows; the "
+                f"figures (above all latency and msgs/s) are perturbed. Rerun on a quiet machine; ratios from "
+                f"interleaved runs suffer least.")
 
 
 def placement(result: dict) -> str:
@@ -115,7 +126,12 @@ def placement(result: dict) -> str:
 def correct_line(result: dict) -> str:
     if result["correct"]:
         return "correct: yes (nothing lost, nothing reordered, no unexpected frames, no server errors)"
-    return "correct: NO\n" + "\n".join("  " + f for f in result["failures"][:12])
+    return "correct: NO\n" + "\n".join(_fit("  " + f) for f in result["failures"][:12])
+
+
+def _fit(line: str) -> str:
+    """One line cut to ``WIDTH`` columns (a server's log line can be any length)."""
+    return line if len(line) <= WIDTH else line[:WIDTH - 3] + "..."
 
 
 # -- idle and login storm -------------------------------------------------------------
@@ -134,7 +150,7 @@ def idle_text(r: dict) -> str:
                                      f"(ping interval {r['default_ping_interval']:g} s)"],
         ["spurious drops", r["drops"]],
     ]
-    lines = [f"idle: {r['users']:,} logged-in users; " + placement(r), table(rows, right_from=9)]
+    lines = [wrap(f"idle: {r['users']:,} logged-in users; " + placement(r)), table(rows, right_from=9)]
     lines.append(correct_line(r))
     return "\n".join(lines)
 
@@ -150,8 +166,8 @@ def storm_text(r: dict) -> str:
         ["chatting pair during storm", _lat_ms(chat["storm"])],
         ["chat messages lost / reordered", f"{chat['lost']} / {chat['reordered']}"],
     ]
-    lines = [f"login storm: {r['logins']:,} logins while one pair chats at {r['rate']:g} msgs/s each way; "
-             + placement(r), table(rows, right_from=9)]
+    lines = [wrap(f"login storm: {r['logins']:,} logins while one pair chats at {r['rate']:g} msgs/s each way; "
+                  + placement(r)), table(rows, right_from=9)]
     lines.append(correct_line(r))
     return "\n".join(lines)
 
@@ -165,26 +181,44 @@ def _lat_ms(lat: dict) -> str:
 
 # -- the matrix ---------------------------------------------------------------------
 
+#: The matrix's relay table: units in a legend, not in every header.
+MATRIX_LEGEND = ("pairs x N: N messages in flight per sender; us/msg: server CPU per relayed message (us);\n"
+                 "p50 to max: one-way latency (ms); MiB: server RSS; other%: other processes' CPU (% of a core)")
+
+
+def _ms(us):
+    return None if us is None else us / 1000
+
+
 def matrix_text(m: dict) -> str:
     machine = m["machine"]
-    lines = [f"selchat bench, {m['matrix']} matrix: {m['date']}, commit {m['commit']}; "
-             f"{machine['nproc']} x {machine['cpu_model']}, Linux {machine['kernel']}, Python {machine['python']}"]
-    header = ["scenario", "system", "msgs/s", "CPU us/msg", "p50 us", "p99 us", "p99.9 us", "max us",
-              "RSS MiB", "saturated", "other %"]
+    lines = [wrap(f"selchat bench, {m['matrix']} matrix: {m['date']}, commit {m['commit']}; "
+                  f"{machine['nproc']} x {machine['cpu_model']}, Linux {machine['kernel']}, "
+                  f"Python {machine['python']}")]
+    header = ["pairs x N", "system", "msgs/s", "us/msg", "p50", "p99", "p99.9", "max", "MiB", "saturated",
+              "other%"]
     rows = []
     for row in m["relay"]:
-        name = row["label"].split(", 64 B")[0] if ", 64 B" in row["label"] else row["label"]
+        opts = row["options"]
+        name = f"{opts['pairs']} x {opts['window']}"
         for kind in ("selchat", "baseline"):
             if not row.get(kind):
                 continue
             s = row[kind]["summary"]
-            rows.append([name if kind == "selchat" else "", kind, s["msgs_per_s"], s["cpu_us_per_msg"], s["p50_us"],
-                         s["p99_us"], s["p999_us"], s["max_us"], s["rss_mib"], s["saturated"], s["other_cpu_pct"]])
+            rows.append([name if kind == "selchat" else "", kind, s["msgs_per_s"], s["cpu_us_per_msg"],
+                         _ms(s["p50_us"]), _ms(s["p99_us"]), _ms(s["p999_us"]), _ms(s["max_us"]), s["rss_mib"],
+                         s["saturated"], s["other_cpu_pct"]])
         if row.get("ratios"):
             r = row["ratios"]
             rows.append(["", "ratio", _x(r["msgs_per_s"]), _x(r["cpu_us_per_msg"]), _x(r["p50_us"]),
                          _x(r["p99_us"]), _x(r["p999_us"]), _x(r["max_us"]), _x(r["rss_mib"]), "", ""])
-    lines += ["", table(rows, header, right_from=2)]
+    first = m["relay"][0]["options"] if m["relay"] else None
+    if first:
+        warm = f"after a {first['warmup']:g} s warm-up" if first.get("warmup") else "no warm-up"
+        lines += ["", wrap(f"relay: {first['size']} B messages, "
+                           f"{'both directions' if first['both'] else 'one direction'}; {first['repeat']} x "
+                           f"{first['duration']:g} s per server, {warm}, medians")]
+    lines += [table(rows, header, right_from=2), MATRIX_LEGEND]
     warning = noise_warning(m["relay"])
     if warning:
         lines.append(warning)
@@ -202,7 +236,7 @@ def matrix_text(m: dict) -> str:
 def targets_text(targets: list[dict]) -> str:
     rows = [[t["target"], t["limit"], t["shown"], "ok" if t["ok"] else ("n/a" if t["ok"] is None else "MISSED")]
             for t in targets]
-    return "targets (issue 3)\n" + table(rows, ["target", "limit", "measured", ""], right_from=1)
+    return "targets\n" + table(rows, ["target", "limit", "measured", ""], right_from=1)
 
 
 def to_json(result: dict) -> str:

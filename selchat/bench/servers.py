@@ -179,8 +179,12 @@ def spawn_baseline(workdir: Path, script: Path | None = None, cpus=None, nofile:
     return SpawnedServer("baseline", cmd, workdir, cpus=cpus, nofile=nofile)
 
 
-def external_selchat(host: str, port: int, pid: int | None) -> Server:
-    """A selchat someone else started; its pid is looked up when it listens locally."""
+def external_server(kind: str, host: str, port: int, pid: int | None) -> Server:
+    """A server someone else started; its pid is looked up when it listens locally."""
     if pid is None and host.startswith("127."):
         pid = sysinfo.find_listener_pid(port)
-    return Server("selchat", host, port, pid)
+    return Server(kind, host, port, pid)
+
+
+def external_selchat(host: str, port: int, pid: int | None) -> Server:
+    return external_server("selchat", host, port, pid)

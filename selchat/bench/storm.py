@@ -18,6 +18,7 @@ from selchat.bench import servers as srv
 from selchat.bench import stats, sysinfo
 from selchat.bench.progress import Progress
 from selchat.bench.relay import PASSWORD, default_workers
+from selchat.bench.vusers import sources_for
 from selchat.bench.workers import WorkerPool, chat_pair_worker, storm_worker
 
 QUIET = 1.0  # seconds of chatting before the storm, for comparison
@@ -37,7 +38,7 @@ def run_storm(logins: int, *, concurrency: int = 32, rate: float = 100.0, pin: b
         server = srv.spawn_selchat(Path(tmp), list(pair) + names, PASSWORD, scrypt_n=None, cpus=server_cpus,
                                    nofile=3 * logins + 1024)
         cleanup.callback(server.stop)
-        sources = sysinfo.loopback_sources(server.host, 2)
+        sources = sysinfo.loopback_sources(server.host, sources_for(concurrency, 2))
         chatter = WorkerPool(chat_pair_worker, [{"pair": pair, "address": server.address, "password": PASSWORD,
                                                  "sources": sources, "size": 64, "rate": rate, "cpus": gen_cpus}])
         cleanup.callback(chatter.close)

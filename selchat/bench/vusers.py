@@ -79,7 +79,7 @@ class VUser:
     """One virtual user: its sockets, its partner, and when it got ready."""
 
     __slots__ = ("name", "partner", "initiator", "login", "chat", "check", "pending", "started",
-                 "t_start", "t_ready", "pings", "dropped")
+                 "t_start", "t_ready", "pings", "dropped", "busy")
 
     def __init__(self, name: str, partner: "VUser | None" = None, initiator: bool = False):
         self.name = name
@@ -90,6 +90,7 @@ class VUser:
         self.t_start = self.t_ready = 0.0
         self.pings = 0
         self.dropped: str | None = None
+        self.busy = 0             # logins refused as busy (sent again)
 
     def conns(self) -> list[LineConn]:
         return [c for c in (self.login, self.chat, self.check) if c is not None]
@@ -113,6 +114,23 @@ def make_pairs(names: list[tuple[str, str]]) -> list[VUser]:
     return users
 
 
+#: The server queues at most 8 password checks per client address and answers
+#: the next login ``ERR LOGIN busy`` (``HASHES_PER_ADDRESS`` in the server).
+#: Callers spread their logins over enough source addresses to stay well under
+#: it (``sources_for``); a login refused all the same is sent again after
+#: ``RETRY_DELAY``, doubling, on the same socket (which the server keeps open),
+#: or on a new one every ``RETRIES_PER_SOCKET`` tries (the server closes a
+#: socket after 10 frames before login).
+LOGINS_PER_SOURCE = 4
+RETRY_DELAY = 0.05
+RETRIES_PER_SOCKET = 5
+
+
+def sources_for(concurrency: int, at_least: int = 1) -> int:
+    """Source addresses for ``concurrency`` logins at once, none of them busy."""
+    return max(at_least, -(-concurrency // LOGINS_PER_SOURCE))
+
+
 class Setup:
     """Log virtual users in (and pair them) on one selector.
 
@@ -131,9 +149,12 @@ class Setup:
         self.problems: list[str] = []
         self.pings = 0
         self._opened = 0
+        self._logins = 0            # login sockets opened: they take the sources in turn
         self._waiting: list[VUser] = []
         self._in_flight = 0
         self._pair = False
+        self._retries: list[tuple[float, VUser]] = []  # (when, user): logins to send again
+        self.busy = 0               # logins the server asked us to retry ("ERR LOGIN busy")
 
     # -- driving --------------------------------------------------------------------
 
@@ -155,6 +176,8 @@ class Setup:
 
     def poll(self, timeout: float) -> None:
         """Serve whatever arrived within ``timeout``."""
+        if self._retries:
+            timeout = max(0.0, min(timeout, self._retries[0][0] - time.monotonic()))
         for key, _ in self.selector.select(timeout):
             conn = key.data
             lines = conn.read_lines()
@@ -164,6 +187,14 @@ class Setup:
                 continue
             for line in lines:
                 self._on_line(conn, line)
+        now = time.monotonic()
+        while self._retries and self._retries[0][0] <= now:
+            _, user = self._retries.pop(0)
+            if user.busy % RETRIES_PER_SOCKET == 0:
+                self.selector.unregister(user.login.sock)
+                user.login.close()
+                user.login = self._open(user, LOGIN)
+            self._send_login(user)
 
     def release(self) -> None:
         """Stop serving these sockets here (another loop takes them over)."""
@@ -177,14 +208,21 @@ class Setup:
             self._in_flight += 1
             user.t_start = time.monotonic()
             user.login = self._open(user, LOGIN)
-            if self.protocol == "baseline":
-                user.login.send(f"LOGIN {user.name}")
-            else:
-                user.login.send(f"{self.verb} {user.name} {self.password}")
+            self._send_login(user)
+
+    def _send_login(self, user: VUser) -> None:
+        if self.protocol == "baseline":
+            user.login.send(f"LOGIN {user.name}")
+        else:
+            user.login.send(f"{self.verb} {user.name} {self.password}")
 
     def _open(self, user: VUser, role: str) -> LineConn:
-        source = self.sources[self._opened % len(self.sources)]
-        self._opened += 1
+        if role == LOGIN:  # logins spread evenly, whatever else is opened in between
+            source = self.sources[self._logins % len(self.sources)]
+            self._logins += 1
+        else:
+            source = self.sources[self._opened % len(self.sources)]
+            self._opened += 1
         conn = LineConn(open_socket(self.address, source), user, role)
         self.selector.register(conn.sock, selectors.EVENT_READ, conn)
         return conn
@@ -235,6 +273,14 @@ class Setup:
             return
         elif verb == "READY":
             self._ready(user)
+            return
+        elif line.startswith(f"ERR {self.verb} busy "):
+            # The server's password queue for this address is full: it keeps
+            # the socket open and asks us to try again in a moment.
+            self.busy += 1
+            user.busy += 1
+            self._retries.append((time.monotonic() + RETRY_DELAY * 2 ** min(user.busy - 1, 5), user))
+            self._retries.sort(key=lambda retry: retry[0])
             return
         elif verb == "REQUEST" and user.partner is not None and rest == user.partner.name:
             user.pending += 1

@@ -114,7 +114,7 @@ def _commands(pipe, serve):
 
 def relay_worker(pipe, index, progress, spec) -> None:
     """Set up the pairs on every server in ``spec["servers"]``, then run timed
-    windows on command: ``("run", {"kind", "window", "duration", "start_ns"})``."""
+    windows on command: ``("run", {"kind", "window", "duration", "start_ns", "burst"})``."""
     fleets: dict[str, Fleet] = {}
     setup_seconds = {}
     for kind, address, verb in spec["servers"]:
@@ -136,7 +136,7 @@ def relay_worker(pipe, index, progress, spec) -> None:
         if command == "run":
             progress[index] = 0
             result = fleets[arg["kind"]].run(arg["window"], arg["duration"], arg["start_ns"],
-                                             progress=progress, slot=index)
+                                             progress=progress, slot=index, burst=arg.get("burst", 0))
             pipe.send(("ok", result))
     for fleet in fleets.values():
         fleet.close()
