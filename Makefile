@@ -25,12 +25,14 @@ run: $(STAMP)
 	$(BIN)/selchat serve --host $(HOST) --port $(PORT) --db $(DB)
 
 # In file order (pytest-randomly off); `make test-random` shuffles the order
-# (a new seed each run, printed at the top: reproduce one with: .venv/bin/python -m pytest -q --randomly-seed=N tests).
+# (a new seed each run, printed first; SEED=N repeats one).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:randomly tests
 
 test-random: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	@seed=$${SEED:-$$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')}; \
+	echo "tests in random order, seed $$seed (make test-random SEED=$$seed repeats it)"; \
+	$(BIN)/python -m pytest -q -p randomly --randomly-seed=$$seed tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --run-slow tests
