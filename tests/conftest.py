@@ -1,3 +1,4 @@
+import logging
 import signal
 
 import pytest
@@ -34,6 +35,16 @@ def server(tmp_path_factory):
                         "--conn-rate", "0", "--max-per-address", "0", "--throttle-after", "0")
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def keep_root_logging():
+    """Put the root logger's handlers and level back after the test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -63,6 +63,16 @@ class ServerProcess:
         self._log.flush()
         return self.log_path.read_text()
 
+    def wait_for_log(self, text: str, timeout: float = DEADLINE) -> str:
+        """The log once it contains ``text``: a background thread writes it,
+        so a line may land a moment after the event it tells of."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()):
+            assert self.proc.poll() is None, f"server exited {self.proc.returncode}:\n{log}"
+            assert time.monotonic() < deadline, f"{text!r} not in the log:\n{log}"
+            time.sleep(0.02)  # polling interval; the condition ends the wait
+        return log
+
     client_tls = None  # an ssl.SSLContext when the server speaks TLS
 
     def connect(self) -> "LineSocket":

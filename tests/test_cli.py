@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 import subprocess
 import sys
@@ -17,14 +16,8 @@ from selchat.store.accounts import AccountStore
 from tests.support import DEADLINE
 
 
-@pytest.fixture(autouse=True)
-def keep_logging():
-    """`selchat serve` configures the root logger; put it back for other tests."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# logsetup (and so `selchat serve` run in-process) configures the root logger.
+pytestmark = pytest.mark.usefixtures("keep_root_logging")
 
 
 def run(*args, env=None, input=None):

@@ -45,6 +45,13 @@ def test_refund_takes_back_one_failure():
     assert len(t) == 0
 
 
+def test_free_none_never_throttles_and_keeps_nothing():
+    t = FailureTracker(free=None)
+    for _ in range(100):
+        t.failed("k", 0.0)
+    assert t.delay("k", 0.0) == 0.0 and len(t) == 0
+
+
 def test_the_tracker_stays_bounded():
     t = FailureTracker(free=1, forget=10.0, max_keys=100)
     for i in range(1000):

@@ -24,14 +24,8 @@ TEXT_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (DEBUG|INFO|W
 FAIL2BAN_REGEX = "/usr/bin/fail2ban-regex"
 
 
-@pytest.fixture(autouse=True)
-def keep_logging():
-    """logsetup configures the root logger; put it back for other tests."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# logsetup (and so `selchat serve` run in-process) configures the root logger.
+pytestmark = pytest.mark.usefixtures("keep_root_logging")
 
 
 @pytest.fixture

@@ -9,23 +9,11 @@ from __future__ import annotations
 import signal
 import socket
 import ssl
-import time
 
 import trustme
 
 from selchat.store.accounts import AccountStore
 from tests.support import DEADLINE, Canary, LineSocket, RawUser, ServerProcess, unique
-
-
-def wait_for_log(srv: ServerProcess, text: str, timeout: float = DEADLINE) -> str:
-    """The server's log once it contains ``text`` (the log is written by a
-    background thread, so a line may land a moment after the event)."""
-    deadline = time.monotonic() + timeout
-    while text not in (log := srv.log()):
-        assert srv.proc.poll() is None, f"server exited {srv.proc.returncode}:\n{log}"
-        assert time.monotonic() < deadline, f"{text!r} not in the log:\n{log}"
-        time.sleep(0.02)  # polling interval; the condition ends the wait
-    return log
 
 
 # --- the log -----------------------------------------------------------------------
@@ -38,30 +26,30 @@ def test_each_event_is_logged_with_its_name_user_address_and_real_reason(make_se
     sock = srv.connect()
     sock.send(f"REGISTER {name} pw")
     assert sock.expect("WELCOME ")
-    wait_for_log(srv, f"register user={name} addr=127.0.0.1 session=")
+    srv.wait_for_log(f"register user={name} addr=127.0.0.1 session=")
     # Never attached: the session ends for that reason, not as "dropped".
     assert sock.expect_closed() == ["BYE attach-timeout chat and check sockets not attached in time"]
-    wait_for_log(srv, f"session-end user={name} addr=127.0.0.1 session=1 reason=attach-timeout")
+    srv.wait_for_log(f"session-end user={name} addr=127.0.0.1 session=1 reason=attach-timeout")
 
     first = RawUser(srv, name, password="pw", register=False)
-    wait_for_log(srv, f"login user={name} addr=127.0.0.1 session=2")
+    srv.wait_for_log(f"login user={name} addr=127.0.0.1 session=2")
     RawUser(srv, name, password="pw", register=False)   # logs in again elsewhere
     assert first.login.expect_closed()[-1] == "BYE replaced logged in from another client"
-    wait_for_log(srv, f"session-end user={name} addr=127.0.0.1 session=2 reason=replaced")
+    srv.wait_for_log(f"session-end user={name} addr=127.0.0.1 session=2 reason=replaced")
 
     for i in range(4):
         guess = srv.connect()
         guess.send(f"LOGIN {name} wrong{i}")
         guess.line()
         guess.close()
-    wait_for_log(srv, f"login-failed user={name} addr=127.0.0.1 reason=auth-failed")
-    log = wait_for_log(srv, f"throttled user={name} addr=127.0.0.1 wait=1")
+    srv.wait_for_log(f"login-failed user={name} addr=127.0.0.1 reason=auth-failed")
+    log = srv.wait_for_log(f"throttled user={name} addr=127.0.0.1 wait=1")
     assert log.count(f"login-failed user={name} ") == 3
 
     third = RawUser(srv, password="pw")
     third.chat.send("EXIT")
     third.login.expect_closed()
-    log = wait_for_log(srv, f"session-end user={third.name} addr=127.0.0.1 session=4 reason=exit")
+    log = srv.wait_for_log(f"session-end user={third.name} addr=127.0.0.1 session=4 reason=exit")
     assert "logged in" not in log  # the old wording, which called a registration a login
 
 
@@ -70,7 +58,7 @@ def test_refusals_are_logged_with_the_address_and_reason(make_server):
     kept = [srv.connect(), srv.connect()]
     extra = LineSocket(srv.host, srv.port, hello=False)
     assert extra.expect_closed() == ["BYE too-many-connections at most 2 connections from one address"]
-    wait_for_log(srv, "refused addr=127.0.0.1 reason=too-many-connections")
+    srv.wait_for_log("refused addr=127.0.0.1 reason=too-many-connections")
     for sock in kept:
         sock.close()
 
@@ -86,7 +74,7 @@ def test_storage_errors_are_logged_and_answered(tmp_path):
         sock.send("REGISTER newbie pw")
         reply = sock.line()
         assert reply.startswith("ERR REGISTER storage account storage unavailable (write)"), reply
-        wait_for_log(srv, "storage-error user=newbie addr=127.0.0.1 error=")
+        srv.wait_for_log("storage-error user=newbie addr=127.0.0.1 error=")
         sock.send("LOGIN olga pw")  # a storage error is not a failed guess
         assert sock.line().startswith("WELCOME olga ")
     finally:
@@ -104,7 +92,7 @@ def test_sighup_reloads_the_motd_and_leaves_sessions_alone(make_server, tmp_path
 
     motd.write_text("welcome to the test server\n\nbe nice\n")
     srv.proc.send_signal(signal.SIGHUP)
-    wait_for_log(srv, "reloaded")
+    srv.wait_for_log("reloaded")
     canary.check()                        # the chat goes on, nothing lost
     user = RawUser(srv)                   # MOTD lines follow READY
     assert [user.login.line() for _ in range(3)] == ["MOTD welcome to the test server", "MOTD", "MOTD be nice"]
@@ -121,7 +109,7 @@ def test_a_bad_config_file_on_sighup_keeps_the_old_settings(make_server, tmp_pat
 
     config.write_text("max_per_adress = 2\n")   # a typo
     srv.proc.send_signal(signal.SIGHUP)
-    log = wait_for_log(srv, "reload failed, keeping the old settings")
+    log = srv.wait_for_log("reload failed, keeping the old settings")
     assert "max_per_adress" in log and "selchat.toml" in log
     canary.check()
     socks = [srv.connect() for _ in range(3)]   # the old limit (60) still holds
@@ -130,8 +118,8 @@ def test_a_bad_config_file_on_sighup_keeps_the_old_settings(make_server, tmp_pat
 
     config.write_text("max_per_address = 9\nworkers = 3\n")
     srv.proc.send_signal(signal.SIGHUP)
-    log = wait_for_log(srv, "reloaded: ")
-    wait_for_log(srv, "needs a restart to change: workers")
+    log = srv.wait_for_log("reloaded: ")
+    srv.wait_for_log("needs a restart to change: workers")
     assert "max_per_address" in log.split("reloaded: ")[-1]
     canary.check()
     # The new limit applies to new sockets: the first refusal quotes it.
@@ -169,7 +157,7 @@ def test_sighup_loads_a_renewed_certificate_for_new_handshakes(make_server, tmp_
     renewed = _write_cert(ca, chain, key)
     assert renewed != first
     srv.proc.send_signal(signal.SIGHUP)
-    wait_for_log(srv, "reloaded")
+    srv.wait_for_log("reloaded")
     fresh = srv.connect()
     assert fresh.sock.getpeercert(binary_form=True) == renewed
     canary.check()  # sessions on the old certificate carry on
@@ -202,6 +190,6 @@ def test_sighup_storm_leaves_the_server_up(make_server):
     canary = Canary(srv)
     for _ in range(3):
         srv.proc.send_signal(signal.SIGHUP)
-    wait_for_log(srv, "reloaded")
+    srv.wait_for_log("reloaded")
     canary.check()
     assert RawUser(srv).name

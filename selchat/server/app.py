@@ -106,7 +106,7 @@ class Server:
         # (many users may share an address; 0 = never). A fresh address is
         # never slowed.
         self.pair_failures = FailureTracker(free=FREE_FAILURES_PER_ACCOUNT)
-        self.addr_failures = FailureTracker(free=config.throttle_after)
+        self.addr_failures = FailureTracker(free=config.throttle_after or None)
         self.hash_queue = FairQueue()               # password checks waiting, per address
         self.hashing = 0                            # password checks on a worker
         # Keep the socket cap below the descriptor limit, with room for the
@@ -277,7 +277,7 @@ class Server:
         self.motd = motd
         self.hub.request_timeout = config.request_timeout
         self.max_connections = config.max_connections or self._fd_room
-        self.addr_failures.free = config.throttle_after
+        self.addr_failures.free = config.throttle_after or None
         message = "reloaded: " + (", ".join(changed) + " changed" if changed else "no setting changed")
         if stuck:
             message += "; needs a restart to change: " + ", ".join(stuck)
@@ -305,12 +305,12 @@ class Server:
     # -- connections ----------------------------------------------------------------
 
     def accept(self, sock, address) -> None:
-        refusal = self._refusal(address)
+        host = address[0] if isinstance(address, tuple) else str(address)
+        refusal = self._refusal(host)
         if refusal is not None:
             reason = refusal.partition(" ")[0]
             self.metrics.refusals[reason] += 1
-            audit.emit("refused", logging.WARNING, addr=address[0] if isinstance(address, tuple) else address,
-                       reason=reason)
+            audit.emit("refused", logging.WARNING, addr=host, reason=reason)
             # Refused before any state is made: one best-effort line, then close.
             try:
                 sock.send(f"BYE {refusal}\n".encode())
@@ -318,7 +318,6 @@ class Server:
                 pass
             sock.close()
             return
-        host = address[0] if isinstance(address, tuple) else str(address)
         self.per_host[host] = self.per_host.get(host, 0) + 1
         cfg = self.config
         peer = Peer(self, address, bucket(cfg.cmd_rate, cfg.cmd_burst, self.reactor.clock()))
@@ -331,14 +330,13 @@ class Server:
         peer.deadline = self.reactor.call_later(cfg.login_timeout, self._login_timeout, peer)
         peer.send(HELLO)
 
-    def _refusal(self, address) -> str | None:
-        """Why a new connection from ``address`` is refused, or None."""
+    def _refusal(self, host: str) -> str | None:
+        """Why a new connection from ``host`` is refused, or None."""
         cfg = self.config
         if self._stopping:
             return "shutdown the server is shutting down"
         if self.max_connections and len(self.peers) >= self.max_connections:
             return "server-full the server has no room for more connections"
-        host = address[0] if isinstance(address, tuple) else str(address)
         if cfg.max_per_address and self.per_host.get(host, 0) >= cfg.max_per_address:
             return f"too-many-connections at most {cfg.max_per_address} connections from one address"
         if cfg.conn_rate > 0:
@@ -419,9 +417,7 @@ class Server:
         host = peer.host
         pair = (event.user.lower(), host)
         now = self.reactor.clock()
-        wait = self.pair_failures.delay(pair, now)
-        if self.config.throttle_after:  # 0: never throttle an address as a whole
-            wait = max(wait, self.addr_failures.delay(host, now))
+        wait = max(self.pair_failures.delay(pair, now), self.addr_failures.delay(host, now))
         if wait > 0:
             seconds = math.ceil(wait)
             self.metrics.logins["throttled"] += 1

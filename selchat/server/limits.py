@@ -54,16 +54,19 @@ class FailureTracker:
     ``free`` failures cost nothing; once a key has ``n >= free`` of them,
     the next attempt must wait ``base * 2**(n - free)`` seconds after the
     last, at most ``cap``. A key forgets its failures ``forget`` seconds
-    after the last one, or on a success.
+    after the last one, or on a success. ``free=None``: never throttle (and
+    remember nothing).
     """
 
-    def __init__(self, free: int = 3, base: float = 1.0, cap: float = 60.0,
+    def __init__(self, free: int | None = 3, base: float = 1.0, cap: float = 60.0,
                  forget: float = 900.0, max_keys: int = 100_000):
         self.free, self.base, self.cap, self.forget, self.max_keys = free, base, cap, forget, max_keys
         self._failures: dict[str, tuple[int, float]] = {}
 
     def delay(self, key: str, now: float) -> float:
         """How long an attempt for ``key`` must wait now."""
+        if self.free is None:
+            return 0.0
         count, last = self._failures.get(key, (0, 0.0))
         if not count or now - last > self.forget:
             return 0.0
@@ -73,6 +76,8 @@ class FailureTracker:
         return max(0.0, last + wait - now)
 
     def failed(self, key: str, now: float) -> None:
+        if self.free is None:
+            return
         count, last = self._failures.get(key, (0, 0.0))
         if now - last > self.forget:
             count = 0
