@@ -70,6 +70,10 @@ def _check_metrics(ctx, param, value):
           help="Let clients create accounts with REGISTER.")
 @_setting("stuck_timeout", type=float, metavar="SECONDS",
           help="Drop a client that has not read its output for this long.")
+@_setting("resume_window", type=float, metavar="SECONDS",
+          help="Keep a version 2 session that lost its connection this long for RESUME.")
+@_setting("resume_buffer", type=int, metavar="N",
+          help="Unacknowledged events kept per version 2 session; past it, senders are slowed.")
 @_setting("max_connections", type=int, metavar="N", help="Open sockets in all (0: what the descriptor limit allows).")
 @_setting("max_per_address", type=int, metavar="N",
           help="Open sockets from one address (each user needs 3; 0: no limit).")

@@ -9,6 +9,7 @@ import queue
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -106,7 +107,7 @@ class LineSocket:
         self.eof = False
         if hello:
             greeting = self.line()
-            assert greeting.startswith("HELLO 1 selchat/"), greeting
+            assert greeting.startswith("HELLO 2 selchat/"), greeting
 
     @classmethod
     def wrap(cls, sock: socket.socket) -> "LineSocket":
@@ -200,6 +201,76 @@ def start_chat(a: RawUser, b: RawUser) -> None:
     b.chat.expect(f"OK ACCEPT {a.name}")
     a.login.expect(f"STARTED {b.name}")
     b.login.expect(f"STARTED {a.name}")
+
+
+class V2User:
+    """One user's three sockets speaking protocol version 2, frame by frame.
+
+    ``event()`` reads the next login-socket frame and counts its id
+    (``last_id``), as a v2 client must; ``ack()`` acknowledges them all on the
+    check socket. ``cut()`` resets all three sockets (a dropped connection);
+    ``resume()`` opens new ones with RESUME. ``connect`` opens a LineSocket
+    (the server's, or a fault proxy's).
+    """
+
+    def __init__(self, connect, name: str | None = None, password: str = "pw secret", register: bool = True):
+        self.connect = connect
+        self.name = name or unique()
+        self.last_id = 0
+        self.login = connect()
+        self.login.send("VERSION 2", f"{'REGISTER' if register else 'LOGIN'} {self.name} {password}")
+        self.login.expect("OK VERSION 2")
+        _, self.name, chat_token, check_token, self.token = self.login.expect("WELCOME ").split()
+        self._attach(chat_token, check_token)
+        assert self.event() == f"READY {self.name}"
+
+    def _attach(self, chat_token: str, check_token: str) -> None:
+        self.chat = self.connect()
+        self.chat.send(f"ATTACH CHAT {chat_token}")
+        self.chat.expect("OK ATTACH CHAT")
+        self.check = self.connect()
+        self.check.send(f"ATTACH CHECK {check_token}")
+        self.check.expect("OK ATTACH CHECK")
+
+    def event(self, timeout: float = DEADLINE) -> str | None:
+        line = self.login.line(timeout)
+        if line is not None and not line.startswith("BYE "):
+            self.last_id += 1
+        return line
+
+    def expect(self, prefix: str, timeout: float = DEADLINE) -> str:
+        line = self.event(timeout)
+        assert line is not None and line.startswith(prefix), f"expected {prefix!r}, got {line!r}"
+        return line
+
+    def ack(self) -> None:
+        self.check.send(f"ACK {self.last_id}")
+
+    def cut(self) -> None:
+        """Reset all three sockets, as a lost network does."""
+        for s in (self.login, self.chat, self.check):
+            s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+
+    def resume(self, last_id: int | None = None) -> int:
+        """RESUME on new sockets; returns the server's accepted seq."""
+        self.login = self.connect()
+        self.login.send(f"RESUME {self.token} {self.last_id if last_id is None else last_id}")
+        _, user, accepted, last, chat_token, check_token = self.login.expect("RESUMED ").split()
+        assert user == self.name
+        self.last_id = int(last)
+        self._attach(chat_token, check_token)
+        return int(accepted)
+
+
+def start_v2_chat(a: V2User, b: V2User) -> None:
+    a.chat.send(f"CHAT {b.name}")
+    a.chat.expect(f"OK CHAT {b.name}")
+    b.expect(f"REQUEST {a.name}")
+    b.chat.send("ACCEPT")
+    b.chat.expect(f"OK ACCEPT {a.name}")
+    a.expect(f"STARTED {b.name}")
+    b.expect(f"STARTED {a.name}")
 
 
 class Canary:

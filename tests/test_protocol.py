@@ -93,9 +93,15 @@ client_events = st.one_of(
     st.builds(ev.Login, NAME, TEXT),
     st.builds(ev.Register, NAME, TEXT),
     st.builds(ev.Attach, ROLE, TOKEN),
+    st.builds(ev.Version, st.integers(min_value=0, max_value=10**9)),
+    st.builds(ev.Resume, TOKEN, st.integers(min_value=0, max_value=2**64 - 1)),
+    st.builds(ev.Ack, st.integers(min_value=0, max_value=2**64 - 1)),
     chat_commands,
     heartbeats,
 )
+
+#: Ids and seqs: 64-bit on the wire.
+SEQ = st.integers(min_value=0, max_value=2**64 - 1)
 
 login_socket_events = st.one_of(
     st.builds(ev.Ready, NAME),
@@ -110,6 +116,10 @@ login_socket_events = st.one_of(
     st.builds(ev.Shutdown, OPT_TEXT),
     st.builds(ev.Notice, OPT_TEXT),
     st.builds(ev.Motd, OPT_TEXT),
+    st.builds(ev.Delivered, SEQ, SEQ),
+    st.builds(ev.Undelivered, SEQ, SEQ, WORD, TEXT),
+    st.builds(ev.Away, NAME),
+    st.builds(ev.Back, NAME),
 )
 
 # ``Ok("ATTACH", "CHAT")`` is the same frame as ``Attached(CHAT)``: the codec
@@ -122,12 +132,16 @@ chat_socket_replies = st.one_of(
     ok_events,
     st.builds(ev.Error, WORD, WORD, TEXT),
     st.builds(ev.UserEntry, NAME, st.sampled_from(["idle", "busy"]) | TEXT),
-    st.builds(ev.Nack, st.integers(min_value=0, max_value=2**63), WORD, TEXT),
+    st.builds(ev.Nack, SEQ, WORD, TEXT),
+    st.builds(ev.Received, SEQ),
 )
 
 server_events = st.one_of(
     st.builds(ev.Hello, st.integers(min_value=0, max_value=10**9), TEXT),
     st.builds(ev.Welcome, NAME, TOKEN, TOKEN),
+    st.builds(ev.Welcome, NAME, TOKEN, TOKEN, TOKEN),
+    st.builds(ev.Resumed, NAME, SEQ, SEQ, TOKEN, TOKEN),
+    st.builds(ev.Unresumed, SEQ, WORD, TEXT),
     st.builds(ev.Attached, ROLE),
     st.builds(ev.Bye, WORD, TEXT),
     login_socket_events,

@@ -40,11 +40,22 @@ CLIENT_EVENTS = [
     ev.Ping(""),
     ev.Pong("1"),
     ev.Pong(""),
+    ev.Version(2),
+    ev.Resume("3.s3cret", 17),
+    ev.Ack(17),
 ]
 
 SERVER_EVENTS = [
     ev.Hello(1, "selchat/0.1.0"),
     ev.Welcome("alice", "ct", "kt"),
+    ev.Welcome("alice", "ct", "kt", "rt"),
+    ev.Resumed("alice", 4, 17, "ct", "kt"),
+    ev.Unresumed(4, "expired", "the resume window ended"),
+    ev.Received(4),
+    ev.Delivered(1, 4),
+    ev.Undelivered(5, 6, "away", "bob did not come back"),
+    ev.Away("bob"),
+    ev.Back("bob"),
     ev.Attached(CHAT),
     ev.Attached(CHECK),
     ev.Ready("alice"),
@@ -80,6 +91,9 @@ VERB = {
     ev.Declined: "DECLINED", ev.Expired: "EXPIRED", ev.Cancelled: "CANCELLED", ev.Ended: "ENDED",
     ev.Incoming: "MSG", ev.Nack: "NACK", ev.Shutdown: "SHUTDOWN", ev.Bye: "BYE",
     ev.Notice: "NOTICE", ev.Motd: "MOTD",
+    ev.Version: "VERSION", ev.Resume: "RESUME", ev.Ack: "ACK", ev.Resumed: "RESUMED",
+    ev.Unresumed: "UNRESUMED", ev.Received: "RECEIVED", ev.Delivered: "DELIVERED",
+    ev.Undelivered: "UNDELIVERED", ev.Away: "AWAY", ev.Back: "BACK",
 }
 
 WHERE = {
@@ -99,6 +113,7 @@ _LOGIN_SOCKET = {
     ev.Ready, ev.Request, ev.Started, ev.Declined, ev.Expired, ev.Cancelled,
     ev.Ended, ev.Incoming, ev.Error, ev.Shutdown,
     ev.Notice, ev.Motd,  # after WELCOME, before READY too; only on the login socket
+    ev.Delivered, ev.Undelivered, ev.Away, ev.Back,  # version 2
 }
 
 
@@ -106,10 +121,11 @@ def client_spec(state: State, event: ev.Event) -> State | None:
     """The state after the client sends ``event`` in ``state``; None: not allowed."""
     t = type(event)
     if state is S.FRESH:
-        return {ev.Login: S.AUTHENTICATING, ev.Register: S.AUTHENTICATING, ev.Attach: S.ATTACHING}.get(t)
+        return {ev.Version: S.FRESH, ev.Login: S.AUTHENTICATING, ev.Register: S.AUTHENTICATING,
+                ev.Resume: S.AUTHENTICATING, ev.Attach: S.ATTACHING}.get(t)
     if state is S.CHAT and t in _COMMANDS:
         return S.CHAT
-    if state is S.CHECK and t in (ev.Ping, ev.Pong):
+    if state is S.CHECK and t in (ev.Ping, ev.Pong, ev.Ack):
         return S.CHECK
     return None
 
@@ -124,9 +140,10 @@ def server_spec(state: State, event: ev.Event) -> State | None:
     if t is ev.Shutdown:
         return state
     if state is S.FRESH:
-        return {ev.Hello: S.FRESH, ev.Error: S.FRESH}.get(t)
+        return {ev.Hello: S.FRESH, ev.Error: S.FRESH, ev.Ok: S.FRESH}.get(t)  # OK VERSION
     if state is S.AUTHENTICATING:
-        return {ev.Hello: S.AUTHENTICATING, ev.Welcome: S.LOGIN, ev.Error: S.FRESH}.get(t)
+        return {ev.Hello: S.AUTHENTICATING, ev.Ok: S.AUTHENTICATING, ev.Welcome: S.LOGIN,
+                ev.Resumed: S.LOGIN, ev.Unresumed: S.LOGIN, ev.Error: S.FRESH}.get(t)
     if state is S.ATTACHING:
         if t is ev.Attached:
             return S.CHAT if event.role is CHAT else S.CHECK
@@ -134,7 +151,7 @@ def server_spec(state: State, event: ev.Event) -> State | None:
     if state is S.LOGIN:
         return S.LOGIN if t in _LOGIN_SOCKET else None
     if state is S.CHAT:
-        return S.CHAT if t in (ev.Ok, ev.Error, ev.UserEntry, ev.Nack) else None
+        return S.CHAT if t in (ev.Ok, ev.Error, ev.UserEntry, ev.Nack, ev.Received) else None
     if state is S.CHECK:
         return S.CHECK if t in (ev.Ping, ev.Pong, ev.Error) else None
     raise AssertionError(state)

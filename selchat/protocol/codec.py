@@ -105,6 +105,17 @@ def decode_client(line: bytes) -> ev.Event:
     if verb in ("LOGIN", "REGISTER"):
         user, password = _args(verb, rest, 2, f"{verb} <user> <password>")
         return (ev.Login if verb == "LOGIN" else ev.Register)(user, password)
+    if verb == "ACK":
+        (ident,) = _args(verb, rest, 1, "ACK <id>")
+        return ev.Ack(_number(verb, ident, "ACK <id>"))
+    if verb == "VERSION":
+        (version,) = _args(verb, rest, 1, "VERSION <n>")
+        return ev.Version(_number(verb, version, "VERSION <n>"))
+    if verb == "RESUME":
+        token, last_id = _args(verb, rest, 2, "RESUME <token> <last-id>")
+        if " " in last_id:
+            raise FrameError("bad-syntax", "usage: RESUME <token> <last-id>", verb)
+        return ev.Resume(token, _number(verb, last_id, "RESUME <token> <last-id>"))
     if verb == "ATTACH":
         # A missing token is a wrong token (same reply, socket closed), not a syntax error.
         role, _, token = rest.partition(" ")
@@ -113,6 +124,17 @@ def decode_client(line: bytes) -> ev.Event:
             raise FrameError("bad-syntax", "usage: ATTACH CHAT|CHECK <token>", verb)
         return ev.Attach(ev.Role(role), token)
     raise FrameError("unknown-command", f"unknown command {verb}; send HELP for the list", verb)
+
+
+#: Numbers on the wire (ids, seqs, versions): decimal ASCII, at most 20 digits
+#: (so any of them fits in 64 bits whatever the other side is written in).
+_MAX_DIGITS = 20
+
+
+def _number(verb: str, text: str, usage: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= _MAX_DIGITS):
+        raise FrameError("bad-syntax", f"usage: {usage}", verb)
+    return int(text)
 
 
 # --- server -> client --------------------------------------------------------
@@ -124,6 +146,8 @@ _SERVER_ONE_USER = {
     "EXPIRED": ev.Expired,
     "CANCELLED": ev.Cancelled,
     "READY": ev.Ready,
+    "AWAY": ev.Away,
+    "BACK": ev.Back,
 }
 
 
@@ -149,9 +173,28 @@ def decode_server(line: bytes) -> ev.Event:
         return ev.Error(what, code, text)
     if verb == "NACK":
         seq, code, text = _args(verb, rest, 3, "NACK <seq> <code> <text>")
-        if not (seq.isascii() and seq.isdigit()):
-            raise FrameError("bad-syntax", "usage: NACK <seq> <code> <text>", verb)
-        return ev.Nack(int(seq), code, text)
+        return ev.Nack(_number(verb, seq, "NACK <seq> <code> <text>"), code, text)
+    if verb == "RECEIVED":
+        (seq,) = _args(verb, rest, 1, "RECEIVED <seq>")
+        return ev.Received(_number(verb, seq, "RECEIVED <seq>"))
+    if verb == "DELIVERED":
+        usage = "DELIVERED <first> <last>"
+        first, last = _args(verb, rest, 2, usage)
+        return ev.Delivered(_number(verb, first, usage), _number(verb, last, usage))
+    if verb == "UNDELIVERED":
+        usage = "UNDELIVERED <first> <last> <code> <text>"
+        first, last, code, text = _args(verb, rest, 4, usage)
+        return ev.Undelivered(_number(verb, first, usage), _number(verb, last, usage), code, text)
+    if verb == "RESUMED":
+        usage = "RESUMED <user> <accepted> <last-id> <chat-token> <check-token>"
+        user, accepted, last_id, chat, check = _args(verb, rest, 5, usage)
+        if " " in check:
+            raise FrameError("bad-syntax", f"usage: {usage}", verb)
+        return ev.Resumed(user, _number(verb, accepted, usage), _number(verb, last_id, usage), chat, check)
+    if verb == "UNRESUMED":
+        usage = "UNRESUMED <accepted> <reason> <text>"
+        accepted, reason, text = _args(verb, rest, 3, usage)
+        return ev.Unresumed(_number(verb, accepted, usage), reason, text)
     if verb == "USER":
         user, status = _args(verb, rest, 2, "USER <user> <status>")
         return ev.UserEntry(user, status)
@@ -159,8 +202,11 @@ def decode_server(line: bytes) -> ev.Event:
         user, reason, text = _args(verb, rest, 3, "ENDED <user> <reason> <text>")
         return ev.Ended(user, reason, text)
     if verb == "WELCOME":
-        user, chat, check = _args(verb, rest, 3, "WELCOME <user> <chat-token> <check-token>")
-        return ev.Welcome(user, chat, check)
+        # Version 2 adds the resume token.
+        parts = rest.split(" ")
+        if len(parts) not in (3, 4) or not all(parts):
+            raise FrameError("bad-syntax", "usage: WELCOME <user> <chat-token> <check-token> [<resume-token>]", verb)
+        return ev.Welcome(*parts)
     if verb == "HELLO":
         version, software = _args(verb, rest, 2, "HELLO <version> <software>")
         if not (version.isascii() and version.isdigit()):
@@ -202,12 +248,22 @@ _ENCODERS = {
     ev.Who: lambda e: b"WHO\n",
     ev.Help: lambda e: b"HELP\n",
     ev.Message: lambda e: f"MSG {e.text}\n".encode("utf-8"),
+    ev.Version: lambda e: _frame("VERSION", e.version),
+    ev.Resume: lambda e: _frame("RESUME", e.token, e.last_id),
+    ev.Ack: lambda e: b"ACK %d\n" % e.id,
     # either side
     ev.Ping: lambda e: _frame("PING", e.data),
     ev.Pong: lambda e: _frame("PONG", e.data),
     # server frames
     ev.Hello: lambda e: _frame("HELLO", e.version, e.software),
-    ev.Welcome: lambda e: _frame("WELCOME", e.user, e.chat_token, e.check_token),
+    ev.Welcome: lambda e: _frame("WELCOME", e.user, e.chat_token, e.check_token, e.resume_token),
+    ev.Resumed: lambda e: _frame("RESUMED", e.user, e.accepted, e.last_id, e.chat_token, e.check_token),
+    ev.Unresumed: lambda e: _frame("UNRESUMED", e.accepted, e.reason, e.text),
+    ev.Received: lambda e: b"RECEIVED %d\n" % e.seq,
+    ev.Delivered: lambda e: b"DELIVERED %d %d\n" % (e.first, e.last),
+    ev.Undelivered: lambda e: _frame("UNDELIVERED", e.first, e.last, e.code, e.text),
+    ev.Away: lambda e: _frame("AWAY", e.user),
+    ev.Back: lambda e: _frame("BACK", e.user),
     ev.Attached: lambda e: _frame("OK", "ATTACH", e.role.value),
     ev.Ready: lambda e: _frame("READY", e.user),
     ev.Ok: lambda e: _frame("OK", e.verb, e.info),

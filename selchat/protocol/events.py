@@ -13,7 +13,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+#: The highest protocol version this code speaks (announced in HELLO).
+#: Version 1 is what a client gets unless it sends ``VERSION 2`` first.
+PROTOCOL_VERSION = 2
 
 
 class Role(enum.Enum):
@@ -43,6 +45,30 @@ class Login(Event):
 class Register(Event):
     user: str
     password: str
+
+
+@dataclass(frozen=True, slots=True)
+class Version(Event):
+    """``VERSION <n>``: speak protocol ``n`` on this session (login socket, before logging in)."""
+
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resume(Event):
+    """``RESUME <token> <last-id>``: take a detached session back (v2), without a
+    password: ``last_id`` is the id of the last login-socket event received."""
+
+    token: str
+    last_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Event):
+    """``ACK <id>`` on the check socket (v2): every login-socket event up to
+    ``id`` has been received (cumulative)."""
+
+    id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +153,33 @@ class Welcome(Event):
     user: str
     chat_token: str
     check_token: str
+    resume_token: str = ""  # v2 only: RESUME takes the session back with it
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed(Event):
+    """``RESUMED <user> <accepted> <last-id> <chat-token> <check-token>``: the
+    session is back (v2). The server has every chat message up to seq
+    ``accepted``; the events after ``last_id`` follow, numbered from
+    ``last_id + 1``. The tokens attach new chat and check sockets."""
+
+    user: str
+    accepted: int
+    last_id: int
+    chat_token: str
+    check_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unresumed(Event):
+    """``UNRESUMED <accepted> <reason> <text>``: the session cannot be resumed
+    (its resume window ended), but the server still knows how far it got: it
+    had every chat message up to seq ``accepted``. The fates of messages not
+    yet reported (DELIVERED, UNDELIVERED) follow, then BYE."""
+
+    accepted: int
+    reason: str
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +278,49 @@ class Nack(Event):
     seq: int
     code: str
     text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Received(Event):
+    """``RECEIVED <seq>`` on the chat socket (v2): the server has every chat
+    message up to ``seq``; each one will get a fate on the login socket."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered(Event):
+    """``DELIVERED <first> <last>`` (v2): your messages ``first``..``last`` that
+    had no fate yet reached your partner's client (it acknowledged them)."""
+
+    first: int
+    last: int
+
+
+@dataclass(frozen=True, slots=True)
+class Undelivered(Event):
+    """``UNDELIVERED <first> <last> <code> <text>`` (v2): your messages
+    ``first``..``last`` that had no fate yet were not delivered, and never will be."""
+
+    first: int
+    last: int
+    code: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Away(Event):
+    """``AWAY <user>`` (v2): your partner lost its connection; the chat stays
+    up while it reconnects; your messages are held for it."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Back(Event):
+    """``BACK <user>`` (v2): your partner is back; held messages follow it."""
+
+    user: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,18 +33,22 @@ _COMMANDS = (ev.ChatRequest, ev.Accept, ev.Decline, ev.Quit, ev.Exit, ev.Who, ev
 
 #: Frames a client may send: state -> {event type: next state}.
 CLIENT_FRAMES: dict[State, dict[type, State]] = {
-    S.FRESH: {ev.Login: S.AUTHENTICATING, ev.Register: S.AUTHENTICATING, ev.Attach: S.ATTACHING},
+    S.FRESH: {
+        ev.Version: S.FRESH, ev.Login: S.AUTHENTICATING, ev.Register: S.AUTHENTICATING,
+        ev.Resume: S.AUTHENTICATING, ev.Attach: S.ATTACHING,
+    },
     S.AUTHENTICATING: {},
     S.ATTACHING: {},
     S.LOGIN: {},
     S.CHAT: {t: S.CHAT for t in _COMMANDS},
-    S.CHECK: {ev.Ping: S.CHECK, ev.Pong: S.CHECK},
+    S.CHECK: {ev.Ping: S.CHECK, ev.Pong: S.CHECK, ev.Ack: S.CHECK},
     S.CLOSED: {},
 }
 
 _USER_EVENTS = (
     ev.Ready, ev.Request, ev.Started, ev.Declined, ev.Expired, ev.Cancelled,
     ev.Ended, ev.Incoming, ev.Error, ev.Shutdown, ev.Notice, ev.Motd,
+    ev.Delivered, ev.Undelivered, ev.Away, ev.Back,  # version 2
 )
 _ANY_TIME = {ev.Bye: S.CLOSED, ev.Shutdown: None}  # None: stay in the current state
 
@@ -57,16 +61,20 @@ def _with_any_time(state: State, table: dict[type, State | None]) -> dict[type, 
 #: Frames the server may send: state -> {event type: next state}.
 #: ``Attached`` is special: it leads to CHAT or CHECK by its role (see ``next_state``).
 SERVER_FRAMES: dict[State, dict[type, State]] = {
-    S.FRESH: _with_any_time(S.FRESH, {ev.Hello: S.FRESH, ev.Error: S.FRESH}),
+    # OK VERSION answers VERSION: the server sends it in FRESH; a client that
+    # sent LOGIN right behind its VERSION reads it in AUTHENTICATING.
+    S.FRESH: _with_any_time(S.FRESH, {ev.Hello: S.FRESH, ev.Error: S.FRESH, ev.Ok: S.FRESH}),
     S.AUTHENTICATING: _with_any_time(
-        S.AUTHENTICATING, {ev.Hello: S.AUTHENTICATING, ev.Welcome: S.LOGIN, ev.Error: S.FRESH}
+        S.AUTHENTICATING,
+        {ev.Hello: S.AUTHENTICATING, ev.Ok: S.AUTHENTICATING, ev.Welcome: S.LOGIN, ev.Resumed: S.LOGIN,
+         ev.Unresumed: S.LOGIN, ev.Error: S.FRESH},
     ),
     S.ATTACHING: _with_any_time(
         S.ATTACHING, {ev.Hello: S.ATTACHING, ev.Attached: S.CHAT, ev.Error: S.CLOSED}
     ),
     S.LOGIN: _with_any_time(S.LOGIN, {t: S.LOGIN for t in _USER_EVENTS}),
     S.CHAT: _with_any_time(
-        S.CHAT, {ev.Ok: S.CHAT, ev.Error: S.CHAT, ev.UserEntry: S.CHAT, ev.Nack: S.CHAT}
+        S.CHAT, {ev.Ok: S.CHAT, ev.Error: S.CHAT, ev.UserEntry: S.CHAT, ev.Nack: S.CHAT, ev.Received: S.CHAT}
     ),
     S.CHECK: _with_any_time(S.CHECK, {ev.Ping: S.CHECK, ev.Pong: S.CHECK, ev.Error: S.CHECK}),
     S.CLOSED: {},

@@ -1,28 +1,26 @@
-"""The server: accepts sockets, logs users in, attaches their sockets, keeps
-heartbeats, and hands commands to the hub.
+"""The server: accepts sockets, logs users in, and hands their frames to the
+session registry (``registry.py``: attach, heartbeats, detach and resume,
+the end of a session) and to the hub (``hub.py``: presence, requests, chats).
 
 Flow of one chat message:  Transport.on_readable -> Peer.data_received ->
-Connection.next_event() -> Server.handle -> Hub.message -> partner
-Session.notify -> partner's login Peer.send -> Transport.write (buffered;
-sent once at the end of the reactor turn).
+Connection.next_messages() (a block of plain MSG frames) -> Server.relay ->
+partner Session.deliver_block (numbered and kept in the outbox, version 2)
+-> partner's login Transport.write (buffered; sent once at the end of the
+reactor turn). A frame the fast path does not take goes Connection.next_event()
+-> Server.handle -> Hub.message -> partner Session.deliver, the same place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hmac
-import itertools
 import logging
 import math
 import resource
-import secrets
 import signal
 import time
 
 from selchat import __version__
-from selchat.protocol import codec
 from selchat.protocol import events as ev
-from selchat.protocol.events import Role
 from selchat.reactor.listener import Listener, bind
 from selchat.reactor.loop import Reactor
 from selchat.reactor.tls import TLSTransport, server_context
@@ -35,6 +33,7 @@ from selchat.server.hub import COMMANDS_HELP, Hub
 from selchat.server.limits import FailureTracker, FairQueue, bucket
 from selchat.server.metrics import Metrics, MetricsEndpoint
 from selchat.server.peer import WAITING, Peer
+from selchat.server.registry import Registry
 from selchat.server.session import Phase, Session
 from selchat.store.accounts import MAX_PASSWORD_BYTES, StorageUnavailable, StoreError
 
@@ -92,8 +91,8 @@ class Server:
         self._reloading = False
         self._reload_next: list | None = None   # asked again while reloading: their done callbacks
         self.hub = Hub(self.reactor.call_later, config.request_timeout)
-        self.sessions: dict[str, Session] = {}   # key -> the account's one session
-        self.by_sid: dict[int, Session] = {}     # sid -> session still attaching
+        self.registry = Registry(self)
+        self.sessions = self.registry.sessions   # key -> the account's one session
         self.peers: set[Peer] = set()
         self.listener: Listener | None = None
         self.metrics = Metrics()
@@ -114,13 +113,15 @@ class Server:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._fd_room = max(16, soft - 64)
         self.max_connections = config.max_connections or self._fd_room
-        self._sids = itertools.count(1)
         self._stopping = False
         self._handlers = {
             ev.Message: self.on_message,
             ev.Login: self.on_login,
             ev.Register: self.on_login,
-            ev.Attach: self.on_attach,
+            ev.Version: self.on_version,
+            ev.Resume: self.registry.on_resume,
+            ev.Attach: self.registry.on_attach,
+            ev.Ack: self.registry.on_ack,
             ev.ChatRequest: self.on_chat,
             ev.Accept: self.on_accept,
             ev.Decline: self.on_decline,
@@ -172,10 +173,11 @@ class Server:
         # ENDED <other> shutdown, BYE shutdown. (Ending the sessions one by
         # one would tell the first "BYE" and its partner "ENDED".)
         for session in sessions:
-            session.notify(ev.Shutdown(SHUTTING_DOWN))
+            session.deliver(ev.Shutdown(SHUTTING_DOWN))
         self.hub.end_all("shutdown", SHUTTING_DOWN)
         for session in sessions:
-            self.end_session(session, "shutdown", SHUTTING_DOWN, ev.Bye("shutdown", SHUTTING_DOWN))
+            self.registry.end_session(session, "shutdown", SHUTTING_DOWN, ev.Bye("shutdown", SHUTTING_DOWN),
+                                      fate=("gone", SHUTTING_DOWN))
         for peer in list(self.peers):
             peer.close(ev.Bye("shutdown", SHUTTING_DOWN))
         deadline = self.reactor.clock() + self.config.shutdown_grace
@@ -288,18 +290,13 @@ class Server:
 
     def kick(self, name: str, text: str) -> bool:
         """End ``name``'s session: BYE kicked <text>; False if not logged in."""
-        session = self.sessions.get(name.lower())
-        if session is None:
-            return False
-        self.end_session(session, "kicked", f"{session.name} was disconnected by an operator",
-                         ev.Bye("kicked", text), why="kicked")
-        return True
+        return self.registry.kick(name, text)
 
     def broadcast(self, text: str) -> int:
         """NOTICE <text> to every logged-in user; returns how many."""
         notice = ev.Notice(text)
         for session in self.sessions.values():
-            session.notify(notice)
+            session.deliver(notice)
         return len(self.sessions)
 
     # -- connections ----------------------------------------------------------------
@@ -374,8 +371,11 @@ class Server:
                 timer.cancel()
         peer.deadline = peer.stuck = None
         session = peer.session
-        if session is not None and session.phase is not Phase.CLOSED:
-            self.end_session(session, "dropped", f"{session.name} lost connection")
+        if session is not None and peer in session.peers():  # not one it let go of
+            self.registry.lost(session, "dropped", f"{session.name} lost connection")
+
+    def peer_stuck(self, peer: Peer) -> None:
+        self.registry.peer_stuck(peer)
 
     def handle(self, peer: Peer, event) -> None:
         self._handlers[type(event)](peer, event)
@@ -383,6 +383,8 @@ class Server:
     def on_bad_frame(self, peer: Peer, event: ev.BadFrame) -> None:
         if event.fatal:
             peer.close(event.reply)
+        elif type(event.reply) is ev.Nack:
+            self._refuse_message(peer, event.reply)
         else:
             peer.send(event.reply)
 
@@ -482,7 +484,7 @@ class Server:
             peer.close(ev.Bye("shutdown", SHUTTING_DOWN))
             return
         self.metrics.logins["ok"] += 1
-        session = self._start_session(peer, name)
+        session = self.registry.start_session(peer, name)
         audit.emit("register" if verb == "REGISTER" else "login", user=name, addr=peer.host, session=session.sid)
         peer.resume(WAITING)
 
@@ -511,138 +513,31 @@ class Server:
         else:
             peer.resume(WAITING)
 
-    def _start_session(self, peer: Peer, name: str) -> Session:
-        old = self.sessions.get(name.lower())
-        if old is not None:  # the partner sees a drop; the old client hears why
-            self.end_session(old, "dropped", f"{name} lost connection",
-                             ev.Bye("replaced", "logged in from another client"), why="replaced")
-        sid = next(self._sids)
-        secrets_by_role = {Role.CHAT: secrets.token_urlsafe(16), Role.CHECK: secrets.token_urlsafe(16)}
-        session = Session(sid, name, secrets_by_role)
-        cfg = self.config
-        session.requests = bucket(cfg.request_rate, cfg.request_burst, self.reactor.clock())
-        session.login = peer
-        peer.session = session
-        if peer.deadline is not None:
-            peer.deadline.cancel()
-            peer.deadline = None
-        self.sessions[session.key] = session
-        self.by_sid[sid] = session
-        session.attach_timer = self.reactor.call_later(self.config.attach_timeout, self._attach_timeout, session)
-        peer.send(ev.Welcome(name, f"{sid}.{secrets_by_role[Role.CHAT]}", f"{sid}.{secrets_by_role[Role.CHECK]}"))
-        return session
-
-    def _attach_timeout(self, session: Session) -> None:
-        if session.phase is Phase.ATTACHING:
-            self.end_session(session, "dropped", f"{session.name} lost connection",
-                             ev.Bye("attach-timeout", "chat and check sockets not attached in time"),
-                             why="attach-timeout")
-
-    def on_attach(self, peer: Peer, event: ev.Attach) -> None:
-        session = self._check_token(event)
-        if session is None:
-            peer.send(ev.Error("ATTACH", "bad-token", "invalid or expired token"))
-            peer.close()
-            return
-        session.tokens.pop(event.role)  # single use
-        if peer.deadline is not None:
-            peer.deadline.cancel()
-            peer.deadline = None
-        peer.session = session
-        if event.role is Role.CHAT:
-            session.chat = peer
-            cfg = self.config
-            peer.msg_bucket = bucket(cfg.msg_rate, cfg.msg_burst, self.reactor.clock())
-        else:
-            session.check = peer
-        peer.send(ev.Attached(event.role))
-        if session.chat is not None and session.check is not None:
-            self._go_online(session)
-
-    def _check_token(self, event: ev.Attach) -> Session | None:
-        """The session the token belongs to, or None. Never says why."""
-        sid, _, secret = event.token.partition(".")
-        session = self.by_sid.get(int(sid)) if sid.isdigit() and len(sid) < 20 else None
-        if session is None or session.phase is not Phase.ATTACHING:
-            return None
-        expected = session.tokens.get(event.role)
-        if expected is None or not hmac.compare_digest(expected.encode(), secret.encode()):
-            return None
-        return session
-
-    def _go_online(self, session: Session) -> None:
-        session.phase = Phase.ONLINE
-        del self.by_sid[session.sid]
-        session.tokens.clear()
-        session.attach_timer.cancel()
-        session.heartbeat = self.reactor.call_later(self.config.ping_interval, self._heartbeat, session)
-        self.hub.join(session)
-        session.notify(ev.Ready(session.name))
-        for line in self.motd:
-            session.notify(ev.Motd(line))
-
-    def end_session(self, session: Session, reason: str, text: str, bye: ev.Bye | None = None,
-                    why: str | None = None) -> None:
-        """End a session once: its chat or request, its timers, its three sockets.
-
-        ``reason`` and ``text`` are what the partner is told (ENDED); ``why``
-        is what the log says (session-end reason=...), ``reason`` if None.
-        """
-        if session.phase is Phase.CLOSED:
-            return
-        session.phase = Phase.CLOSED
-        self.hub.leave(session, reason, text)
-        if self.sessions.get(session.key) is session:
-            del self.sessions[session.key]
-        self.by_sid.pop(session.sid, None)
-        session.tokens.clear()
-        for timer in (session.attach_timer, session.heartbeat):
-            if timer is not None:
-                timer.cancel()
-        login = session.login
-        for peer in session.peers():
-            peer.close(bye if peer is login else None)
-        audit.emit("session-end", user=session.name, addr=login.host if login is not None else "-",
-                   session=session.sid, reason=why or reason)
-
-    def peer_stuck(self, peer: Peer) -> None:
-        """``peer`` has not read its output for stuck_timeout seconds: drop it.
-
-        Its buffer cannot drain, so it is aborted rather than flushed."""
-        peer.stuck = None
-        session = peer.session
-        if session is not None:
-            self.end_session(session, "dropped", f"{session.name} stopped reading", why="stuck")
-        peer.transport.abort()
-
-    # -- heartbeats -----------------------------------------------------------------
-
-    def _heartbeat(self, session: Session) -> None:
-        if session.phase is not Phase.ONLINE:
-            return
-        if session.awaiting_pong:
-            self.end_session(session, "dropped", f"{session.name} stopped answering heartbeats",
-                             ev.Bye("ping-timeout", "no answer to PING within %g seconds" % self.config.ping_timeout),
-                             why="ping-timeout")
-            return
-        session.awaiting_pong = True
-        session.ping_seq += 1
-        session.check.send(ev.Ping(str(session.ping_seq)))
-        session.heartbeat.reset(self.config.ping_timeout)
-
-    def _alive(self, session: Session) -> None:
-        """Any frame on the check socket: the client is alive."""
-        session.awaiting_pong = False
-        session.heartbeat.reset(self.config.ping_interval)
-
     def on_ping(self, peer: Peer, event: ev.Ping) -> None:
         peer.send(event.response())
         if peer.session.phase is Phase.ONLINE:
-            self._alive(peer.session)
+            self.registry.alive(peer.session)
 
     def on_pong(self, peer: Peer, event: ev.Pong) -> None:
         if peer.session.phase is Phase.ONLINE:
-            self._alive(peer.session)
+            self.registry.alive(peer.session)
+
+    # -- version 2 (docs/protocol.md) -------------------------------------------------
+
+    def on_version(self, peer: Peer, event: ev.Version) -> None:
+        if event.version in (1, 2):
+            peer.version = event.version
+            peer.send(ev.Ok("VERSION", str(event.version)))
+        else:
+            peer.send(ev.Error("VERSION", "unsupported", f"this server speaks versions 1 and {ev.PROTOCOL_VERSION}"))
+
+    def resume_refused(self, peer: Peer, code: str, text: str) -> None:
+        """A RESUME that found nothing to resume: the socket may LOGIN, but
+        guessing tokens counts as failed logins do."""
+        peer.failures += 1
+        peer.send(ev.Error("RESUME", code, text))
+        if peer.failures >= self.config.max_login_failures:
+            peer.close(ev.Bye("auth-failed", "too many failed attempts"))
 
     # -- commands (chat socket) -----------------------------------------------------
 
@@ -657,23 +552,29 @@ class Server:
         session = peer.session
         nack = self.hub.message(session, event.text, peer.conn.msg_seq)
         if nack is not None:
-            peer.send(nack)
+            self._refuse_message(peer, nack)
             return
         self.metrics.messages_relayed += 1
-        target = session.partner.login
-        if target.congested:
-            # The partner's output is backed up: read no more from this
-            # sender until it drains. What was read is still delivered.
-            target.feed_paused_by(peer)
+        # The partner cannot take more now: read no more from this sender
+        # until it can. What was read is still delivered.
+        session.partner.hold_back(peer)
 
     def relay(self, peer: Peer, session: Session, block: bytes, count: int) -> None:
         """The fast path of on_message: ``count`` plain messages in one block."""
-        target = session.partner.login
-        if target.conn.can_send(ev.Incoming):
-            target.transport.write(codec.relay_block(session.name_bytes, block))
-            self.metrics.messages_relayed += count
-            if target.congested:
-                target.feed_paused_by(peer)
+        partner = session.partner
+        partner.deliver_block(session, block, count, peer.conn.msg_seq - count + 1)
+        self.metrics.messages_relayed += count
+        partner.hold_back(peer)
+
+    @staticmethod
+    def _refuse_message(peer: Peer, nack: ev.Nack) -> None:
+        """A chat message that will not be delivered: version 1 hears NACK on
+        the chat socket, version 2 its fate on the login socket."""
+        session = peer.session
+        if session.outbox is None:
+            peer.send(nack)
+        else:
+            session.deliver(ev.Undelivered(nack.seq, nack.seq, nack.code, nack.text))
 
     def on_chat(self, peer: Peer, event: ev.ChatRequest) -> None:
         session = self._online(peer, "CHAT")
@@ -734,7 +635,7 @@ class Server:
     def on_exit(self, peer: Peer, event) -> None:
         session = peer.session
         peer.send(ev.Ok("EXIT"))
-        self.end_session(session, "left", f"{session.name} logged out", ev.Bye("exit", "goodbye"), why="exit")
+        self.registry.end_session(session, "left", f"{session.name} logged out", ev.Bye("exit", "goodbye"), why="exit")
 
 
 def raise_nofile_limit() -> int:

@@ -33,6 +33,13 @@ class ServerConfig:
     request_timeout: float = 60.0
     #: A socket whose output stays over the high-water mark this long is dropped.
     stuck_timeout: float = 30.0
+    #: A version 2 session that lost a socket is kept this long for RESUME.
+    resume_window: float = 120.0
+
+    # -- version 2 sessions --
+    #: Events a session keeps unacknowledged (to replay after a resume);
+    #: past it, partners sending to the session are slowed.
+    resume_buffer: int = 1000
 
     # -- input before login --
     #: Bytes and frames a socket may send before it has logged in or attached.

@@ -1,8 +1,8 @@
 """Presence, chat requests and chats: the server's policy, with no I/O.
 
 The hub works on session objects that have ``name``, ``key`` (lower-cased
-name), ``partner``, ``request``, ``busy`` and ``notify(event)``. It tells users
-things through ``notify`` and returns the reply to each command; it never
+name), ``partner``, ``request``, ``busy`` and ``deliver(event)``. It tells users
+things through ``deliver`` and returns the reply to each command; it never
 touches a socket, so the tests drive it with plain objects and a fake clock.
 """
 
@@ -37,11 +37,11 @@ class Hub:
         if session.request is not None:
             req = session.request
             self._clear_request(req)
-            req.other(session).notify(ev.Cancelled(session.name))
+            req.other(session).deliver(ev.Cancelled(session.name))
         if session.partner is not None:
             partner = session.partner
             session.partner = partner.partner = None
-            partner.notify(ev.Ended(session.name, reason, text))
+            partner.deliver(ev.Ended(session.name, reason, text))
 
     def end_all(self, reason: str, text: str) -> None:
         """End every chat and request at once, telling both sides the same
@@ -50,13 +50,13 @@ class Hub:
             partner = session.partner
             if partner is not None:
                 session.partner = partner.partner = None
-                session.notify(ev.Ended(partner.name, reason, text))
-                partner.notify(ev.Ended(session.name, reason, text))
+                session.deliver(ev.Ended(partner.name, reason, text))
+                partner.deliver(ev.Ended(session.name, reason, text))
             req = session.request
             if req is not None:
                 self._clear_request(req)
-                req.source.notify(ev.Expired(req.target.name))
-                req.target.notify(ev.Expired(req.source.name))
+                req.source.deliver(ev.Expired(req.target.name))
+                req.target.deliver(ev.Expired(req.source.name))
 
     def who(self) -> list:
         sessions = sorted(self.online.values(), key=lambda s: s.key)
@@ -84,7 +84,7 @@ class Hub:
         req = PendingRequest(session, target)
         req.timer = self.call_later(self.request_timeout, self._expire, req)
         session.request = target.request = req
-        target.notify(ev.Request(session.name))
+        target.deliver(ev.Request(session.name))
         return ev.Ok("CHAT", target.name)
 
     def accept(self, session):
@@ -94,8 +94,8 @@ class Hub:
         self._clear_request(req)
         source = req.source
         session.partner, source.partner = source, session
-        source.notify(ev.Started(session.name))
-        session.notify(ev.Started(source.name))
+        source.deliver(ev.Started(session.name))
+        session.deliver(ev.Started(source.name))
         return ev.Ok("ACCEPT", source.name)
 
     def decline(self, session):
@@ -103,20 +103,20 @@ class Hub:
         if req is None or req.target is not session:
             return ev.Error("DECLINE", "no-request", "no chat request to answer")
         self._clear_request(req)
-        req.source.notify(ev.Declined(session.name))
+        req.source.deliver(ev.Declined(session.name))
         return ev.Ok("DECLINE", req.source.name)
 
     def quit(self, session):
         partner = session.partner
         if partner is not None:
             session.partner = partner.partner = None
-            partner.notify(ev.Ended(session.name, "quit", f"{session.name} ended the chat"))
-            session.notify(ev.Ended(partner.name, "quit", "you ended the chat"))
+            partner.deliver(ev.Ended(session.name, "quit", f"{session.name} ended the chat"))
+            session.deliver(ev.Ended(partner.name, "quit", "you ended the chat"))
             return ev.Ok("QUIT", partner.name)
         req = session.request
         if req is not None and req.source is session:
             self._clear_request(req)
-            req.target.notify(ev.Cancelled(session.name))
+            req.target.deliver(ev.Cancelled(session.name))
             return ev.Ok("QUIT", req.target.name)
         return ev.Error("QUIT", "not-in-chat", "you are not in a chat")
 
@@ -124,8 +124,8 @@ class Hub:
         if req.source.request is not req:
             return  # answered or withdrawn meanwhile
         self._clear_request(req)
-        req.source.notify(ev.Expired(req.target.name))
-        req.target.notify(ev.Expired(req.source.name))
+        req.source.deliver(ev.Expired(req.target.name))
+        req.target.deliver(ev.Expired(req.source.name))
 
     @staticmethod
     def _clear_request(req: PendingRequest) -> None:
@@ -140,5 +140,5 @@ class Hub:
         partner = session.partner
         if partner is None:
             return ev.Nack(seq, "not-in-chat", "you are not in a chat")
-        partner.notify(ev.Incoming(session.name, text))
+        partner.deliver(ev.Incoming(session.name, text), session, seq)
         return None

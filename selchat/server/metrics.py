@@ -92,7 +92,7 @@ def render(server) -> str:
         ("selchat_sessions_online", "gauge", "Sessions logged in with all three sockets attached.",
          [("", len(online))]),
         ("selchat_sessions_attaching", "gauge",
-         "Sessions logged in whose chat and check sockets are not both attached yet.", [("", len(server.by_sid))]),
+         "Sessions logged in whose chat and check sockets are not both attached yet.", [("", len(server.registry.by_sid))]),
         ("selchat_chats_active", "gauge", "Pairs of users chatting.", [("", chatting // 2)]),
         ("selchat_chat_requests_pending", "gauge", "Chat requests sent and not answered yet.", [("", requests)]),
         ("selchat_sockets_open", "gauge", "Chat-protocol sockets open (a user has three).",

@@ -45,7 +45,7 @@ FILE_KEYS = tuple(name for name in _FIELDS if name != "config_file")
 #: file sets. ``scrypt_n`` is a hidden option for tests, without a variable.
 ENV_KEYS = (
     "host", "port", "db", "ping_interval", "ping_timeout", "request_timeout", "login_timeout",
-    "attach_timeout", "registration", "stuck_timeout", "max_connections", "max_per_address",
+    "attach_timeout", "registration", "stuck_timeout", "resume_window", "resume_buffer", "max_connections", "max_per_address",
     "conn_rate", "cmd_rate", "msg_rate", "throttle_after", "tls_cert", "tls_key", "workers",
     "motd_file", "metrics", "admin_socket", "log_file", "log_format",
 )
@@ -57,7 +57,7 @@ PATH_KEYS = frozenset({"db", "tls_cert", "tls_key", "motd_file", "log_file", "ad
 #: other number must be at least 0 (0 means "no limit" where a limit can be off).
 POSITIVE = frozenset({
     "login_timeout", "attach_timeout", "ping_interval", "ping_timeout", "request_timeout",
-    "stuck_timeout", "tls_handshake_timeout", "tick", "workers", "prelogin_bytes", "prelogin_frames",
+    "stuck_timeout", "resume_window", "resume_buffer", "tls_handshake_timeout", "tick", "workers", "prelogin_bytes", "prelogin_frames",
     "max_login_failures", "cmd_burst", "msg_burst", "request_burst", "conn_burst", "max_hash_queue",
 })
 

@@ -28,7 +28,7 @@ class Peer:
     __slots__ = (
         "server", "transport", "conn", "session", "deadline", "failures",
         "paused", "congested", "feeders", "address", "host",
-        "cmd_bucket", "msg_bucket", "prelogin_bytes", "prelogin_frames", "stuck",
+        "cmd_bucket", "msg_bucket", "prelogin_bytes", "prelogin_frames", "stuck", "version", "received",
     )
 
     def __init__(self, server, address, cmd_bucket):
@@ -48,6 +48,8 @@ class Peer:
         self.prelogin_bytes = 0    # input before logging in or attaching
         self.prelogin_frames = 0
         self.stuck = None          # timer: output congested for too long
+        self.version = 1           # protocol version asked for with VERSION (login socket)
+        self.received = 0          # version 2 chat socket: the last seq said RECEIVED
 
     # -- from the transport ---------------------------------------------------------
 
@@ -89,7 +91,19 @@ class Peer:
         Each handled frame takes a token from this socket's bucket (chat
         messages from their own); once one runs dry, reading pauses until
         tokens come back, so a flood is slowed, not dropped.
+
+        On a version 2 chat socket, a read that brought chat messages is
+        answered once with ``RECEIVED <seq>``: the server has them all.
         """
+        self._process()
+        session = self.session
+        if session is not None and session.outbox is not None and session.chat is self:
+            seq = self.conn.msg_seq
+            if seq > self.received:
+                self.received = seq
+                self.send(ev.Received(seq))
+
+    def _process(self) -> None:
         conn = self.conn
         next_event, handle = conn.next_event, self.server.handle
         cmd, msg = self.cmd_bucket, self.msg_bucket
@@ -186,11 +200,20 @@ class Peer:
         """Send ``bye`` if given, flush, close."""
         if bye is not None:
             self.send(bye)
+        self._cancel_timers()
+        self.transport.close()
+
+    def close_now(self) -> None:
+        """Drop the socket without a word or a flush (its session let go of it)."""
+        self._cancel_timers()
+        self.resume_feeders()
+        self.transport.abort()
+
+    def _cancel_timers(self) -> None:
         for timer in (self.deadline, self.stuck):
             if timer is not None:
                 timer.cancel()
         self.deadline = self.stuck = None
-        self.transport.close()
 
     def __repr__(self) -> str:
         who = self.session.name if self.session is not None else "-"

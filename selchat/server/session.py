@@ -5,10 +5,19 @@ from __future__ import annotations
 import enum
 import time
 
+from selchat.protocol import codec
+from selchat.protocol import events as ev
+from selchat.protocol.state import State
+from selchat.server.peer import PARTNER
+
+#: Events a session that has ended still keeps for a late RESUME (its tombstone).
+_FATES = (ev.Delivered, ev.Undelivered)
+
 
 class Phase(enum.Enum):
-    ATTACHING = "attaching"  # logged in; chat and check sockets not both attached yet
+    ATTACHING = "attaching"  # logged in (or resumed); chat and check sockets not both attached yet
     ONLINE = "online"
+    DETACHED = "detached"    # version 2: lost its connection; kept for RESUME until the window ends
     CLOSED = "closed"
 
 
@@ -32,12 +41,21 @@ class Session:
     ``login``, ``chat`` and ``check`` are the ``Peer`` objects of the three
     sockets (None until attached). ``partner`` is the session being chatted
     with; ``request`` the pending request this user sent or received.
+
+    Version 2 sessions (docs/protocol.md) also have an ``outbox``: every
+    event for the login socket is numbered and kept there until the client
+    acknowledges it, so that it can be replayed after a RESUME, and its chat
+    messages get their fates from it. ``seq_base`` is the seq of the last
+    chat message the server had from this session when its chat socket last
+    went away (the new chat socket counts on from it). ``waiting`` are
+    senders' chat sockets paused until the outbox has room again.
     """
 
     __slots__ = (
         "sid", "name", "name_bytes", "key", "phase", "login", "chat", "check", "tokens",
         "partner", "request", "requests", "attach_timer", "heartbeat", "awaiting_pong", "ping_seq",
-        "since", "__weakref__",
+        "since", "version", "outbox", "resume_secret", "seq_base", "waiting", "resume_timer", "was_online",
+        "__weakref__",
     )
 
     def __init__(self, sid: int, name: str, tokens: dict):
@@ -58,16 +76,95 @@ class Session:
         self.awaiting_pong = False
         self.ping_seq = 0
         self.since = time.time()  # wall clock of the login, for `selchat admin who`
+        self.version = 1
+        self.outbox = None         # version 2: selchat.server.outbox.Outbox
+        self.resume_secret = ""    # version 2: the secret half of the resume token
+        self.seq_base = 0
+        self.waiting: list = []
+        self.resume_timer = None   # version 2, while DETACHED: the end of the resume window
+        self.was_online = False    # READY has been sent (a resumed session does not get it again)
 
     @property
     def busy(self) -> bool:
         return self.partner is not None or self.request is not None
 
-    def notify(self, event) -> None:
-        """Tell the user something: it goes out on the login socket."""
+    @property
+    def accepted(self) -> int:
+        """The seq of the last chat message the server has from this session."""
+        chat = self.chat
+        return chat.conn.msg_seq if chat is not None else self.seq_base
+
+    # -- delivery: the only two ways a user event reaches the login socket --------
+
+    def deliver(self, event, sender: "Session | None" = None, seq: int = 0) -> None:
+        """Tell the user something: it goes out on the login socket.
+
+        ``sender`` and ``seq`` name the chat message an ``Incoming`` carries,
+        so that its fate reaches its sender. A version 2 session numbers and
+        keeps the event (also while detached: it is replayed on RESUME); an
+        ended one keeps only fates, for a late RESUME to hear.
+        """
+        outbox = self.outbox
         login = self.login
-        if login is not None:
-            login.send(event)
+        if outbox is None:
+            if login is not None and login.conn.can_send(type(event)):
+                login.send(event)
+                if sender is not None and sender.outbox is not None:
+                    sender.deliver(ev.Delivered(seq, seq))  # a version 1 client acknowledges nothing
+            elif sender is not None and sender.outbox is not None:
+                sender.deliver(ev.Undelivered(seq, seq, "gone", f"{self.name} left"))
+            return
+        if self.phase is Phase.CLOSED:
+            if type(event) in _FATES:
+                outbox.record(codec.encode(event))
+            return
+        data = codec.encode(event)
+        outbox.record(data, 1, sender if sender is not None and sender.outbox is not None else None, seq)
+        if login is not None and login.conn.state is State.LOGIN:
+            login.transport.write(data)
+
+    def deliver_block(self, sender: "Session", block: bytes, count: int, first_seq: int) -> None:
+        """``count`` plain chat messages from ``sender``, seqs ``first_seq``...:
+        ``block`` is their ``MSG <text>`` frames joined by LF
+        (``Connection.next_messages``).
+
+        Written as ``MSG <sender> <text>`` frames with one C-level replace
+        (``codec.relay_block``) and kept as one outbox entry: the relay's fast
+        path, so no per-message Python work.
+        """
+        data = codec.relay_block(sender.name_bytes, block)
+        outbox = self.outbox
+        login = self.login
+        if outbox is not None:
+            outbox.record(data, count, sender if sender.outbox is not None else None, first_seq)
+            if login is not None and login.conn.state is State.LOGIN:
+                login.transport.write(data)
+            return
+        written = login is not None and login.conn.can_send(ev.Incoming)
+        if written:
+            login.transport.write(data)
+        if sender.outbox is not None:  # a version 1 partner acknowledges nothing
+            last = first_seq + count - 1
+            sender.deliver(ev.Delivered(first_seq, last) if written
+                           else ev.Undelivered(first_seq, last, "gone", f"{self.name} left"))
+
+    def hold_back(self, feeder) -> None:
+        """``feeder`` (a chat socket) just delivered to us: pause it while we
+        cannot take more (our login socket's output is backed up, or our
+        unacknowledged events are at their bound)."""
+        login = self.login
+        if login is not None and login.congested:
+            login.feed_paused_by(feeder)
+        elif self.outbox is not None and self.outbox.full:
+            feeder.pause(PARTNER)
+            self.waiting.append(feeder)
+
+    def release_waiting(self, force: bool = False) -> None:
+        """Resume the senders paused by a full outbox, once it has room."""
+        if self.waiting and (force or not self.outbox.full):
+            waiting, self.waiting = self.waiting, []
+            for feeder in waiting:
+                feeder.resume(PARTNER)
 
     def peers(self):
         return [p for p in (self.login, self.chat, self.check) if p is not None]

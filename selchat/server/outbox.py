@@ -1,0 +1,145 @@
+"""What a version 2 session has been sent and not yet acknowledged.
+
+Every frame on a v2 session's login socket has an id: its position, 1 for the
+first after WELCOME (docs/protocol.md, "Version 2"). The outbox keeps the
+bytes of each frame until the client's cumulative ``ACK <id>`` says it has
+them, so that a ``RESUME`` can replay the rest, and remembers which of them
+carried whose chat messages, so that an ACK turns into delivery receipts for
+the senders and the end of a session into "not delivered" reports.
+
+One entry holds one frame, or a whole block of relayed messages (the relay's
+fast path writes many ``MSG`` frames with one call and records them with one
+append); an ACK that falls inside a block splits it, which is rare.
+
+Pure bookkeeping: no socket, no clock, no session methods called. The caller
+(``Session``) writes the bytes and sends the receipts.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+#: Unacknowledged events kept per session by default (``--resume-buffer``).
+DEFAULT_LIMIT = 1000
+
+
+class Entry:
+    """``count`` consecutive frames (ids ``first_id``...), as the bytes sent.
+
+    ``sender`` is the session whose chat messages they are (seqs
+    ``first_seq``...), or None for anything else (a request, a receipt...).
+    """
+
+    __slots__ = ("first_id", "count", "data", "sender", "first_seq")
+
+    def __init__(self, first_id: int, count: int, data: bytes, sender=None, first_seq: int = 0):
+        self.first_id = first_id
+        self.count = count
+        self.data = data
+        self.sender = sender
+        self.first_seq = first_seq
+
+    @property
+    def last_id(self) -> int:
+        return self.first_id + self.count - 1
+
+    def drop_first(self, n: int) -> None:
+        """Forget the first ``n`` frames (they were acknowledged)."""
+        lines = self.data.split(b"\n", n)
+        self.data = lines[n]
+        self.first_id += n
+        self.first_seq += n
+        self.count -= n
+
+    def __repr__(self) -> str:
+        return f"<Entry {self.first_id}..{self.last_id} seq {self.first_seq} from {self.sender!r}>"
+
+
+class Outbox:
+    """Ids given out and not yet acknowledged, in order.
+
+    ``last_id``: the id of the last frame recorded (0: none yet);
+    ``acked``: the client's last ACK. ``pending`` = ``last_id - acked``.
+    """
+
+    __slots__ = ("last_id", "acked", "entries", "limit")
+
+    def __init__(self, limit: int = DEFAULT_LIMIT):
+        self.last_id = 0
+        self.acked = 0
+        self.entries: deque[Entry] = deque()
+        self.limit = limit
+
+    @property
+    def pending(self) -> int:
+        return self.last_id - self.acked
+
+    @property
+    def full(self) -> bool:
+        """Senders to this session should wait for acknowledgements."""
+        return self.last_id - self.acked >= self.limit
+
+    def record(self, data: bytes, count: int = 1, sender=None, first_seq: int = 0) -> None:
+        """``count`` frames (``data``, LF-terminated) were sent, or held for sending."""
+        self.entries.append(Entry(self.last_id + 1, count, data, sender, first_seq))
+        self.last_id += count
+
+    def ack(self, upto: int) -> list[tuple[object, int, int]]:
+        """The client has every frame up to ``upto``: forget them.
+
+        Returns the delivery receipts, ``(sender, first_seq, last_seq)``, with
+        consecutive ranges of one sender merged. Raises ValueError if
+        ``upto`` is beyond the last frame sent; an old ACK is a no-op.
+        """
+        if upto > self.last_id:
+            raise ValueError(f"ACK {upto} is beyond the last event sent ({self.last_id})")
+        receipts: list[list] = []
+        entries = self.entries
+        while entries and entries[0].first_id <= upto:
+            entry = entries[0]
+            if entry.last_id <= upto:
+                entries.popleft()
+                done = entry.count
+            else:
+                done = upto - entry.first_id + 1
+            if entry.sender is not None:
+                first, last = entry.first_seq, entry.first_seq + done - 1
+                if receipts and receipts[-1][0] is entry.sender and receipts[-1][2] + 1 == first:
+                    receipts[-1][2] = last
+                else:
+                    receipts.append([entry.sender, first, last])
+            if done < entry.count:
+                entry.drop_first(done)
+                break
+        self.acked = max(self.acked, upto)
+        return [tuple(r) for r in receipts]
+
+    def replay(self) -> bytes:
+        """The bytes of every frame not acknowledged, in order (for a resume)."""
+        return b"".join(entry.data for entry in self.entries)
+
+    def held(self) -> list[tuple[object, int, int]]:
+        """Chat messages not acknowledged: ``(sender, first_seq, last_seq)``,
+        merged as in ``ack``. They will never be (the session is ending)."""
+        out: list[list] = []
+        for entry in self.entries:
+            if entry.sender is None:
+                continue
+            first, last = entry.first_seq, entry.first_seq + entry.count - 1
+            if out and out[-1][0] is entry.sender and out[-1][2] + 1 == first:
+                out[-1][2] = last
+            else:
+                out.append([entry.sender, first, last])
+        return [tuple(r) for r in out]
+
+    def keep_only(self, wanted) -> None:
+        """Forget every entry but the single frames for which ``wanted(data)``
+        is true (an ended session keeps only its fates, for a late RESUME)."""
+        self.entries = deque(e for e in self.entries if e.count == 1 and e.sender is None and wanted(e.data))
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.acked = self.last_id
+
+    def __repr__(self) -> str:
+        return f"<Outbox ids {self.acked + 1}..{self.last_id} in {len(self.entries)} entries>"

@@ -1,0 +1,185 @@
+"""Protocol version 2 over real sockets: numbered events, ACKs, receipts,
+detach and RESUME, and one fate for every message (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import LineSocket, RawUser, V2User, start_chat, start_v2_chat
+
+
+@pytest.fixture(scope="module")
+def v2server(tmp_path_factory):
+    from tests.support import ServerProcess
+
+    srv = ServerProcess(tmp_path_factory.mktemp("v2"), "--conn-rate", "0", "--max-per-address", "0",
+                        "--throttle-after", "0", "--resume-window", "30")
+    yield srv
+    srv.stop()
+
+
+def pair(server):
+    a, b = V2User(server.connect), V2User(server.connect)
+    start_v2_chat(a, b)
+    return a, b
+
+
+def test_version_2_is_asked_for_and_welcome_carries_a_resume_token(v2server):
+    user = V2User(v2server.connect)
+    sid, _, secret = user.token.partition(".")
+    assert sid.isdigit() and len(secret) >= 22  # 128 bits, url-safe base64
+
+
+def test_a_session_that_does_not_ask_stays_version_1(v2server):
+    old = RawUser(v2server)  # no VERSION: WELCOME has two tokens, no ACKs needed
+    other = RawUser(v2server)
+    start_chat(old, other)
+    old.chat.send("MSG plain")
+    assert other.login.line() == f"MSG {old.name} plain"
+    old.chat.send("MSG")
+    assert old.chat.line() == "NACK 2 empty empty message"  # v1 refusals stay on the chat socket
+
+
+def test_unsupported_version_is_refused(v2server):
+    sock = v2server.connect()
+    sock.send("VERSION 3")
+    assert sock.expect("ERR VERSION unsupported")
+
+
+def test_received_then_delivered_once_the_partner_acks(v2server):
+    alice, bob = pair(v2server)
+    alice.chat.send("MSG one", "MSG two")
+    seqs = []
+    while not seqs or seqs[-1] < 2:
+        seqs.append(int(alice.chat.expect("RECEIVED ").split()[1]))
+    assert bob.expect(f"MSG {alice.name} one") and bob.expect(f"MSG {alice.name} two")
+    bob.ack()
+    got = alice.expect("DELIVERED ").split()
+    assert got[1:] == ["1", "2"]
+
+
+def test_refused_message_gets_its_fate_on_the_login_socket(v2server):
+    alice, bob = pair(v2server)
+    alice.chat.send("MSG fine", "MSG")
+    assert alice.expect("UNDELIVERED ") == "UNDELIVERED 2 2 empty empty message"
+    bob.expect(f"MSG {alice.name} fine")
+    bob.ack()
+    assert alice.expect("DELIVERED ") == "DELIVERED 1 1"
+
+
+def test_ack_beyond_the_last_event_is_refused(v2server):
+    alice = V2User(v2server.connect)
+    alice.check.send(f"ACK {alice.last_id + 5}")
+    assert alice.check.expect("ERR ACK bad-ack")
+    alice.ack()  # a good one still works: nothing closed
+    alice.chat.send("WHO")
+    assert alice.chat.expect("USER ")
+
+
+def test_drop_away_held_resume_back_and_replay(v2server):
+    alice, bob = pair(v2server)
+    alice.chat.send("MSG before")
+    bob.expect(f"MSG {alice.name} before")
+    bob.ack()
+    alice.expect("DELIVERED 1 1")
+    alice.ack()
+    bob.cut()
+    alice.expect(f"AWAY {bob.name}")
+    alice.chat.send("MSG while away 1", "MSG while away 2")
+    accepted = bob.resume()
+    assert accepted == 0  # bob sent nothing
+    # Replayed: exactly the held messages, once, in order.
+    assert bob.event() == f"MSG {alice.name} while away 1"
+    assert bob.event() == f"MSG {alice.name} while away 2"
+    alice.expect(f"BACK {bob.name}")
+    bob.ack()
+    assert alice.expect("DELIVERED ") == "DELIVERED 2 3"
+    # The chat goes on, both ways.
+    bob.chat.send("MSG hello again")
+    alice.expect(f"MSG {bob.name} hello again")
+
+
+def test_resume_after_the_sender_lost_a_message_in_flight(v2server):
+    """The client resends what the server never RECEIVED; the server never
+    relays a seq twice."""
+    alice, bob = pair(v2server)
+    alice.chat.send("MSG one")
+    alice.chat.expect("RECEIVED 1")
+    alice.cut()
+    assert bob.expect(f"MSG {alice.name} one")
+    bob.expect(f"AWAY {alice.name}")
+    accepted = alice.resume()
+    assert accepted == 1
+    alice.chat.send("MSG two")  # seq 2: the next after accepted
+    assert alice.chat.expect("RECEIVED ") == "RECEIVED 2"
+    bob.expect(f"BACK {alice.name}")
+    assert bob.expect(f"MSG {alice.name} two")
+    bob.ack()
+    assert alice.expect("DELIVERED ") == "DELIVERED 1 2"
+
+
+def test_replay_starts_after_the_id_the_client_names(v2server):
+    alice, bob = pair(v2server)
+    alice.chat.send("MSG a", "MSG b", "MSG c")
+    for text in "abc":
+        bob.expect(f"MSG {alice.name} {text}")
+    # bob saw all three but its ACK never left: it resumes from what it saw.
+    bob.cut()
+    alice.expect(f"AWAY {bob.name}")
+    bob.resume()
+    alice.expect(f"BACK {bob.name}")
+    assert alice.expect("DELIVERED ") == "DELIVERED 1 3"  # the RESUME's last id acknowledged them
+    alice.chat.send("MSG d")
+    assert bob.event() == f"MSG {alice.name} d"  # nothing replayed twice
+
+
+def test_resume_takes_over_sockets_the_server_still_has(v2server):
+    alice, bob = pair(v2server)
+    old = (alice.login, alice.chat, alice.check)
+    alice.resume()   # the old sockets are still open
+    for sock in old:
+        assert sock.expect_closed() == []
+    alice.chat.send("MSG from the new sockets")
+    bob.expect(f"MSG {alice.name} from the new sockets")
+
+
+def test_bad_token_is_unknown_and_the_socket_may_log_in(v2server):
+    alice = V2User(v2server.connect)
+    sock = v2server.connect()
+    sid = alice.token.partition(".")[0]
+    sock.send(f"RESUME {sid}.{'A' * 22} 0")
+    assert sock.expect("ERR RESUME unknown-session")
+    sock.send("RESUME 99999999.x 0")
+    assert sock.expect("ERR RESUME unknown-session")
+    alice.chat.send("WHO")  # the real session is untouched
+    assert alice.chat.expect("USER ")
+
+
+def test_window_end_reports_held_messages_and_a_late_resume_says_how_far(make_server):
+    srv = make_server("--conn-rate", "0", "--max-per-address", "0", "--resume-window", "1")
+    alice, bob = pair(srv)
+    alice.chat.send("MSG seen")
+    bob.expect(f"MSG {alice.name} seen")
+    bob.ack()
+    alice.expect("DELIVERED 1 1")
+    bob.chat.send("MSG bob one")
+    bob.chat.expect("RECEIVED 1")
+    alice.expect(f"MSG {bob.name} bob one")
+    bob.cut()
+    alice.expect(f"AWAY {bob.name}")
+    alice.chat.send("MSG held 1", "MSG held 2")
+    alice.chat.expect("RECEIVED ")
+    # The window ends: held messages are reported, the chat ends.
+    lines = [alice.event(timeout=10), alice.event(timeout=10)]
+    assert "UNDELIVERED 2 3 away " in " ".join(lines), lines
+    assert any(line.startswith(f"ENDED {bob.name} dropped") for line in lines), lines
+    alice.ack()
+    alice.check.send("PING sync")  # a round trip: the ACK has been handled
+    alice.check.expect("PONG sync")
+    # bob comes back too late: told how far the server got, and the fate of
+    # its own message, which alice's client acknowledged.
+    sock = srv.connect()
+    sock.send(f"RESUME {bob.token} {bob.last_id}")
+    assert sock.expect("UNRESUMED ").split()[1:3] == ["1", "expired"]
+    assert sock.expect("DELIVERED ") == "DELIVERED 1 1"
+    assert sock.expect("BYE expired")
