@@ -74,6 +74,15 @@ class ServerProcess:
             time.sleep(0.02)  # polling interval; the condition ends the wait
         return log
 
+    def wait_for_log_count(self, text: str, count: int, timeout: float = DEADLINE) -> str:
+        """The log once ``text`` is in it ``count`` times (see wait_for_log)."""
+        deadline = time.monotonic() + timeout
+        while (log := self.log()).count(text) < count:
+            assert self.proc.poll() is None, f"server exited {self.proc.returncode}:\n{log}"
+            assert time.monotonic() < deadline, f"{text!r} {log.count(text)} times, not {count}, in the log"
+            time.sleep(0.02)  # polling interval; the condition ends the wait
+        return log
+
     client_tls = None  # an ssl.SSLContext when the server speaks TLS
 
     def connect(self) -> "LineSocket":
@@ -100,6 +109,9 @@ class LineSocket:
         # loopback on Linux), to look like another client machine.
         self.sock = socket.create_connection((host, port), timeout=DEADLINE,
                                              source_address=(source, 0) if source else None)
+        # Frames go out at once, as a chat client's should (Nagle would hold
+        # a small write until the previous one is acknowledged: up to 40 ms).
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is not None:
             self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         self.buf = b""
@@ -162,6 +174,11 @@ class LineSocket:
         return seen
 
     def close(self) -> None:
+        self.sock.close()
+
+    def abort(self) -> None:
+        """Close with a reset (RST), as a lost network or a killed host does."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
 
 
@@ -249,8 +266,7 @@ class V2User:
     def cut(self) -> None:
         """Reset all three sockets, as a lost network does."""
         for s in (self.login, self.chat, self.check):
-            s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            s.close()
+            s.abort()
 
     def resume(self, last_id: int | None = None) -> int:
         """RESUME on new sockets; returns the server's accepted seq."""

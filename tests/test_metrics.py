@@ -464,3 +464,22 @@ def test_loop_lag_is_how_late_the_probe_timer_ran():
     assert metrics.lag == 0.0 and metrics.lag_max == pytest.approx(0.49)
     probe.close()
     reactor.close()
+
+
+def test_a_detached_session_and_its_resume_show_up_in_the_metrics(srv):
+    from tests.support import V2User, start_v2_chat
+
+    alice, bob = V2User(srv.connect), V2User(srv.connect)
+    start_v2_chat(alice, bob)
+    bob.cut()
+    alice.expect(f"AWAY {bob.name}")
+    m = scrape(srv.metrics)
+    assert value(m, "selchat_sessions_detached") == 1
+    assert value(m, "selchat_sessions_online") == 2  # bob is still in /who
+    assert value(m, "selchat_resumes_total") == 0
+    bob.resume()
+    alice.expect(f"BACK {bob.name}")
+    m = scrape(srv.metrics)
+    assert value(m, "selchat_sessions_detached") == 0
+    assert value(m, "selchat_resumes_total") == 1
+    assert value(m, "selchat_logins_total", result="ok") == 2  # the resume checked no password

@@ -3,6 +3,8 @@ detach and RESUME, and one fate for every message (docs/protocol.md)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from tests.support import LineSocket, RawUser, V2User, start_chat, start_v2_chat
@@ -16,6 +18,15 @@ def v2server(tmp_path_factory):
                         "--throttle-after", "0", "--resume-window", "30")
     yield srv
     srv.stop()
+
+
+def quiet_line(sock: LineSocket, wait: float) -> str | None:
+    """The next frame, or None if none comes within ``wait`` seconds (to
+    see that something has stopped)."""
+    try:
+        return sock.line(timeout=wait)
+    except AssertionError:
+        return None
 
 
 def pair(server):
@@ -183,3 +194,90 @@ def test_window_end_reports_held_messages_and_a_late_resume_says_how_far(make_se
     assert sock.expect("UNRESUMED ").split()[1:3] == ["1", "expired"]
     assert sock.expect("DELIVERED ") == "DELIVERED 1 1"
     assert sock.expect("BYE expired")
+
+
+def test_a_version_1_partner_acknowledges_nothing_so_writing_is_delivering(v2server):
+    alice = V2User(v2server.connect)
+    old = RawUser(v2server)
+    alice.chat.send(f"CHAT {old.name}")
+    alice.chat.expect(f"OK CHAT {old.name}")
+    old.login.expect(f"REQUEST {alice.name}")
+    old.chat.send("ACCEPT")
+    alice.expect(f"STARTED {old.name}")
+    old.login.expect(f"STARTED {alice.name}")
+    alice.chat.send("MSG to an old client", "MSG and another")
+    assert old.login.line() == f"MSG {alice.name} to an old client"
+    got = []
+    while sum(int(last) - int(first) + 1 for first, last in got) < 2:
+        got.append(alice.expect("DELIVERED ").split()[1:])
+    assert got[0][0] == "1" and got[-1][1] == "2"
+    old.login.close()  # a version 1 session is never detached: its drop ends the chat
+    assert alice.expect(f"ENDED {old.name} dropped")
+
+
+def test_a_new_login_ends_a_detached_session_and_its_held_messages_are_gone(v2server):
+    alice, bob = pair(v2server)
+    bob.cut()
+    alice.expect(f"AWAY {bob.name}")
+    alice.chat.send("MSG held")
+    alice.chat.expect("RECEIVED 1")
+    again = V2User(v2server.connect, name=bob.name, register=False)  # bob logs in anew elsewhere
+    assert alice.expect(f"ENDED {bob.name} dropped")
+    assert alice.expect("UNDELIVERED 1 1 gone ")
+    assert again.name == bob.name
+    sock = v2server.connect()  # the old session's token now hears it ended
+    sock.send(f"RESUME {bob.token} {bob.last_id}")
+    assert sock.expect("UNRESUMED ").split()[1:3] == ["0", "expired"]
+    assert sock.expect("BYE expired")
+
+
+def test_held_messages_past_the_bound_slow_the_sender_and_none_is_lost(make_server):
+    srv = make_server("--conn-rate", "0", "--max-per-address", "0", "--resume-buffer", "20")
+    alice, bob = pair(srv)
+    bob.cut()
+    alice.expect(f"AWAY {bob.name}")
+    alice.chat.send(*[f"MSG n{i}" for i in range(1, 201)])
+    # The server stops reading alice once bob's unacknowledged events are
+    # at the bound: what it RECEIVED stops short of 200.
+    received = 0
+    while (line := quiet_line(alice.chat, 0.5)) is not None:
+        received = int(line.split()[1])
+    assert 0 < received < 200
+    bob.resume()
+    texts = []
+    while len(texts) < 200:
+        texts.append(bob.expect(f"MSG {alice.name} ").split(" ", 2)[2])
+        if bob.last_id % 10 == 0:
+            bob.ack()  # makes room: the server reads alice again
+    assert texts == [f"n{i}" for i in range(1, 201)]  # each once, in order
+    bob.ack()
+    alice.expect(f"BACK {bob.name}")
+    delivered = 0
+    while delivered < 200:
+        line = alice.expect("DELIVERED ")
+        first, last = map(int, line.split()[1:])
+        assert first == delivered + 1
+        delivered = last
+
+
+def test_a_client_that_stops_answering_pings_is_detached_not_ended(make_server):
+    srv = make_server("--conn-rate", "0", "--max-per-address", "0", "--ping-interval", "0.3",
+                      "--ping-timeout", "0.3")
+    alice, bob = pair(srv)
+    keep_alive = threading.Event()
+
+    def answer_pings():  # alice answers; bob does not
+        while not keep_alive.is_set():
+            line = quiet_line(alice.check, 0.1)
+            if line and line.startswith("PING"):
+                alice.check.send("PONG" + line[4:])
+
+    thread = threading.Thread(target=answer_pings, daemon=True)
+    thread.start()
+    try:
+        assert alice.expect(f"AWAY {bob.name}", timeout=5)
+        bob.resume()
+        assert alice.expect(f"BACK {bob.name}")
+    finally:
+        keep_alive.set()
+        thread.join()

@@ -36,13 +36,14 @@ REFUSAL_REASONS = ("server-full", "too-many-connections", "too-fast", "shutdown"
 class Metrics:
     """The counters, and the loop lag the probe last measured."""
 
-    __slots__ = ("started", "messages_relayed", "logins", "refusals", "lag", "lag_max")
+    __slots__ = ("started", "messages_relayed", "logins", "refusals", "resumes", "lag", "lag_max")
 
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.messages_relayed = 0                          # chat messages written to a partner
         self.logins: collections.Counter = collections.Counter()    # result -> LOGIN/REGISTER answers
         self.refusals: collections.Counter = collections.Counter()  # reason -> connections refused
+        self.resumes = 0     # version 2 sessions taken back with RESUME
         self.lag = 0.0       # seconds, the probe's last measurement
         self.lag_max = 0.0   # seconds, the largest since the last scrape
 
@@ -82,6 +83,7 @@ def render(server) -> str:
     """The exposition text for ``server`` now (and restart the lag maximum)."""
     m = server.metrics
     online = server.hub.online.values()
+    detached = sum(1 for s in server.registry.resumable.values() if s.phase.value == "detached")
     chatting = sum(1 for s in online if s.partner is not None)
     requests = sum(1 for s in online if s.request is not None and s.request.source is s)
     families = [
@@ -89,8 +91,10 @@ def render(server) -> str:
          [(_labels(version=__version__), 1)]),
         ("selchat_uptime_seconds", "gauge", "Seconds since the server started.",
          [("", round(time.monotonic() - m.started, 3))]),
-        ("selchat_sessions_online", "gauge", "Sessions logged in with all three sockets attached.",
-         [("", len(online))]),
+        ("selchat_sessions_online", "gauge",
+         "Sessions logged in and in the hub (detached version 2 sessions included).", [("", len(online))]),
+        ("selchat_sessions_detached", "gauge",
+         "Version 2 sessions that lost their connection and are kept for RESUME.", [("", detached)]),
         ("selchat_sessions_attaching", "gauge",
          "Sessions logged in whose chat and check sockets are not both attached yet.", [("", len(server.registry.by_sid))]),
         ("selchat_chats_active", "gauge", "Pairs of users chatting.", [("", chatting // 2)]),
@@ -109,6 +113,8 @@ def render(server) -> str:
          [("", m.lag_max)]),
         ("selchat_messages_relayed_total", "counter", "Chat messages relayed to a partner.",
          [("", m.messages_relayed)]),
+        ("selchat_resumes_total", "counter", "Version 2 sessions taken back with RESUME (no password check).",
+         [("", m.resumes)]),
         ("selchat_logins_total", "counter", "Answers to LOGIN and REGISTER, by result.",
          [(_labels(result=r), n) for r, n in _with_zeros(m.logins, LOGIN_RESULTS)]),
         ("selchat_refusals_total", "counter", "New connections refused before any state was made, by reason.",

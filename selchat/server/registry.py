@@ -224,6 +224,7 @@ class Registry:
                              f"{sid}.{secrets_by_role[Role.CHAT]}", f"{sid}.{secrets_by_role[Role.CHECK]}"))
         peer.transport.write(outbox.replay())
         session.release_waiting()
+        self.server.metrics.resumes += 1
         audit.emit("resume", user=session.name, addr=peer.host, session=sid, replayed=outbox.pending)
 
     def on_ack(self, peer, event: ev.Ack) -> None:
