@@ -152,7 +152,7 @@ def _serve(config: ServerConfig, loader, logs, Server, raise_nofile_limit) -> No
     server.install_signal_handlers()
     logging.getLogger("selchat.server").info(
         "descriptor limit %d: room for %d sockets, about %d clients (3 sockets each)",
-        nofile, server.max_connections, server.max_connections // 3)
+        nofile, server.admission.max_connections, server.admission.max_connections // 3)
     scheme = "TLS" if config.tls_cert else "plaintext"
     click.echo(f"selchat {__version__} listening on {address[0]}:{address[1]} ({scheme}, database {config.db})")
     sys.stdout.flush()

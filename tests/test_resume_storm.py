@@ -7,12 +7,11 @@ from __future__ import annotations
 import multiprocessing
 import re
 import statistics
-import threading
 import time
 
 import pytest
 
-from tests.support import DEADLINE, Canary, start_v2_chat
+from tests.support import DEADLINE, Canary
 
 USERS = 1000
 LOGGED_IN = r"\b(?:register|login) user="

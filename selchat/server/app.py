@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import resource
 import signal
 import time
@@ -30,25 +29,17 @@ from selchat.server.accounts import Accounts
 from selchat.server.config import ServerConfig
 from selchat.server.control import ControlSocket
 from selchat.server.hub import COMMANDS_HELP, Hub
-from selchat.server.limits import FailureTracker, FairQueue, bucket
+from selchat.server.admission import Admission
+from selchat.server.limits import bucket
+from selchat.server.logins import SHUTTING_DOWN, Logins
 from selchat.server.metrics import Metrics, MetricsEndpoint
 from selchat.server.peer import WAITING, Peer
 from selchat.server.registry import Registry
 from selchat.server.session import Phase, Session
-from selchat.store.accounts import MAX_PASSWORD_BYTES, StorageUnavailable, StoreError
 
 log = logging.getLogger("selchat.server")
 
 HELLO = ev.Hello(ev.PROTOCOL_VERSION, f"selchat/{__version__}")
-AUTH_FAILED = "invalid username or password"
-SHUTTING_DOWN = "the server is shutting down"
-
-#: Password checks one address may have waiting for a worker; more are "busy".
-HASHES_PER_ADDRESS = 8
-#: Failed logins for one account from one address before further attempts
-#: from that address are throttled (other addresses are not).
-FREE_FAILURES_PER_ACCOUNT = 3
-
 #: Settings a reload cannot change on a running server (docs/operations.md).
 RESTART_ONLY = ("host", "port", "db", "workers", "scrypt_n", "metrics", "admin_socket", "tick", "config_file")
 #: The MOTD file's limits: more lines or longer lines are cut (and logged).
@@ -98,26 +89,13 @@ class Server:
         self.metrics = Metrics()
         self.metrics_endpoint: MetricsEndpoint | None = None  # /metrics, when config.metrics is set
         self.control: ControlSocket | None = None  # the admin socket, when config.admin_socket is set
-        self.per_host: dict[str, int] = {}          # open sockets per source address
-        self.host_rate: dict[str, object] = {}      # connection-rate bucket per address
-        # Failed logins throttle further attempts from the same address: for
-        # one account after 3, for any account after config.throttle_after
-        # (many users may share an address; 0 = never). A fresh address is
-        # never slowed.
-        self.pair_failures = FailureTracker(free=FREE_FAILURES_PER_ACCOUNT)
-        self.addr_failures = FailureTracker(free=config.throttle_after or None)
-        self.hash_queue = FairQueue()               # password checks waiting, per address
-        self.hashing = 0                            # password checks on a worker
-        # Keep the socket cap below the descriptor limit, with room for the
-        # listener, the database, the wake-up pipe and the log.
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self._fd_room = max(16, soft - 64)
-        self.max_connections = config.max_connections or self._fd_room
-        self._stopping = False
+        self.stopping = False
+        self.admission = Admission(self)
+        self.logins = Logins(self)
         self._handlers = {
             ev.Message: self.on_message,
-            ev.Login: self.on_login,
-            ev.Register: self.on_login,
+            ev.Login: self.logins.on_login,
+            ev.Register: self.logins.on_login,
             ev.Version: self.on_version,
             ev.Resume: self.registry.on_resume,
             ev.Attach: self.registry.on_attach,
@@ -157,9 +135,9 @@ class Server:
 
     def shutdown(self) -> None:
         """Stop accepting, tell everyone, flush, close; the loop stops when done."""
-        if self._stopping:
+        if self.stopping:
             return
-        self._stopping = True
+        self.stopping = True
         systemd.notify("STOPPING=1")
         log.info("shutting down: %d sessions", len(self.sessions))
         if self.listener is not None:
@@ -219,7 +197,7 @@ class Server:
         it runs once more when that one ends: the files may have changed
         after the running one read them. Requests meanwhile share that run.
         """
-        if self._stopping:
+        if self.stopping:
             if done is not None:
                 done(False, SHUTTING_DOWN)
             return
@@ -278,8 +256,8 @@ class Server:
         self.tls = tls                       # new handshakes use the new certificate
         self.motd = motd
         self.hub.request_timeout = config.request_timeout
-        self.max_connections = config.max_connections or self._fd_room
-        self.addr_failures.free = config.throttle_after or None
+        self.admission.configure(config)
+        self.logins.addr_failures.free = config.throttle_after or None
         message = "reloaded: " + (", ".join(changed) + " changed" if changed else "no setting changed")
         if stuck:
             message += "; needs a restart to change: " + ", ".join(stuck)
@@ -303,7 +281,7 @@ class Server:
 
     def accept(self, sock, address) -> None:
         host = address[0] if isinstance(address, tuple) else str(address)
-        refusal = self._refusal(host)
+        refusal = self.admission.refusal(host, len(self.peers))
         if refusal is not None:
             reason = refusal.partition(" ")[0]
             self.metrics.refusals[reason] += 1
@@ -315,7 +293,7 @@ class Server:
                 pass
             sock.close()
             return
-        self.per_host[host] = self.per_host.get(host, 0) + 1
+        self.admission.opened(host)
         cfg = self.config
         peer = Peer(self, address, bucket(cfg.cmd_rate, cfg.cmd_burst, self.reactor.clock()))
         if self.tls is not None:
@@ -327,32 +305,6 @@ class Server:
         peer.deadline = self.reactor.call_later(cfg.login_timeout, self._login_timeout, peer)
         peer.send(HELLO)
 
-    def _refusal(self, host: str) -> str | None:
-        """Why a new connection from ``host`` is refused, or None."""
-        cfg = self.config
-        if self._stopping:
-            return "shutdown the server is shutting down"
-        if self.max_connections and len(self.peers) >= self.max_connections:
-            return "server-full the server has no room for more connections"
-        if cfg.max_per_address and self.per_host.get(host, 0) >= cfg.max_per_address:
-            return f"too-many-connections at most {cfg.max_per_address} connections from one address"
-        if cfg.conn_rate > 0:
-            now = self.reactor.clock()
-            rate = self.host_rate.get(host)
-            if rate is None:
-                if len(self.host_rate) > 10_000:
-                    self._prune_host_rates(now)
-                rate = self.host_rate[host] = bucket(cfg.conn_rate, cfg.conn_burst, now)
-            if not rate.take(now):
-                return "too-fast too many new connections from one address; slow down"
-        return None
-
-    def _prune_host_rates(self, now: float) -> None:
-        for host, rate in list(self.host_rate.items()):
-            rate.refill(now)
-            if rate.full:
-                del self.host_rate[host]
-
     def _login_timeout(self, peer: Peer) -> None:
         peer.deadline = None
         if peer.session is None:
@@ -361,11 +313,7 @@ class Server:
     def peer_lost(self, peer: Peer, exc) -> None:
         if peer in self.peers:
             self.peers.discard(peer)
-            left = self.per_host.get(peer.host, 1) - 1
-            if left > 0:
-                self.per_host[peer.host] = left
-            else:
-                self.per_host.pop(peer.host, None)
+            self.admission.closed(peer.host)
         for timer in (peer.deadline, peer.stuck):
             if timer is not None:
                 timer.cancel()
@@ -391,128 +339,6 @@ class Server:
     def on_closed(self, peer: Peer, event) -> None:
         peer.close()
 
-    # -- logging in -----------------------------------------------------------------
-
-    def on_login(self, peer: Peer, event) -> None:
-        """LOGIN or REGISTER: answer a throttled or hopeless attempt at once,
-        else queue the password check for a worker; stop reading meanwhile.
-
-        Failed logins throttle further attempts from the same address only
-        (for one account after FREE_FAILURES_PER_ACCOUNT, for any account
-        after config.throttle_after), so a guesser never locks the owner out
-        from elsewhere. A LOGIN counts as a failure for its account from
-        its address from the moment it is queued, so parallel guesses are
-        throttled too; a success clears it.
-        Checks wait in a FairQueue by address: one address's flood delays
-        another address's login by at most one check per busy address.
-        """
-        register = type(event) is ev.Register
-        verb = "REGISTER" if register else "LOGIN"
-        if register and not self.config.registration:
-            self._login_refused(peer, verb, "registration-closed", "registration is closed on this server")
-            return
-        if len(event.password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
-            # Never hash it: a long password costs as much as many guesses.
-            self._login_failed(peer, verb, event.user, "bad-password",
-                               f"password must be at most {MAX_PASSWORD_BYTES} bytes of UTF-8")
-            return
-        host = peer.host
-        pair = (event.user.lower(), host)
-        now = self.reactor.clock()
-        wait = max(self.pair_failures.delay(pair, now), self.addr_failures.delay(host, now))
-        if wait > 0:
-            seconds = math.ceil(wait)
-            self.metrics.logins["throttled"] += 1
-            audit.emit("throttled", logging.WARNING, user=event.user, addr=host, wait=seconds)
-            self._login_failed(peer, verb, event.user, "throttled",
-                               f"{seconds} too many failed logins; try again in {seconds} s", counted=False)
-            return
-        if len(self.hash_queue) >= self.config.max_hash_queue or self.hash_queue.queued(host) >= HASHES_PER_ADDRESS:
-            self._login_refused(peer, verb, "busy", "the server is busy; try again in a moment")
-            return
-        if not register:
-            self.pair_failures.failed(pair, now)
-        peer.pause(WAITING)
-        self.hash_queue.push(host, (peer, event, verb, pair))
-        self._run_hashes()
-
-    def _run_hashes(self) -> None:
-        """Keep every worker busy with the next password check, fairly by address."""
-        while self.hashing < self.config.workers and self.hash_queue:
-            peer, event, verb, pair = self.hash_queue.pop()
-            if peer.transport.closing:
-                continue  # gave up waiting; its charge stands (it never proved the password)
-            self.hashing += 1
-            call = self.accounts.register if verb == "REGISTER" else self.accounts.verify
-            call(event.user, event.password,
-                 done=lambda fut, p=peer, e=event, v=verb, k=pair: self._login_done(p, e, v, k, fut))
-
-    def _login_done(self, peer: Peer, event, verb: str, pair, future) -> None:
-        self.hashing -= 1
-        self._run_hashes()
-        try:
-            name = future.result()
-        except StorageUnavailable as exc:
-            self._refund(verb, pair)
-            self.metrics.logins["error"] += 1
-            audit.emit("storage-error", logging.ERROR, user=event.user, addr=peer.host, error=str(exc))
-            self._login_refused(peer, verb, exc.code, str(exc), count=False)
-            return
-        except StoreError as exc:  # bad username, name taken: the client's mistake
-            self._refund(verb, pair)
-            self._login_refused(peer, verb, exc.code, str(exc))
-            return
-        except Exception as exc:
-            log.exception("account store failed")
-            self._refund(verb, pair)
-            self.metrics.logins["error"] += 1
-            audit.emit("storage-error", logging.ERROR, user=event.user, addr=peer.host, error=repr(exc))
-            self._login_refused(peer, verb, "storage", "the account store failed; try again later", count=False)
-            return
-        if name is None:  # logged even if the guesser hung up before the answer
-            self.addr_failures.failed(peer.host, self.reactor.clock())
-            self.metrics.logins["failed"] += 1
-            audit.emit("login-failed", logging.WARNING, user=event.user, addr=peer.host, reason="auth-failed")
-            if not peer.transport.closing:
-                self._login_failed(peer, verb, event.user, "auth-failed", AUTH_FAILED, counted=False)
-            return
-        if verb == "LOGIN":
-            self.pair_failures.succeeded(pair)
-        if peer.transport.closing:
-            return
-        if self._stopping:
-            peer.close(ev.Bye("shutdown", SHUTTING_DOWN))
-            return
-        self.metrics.logins["ok"] += 1
-        session = self.registry.start_session(peer, name)
-        audit.emit("register" if verb == "REGISTER" else "login", user=name, addr=peer.host, session=session.sid)
-        peer.resume(WAITING)
-
-    def _refund(self, verb: str, pair) -> None:
-        """The check never ran to a verdict: take back the failure charged in advance."""
-        if verb == "LOGIN":
-            self.pair_failures.refund(pair)
-
-    def _login_refused(self, peer: Peer, verb: str, code: str, text: str, count: bool = True) -> None:
-        """An answer that is nobody's fault or not a guess: reading goes on."""
-        if count:
-            self.metrics.logins["refused"] += 1
-        if not peer.transport.closing:
-            peer.send(ev.Error(verb, code, text))
-            peer.resume(WAITING)
-
-    def _login_failed(self, peer: Peer, verb: str, user: str, code: str, text: str, counted: bool = True) -> None:
-        """A failed attempt: answered, and it counts toward closing this socket."""
-        if counted:
-            self.metrics.logins["failed"] += 1
-            audit.emit("login-failed", logging.WARNING, user=user, addr=peer.host, reason=code)
-        peer.failures += 1
-        peer.send(ev.Error(verb, code, text))
-        if peer.failures >= self.config.max_login_failures:
-            peer.close(ev.Bye("auth-failed", "too many failed logins"))
-        else:
-            peer.resume(WAITING)
-
     def on_ping(self, peer: Peer, event: ev.Ping) -> None:
         peer.send(event.response())
         if peer.session.phase is Phase.ONLINE:
@@ -530,14 +356,6 @@ class Server:
             peer.send(ev.Ok("VERSION", str(event.version)))
         else:
             peer.send(ev.Error("VERSION", "unsupported", f"this server speaks versions 1 and {ev.PROTOCOL_VERSION}"))
-
-    def resume_refused(self, peer: Peer, code: str, text: str) -> None:
-        """A RESUME that found nothing to resume: the socket may LOGIN, but
-        guessing tokens counts as failed logins do."""
-        peer.failures += 1
-        peer.send(ev.Error("RESUME", code, text))
-        if peer.failures >= self.config.max_login_failures:
-            peer.close(ev.Bye("auth-failed", "too many failed attempts"))
 
     # -- commands (chat socket) -----------------------------------------------------
 

@@ -106,7 +106,7 @@ def render(server) -> str:
          [("", server.reactor.pending_jobs)]),
         ("selchat_password_checks_waiting", "gauge",
          "LOGIN and REGISTER password checks queued for a worker (fairly, by address).",
-         [("", len(server.hash_queue))]),
+         [("", len(server.logins.queue))]),
         ("selchat_loop_lag_seconds", "gauge", "How late the 1 s probe timer last ran, past the timer tick.",
          [("", m.lag)]),
         ("selchat_loop_lag_max_seconds", "gauge", "The largest loop lag since the previous scrape.",

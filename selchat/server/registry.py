@@ -189,7 +189,7 @@ class Registry:
         if session is None and sid in self.tombstones:
             session = self.tombstones[sid][0]
         if session is None or not hmac.compare_digest(session.resume_secret.encode(), secret.encode()):
-            self.server.resume_refused(peer, "unknown-session", "no session to resume with that token; log in")
+            self.server.logins.resume_refused(peer, "unknown-session", "no session to resume with that token; log in")
             return
         outbox = session.outbox
         if session.phase is Phase.CLOSED:
@@ -199,7 +199,7 @@ class Registry:
             peer.close(ev.Bye("expired", "the session ended; log in again"))
             return
         if event.last_id > outbox.last_id:
-            self.server.resume_refused(peer, "bad-id", f"event {event.last_id} was never sent; the last is {outbox.last_id}")
+            self.server.logins.resume_refused(peer, "bad-id", f"event {event.last_id} was never sent; the last is {outbox.last_id}")
             return
         if session.phase is Phase.DETACHED:
             session.resume_timer.cancel()

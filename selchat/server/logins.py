@@ -1,0 +1,175 @@
+"""Logging in: LOGIN and REGISTER, from the frame to the session.
+
+Throttling of failed logins (per account and address, and per address),
+the fair queue of password checks waiting for a worker thread, and the
+verdict: a refusal, a failure that counts toward closing the socket, or a
+new session (``Registry.start_session``). The hash itself runs on a worker
+(``Accounts``); nothing here blocks the loop.
+
+May touch: the peer being logged in (pause, resume, send, close), the
+account store through its non-blocking calls, the metrics and the log
+events; from the ``Server`` its config (swapped on reload) and ``stopping``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from selchat.protocol import events as ev
+from selchat.server import audit
+from selchat.server.limits import FailureTracker, FairQueue
+from selchat.server.peer import WAITING
+from selchat.store.accounts import MAX_PASSWORD_BYTES, StorageUnavailable, StoreError
+
+log = logging.getLogger("selchat.server")
+
+AUTH_FAILED = "invalid username or password"
+SHUTTING_DOWN = "the server is shutting down"
+#: Password checks one address may have waiting for a worker; more are "busy".
+HASHES_PER_ADDRESS = 8
+#: Failed logins for one account from one address before further attempts
+#: from that address are throttled (other addresses are not).
+FREE_FAILURES_PER_ACCOUNT = 3
+
+
+class Logins:
+    def __init__(self, server):
+        self.server = server
+        self.reactor = server.reactor
+        # Failed logins throttle further attempts from the same address: for
+        # one account after 3, for any account after config.throttle_after
+        # (many users may share an address; 0 = never). A fresh address is
+        # never slowed.
+        self.pair_failures = FailureTracker(free=FREE_FAILURES_PER_ACCOUNT)
+        self.addr_failures = FailureTracker(free=server.config.throttle_after or None)
+        self.queue = FairQueue()    # password checks waiting, per address
+        self.hashing = 0            # password checks on a worker
+
+    def on_login(self, peer, event) -> None:
+        """LOGIN or REGISTER: answer a throttled or hopeless attempt at once,
+        else queue the password check for a worker; stop reading meanwhile.
+
+        Failed logins throttle further attempts from the same address only
+        (for one account after FREE_FAILURES_PER_ACCOUNT, for any account
+        after config.throttle_after), so a guesser never locks the owner out
+        from elsewhere. A LOGIN counts as a failure for its account from
+        its address from the moment it is queued, so parallel guesses are
+        throttled too; a success clears it.
+        Checks wait in a FairQueue by address: one address's flood delays
+        another address's login by at most one check per busy address.
+        """
+        register = type(event) is ev.Register
+        verb = "REGISTER" if register else "LOGIN"
+        if register and not self.server.config.registration:
+            self._login_refused(peer, verb, "registration-closed", "registration is closed on this server")
+            return
+        if len(event.password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
+            # Never hash it: a long password costs as much as many guesses.
+            self._login_failed(peer, verb, event.user, "bad-password",
+                               f"password must be at most {MAX_PASSWORD_BYTES} bytes of UTF-8")
+            return
+        host = peer.host
+        pair = (event.user.lower(), host)
+        now = self.reactor.clock()
+        wait = max(self.pair_failures.delay(pair, now), self.addr_failures.delay(host, now))
+        if wait > 0:
+            seconds = math.ceil(wait)
+            self.server.metrics.logins["throttled"] += 1
+            audit.emit("throttled", logging.WARNING, user=event.user, addr=host, wait=seconds)
+            self._login_failed(peer, verb, event.user, "throttled",
+                               f"{seconds} too many failed logins; try again in {seconds} s", counted=False)
+            return
+        if len(self.queue) >= self.server.config.max_hash_queue or self.queue.queued(host) >= HASHES_PER_ADDRESS:
+            self._login_refused(peer, verb, "busy", "the server is busy; try again in a moment")
+            return
+        if not register:
+            self.pair_failures.failed(pair, now)
+        peer.pause(WAITING)
+        self.queue.push(host, (peer, event, verb, pair))
+        self._run_hashes()
+
+    def _run_hashes(self) -> None:
+        """Keep every worker busy with the next password check, fairly by address."""
+        while self.hashing < self.server.config.workers and self.queue:
+            peer, event, verb, pair = self.queue.pop()
+            if peer.transport.closing:
+                continue  # gave up waiting; its charge stands (it never proved the password)
+            self.hashing += 1
+            call = self.server.accounts.register if verb == "REGISTER" else self.server.accounts.verify
+            call(event.user, event.password,
+                 done=lambda fut, p=peer, e=event, v=verb, k=pair: self._login_done(p, e, v, k, fut))
+
+    def _login_done(self, peer, event, verb: str, pair, future) -> None:
+        self.hashing -= 1
+        self._run_hashes()
+        try:
+            name = future.result()
+        except StorageUnavailable as exc:
+            self._refund(verb, pair)
+            self.server.metrics.logins["error"] += 1
+            audit.emit("storage-error", logging.ERROR, user=event.user, addr=peer.host, error=str(exc))
+            self._login_refused(peer, verb, exc.code, str(exc), count=False)
+            return
+        except StoreError as exc:  # bad username, name taken: the client's mistake
+            self._refund(verb, pair)
+            self._login_refused(peer, verb, exc.code, str(exc))
+            return
+        except Exception as exc:
+            log.exception("account store failed")
+            self._refund(verb, pair)
+            self.server.metrics.logins["error"] += 1
+            audit.emit("storage-error", logging.ERROR, user=event.user, addr=peer.host, error=repr(exc))
+            self._login_refused(peer, verb, "storage", "the account store failed; try again later", count=False)
+            return
+        if name is None:  # logged even if the guesser hung up before the answer
+            self.addr_failures.failed(peer.host, self.reactor.clock())
+            self.server.metrics.logins["failed"] += 1
+            audit.emit("login-failed", logging.WARNING, user=event.user, addr=peer.host, reason="auth-failed")
+            if not peer.transport.closing:
+                self._login_failed(peer, verb, event.user, "auth-failed", AUTH_FAILED, counted=False)
+            return
+        if verb == "LOGIN":
+            self.pair_failures.succeeded(pair)
+        if peer.transport.closing:
+            return
+        if self.server.stopping:
+            peer.close(ev.Bye("shutdown", SHUTTING_DOWN))
+            return
+        self.server.metrics.logins["ok"] += 1
+        session = self.server.registry.start_session(peer, name)
+        audit.emit("register" if verb == "REGISTER" else "login", user=name, addr=peer.host, session=session.sid)
+        peer.resume(WAITING)
+
+    def _refund(self, verb: str, pair) -> None:
+        """The check never ran to a verdict: take back the failure charged in advance."""
+        if verb == "LOGIN":
+            self.pair_failures.refund(pair)
+
+    def _login_refused(self, peer, verb: str, code: str, text: str, count: bool = True) -> None:
+        """An answer that is nobody's fault or not a guess: reading goes on."""
+        if count:
+            self.server.metrics.logins["refused"] += 1
+        if not peer.transport.closing:
+            peer.send(ev.Error(verb, code, text))
+            peer.resume(WAITING)
+
+    def _login_failed(self, peer, verb: str, user: str, code: str, text: str, counted: bool = True) -> None:
+        """A failed attempt: answered, and it counts toward closing this socket."""
+        if counted:
+            self.server.metrics.logins["failed"] += 1
+            audit.emit("login-failed", logging.WARNING, user=user, addr=peer.host, reason=code)
+        peer.failures += 1
+        peer.send(ev.Error(verb, code, text))
+        if peer.failures >= self.server.config.max_login_failures:
+            peer.close(ev.Bye("auth-failed", "too many failed logins"))
+        else:
+            peer.resume(WAITING)
+
+    def resume_refused(self, peer, code: str, text: str) -> None:
+        """A RESUME that found nothing to resume: the socket may LOGIN, but
+        guessing tokens counts as failed logins do."""
+        peer.failures += 1
+        peer.send(ev.Error("RESUME", code, text))
+        if peer.failures >= self.server.config.max_login_failures:
+            peer.close(ev.Bye("auth-failed", "too many failed attempts"))
