@@ -72,6 +72,13 @@ def test_start_sends_login_on_the_login_socket():
     assert s.phase is Phase.LOGGING_IN
 
 
+def test_a_client_that_resumes_asks_for_version_2_first():
+    """Version 2 makes the server hold a dropped session for a while: only a
+    client that will come back (reconnecting on) asks for it."""
+    assert sent(ClientSession("alice", "pw", reconnect=True).start()) == ["LOGIN: VERSION 2", "LOGIN: LOGIN alice pw"]
+    assert sent(ClientSession("alice", "pw", version=2).start()) == ["LOGIN: VERSION 2", "LOGIN: LOGIN alice pw"]
+
+
 def test_register_sends_register():
     assert sent(ClientSession("alice", "pw", register=True).start()) == ["LOGIN: REGISTER alice pw"]
 
@@ -133,7 +140,8 @@ def test_refused_attach_ends_the_session():
 def test_other_protocol_version_is_fatal():
     s = ClientSession("alice", "pw")
     s.start()
-    effects = s.receive(LOGIN, frames("HELLO 2 selchat/9"))
+    assert s.receive(LOGIN, frames("HELLO 2 selchat/9")) == []   # the newest it speaks: 1 is fine
+    effects = s.receive(LOGIN, frames("HELLO 0 selchat/9"))
     assert closed(effects) == 3 and shown(effects)[0].startswith("protocol error:")
 
 
@@ -692,11 +700,12 @@ def test_a_lost_chat_is_said_then_a_reconnect_is_asked_for():
 
 def test_reconnect_logs_in_again_and_says_where_the_user_stands():
     s = ClientSession("alice", "pw", register=True, reconnect=True, backoff=Backoff(rng=steady(0.0)))
-    assert sent(s.start()) == ["LOGIN: REGISTER alice pw"]
-    s.receive(LOGIN, frames("HELLO 1 x", "WELCOME Alice ctok ktok", "READY Alice", "STARTED bob"))
+    assert sent(s.start()) == ["LOGIN: VERSION 2", "LOGIN: REGISTER alice pw"]
+    s.receive(LOGIN, frames("HELLO 1 x", "ERR VERSION unknown-command unknown command VERSION",
+                            "WELCOME Alice ctok ktok", "READY Alice", "STARTED bob"))
     s.not_responding()
     s.reconnect_failed("refused")
-    assert sent(s.start()) == ["LOGIN: LOGIN Alice pw"]   # the account exists now
+    assert sent(s.start()) == ["LOGIN: VERSION 2", "LOGIN: LOGIN Alice pw"]   # the account exists now
     effects = s.receive(LOGIN, frames("HELLO 1 x", "WELCOME Alice c2 k2"))
     assert sent(effects) == ["CHAT: ATTACH CHAT c2", "CHECK: ATTACH CHECK k2"]
     effects = s.receive(LOGIN, frames("READY Alice"))

@@ -229,13 +229,18 @@ def test_reconnects_by_itself_when_the_server_is_killed_and_restarted(make_serve
     first.proc.kill()
     first.proc.wait()
     alice.expect("connection lost: ")
-    alice.expect(f"chat with {bob.name} ended: the connection was lost")
+    # Version 2: the chat is kept for a resume, and what she types waits for it.
+    alice.expect(f"the chat with {bob.name} is kept while reconnecting")
     alice.expect(f"{alice.user} [offline, reconnecting")   # the countdown, in the prompt
     alice.send("hello?\r")
-    alice.expect("not connected (reconnecting); not sent")
+    alice.expect("not connected: 'hello?' will be sent once the connection is back")
     # the same port and database: ServerProcess's own --port 0 is overridden by the later one
     second = make_server("--port", str(first.port), db=first.db)
     assert second.port == first.port
+    # The new server knows nothing of her session: the line was never sent,
+    # the chat is over, and she logs in again with her password.
+    alice.expect("not delivered: 'hello?'")
+    alice.expect(f"chat with {bob.name} ended: the connection was lost")
     alice.expect(f"reconnected: logged in as {alice.user}; not in a chat (the chat with {bob.name} ended")
     carol = RawUser(second, unique("carol"))
     carol.chat.send(f"CHAT {alice.user}")

@@ -14,6 +14,10 @@ ends a session (``BYE``) on the login socket and then closes all three, but
 three TCP connections are read in no particular order: handing over such an
 EOF at once would often report "connection lost" instead of the reason.
 
+Protocol version 2 needs nothing of its own here: ACKs are ``Send`` effects
+on the check socket, and resuming is a ``Reconnect`` whose ``start()`` sends
+``RESUME`` instead of ``LOGIN`` (``core.py`` says how).
+
 The *link* is what belongs to one connection: the three transports, the
 heartbeat, the EOF holds and the tasks opening the chat and check sockets.
 On ``core.Reconnect`` the link is dropped whole (its generation number goes up,
@@ -176,8 +180,16 @@ class Transport:
         return len(self._out)
 
     def start(self, sock: socket.socket) -> None:
-        """The socket is connected: start reading and send what waited."""
+        """The socket is connected: start reading and send what waited.
+
+        Nagle's algorithm is off: the frames are small and each is wanted at
+        once (an ACK held back until the previous segment's TCP ACK, up to
+        40 ms with delayed ACKs, holds back the partner's receipt too)."""
         sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass   # not TCP (a test's socketpair): nothing to turn off
         self.sock = sock
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._watch()

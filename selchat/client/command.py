@@ -138,7 +138,9 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
               help="If the server is unreachable at start, try N more times (1 s apart, doubling up to 8 s).")
 @click.option("--reconnect/--no-reconnect", default=None,
               help="When the connection is lost, reconnect (capped exponential backoff with jitter) and "
-                   "log in again. Default: on in interactive mode, off in scripted and --json mode.")
+                   "resume the session (protocol version 2: the chat goes on, nothing is lost or shown "
+                   "twice), or else log in again. Default: on in interactive mode, off in scripted and "
+                   "--json mode.")
 @click.option("--ping-interval", default=30.0, show_default=True, type=click.FloatRange(min=0.05),
               metavar="SECONDS", help="Send a heartbeat PING this often.")
 @click.option("--ping-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.05),

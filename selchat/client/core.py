@@ -29,6 +29,30 @@ next ``start()`` logs in with the same credentials (``LOGIN``, also when the
 first time was ``REGISTER``); ``READY`` then says where the user stands now.
 Protocol errors and refused logins still end the session.
 
+Version 2: resuming, one fate per message
+-----------------------------------------
+With reconnecting on, ``start()`` pipelines ``VERSION 2`` before ``LOGIN``
+(a server that answers ``ERR VERSION`` is spoken to in version 1). A
+``WELCOME`` with a resume token makes the session version 2: every frame the
+login socket brings after it (``BYE`` excepted) has the next id, and each read
+that brought any is acknowledged with one ``ACK <id>`` on the check socket.
+Every ``MSG`` we send gets the next seq of the session and is kept (``_mine``)
+until ``DELIVERED`` or ``UNDELIVERED`` names it; ``RECEIVED`` on the chat
+socket says which of them the server has (``_received``).
+
+A drop does not end the chat: its state is kept (``_standing``) and the next
+``start()`` sends ``RESUME <token> <last id>``. ``RESUMED`` sets the id count
+back to the server's, restores the chat state (replayed events then move it
+on as usual; an id already handled is skipped, so nothing is shown twice),
+and attaches new chat and check sockets; once both are attached, every kept
+message after ``accepted`` is sent again, in order, on the new chat socket.
+Lines typed in a chat meanwhile are kept the same way (``queued``). If the
+server no longer has the session (``ERR RESUME``, or ``UNRESUMED`` with the
+fates it still has, then ``BYE``), each kept message gets its last word here:
+``unconfirmed`` if the server had it, not delivered otherwise; then a new
+``LOGIN``. Whenever the session ends with messages still without a fate, the
+same is said of them.
+
 Whose WHO
 ---------
 Tab completion asks the server who is online with a WHO of its own
@@ -83,6 +107,12 @@ WHO_LISTED = 200
 NAMES_KEPT = 5000
 #: Reconnecting: the first delay, and the cap of the doubling (seconds).
 RECONNECT_FIRST, RECONNECT_CAP = 1.0, 30.0
+#: The cap while a version 2 session waits to be resumed: the server keeps it
+#: only for its resume window (120 s by default), and a RESUME costs it no
+#: password hash, so come back soon after the network does.
+RESUME_CAP = 8.0
+#: The protocol version the client asks for (``VERSION 2`` before logging in).
+ASK_VERSION = 2
 #: BYE reasons after which reconnecting would be wrong: someone else logged in
 #: to the account, an operator disconnected us (``selchat admin kick``: coming
 #: straight back would undo it), the password is no longer accepted, or we
@@ -94,6 +124,8 @@ FINAL_BYES = frozenset({"replaced", "kicked", "auth-failed", "exit"})
 #: ``busy``; ``storage`` is the server's database; ``throttled`` someone
 #: else's guessing from the same address.
 TRANSIENT_LOGIN_ERRORS = frozenset({"busy", "storage", "throttled"})
+#: The data of the PING a version 2 client sends before EXIT (see ``_leave``).
+EXIT_SYNC = "exit"
 #: Exit codes of ``selchat connect``.
 EXIT_OK, EXIT_LOGIN, EXIT_UNREACHABLE, EXIT_LOST = 0, 1, 2, 3
 
@@ -147,6 +179,14 @@ FORMATS: dict[str, str] = {
     "reconnecting":      "reconnecting in {detail} s (attempt {count}): {text}",
     "reconnected":       "reconnected: logged in as {user}; {text}",   # READY after reconnecting
     "gave-up":           "stopped reconnecting",                        # /exit, Ctrl-D while offline
+    # Protocol version 2: the session survives a drop; every message gets one fate.
+    "delivered":         "delivered: '{text}'",                         # DELIVERED (one per message)
+    "unconfirmed":       "unconfirmed: '{text}' (the server had it; whether it was delivered is not known)",
+    "away":              "{user} is away (reconnecting)",               # AWAY
+    "back":              "{user} is back",                              # BACK
+    "chat-kept":         "the chat with {user} is kept while reconnecting; what you type is sent once it is back",
+    "queued":            "not connected: '{text}' will be sent once the connection is back",
+    "resumed":           "reconnected: {text}",                         # RESUMED and both sockets attached
     # Before there is a session: scripted mode prints these on stderr.
     "login-failed":      "login failed: {text}",                        # ERR LOGIN, BYE auth-failed
     "register-failed":   "registration failed: {text}",                 # ERR REGISTER
@@ -159,6 +199,9 @@ STDERR_KINDS = frozenset({"login-failed", "register-failed", "unreachable", "ret
 #: Kinds that echo what the user did: shown on a terminal and in --json, but not
 #: in plain scripted mode, whose output stays what scripts already expect.
 ECHO_KINDS = frozenset({"sent"})
+#: Receipts for the user's own messages: likewise not in plain scripted mode,
+#: which shows no echo for them to mark (only what went wrong: not delivered).
+RECEIPT_KINDS = frozenset({"delivered"})
 
 #: The --json form of each kind: {json field: (Notice attribute, type)}. Every
 #: object also has "type" (the kind), "time" and "line" (the plain line); the
@@ -198,6 +241,13 @@ JSON_FIELDS: dict[str, dict[str, tuple[str, type]]] = {
     "reconnecting": {"attempt": ("count", int), "delay": ("detail", float), "text": ("text", str)},
     "reconnected": {"user": ("user", str), "text": ("text", str), "lost_chat": ("detail", str)},
     "gave-up": {},
+    "delivered": {"seq": ("count", int), "text": ("text", str)},
+    "unconfirmed": {"seq": ("count", int), "text": ("text", str)},
+    "away": {"user": ("user", str)},
+    "back": {"user": ("user", str)},
+    "chat-kept": {"user": ("user", str)},
+    "queued": {"seq": ("count", int), "text": ("text", str)},
+    "resumed": {"user": ("user", str), "text": ("text", str), "resent": ("count", int)},
     "login-failed": {"text": ("text", str)},
     "register-failed": {"text": ("text", str)},
     "unreachable": {"address": ("text", str), "error": ("detail", str)},
@@ -338,10 +388,10 @@ class Backoff:
         self.first, self.cap, self.rng = first, cap, rng
         self.attempt = 0
 
-    def next(self) -> float:
-        """The delay before the next attempt (and count it)."""
+    def next(self, cap: float | None = None) -> float:
+        """The delay before the next attempt (and count it); ``cap`` lowers the cap."""
         self.attempt += 1
-        nominal = min(self.cap, self.first * 2 ** min(self.attempt - 1, 32))
+        nominal = min(self.cap if cap is None else min(cap, self.cap), self.first * 2 ** min(self.attempt - 1, 32))
         return nominal / 2 + self.rng() * nominal / 2
 
     def reset(self) -> None:
@@ -361,7 +411,7 @@ class ClientSession:
     """
 
     def __init__(self, user: str, password: str, register: bool = False, reconnect: bool = False,
-                 backoff: Backoff | None = None):
+                 backoff: Backoff | None = None, version: int | None = None):
         self.user = user
         self.phase = Phase.CONNECTING
         self.partner: str | None = None   # whom the request or chat is with
@@ -370,6 +420,12 @@ class ClientSession:
         self.reconnect = reconnect
         self.backoff = backoff or Backoff()
         self.known_users: tuple[str, ...] = ()  # from the last WHO, for completion
+        # The protocol version to ask for (1: never ask). Version 2 only when
+        # reconnecting: the server then holds a dropped session for its resume
+        # window, which only a client that comes back to resume it should ask
+        # of it; the partner of one that will not is told at once that it left.
+        self.version = version if version is not None else (ASK_VERSION if reconnect else 1)
+        self.partner_away = False          # AWAY read for the partner, and no BACK yet
         self._password = password
         self._register = register
         self._was_online = False           # READY has been seen once: reconnecting makes sense
@@ -377,11 +433,29 @@ class ClientSession:
         self._lost_chat = ""               # the partner of the chat the drop ended
         self._answering = False            # ACCEPT/DECLINE sent for the request in
         self._out: list[Effect] = []
+        self._new_session()
         self._new_connection()
+
+    def _new_session(self) -> None:
+        """Forget the server's session: what version 2 keeps across reconnects."""
+        self._token = ""                   # the resume token: set, the session can be resumed
+        self._seen_id = 0                  # the highest login-socket event id handled
+        self._acked = 0                    # the id in the last ACK (or RESUME) sent
+        self._seq = 0                      # MSG frames of this session, kept ones included
+        self._mine: dict[int, str] = {}    # seq -> text of our messages with no fate yet, by seq
+        self._received = 0                 # the server has every message up to this seq
+        self._unshown: set[int] = set()    # kept while offline, not yet echoed as sent
+        self._standing: tuple[Phase, str | None] = (Phase.IDLE, None)  # the chat state while offline
 
     def _new_connection(self) -> None:
         """Forget everything about the current sockets (a reconnect starts afresh)."""
         self._conns = {role: Connection(CLIENT) for role in Role}
+        self._counting = False             # login-socket frames are numbered (after WELCOME, RESUMED)
+        self._wire_id = 0                  # the id of the last frame read on this login socket
+        self._chat_base = 0                # the seq before the first MSG on this chat socket
+        self._resuming = False             # RESUME sent, no answer yet
+        self._attaching = False            # RESUMED: the chat and check sockets not both attached
+        self._unresumed = False            # UNRESUMED: the session is over; fates, then BYE, follow
         self._sent: dict[int, str] = {}   # MSG seq -> text, the last SENT_KEPT
         self._asks: deque[tuple[str, bool]] = deque()  # CHAT sent, reply pending: (user, optimistic)
         self._quits: deque[str] = deque()  # QUIT sent, reply pending: the chat partner then, or ""
@@ -392,17 +466,32 @@ class ClientSession:
         self._who: list[tuple[str, str]] = []
         self._who_more = 0
         self._pings = 0
+        self._exit_waits = False           # leaving: EXIT waits for the PONG that syncs our ACKs
 
     # -- inputs ------------------------------------------------------------------
 
     def start(self) -> list[Effect]:
-        """The login socket is open: log in (or register; a reconnect logs in)."""
+        """The login socket is open: resume the session if the server keeps one
+        for us, else log in (or register; a reconnect logs in)."""
         if self.phase is Phase.CLOSED:
             return []
-        event = ev.Register if self._register else ev.Login
-        self._send(LOGIN, event(self.user, self._password))
+        if self._token:
+            self._resuming = True
+            self._acked = self._seen_id   # RESUME acknowledges what it names
+            self._send(LOGIN, ev.Resume(self._token, self._seen_id))
+        else:
+            self._log_in()
         self.phase = Phase.LOGGING_IN
         return self._flush()
+
+    def _log_in(self) -> None:
+        """VERSION 2 and LOGIN (or REGISTER), pipelined: the server answers
+        VERSION first, and a server that only speaks version 1 refuses it and
+        answers the LOGIN all the same."""
+        if self.version >= 2:
+            self._send(LOGIN, ev.Version(self.version))
+        event = ev.Register if self._register else ev.Login
+        self._send(LOGIN, event(self.user, self._password))
 
     def reconnect_failed(self, text: str) -> list[Effect]:
         """The login socket could not be opened again: wait longer, then try again."""
@@ -439,7 +528,14 @@ class ClientSession:
                 self._eof.add(role)  # next_event() would repeat it forever
                 self._on_event(role, event)
                 break
+            if role is LOGIN and self._counting and type(event) not in _UNNUMBERED:
+                self._wire_id += 1
+                if self._wire_id <= self._seen_id:
+                    continue  # replayed after a RESUME, and handled before the drop
+                self._seen_id = self._wire_id
             self._on_event(role, event)
+        if role is LOGIN:
+            self._acknowledge()  # one ACK per read, however many events it brought
         return self._flush()
 
     def typed(self, line: str) -> list[Effect]:
@@ -451,10 +547,14 @@ class ClientSession:
     def _typed_one(self, line: str) -> None:
         if self.phase is Phase.CLOSED or self.leaving:
             return
-        if self.phase not in ONLINE:
+        if not self.online:
             words = line.split()
+            message = line.startswith("//") or not line.lstrip().startswith("/")
             if words and words[0].lower() in LOCAL_COMMANDS:
                 self._command(words)  # /help and /exit need no server
+            elif message and self._keeping():
+                if line.strip():
+                    self._keep(line[1:] if line.startswith("//") else line)
             elif self._offline:
                 self._show("error", text="not connected (reconnecting); not sent")
             else:
@@ -480,7 +580,7 @@ class ClientSession:
     def interrupt(self) -> list[Effect]:
         """Ctrl-C: leave the chat, withdraw the request or decline the one received;
         otherwise (or when the first Ctrl-C is still being answered) log out."""
-        if self.leaving or self.phase not in ONLINE:
+        if self.leaving or not self.online:
             return self.exit()
         if self.phase in (Phase.CHATTING, Phase.REQUEST_OUT) and not self._quits:
             self._cmd_quit()
@@ -494,6 +594,9 @@ class ClientSession:
     def exit_timed_out(self) -> list[Effect]:
         """The server did not answer EXIT in time: we leave anyway."""
         if self.phase is not Phase.CLOSED:
+            if self._exit_waits:  # not even the PONG before it came: say EXIT all the same
+                self._exit_waits = False
+                self._send(CHAT, ev.Exit())
             self._show("logged-out")
             self._close(EXIT_OK)
         return self._flush()
@@ -530,8 +633,17 @@ class ClientSession:
 
     @property
     def online(self) -> bool:
-        """READY has arrived and the session is not over: the user may type."""
-        return self.phase in ONLINE
+        """READY has arrived (or a resumed session has its sockets back), the chat
+        socket is attached and the session is not over: the user may type."""
+        return self.phase in ONLINE and not self._attaching and self._conns[CHAT].state is State.CHAT
+
+    @property
+    def standing(self) -> tuple[Phase, str | None]:
+        """Where the user stands in the chat: the phase and partner when online,
+        what they were before the connection dropped while it is being resumed."""
+        if self.phase in ONLINE:
+            return self.phase, self.partner
+        return self._standing
 
     # -- received events -----------------------------------------------------------
 
@@ -543,7 +655,7 @@ class ClientSession:
             handler(self, role, event)
 
     def _on_hello(self, role: Role, event: ev.Hello) -> None:
-        if event.version != ev.PROTOCOL_VERSION:
+        if event.version < 1:  # HELLO names the newest version; every server speaks 1
             self._fatal(f"the server speaks protocol version {event.version}, "
                         f"this client version {ev.PROTOCOL_VERSION}")
 
@@ -551,12 +663,83 @@ class ClientSession:
         self.user = event.user  # the spelling the account was registered with
         self._register = False  # the account exists now: a reconnect logs in
         self.phase = Phase.ATTACHING
-        for attach_role, token in ((CHAT, event.chat_token), (CHECK, event.check_token)):
+        self._report_unfated("the session ended before it was sent")  # none are left; to be sure
+        self._new_session()     # a WELCOME is always a new session on the server
+        if event.resume_token:  # version 2: from now on the login socket's frames are numbered
+            self._token = event.resume_token
+            self._counting = True
+        self._attach(event.chat_token, event.check_token)
+
+    def _attach(self, chat_token: str, check_token: str) -> None:
+        for attach_role, token in ((CHAT, chat_token), (CHECK, check_token)):
             self._out.append(Connect(attach_role))
             self._send(attach_role, ev.Attach(attach_role, token))
 
+    def _on_resumed(self, role: Role, event: ev.Resumed) -> None:
+        """The server still had our session. It has our messages up to
+        ``accepted``: the rest are sent again once the new sockets are attached.
+        Its events after ``last_id`` follow; the chat is where it was."""
+        problem = self._accepted_problem(event.accepted)
+        if problem:
+            self._fatal(f"RESUMED: {problem}")
+            return
+        self._resuming = False
+        self.user = event.user
+        self._received = self._chat_base = event.accepted
+        self._wire_id = self._acked = event.last_id
+        self._seen_id = max(self._seen_id, event.last_id)
+        self._counting = True
+        self.phase, self.partner = self._standing
+        self._attaching = True
+        self._attach(event.chat_token, event.check_token)
+
+    def _accepted_problem(self, accepted: int) -> str | None:
+        """Why ``accepted`` (a RESUMED's) cannot be right for the messages we kept, or None."""
+        if accepted > self._seq:
+            return f"the server has {accepted} messages of this session; this client sent {self._seq}"
+        if accepted < self._received:
+            return f"the server had received {self._received} messages of this session, now says {accepted}"
+        if sum(1 for seq in self._mine if seq > accepted) != self._seq - accepted:
+            return f"messages after {accepted} have a fate already"
+        return None
+
+    def _on_unresumed(self, role: Role, event: ev.Unresumed) -> None:
+        """The session ended while we were away. Messages after ``accepted``
+        never reached the server; the fates of the others follow, then BYE."""
+        self._resuming = False
+        self._unresumed = True
+        for seq, text in self._fated(event.accepted + 1, self._seq):
+            self._show("not-delivered", text=text, detail=f"not sent: {event.text}")
+        self._received = min(event.accepted, self._seq)  # the rest wait for the fates that follow
+
     def _on_attached(self, role: Role, event: ev.Attached) -> None:
-        pass  # READY on the login socket says when both are attached
+        # READY on the login socket says when both are attached; after RESUMED
+        # there is no READY, and both OK ATTACH say it.
+        if role is CHECK:
+            self._acknowledge()  # events read before the check socket was there
+        if self._attaching and self._conns[CHAT].state is State.CHAT and self._conns[CHECK].state is State.CHECK:
+            self._resumed()
+
+    def _resumed(self) -> None:
+        """Back online after a RESUME: send again, in order, every message the
+        server does not have (typed while offline, or lost on the way)."""
+        self._attaching = self._offline = False
+        self.backoff.reset()
+        again = [(seq, text) for seq, text in self._mine.items() if seq > self._received]
+        phase, partner = self.phase, self.partner
+        where = {
+            Phase.CHATTING: f"still chatting with {partner}",
+            Phase.REQUEST_OUT: f"still waiting for {partner} to answer your chat request",
+            Phase.REQUEST_IN: f"{partner} asks for a chat: answer yes or no",
+        }.get(phase, "not in a chat")
+        if again:
+            where += f"; {len(again)} kept message{'s' if len(again) > 1 else ''} sent now"
+        self._show("resumed", user=self.user, text=where, count=len(again))
+        for seq, text in again:
+            self._send(CHAT, ev.Message(text))
+            if seq in self._unshown:  # typed while offline: echoed now that it is sent
+                self._unshown.discard(seq)
+                self._show("sent", user=self.user, text=text)
 
     def _on_ready(self, role: Role, event: ev.Ready) -> None:
         self.user = event.user
@@ -616,9 +799,18 @@ class ClientSession:
             self._socket_done(CHAT)
         elif verb == "HELP":
             self._show("help")
-        # OK ACCEPT: STARTED on the login socket says it.
+        # OK ACCEPT: STARTED on the login socket says it. OK VERSION 2: the
+        # resume token in WELCOME says it too.
 
     def _on_error(self, role: Role, event: ev.Error) -> None:
+        verb = event.verb.upper()
+        if role is LOGIN and verb == "VERSION":
+            return  # the server speaks version 1 only: carry on with it
+        if role is LOGIN and verb == "RESUME" and self._resuming:
+            self._resume_refused(event)
+            return
+        if role is CHECK and verb == "ACK":
+            return  # ACK beyond what was sent: our mistake, and the server ignores it
         if role is LOGIN and self.phase is Phase.LOGGING_IN:
             kind = "register-failed" if self._register else "login-failed"
             text = event.text
@@ -634,7 +826,6 @@ class ClientSession:
             self._end_with("protocol-error", f"could not attach the {role.value.lower()} socket: {event.text}",
                            again=False)
             return
-        verb = event.verb.upper()
         if verb == "CHAT" and role is CHAT:
             self._chat_answered(ok=False, user="")
         if verb == "QUIT" and role is CHAT and self._quit_answered(ok=False, user=""):
@@ -647,7 +838,82 @@ class ClientSession:
                 return  # a background WHO: nobody asked to see its fate
         self._show("error", text=event.text)
 
+    def _resume_refused(self, event: ev.Error) -> None:
+        """ERR RESUME: "not now" waits and tries again; anything else (above all
+        ``unknown-session``: the server restarted) means the session is gone,
+        so give the kept messages their last fate and log in on this socket."""
+        self._resuming = False
+        if event.code in TRANSIENT_LOGIN_ERRORS:
+            self._drop(event.text)
+            return
+        self._session_lost("not sent: the server no longer had the session")
+        self._log_in()
+
+    def _session_lost(self, why: str) -> None:
+        """The server's session is gone for good: report the messages that have
+        no fate, say what went with the session, and start a new one."""
+        self._report_unfated(why)
+        phase, partner = self.standing
+        if phase is Phase.CHATTING and partner:
+            self._lost_chat = partner
+            self._show("chat-dropped", user=partner)
+        elif phase in (Phase.REQUEST_IN, Phase.REQUEST_OUT) and partner:
+            self._show("request-dropped", user=partner)
+        self._new_session()
+
+    def _report_unfated(self, why: str) -> None:
+        """The last word on every message with no fate: one the server had is
+        "unconfirmed" (it may have been delivered), any other not delivered."""
+        for seq, text in self._mine.items():
+            if seq <= self._received:
+                self._show("unconfirmed", text=text, count=seq)
+            else:
+                self._show("not-delivered", text=text, detail=why)
+        self._mine.clear()
+        self._unshown.clear()
+
+    def _fated(self, first: int, last: int) -> list[tuple[int, str]]:
+        """Take our messages ``first``..``last`` that had no fate yet out of the
+        kept ones (in seq order). Seqs already fated are skipped: a fate that
+        comes twice (replayed after UNRESUMED, say) is shown once."""
+        found = []
+        for seq in self._mine:   # in seq order: stop at the first past the range
+            if seq > last:
+                break
+            if seq >= first:
+                found.append(seq)
+        for seq in found:
+            self._unshown.discard(seq)
+        return [(seq, self._mine.pop(seq)) for seq in found]
+
+    def _on_received(self, role: Role, event: ev.Received) -> None:
+        if event.seq > self._received:
+            self._received = min(event.seq, self._seq)
+
+    def _on_delivered(self, role: Role, event: ev.Delivered) -> None:
+        for seq, text in self._fated(event.first, event.last):
+            self._show("delivered", text=text, count=seq)
+
+    def _on_undelivered(self, role: Role, event: ev.Undelivered) -> None:
+        for seq, text in self._fated(event.first, event.last):
+            self._show("not-delivered", text=text, detail=event.text)
+
+    def _on_away(self, role: Role, event: ev.Away) -> None:
+        if (self.partner or "").lower() == event.user.lower():
+            self.partner_away = True
+        self._show("away", user=event.user)
+
+    def _on_back(self, role: Role, event: ev.Back) -> None:
+        if (self.partner or "").lower() == event.user.lower():
+            self.partner_away = False
+        self._show("back", user=event.user)
+
     def _on_nack(self, role: Role, event: ev.Nack) -> None:
+        if self._token:  # version 2 refuses with UNDELIVERED; a NACK counts from this chat socket
+            seq = self._chat_base + event.seq
+            for _, text in self._fated(seq, seq):
+                self._show("not-delivered", text=text, detail=event.text)
+            return
         text = self._sent.get(event.seq)
         if text is None:
             self._show("not-delivered-old", text=str(event.seq), detail=event.text, count=event.seq)
@@ -664,7 +930,10 @@ class ClientSession:
         self._send(role, event.response())
 
     def _on_pong(self, role: Role, event: ev.Pong) -> None:
-        pass  # any frame on the check socket is a sign of life; the loop notes it
+        # Any frame on the check socket is a sign of life; the loop notes it.
+        if self._exit_waits and event.data == EXIT_SYNC:
+            self._exit_waits = False
+            self._send(CHAT, ev.Exit())
 
     def _on_shutdown(self, role: Role, event: ev.Shutdown) -> None:
         self._show("shutdown", text=event.text)
@@ -676,6 +945,13 @@ class ClientSession:
         self._show("notice", text=event.text)
 
     def _on_bye(self, role: Role, event: ev.Bye) -> None:
+        if self._unresumed:
+            # The fates have come: what still has none is unconfirmed. Then a
+            # new session, logged in with the password.
+            self._session_lost(f"not sent: {event.text}")
+            self.backoff.reset()
+            self._drop(event.text)
+            return
         if self.phase is Phase.LOGGING_IN and event.reason == "auth-failed":
             self._show("register-failed" if self._register else "login-failed", text=event.text)
             self._close(EXIT_LOGIN)
@@ -757,26 +1033,57 @@ class ClientSession:
             kind = {Phase.REQUEST_IN: "hint-request-in", Phase.REQUEST_OUT: "hint-request-out"}
             self._show(kind.get(self.phase, "hint-idle"), user=self.partner or "")
             return
+        if self._refused_locally(text):
+            return
+        self._send(CHAT, ev.Message(text))
+        if self._token:  # version 2: kept until it has a fate
+            self._seq += 1
+            self._mine[self._seq] = text
+        else:
+            seq = self._conns[CHAT].msg_seq
+            self._sent[seq] = text
+            self._sent.pop(seq - SENT_KEPT, None)
+        self._show("sent", user=self.user, text=text)
+
+    def _refused_locally(self, text: str) -> bool:
+        """A message the server would refuse is not sent: say why (True)."""
         problem = _control_error(text, "the message")
         if problem is None and len(text.encode("utf-8")) + 4 > codec.MAX_FRAME:  # 4: "MSG "
             problem = f"the message is longer than {codec.MAX_FRAME - 4} bytes"
         if problem:
             self._show("error", text=f"{problem}; not sent")
+        return problem is not None
+
+    def _keeping(self) -> bool:
+        """Offline, in a chat that the server keeps for us: lines typed are kept."""
+        return bool(self._token) and self._offline and self.standing[0] is Phase.CHATTING
+
+    def _keep(self, text: str) -> None:
+        """A message typed while offline: it gets its seq now and is sent (and
+        echoed) once the session is resumed."""
+        if self._refused_locally(text):
             return
-        self._send(CHAT, ev.Message(text))
-        seq = self._conns[CHAT].msg_seq
-        self._sent[seq] = text
-        self._sent.pop(seq - SENT_KEPT, None)
-        self._show("sent", user=self.user, text=text)
+        self._seq += 1
+        self._mine[self._seq] = text
+        self._unshown.add(self._seq)
+        self._show("queued", text=text, count=self._seq)
 
     # -- helpers -------------------------------------------------------------------
 
     def _leave(self) -> None:
         if self.phase is Phase.CLOSED or self.leaving:
             return
-        if self.phase in ONLINE:
+        if self.online:
             self.leaving = True
-            self._send(CHAT, ev.Exit())
+            if self._counting and self._conns[CHECK].state is State.CHECK:
+                # Version 2: the server must see our last ACK before the EXIT,
+                # or the partner is told that the messages we showed were not
+                # delivered. They go on two sockets, read in no set order; the
+                # PONG on the (ordered) check socket says the ACK was read.
+                self._exit_waits = True
+                self._send(CHECK, ev.Ping(EXIT_SYNC))
+            else:
+                self._send(CHAT, ev.Exit())
         elif self._offline:
             self._show("gave-up")  # the connection was lost and is not back
             self._close(EXIT_LOST)
@@ -855,6 +1162,14 @@ class ClientSession:
     def _enter(self, phase: Phase, partner: str | None = None) -> None:
         self.phase, self.partner = phase, partner
         self._answering = False
+        self.partner_away = False
+
+    def _acknowledge(self) -> None:
+        """ACK the last event read, on the check socket once it is attached."""
+        if self._counting and self._wire_id > self._acked and self._conns[CHECK].state is State.CHECK \
+                and self.phase is not Phase.CLOSED:
+            self._acked = self._wire_id
+            self._send(CHECK, ev.Ack(self._wire_id))
 
     def _send(self, role: Role, event: ev.Event) -> None:
         self._out.append(Send(role, self._conns[role].send(event)))
@@ -877,8 +1192,11 @@ class ClientSession:
             self._close(EXIT_LOST)
 
     def _drop(self, why: str) -> None:
-        """The connection is gone: say what went with it, then try again later."""
-        if self.phase is Phase.CHATTING and self.partner:
+        """The connection is gone: say what went with it, then try again later.
+        A version 2 session is kept by the server: nothing went with it."""
+        if self._token:
+            self._keep_standing()
+        elif self.phase is Phase.CHATTING and self.partner:
             self._lost_chat = self.partner
             self._show("chat-dropped", user=self.partner)
         elif self.phase in (Phase.REQUEST_IN, Phase.REQUEST_OUT) and self.partner:
@@ -888,12 +1206,29 @@ class ClientSession:
         self._new_connection()
         self._next_attempt(why)
 
+    def _keep_standing(self) -> None:
+        """Remember the chat state for the resume (and say the chat is kept).
+
+        A chat request sent but not yet answered by ``OK CHAT`` may never have
+        reached the server: it is not kept (if it did arrive, the answer to it
+        comes on the login socket all the same)."""
+        phase, partner = self.standing
+        asked = next((user for user, optimistic in self._asks if optimistic), None)
+        if phase is Phase.REQUEST_OUT and asked is not None and asked.lower() == (partner or "").lower():
+            self._show("error", text=f"the connection was lost before the server answered your chat request "
+                                     f"to {partner}; /chat {partner} asks again")
+            phase, partner = Phase.IDLE, None
+        elif phase is Phase.CHATTING and self.phase in ONLINE:
+            self._show("chat-kept", user=partner)
+        self._standing = (phase, partner)
+
     def _next_attempt(self, why: str) -> None:
-        delay = self.backoff.next()
+        delay = self.backoff.next(RESUME_CAP if self._token else None)
         self._show("reconnecting", text=why, detail=f"{delay:.1f}", count=self.backoff.attempt)
         self._out.append(Reconnect(delay))
 
     def _close(self, code: int) -> None:
+        self._report_unfated("not sent: the session ended")
         self.phase, self.partner, self.exit_code = Phase.CLOSED, None, code
         self._out.append(Close(code))
 
@@ -926,7 +1261,18 @@ _HANDLERS = {
     ev.Bye: ClientSession._on_bye,
     ev.ConnectionClosed: ClientSession._on_closed,
     ev.BadFrame: ClientSession._on_bad_frame,
+    # version 2
+    ev.Resumed: ClientSession._on_resumed,
+    ev.Unresumed: ClientSession._on_unresumed,
+    ev.Received: ClientSession._on_received,
+    ev.Delivered: ClientSession._on_delivered,
+    ev.Undelivered: ClientSession._on_undelivered,
+    ev.Away: ClientSession._on_away,
+    ev.Back: ClientSession._on_back,
 }
+#: Login-socket frames that have no event id: BYE (nothing follows it), and a
+#: bad frame (which ends the session anyway).
+_UNNUMBERED = (ev.Bye, ev.BadFrame)
 
 
 

@@ -61,7 +61,11 @@ ROLE = {
     "login-failed": "error", "register-failed": "error", "unreachable": "error",
     "hint-idle": "quiet", "hint-request-in": "quiet", "hint-request-out": "quiet", "help": "quiet",
     "help-command": "quiet", "retrying": "quiet", "reconnecting": "quiet", "gave-up": "quiet",
+    "unconfirmed": "error", "chat-kept": "quiet", "queued": "quiet", "delivered": "quiet",
 }
+#: Receipts: the ``delivered`` notices of one batch of events make one short line.
+RECEIPT_KIND = "delivered"
+RECEIPT_TEXT = 40   # characters of a message quoted in a receipt
 #: Kinds the status line shows instead of printing a line for each.
 STATUS_KINDS = frozenset({"reconnecting"})
 
@@ -94,6 +98,20 @@ def render(notice: Notice, color: bool, timestamp_format: str | None, when: floa
     return prefix + paint(notice.line(), role, color)
 
 
+def receipt_line(texts: list[str], color: bool, timestamp_format: str | None, when: float | None = None) -> str:
+    """One line for the messages of yours just delivered: ``✓ delivered: 'hi'``,
+    or ``✓ 3 delivered: 'first' … 'last'``. A line of its own per message would
+    double the transcript; the tick says the same in a glance."""
+    def quote(text: str) -> str:
+        return repr(text if len(text) <= RECEIPT_TEXT else text[:RECEIPT_TEXT - 1] + "…")
+
+    if len(texts) == 1:
+        body = f"✓ delivered: {quote(texts[0])}"
+    else:
+        body = f"✓ {len(texts)} delivered: {quote(texts[0])} … {quote(texts[-1])}"
+    return paint(stamp(timestamp_format, when), "quiet", color) + paint(body, "quiet", color)
+
+
 def help_lines() -> list[str]:
     width = max(len(c.usage) for c in COMMANDS.values())
     lines = ["commands:"]
@@ -122,6 +140,8 @@ def status_text(session: ClientSession, client, reconnect_note: Notice | None = 
         conn = "logging in"
     elif phase is Phase.CLOSED:
         conn = "disconnected"
+    elif not session.online:
+        conn = "reconnecting (attaching)"
     else:
         conn = "connected"
         if client is not None and client.server:
@@ -132,7 +152,7 @@ def status_text(session: ClientSession, client, reconnect_note: Notice | None = 
         Phase.IDLE: "idle",
         Phase.REQUEST_IN: f"request from {partner}: yes or no?",
         Phase.REQUEST_OUT: f"waiting for {partner} to answer",
-        Phase.CHATTING: f"chatting with {partner}",
+        Phase.CHATTING: f"chatting with {partner}" + (" (away, reconnecting)" if session.partner_away else ""),
     }.get(phase, "not in a chat")
     status = f" {session.user} · {conn} · {chat} "
     hints = "· /help · Tab completes · Ctrl-D exits "
@@ -188,6 +208,7 @@ class InteractiveUI:
         self._prompt: PromptSession | None = None
         self._task: asyncio.Task | None = None
         self._reconnect_note: Notice | None = None
+        self._receipts: list[str] = []   # texts of "delivered" notices not yet printed
         self._pending: list[str] = []
         self._wake: asyncio.Event | None = None
         self._printer: asyncio.Task | None = None
@@ -200,6 +221,10 @@ class InteractiveUI:
         if notice.kind in STATUS_KINDS:
             self._reconnect_note = notice
             return
+        if notice.kind == RECEIPT_KIND:
+            self._receipts.append(notice.text)   # printed as one line at the end of the batch
+            return
+        self._print_receipts()
         text = render(notice, self.color, self.timestamp_format)
         if notice.kind == "request-in" and self.bell:
             text += "\a"
@@ -249,7 +274,15 @@ class InteractiveUI:
         # (a warning, a library) from garbling the prompt.
         return patch_stdout(raw=True)
 
+    def _print_receipts(self) -> None:
+        if self._receipts:
+            texts, self._receipts = self._receipts, []
+            self._write(receipt_line(texts, self.color, self.timestamp_format) + "\n")
+
     def refresh(self) -> None:
+        # The client calls this after every batch of effects: the receipts of
+        # one batch are one line.
+        self._print_receipts()
         if self._prompt is not None and self._prompt.app.is_running:
             self._prompt.app.invalidate()
 
@@ -290,6 +323,7 @@ class InteractiveUI:
 
     async def aclose(self) -> None:
         self._stopped = True
+        self._print_receipts()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -22,7 +22,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from selchat.client.core import ECHO_KINDS, ClientSession, Notice, Phase
+from selchat.client.core import ECHO_KINDS, RECEIPT_KINDS, ClientSession, Notice, Phase
 
 MAX_INPUT_LINE = 64 * 1024   # a longer run without a newline is handed on as one line
 READ_SIZE = 65536
@@ -161,8 +161,9 @@ class StdinLines:
 class ScriptedUI:
     """stdin lines in; one line per notice out on stdout (stderr before a session).
 
-    Echoes of the user's own actions (``ECHO_KINDS``) are not printed: the
-    output stays what scripts written for earlier versions expect. With
+    Echoes of the user's own actions (``ECHO_KINDS``) and the receipts for
+    them (``RECEIPT_KINDS``) are not printed: the output stays what scripts
+    written for earlier versions expect. With
     ``timestamp_format`` every line starts with the local time.
     """
 
@@ -172,7 +173,7 @@ class ScriptedUI:
         self.timestamp_format = timestamp_format
 
     def show(self, notice: Notice) -> None:
-        if notice.kind in ECHO_KINDS:
+        if notice.kind in ECHO_KINDS or notice.kind in RECEIPT_KINDS:
             return
         self._print(stamp(self.timestamp_format) + notice.line(), sys.stderr if notice.to_stderr else sys.stdout)
 
