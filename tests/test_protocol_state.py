@@ -492,3 +492,15 @@ def test_ping_response(data):
     assert receive(client, server.send(server_ping := ev.Ping(data))) == [server_ping]
     assert receive(client, server.send(ping.response())) == [pong]
     assert receive(server, client.send(server_ping.response())) == [pong]
+
+
+def test_err_version_is_not_the_answer_to_the_login_pipelined_behind_it():
+    conn = Connection(CLIENT)
+    conn.send(ev.Version(2))
+    conn.send(ev.Login("alice", "pw"))
+    assert conn.state is S.AUTHENTICATING
+    assert receive(conn, b"ERR VERSION unsupported this server speaks version 1\n") == [
+        ev.Error("VERSION", "unsupported", "this server speaks version 1")]
+    assert conn.state is S.AUTHENTICATING  # still waiting for the LOGIN's answer
+    assert receive(conn, b"WELCOME alice c k\n") == [ev.Welcome("alice", "c", "k")]
+    assert conn.state is S.LOGIN

@@ -281,3 +281,16 @@ def test_a_client_that_stops_answering_pings_is_detached_not_ended(make_server):
     finally:
         keep_alive.set()
         thread.join()
+
+
+def test_acks_of_new_events_are_not_rate_limited_as_commands(make_server):
+    # Five commands per socket, then one per 100 s: were ACKs charged as
+    # commands, the fifth one here would wait 100 s.
+    srv = make_server("--conn-rate", "0", "--max-per-address", "0", "--cmd-rate", "0.01")
+    alice, bob = pair(srv)
+    for i in range(1, 11):
+        alice.chat.send(f"MSG m{i}")
+        bob.expect(f"MSG {alice.name} m{i}")
+        bob.ack()  # one per read, as the selchat client does
+        assert alice.expect("DELIVERED ") == f"DELIVERED {i} {i}"
+        alice.ack()

@@ -86,4 +86,8 @@ def next_state(table: dict[State, dict[type, State]], state: State, event: ev.Ev
     nxt = table[state].get(type(event))
     if nxt is S.CHAT and type(event) is ev.Attached:
         return S.CHAT if event.role is ev.Role.CHAT else S.CHECK
+    if nxt is not None and type(event) is ev.Error and event.verb == "VERSION":
+        # The answer to VERSION, not to the LOGIN that may follow it at once:
+        # the socket stays where it is (FRESH, or AUTHENTICATING behind it).
+        return state
     return nxt

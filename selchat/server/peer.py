@@ -135,8 +135,12 @@ class Peer:
                     return
                 if session is None and not self.prelogin_frame():
                     return
+                etype = type(event)
+                if etype is ev.Ack and self.acknowledges_new(event):
+                    handle(self, event)  # bounded by what we sent: not rate limited
+                    continue
                 handle(self, event)
-                bucket = msg if type(event) is ev.Message else cmd
+                bucket = msg if etype is ev.Message else cmd
                 if bucket is not None:
                     bucket.tokens -= 1.0
                     if bucket.tokens < 1.0 and not self.refilled(bucket):
@@ -146,6 +150,14 @@ class Peer:
             # A bug met by this client's input: drop this client, not the loop.
             log.exception("error handling %r; closing it", self)
             self.transport.on_error(exc)
+
+    def acknowledges_new(self, event: ev.Ack) -> bool:
+        """Whether an ACK acknowledges events not acknowledged yet: the
+        client sends one per read of its login socket, so these are not
+        rate limited (at most one per event sent); a repeated or
+        out-of-range one costs a command token like any other frame."""
+        outbox = self.session.outbox
+        return outbox is not None and outbox.acked < event.id <= outbox.last_id
 
     def prelogin_frame(self) -> bool:
         """Count a frame received before login; False (and closed) past the cap."""
