@@ -59,7 +59,8 @@ from typing import Callable
 from selchat.client import core
 from selchat.client import tls as clienttls
 from selchat.client.core import (
-    CHECK, LOGIN, ClientSession, Close, Connect, Heartbeat, Notice, Phase, Reconnect, Role, Roster, Send,
+    CHECK, LOGIN, AckLater, ClientSession, Close, Connect, Heartbeat, Notice, Phase, Reconnect, Role, Roster,
+    Send,
 )
 
 CONNECT_TIMEOUT = 10.0   # seconds for one TCP connect
@@ -388,6 +389,8 @@ class Client:
                 self._reconnect_later(effect.delay)
             elif kind is Roster:
                 self._wake_roster_waiters()
+            elif kind is AckLater:
+                self._link_timers["ack"] = self.loop.call_later(effect.delay, self._ack_now)
             else:
                 self.ui.show(effect)
         self._follow_phase()
@@ -414,6 +417,10 @@ class Client:
         if self._input != "stopped":
             self._input = "stopped"
             self.ui.stop_input()
+
+    def _ack_now(self) -> None:
+        self._link_timers.pop("ack", None)
+        self.apply(self.session.ack_now())
 
     def _wake_roster_waiters(self) -> None:
         waiters, self._roster_waiters = self._roster_waiters, []

@@ -12,7 +12,9 @@ out, in order:
 - ``Reconnect(delay)``: the connection is gone; close every socket, and after
   ``delay`` seconds open a new login socket and call ``start()`` again (or
   ``reconnect_failed(why)`` if it cannot be opened);
-- ``Roster(users)``: a fresh list of who is online (for tab completion).
+- ``Roster(users)``: a fresh list of who is online (for tab completion);
+- ``AckLater(delay)``: call ``ack_now()`` in ``delay`` seconds (version 2
+  acknowledgements are batched: see ``ev.ACK_DELAY``).
 
 Nothing here reads a clock or touches a socket. Time enters only through
 ``Heartbeat``, whose methods take ``now`` from the loop; chance only through
@@ -35,7 +37,9 @@ With reconnecting on, ``start()`` pipelines ``VERSION 2`` before ``LOGIN``
 (a server that answers ``ERR VERSION`` is spoken to in version 1). A
 ``WELCOME`` with a resume token makes the session version 2: every frame the
 login socket brings after it (``BYE`` excepted) has the next id, and each read
-that brought any is acknowledged with one ``ACK <id>`` on the check socket.
+that brought any is acknowledged on the check socket, batched: one ``ACK <id>``
+within ``ev.ACK_DELAY`` of the first event not yet acknowledged, or at once
+when ``ev.ACK_EVERY`` wait (and before EXIT).
 Every ``MSG`` we send gets the next seq of the session and is kept (``_mine``)
 until ``DELIVERED`` or ``UNDELIVERED`` names it; ``RECEIVED`` on the chat
 socket says which of them the server has (``_received``).
@@ -181,7 +185,7 @@ FORMATS: dict[str, str] = {
     "gave-up":           "stopped reconnecting",                        # /exit, Ctrl-D while offline
     # Protocol version 2: the session survives a drop; every message gets one fate.
     "delivered":         "delivered: '{text}'",                         # DELIVERED (one per message)
-    "unconfirmed":       "unconfirmed: '{text}' (the server had it; whether it was delivered is not known)",
+    "unconfirmed":       "unconfirmed: '{text}' (sent, but whether it was delivered is not known)",
     "away":              "{user} is away (reconnecting)",               # AWAY
     "back":              "{user} is back",                              # BACK
     "chat-kept":         "the chat with {user} is kept while reconnecting; what you type is sent once it is back",
@@ -328,7 +332,15 @@ class Roster:
     users: tuple[str, ...]
 
 
-Effect = Send | Connect | Close | Notice | Reconnect | Roster
+@dataclass(frozen=True, slots=True)
+class AckLater:
+    """Version 2: call ``ack_now()`` after ``delay`` seconds (unless the
+    connection is dropped first; a new one asks again)."""
+
+    delay: float
+
+
+Effect = Send | Connect | Close | Notice | Reconnect | Roster | AckLater
 
 
 class Phase(enum.Enum):
@@ -411,7 +423,7 @@ class ClientSession:
     """
 
     def __init__(self, user: str, password: str, register: bool = False, reconnect: bool = False,
-                 backoff: Backoff | None = None, version: int | None = None):
+                 backoff: Backoff | None = None, version: int | None = None, ack_delay: float = ev.ACK_DELAY):
         self.user = user
         self.phase = Phase.CONNECTING
         self.partner: str | None = None   # whom the request or chat is with
@@ -426,6 +438,7 @@ class ClientSession:
         # of it; the partner of one that will not is told at once that it left.
         self.version = version if version is not None else (ASK_VERSION if reconnect else 1)
         self.partner_away = False          # AWAY read for the partner, and no BACK yet
+        self.ack_delay = ack_delay         # 0: acknowledge every read at once (tests)
         self._password = password
         self._register = register
         self._was_online = False           # READY has been seen once: reconnecting makes sense
@@ -453,6 +466,7 @@ class ClientSession:
         self._counting = False             # login-socket frames are numbered (after WELCOME, RESUMED)
         self._wire_id = 0                  # the id of the last frame read on this login socket
         self._chat_base = 0                # the seq before the first MSG on this chat socket
+        self._ack_scheduled = False        # an AckLater is out (its timer goes with the connection)
         self._resuming = False             # RESUME sent, no answer yet
         self._attaching = False            # RESUMED: the chat and check sockets not both attached
         self._unresumed = False            # UNRESUMED: the session is over; fates, then BYE, follow
@@ -535,7 +549,13 @@ class ClientSession:
                 self._seen_id = self._wire_id
             self._on_event(role, event)
         if role is LOGIN:
-            self._acknowledge()  # one ACK per read, however many events it brought
+            self._ack_soon()
+        return self._flush()
+
+    def ack_now(self) -> list[Effect]:
+        """The ACK asked for with ``AckLater`` is due."""
+        self._ack_scheduled = False
+        self._acknowledge()
         return self._flush()
 
     def typed(self, line: str) -> list[Effect]:
@@ -862,10 +882,12 @@ class ClientSession:
         self._new_session()
 
     def _report_unfated(self, why: str) -> None:
-        """The last word on every message with no fate: one the server had is
-        "unconfirmed" (it may have been delivered), any other not delivered."""
+        """The last word on every message with no fate: one that went out on a
+        connection is "unconfirmed" (the server may have had it and delivered
+        it: its RECEIVED can still have been on the way), one typed while
+        offline and never sent is not delivered."""
         for seq, text in self._mine.items():
-            if seq <= self._received:
+            if seq <= self._received or seq not in self._unshown:
                 self._show("unconfirmed", text=text, count=seq)
             else:
                 self._show("not-delivered", text=text, detail=why)
@@ -1081,6 +1103,7 @@ class ClientSession:
                 # delivered. They go on two sockets, read in no set order; the
                 # PONG on the (ordered) check socket says the ACK was read.
                 self._exit_waits = True
+                self._acknowledge()  # what is shown is acknowledged before we go
                 self._send(CHECK, ev.Ping(EXIT_SYNC))
             else:
                 self._send(CHAT, ev.Exit())
@@ -1163,6 +1186,18 @@ class ClientSession:
         self.phase, self.partner = phase, partner
         self._answering = False
         self.partner_away = False
+
+    def _ack_soon(self) -> None:
+        """Events were read: acknowledge them at once if many wait, else
+        within ACK_DELAY (with whatever else arrives meanwhile)."""
+        waiting = self._wire_id - self._acked
+        if waiting <= 0 or not self._counting:
+            return
+        if waiting >= ev.ACK_EVERY or self.ack_delay <= 0:
+            self._acknowledge()
+        elif not self._ack_scheduled:
+            self._ack_scheduled = True
+            self._out.append(AckLater(self.ack_delay))
 
     def _acknowledge(self) -> None:
         """ACK the last event read, on the check socket once it is attached."""

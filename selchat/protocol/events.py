@@ -17,6 +17,16 @@ from dataclasses import dataclass
 #: Version 1 is what a client gets unless it sends ``VERSION 2`` first.
 PROTOCOL_VERSION = 2
 
+#: Version 2 acknowledgements are batched both ways (docs/protocol.md): a
+#: client sends ``ACK`` within ``ACK_DELAY`` seconds of the first event it has
+#: not acknowledged, or at once when ``ACK_EVERY`` are waiting; the server
+#: sends ``RECEIVED`` within ``RECEIVED_DELAY`` seconds of a read that brought
+#: chat messages. One frame per batch instead of per read keeps a relayed
+#: message's cost near version 1's (docs/performance.md).
+ACK_DELAY = 0.1
+ACK_EVERY = 256
+RECEIVED_DELAY = 0.2
+
 
 class Role(enum.Enum):
     """The job a socket does once it has identified itself."""

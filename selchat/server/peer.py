@@ -29,6 +29,7 @@ class Peer:
         "server", "transport", "conn", "session", "deadline", "failures",
         "paused", "congested", "feeders", "address", "host",
         "cmd_bucket", "msg_bucket", "prelogin_bytes", "prelogin_frames", "stuck", "version", "received",
+        "received_timer",
     )
 
     def __init__(self, server, address, cmd_bucket):
@@ -50,6 +51,7 @@ class Peer:
         self.stuck = None          # timer: output congested for too long
         self.version = 1           # protocol version asked for with VERSION (login socket)
         self.received = 0          # version 2 chat socket: the last seq said RECEIVED
+        self.received_timer = None # version 2 chat socket: RECEIVED is due when it fires
 
     # -- from the transport ---------------------------------------------------------
 
@@ -92,16 +94,26 @@ class Peer:
         messages from their own); once one runs dry, reading pauses until
         tokens come back, so a flood is slowed, not dropped.
 
-        On a version 2 chat socket, a read that brought chat messages is
-        answered once with ``RECEIVED <seq>``: the server has them all.
+        On a version 2 chat socket, reads that brought chat messages are
+        answered with one ``RECEIVED <seq>`` within ``RECEIVED_DELAY``: the
+        server has them all.
         """
         self._process()
         session = self.session
-        if session is not None and session.outbox is not None and session.chat is self:
-            seq = self.conn.msg_seq
-            if seq > self.received:
-                self.received = seq
-                self.send(ev.Received(seq))
+        if session is not None and session.outbox is not None and session.chat is self \
+                and self.conn.msg_seq > self.received:
+            timer = self.received_timer
+            if timer is None:
+                self.received_timer = self.server.reactor.call_later(ev.RECEIVED_DELAY, self.say_received)
+            elif not timer.active:
+                timer.reset(ev.RECEIVED_DELAY)
+
+    def say_received(self) -> None:
+        """``RECEIVED`` for every chat message read since the last one."""
+        seq = self.conn.msg_seq
+        if seq > self.received:
+            self.received = seq
+            self.send(ev.Received(seq))
 
     def _process(self) -> None:
         conn = self.conn
@@ -222,10 +234,10 @@ class Peer:
         self.transport.abort()
 
     def _cancel_timers(self) -> None:
-        for timer in (self.deadline, self.stuck):
+        for timer in (self.deadline, self.stuck, self.received_timer):
             if timer is not None:
                 timer.cancel()
-        self.deadline = self.stuck = None
+        self.deadline = self.stuck = self.received_timer = None
 
     def __repr__(self) -> str:
         who = self.session.name if self.session is not None else "-"
