@@ -8,6 +8,7 @@ foreign frames.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,16 +16,18 @@ from click.testing import CliRunner
 
 from selchat.bench import matrix, relay, report, sysinfo
 from selchat.bench.command import bench
-from selchat.bench.flows import MIN_SIZE, Fleet, Flow
+from selchat.bench.flows import MIN_SIZE, Fleet, Flow, V2ChatConn, V2LoginConn
 from selchat.bench.stats import latency_summary, percentile
 from selchat.bench.vusers import Setup, VUser
+from selchat.protocol.events import ACK_EVERY
 from tests.support import ServerProcess
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 SUMMARY_KEYS = {"msgs_per_s", "cpu_us_per_msg", "server_user_us_per_msg", "server_sys_us_per_msg", "p50_us",
                 "p99_us", "p999_us", "max_us", "server_cpu_pct", "generator_cpu_pct", "generator_us_per_msg", "other_cpu_pct", "rss_mib",
-                "peak_rss_mib", "sent", "received", "lost", "reordered", "gaps", "problems", "saturated", "runs"}
+                "peak_rss_mib", "sent", "received", "lost", "reordered", "gaps", "problems", "saturated", "runs",
+                "unconfirmed", "msgs_per_read"}
 
 
 def run_bench(*args: str) -> dict:
@@ -37,6 +40,7 @@ def assert_relay_correct(summary: dict, measured_server: bool = True) -> None:
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["sent"] > 0 and summary["received"] == summary["sent"]
     assert summary["lost"] == summary["reordered"] == summary["gaps"] == summary["problems"] == 0
+    assert summary["unconfirmed"] == 0 and summary["msgs_per_read"] >= 1
     assert 0 < summary["p50_us"] <= summary["p99_us"] <= summary["p999_us"] <= summary["max_us"]
     assert summary["msgs_per_s"] > 0
     if measured_server:
@@ -48,6 +52,13 @@ def assert_relay_correct(summary: dict, measured_server: bool = True) -> None:
 @pytest.fixture(scope="module")
 def relay_result():
     return run_bench("--pairs", "3", "--duration", "1", "--repeat", "1", "--warmup", "0.4", "--workers", "2")
+
+
+@pytest.fixture(scope="module")
+def v2_result():
+    """Protocol version 2 beside version 1 (and the baseline), interleaved."""
+    return run_bench("--pairs", "2", "--duration", "0.5", "--repeat", "1", "--warmup", "0.4", "--workers", "1",
+                     "--protocol", "both")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +83,32 @@ def test_relay_against_selchat_and_baseline(relay_result):
     assert all(value > 0 for value in result["ratios"].values())
     text = report.relay_text(result)
     assert "baseline" in text and "correct: yes" in text
+
+
+def test_relay_protocol_2_beside_protocol_1(v2_result):
+    """Version 2 users ACK what they read; every message arrives once, in
+    order, and is reported DELIVERED to its sender (else "unconfirmed")."""
+    result = v2_result
+    assert result["correct"], result["failures"]
+    for kind in ("selchat", "selchat_v2", "baseline"):
+        assert_relay_correct(result[kind]["summary"])
+        assert result[kind]["warmup"]["received"] == result[kind]["warmup"]["sent"] > 0
+    assert result["selchat_v2"]["warmup"]["unconfirmed"] == 0
+    for key in ("ratios", "ratios_v2", "v2_over_v1"):
+        assert set(result[key]) == set(relay.RATIO_KEYS) and all(v > 0 for v in result[key].values())
+    text = report.relay_text(result)
+    assert "selchat v1" in text and "selchat v2" in text and "v2/v1" in text and "correct: yes" in text
+
+
+def test_relay_protocol_2_alone_one_direction_one_in_flight():
+    """The sender's login socket gets only receipts, the receiver's only messages."""
+    result = run_bench("--pairs", "2", "--window", "1", "--direction", "one", "--duration", "0.4", "--repeat", "1",
+                       "--warmup", "0.2", "--no-baseline", "--protocol", "2")
+    assert result["correct"], result["failures"]
+    assert result["selchat"] is None and result["baseline"] is None
+    assert result["ratios"] is None and result["v2_over_v1"] is None
+    assert_relay_correct(result["selchat_v2"]["summary"])
+    assert "selchat v2" in report.relay_text(result)
 
 
 def test_relay_one_direction_one_in_flight_no_baseline():
@@ -180,15 +217,16 @@ def assert_fits(lines: list[str]) -> None:
     assert not [line for line in lines if "issue" in line.lower()]
 
 
-def test_every_report_line_fits_in_100_columns(relay_result, idle_result, storm_result):
+def test_every_report_line_fits_in_100_columns(relay_result, v2_result, idle_result, storm_result):
     """The text reports of real runs (these, a matrix made of them, and the
     committed standard matrices), a failure included."""
     m = {"mode": "matrix", "matrix": "quick", "date": "2026-01-01", "commit": sysinfo.git_commit(),
-         "machine": sysinfo.machine(), "pin": False, "relay": [relay_result], "idle": idle_result,
+         "machine": sysinfo.machine(), "pin": False, "relay": [relay_result, v2_result], "idle": idle_result,
          "storm": storm_result, "correct": True}
     m["targets"] = matrix.targets(m)
-    texts = [report.relay_text(relay_result), report.idle_text(idle_result), report.storm_text(storm_result),
-             report.matrix_text(m)]
+    assert any("protocol 2 over 1" in t["target"] for t in m["targets"])
+    texts = [report.relay_text(relay_result), report.relay_text(v2_result), report.idle_text(idle_result),
+             report.storm_text(storm_result), report.matrix_text(m)]
     for path in sorted(RESULTS.glob("*.json")):
         saved = json.loads(path.read_text())
         saved["targets"] = matrix.targets(saved)  # as this version names them
@@ -199,6 +237,7 @@ def test_every_report_line_fits_in_100_columns(relay_result, idle_result, storm_
     texts.append(report.relay_text(broken))
     lines = report_lines(texts)
     assert "baseline" in report.matrix_text(m) and "targets" in report.matrix_text(m)
+    assert "selchat v2" in report.matrix_text(m) and "v2/v1" in report.matrix_text(m)
     assert len(lines) > 60
     assert_fits(lines)
 
@@ -287,6 +326,75 @@ def test_percentiles_are_nearest_rank():
     assert percentile(ordered, 99.9) == 999 and percentile([], 50) is None
     summary = latency_summary([3000, 1000, 2000])
     assert (summary["p50_us"], summary["max_us"], summary["samples"]) == (2.0, 3.0, 3)
+
+
+def v2_login(flow: Flow | None, out: Flow | None, wire_id: int = 2):
+    """A version 2 login socket over a socketpair: (conn, the server's end, ACKs written)."""
+    fleet = flow.fleet if flow is not None else out.fleet
+    ours, theirs = socket.socketpair()
+    check = FakeTx()
+    conn = V2LoginConn(ours, fleet, "bob login", flow, out, check, wire_id)
+    return conn, theirs, check
+
+
+def test_v2_login_socket_counts_frames_batches_acks_and_checks_receipts():
+    fleet, incoming, tx = make_flow()
+    fleet.version = 2
+    outgoing = Flow(fleet, FakeTx(), b"MSG ", 40)
+    outgoing.window = 3
+    outgoing.top_up()
+    outgoing.received = 3  # bob's three messages reached alice
+    incoming.window = 2
+    incoming.top_up()
+    conn, server, check = v2_login(incoming, outgoing, wire_id=2)  # READY and STARTED came during setup
+    one, two = relayed(tx)
+    try:
+        server.sendall(one + b"DELIVERED 1 2\n" + two[:9])
+        assert conn.on_read() == 1
+        assert outgoing.delivered == 2  # the piece of "two" waits
+        assert check.written == b"" and conn in fleet.acks_due  # the ACK is batched, as the client's
+        server.sendall(two[9:] + b"DELIVERED 3 3\n")
+        assert conn.on_read() == 1
+        assert outgoing.delivered == 3
+        fleet.send_due_acks(fleet.acks_due[conn])  # its time comes: one ACK for both reads
+        assert check.written == b"ACK 6\n" and not fleet.acks_due
+        assert (incoming.received, incoming.late, incoming.gaps, fleet.problem_count) == (2, 0, 0, 0)
+        server.sendall(b"DELIVERED 5 5\n")  # 4 skipped, and never sent
+        conn.on_read()
+        assert fleet.problem_count == 1 and "DELIVERED 5 5" in fleet.problems[0]
+        server.sendall(b"UNDELIVERED 6 6 away bob was away\n")
+        conn.on_read()
+        assert fleet.problem_count == 2 and "UNDELIVERED" in fleet.problems[1]
+        fleet.send_due_acks(fleet.acks_due[conn])
+        assert check.written.endswith(b"ACK 8\n")  # every frame counted, foreign ones too
+        server.sendall(b"".join(b"DELIVERED 4 4\n" for _ in range(ACK_EVERY)))
+        while conn.wire_id < 8 + ACK_EVERY:
+            conn.on_read()
+        assert check.written.endswith(b"ACK %d\n" % (8 + ACK_EVERY))  # ACK_EVERY waiting: at once
+    finally:
+        conn.sock.close()
+        server.close()
+
+
+def test_v2_chat_socket_takes_received_and_nothing_else():
+    fleet, flow, tx = make_flow()
+    flow.window = 4
+    flow.top_up()
+    ours, server = socket.socketpair()
+    conn = V2ChatConn(ours, fleet, "alice chat", flow)
+    try:
+        server.sendall(b"RECEIVED 2\nRECEIVED 4\nRECEI")
+        conn.on_read()
+        assert flow.accepted == 4 and fleet.problem_count == 0
+        server.sendall(b"VED 9\n")  # more than was sent
+        conn.on_read()
+        assert fleet.problem_count == 1
+        server.sendall(b"NACK 5 empty empty message\n")
+        conn.on_read()
+        assert fleet.problem_count == 2
+    finally:
+        ours.close()
+        server.close()
 
 
 @pytest.mark.parametrize("size", [MIN_SIZE - 1, 0])

@@ -36,6 +36,9 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
 @click.option("--warmup", default=1.0, show_default=True, type=click.FloatRange(0), metavar="SECONDS",
               help="Unrecorded traffic per server before the timed windows (a burst, then the measured "
                    "shape), so that every server is measured in its steady state; 0: none.")
+@click.option("--protocol", type=click.Choice(["1", "2", "both"]), default="1", show_default=True,
+              help="selchat protocol version the relay's users speak; both: a second selchat with version 2 "
+                   "users beside the first, interleaved, and the ratio v2/v1.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also drive the asyncio baseline relay, interleaved, and show ratios.")
 @click.option("--baseline-script", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
@@ -74,7 +77,7 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
 @click.option("--save", type=click.Path(dir_okay=False, writable=True), metavar="PATH",
               help="Also write the result as JSON to PATH.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def bench(pairs, window, size, duration, direction, repeat, warmup, baseline, baseline_script, baseline_port,
+def bench(pairs, window, size, duration, direction, repeat, warmup, protocol, baseline, baseline_script, baseline_port,
           baseline_pid, host, port, spawn,
           server_pid, ping_interval, pin, workers, idle_users, hold, storm_logins, storm_concurrency, storm_rate,
           matrix, as_json, save, quiet):
@@ -84,6 +87,7 @@ def bench(pairs, window, size, duration, direction, repeat, warmup, baseline, ba
     \b
     selchat bench --pin                        100 pairs, 32 in flight, vs baseline
     selchat bench --pin --pairs 100 --window 1 latency with one message in flight
+    selchat bench --pin --protocol both        protocol version 2 beside version 1
     selchat bench --pin --idle 10000           10,000 idle users, heartbeats on
     selchat bench --pin --login-storm 1000     logins with real hashing while a pair chats
     selchat bench --matrix standard            everything, as make bench runs it
@@ -128,7 +132,7 @@ def bench(pairs, window, size, duration, direction, repeat, warmup, baseline, ba
                                 repeat=repeat, warmup=warmup, baseline=baseline, workers=workers, pin=pin,
                                 host=host if port else None, port=port, server_pid=server_pid,
                                 baseline_script=baseline_script, baseline_port=baseline_port,
-                                baseline_pid=baseline_pid, ping_interval=ping_interval)
+                                baseline_pid=baseline_pid, ping_interval=ping_interval, protocol=protocol)
             result = run_relay(opts, progress)
             text = report.relay_text
     except (BenchError, RuntimeError) as exc:

@@ -15,6 +15,16 @@ The loop is closed: a flow keeps ``window`` messages in flight, and every
 batch that arrives frees room that is refilled at once with one ``send()``
 (all messages of a batch share one timestamp: the moment of that send).
 
+With protocol version 2 the receiver's login socket also counts its frames
+and acknowledges them as the selchat client does, batched: one ``ACK <last
+id>`` on its check socket ``ACK_DELAY`` after the first frame not yet
+acknowledged, or at once when ``ACK_EVERY`` wait; the sender's login socket gets ``DELIVERED <first> <last>``
+receipts (numbered and acknowledged too), which must cover every message
+exactly once, in order; the sender's chat socket gets ``RECEIVED <seq>``,
+which is checked and otherwise ignored (``V2LoginConn``, ``V2ChatConn``).
+A version 2 window ends when every message has arrived *and* been reported
+delivered to its sender.
+
 Costs are kept out of the loop: frames are made by one ``%`` each from a
 template built once per batch; a received chunk is parsed by one regular
 expression call and checked and timed by C-level ``map``/``list`` calls,
@@ -32,10 +42,13 @@ from array import array
 from itertools import repeat
 
 from selchat.bench.sysinfo import machine_busy_seconds
+from selchat.protocol.events import ACK_DELAY, ACK_EVERY
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 RECV_SIZE = 256 * 1024
+ACK_DELAY_NS = int(ACK_DELAY * 1e9)
+ACK_POLL = 0.005       # seconds: how often a window looks for ACKs due (while any are)
 HEADER = 31            # "<seq:10> <stamp:19> " before the padding
 MIN_SIZE = HEADER + 1  # at least one byte of padding
 
@@ -44,6 +57,12 @@ MIN_SIZE = HEADER + 1  # at least one byte of padding
 _RX = re.compile(rb" (\d{10}) (\d{19}) x")
 FINDALL = _RX.findall
 SEARCH = _RX.search
+# A receipt (version 2). Unanchored: "UNDELIVERED 1 2 away ..." does not match
+# (its numbers are followed by a code), nor does a message of ours (digits and x).
+_DELIVERED = re.compile(rb"DELIVERED (\d+) (\d+)\n")
+DELIVERED_FINDALL = _DELIVERED.findall
+_RECEIVED = re.compile(rb"RECEIVED (\d+)\n")
+RECEIVED_FINDALL = _RECEIVED.findall
 
 monotonic_ns = time.monotonic_ns
 
@@ -51,14 +70,26 @@ monotonic_ns = time.monotonic_ns
 class Fleet:
     """All the sockets of one worker for one server: one selector, flows, problems."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, version: int = 1):
         self.kind = kind
+        self.version = version  # selchat protocol version 2: a window also waits for the receipts
         self.selector = selectors.DefaultSelector()
         self.flows: list[Flow] = []
         self.conns: list[Conn] = []
         self.problems: list[str] = []
         self.problem_count = 0
         self.pings = 0
+        # Version 2: login sockets with an ACK due, and when (monotonic ns);
+        # acknowledgements are batched as the selchat client batches them.
+        self.acks_due: dict["V2LoginConn", int] = {}
+
+    def send_due_acks(self, now: int) -> None:
+        due = self.acks_due
+        if due:
+            for conn, when in list(due.items()):
+                if when <= now:
+                    del due[conn]
+                    conn.ack()
 
     def add(self, conn: "Conn") -> "Conn":
         conn.sock.setblocking(False)
@@ -79,6 +110,7 @@ class Fleet:
                 conn.on_read()
             if mask & EVENT_WRITE:
                 conn.on_writable()
+        self.send_due_acks(monotonic_ns())
 
     # -- the timed window ------------------------------------------------------------
 
@@ -93,6 +125,7 @@ class Fleet:
         flows = self.flows
         lat = array("q")
         base = [(f.sent, f.received) for f in flows]
+        reads0 = sum(f.reads for f in flows)
         late0, gaps0, problems0 = self.late_gaps() + (self.problem_count,)
         samples0 = len(self.problems)
         for f in flows:
@@ -113,9 +146,14 @@ class Fleet:
         received = 0
         last_rx = t0
         drain_until = None
+        acks_due = self.acks_due
         while True:
             now = monotonic_ns()
-            timeout = (end - now) / 1e9 if drain_until is None else 0.05
+            if acks_due:
+                self.send_due_acks(now)
+                timeout = ACK_POLL
+            else:
+                timeout = (end - now) / 1e9 if drain_until is None else 0.05
             got = 0
             for key, mask in select(timeout if timeout > 0 else 0):
                 conn = key.data
@@ -133,7 +171,9 @@ class Fleet:
                     for f in flows:
                         f.sending = False
                     drain_until = monotonic_ns() + int(drain_timeout * 1e9)
-            elif all(f.sent == f.received for f in flows) or monotonic_ns() >= drain_until:
+            elif all(f.sent == f.received for f in flows) and (
+                    self.version < 2 or all(f.sent == f.delivered for f in flows)) \
+                    or monotonic_ns() >= drain_until:
                 break
         cpu = os.times()
         busy = machine_busy_seconds() - busy0
@@ -142,7 +182,9 @@ class Fleet:
         late, gaps = self.late_gaps()
         return {
             "t0_ns": t0, "last_rx_ns": last_rx, "sent": sent, "received": got_total,
+            "rx_reads": sum(f.reads for f in flows) - reads0,
             "lost": sum(f.sent - f.received for f in flows),
+            "unconfirmed": sum(f.sent - f.delivered for f in flows) if self.version >= 2 else 0,
             "reordered": late - late0, "gaps": gaps - gaps0,
             "problems": self.problem_count - problems0, "problem_samples": self.problems[samples0:samples0 + 5],
             "gen_user": cpu.user - cpu0.user, "gen_sys": cpu.system - cpu0.system,
@@ -267,7 +309,7 @@ class Flow:
     """One direction of one pair: what was sent, what arrived, in what order."""
 
     __slots__ = ("tx", "fleet", "head", "tail", "window", "sent", "received", "expected",
-                 "late", "gaps", "rxbuf", "lat", "sending")
+                 "late", "gaps", "rxbuf", "lat", "sending", "delivered", "accepted", "reads")
 
     def __init__(self, fleet: Fleet, tx: Conn, prefix: bytes, size: int):
         if size < MIN_SIZE:
@@ -284,6 +326,9 @@ class Flow:
         self.rxbuf = b""       # an incomplete last line
         self.lat = array("q")
         self.sending = False
+        self.delivered = 0     # version 2: the last seq reported DELIVERED to the sender
+        self.accepted = 0      # version 2: the last seq the server said RECEIVED
+        self.reads = 0         # reads of the receiving socket that brought messages
 
     def top_up(self) -> None:
         """Send enough to have ``window`` in flight, in one send()."""
@@ -303,8 +348,10 @@ class Flow:
         self.sent += 1
         self.tx.write(self.head % self.sent + b"%019d" % monotonic_ns() + self.tail)
 
-    def receive(self, data: bytes, now: int) -> int:
-        """Account for a chunk read from the receiving socket; returns messages in it."""
+    def receive(self, data: bytes, now: int, others: int = 0) -> int:
+        """Account for a chunk read from the receiving socket; returns messages
+        in it. ``others``: lines in it that are not messages and were accounted
+        for by the caller (version 2 receipts)."""
         if self.rxbuf:
             data = self.rxbuf + data
         if data[-1] != 10:  # ends inside a line: keep the piece for the next read
@@ -317,8 +364,10 @@ class Flow:
             self.rxbuf = b""
         found = FINDALL(data)
         n = len(found)
-        if n != data.count(b"\n"):
+        if n + others != data.count(b"\n"):
             return self._odd_lines(data, now)
+        if not n:
+            return 0
         seqs, stamps = zip(*found)
         first = self.expected
         self.expected = first + n
@@ -329,6 +378,7 @@ class Flow:
         else:
             self.lat.extend(map(now.__sub__, map(int, stamps)))
         self.received += n
+        self.reads += 1
         if self.sending:
             self.top_up()
         return n
@@ -352,6 +402,8 @@ class Flow:
         for line in data.split(b"\n")[:-1]:
             m = SEARCH(line)
             if m is None:
+                if line.startswith(b"DELIVERED ") and DELIVERED_FINDALL(line + b"\n"):
+                    continue  # accounted for by the caller (version 2)
                 self.fleet.problem(f"{self.tx.label} partner got {line[:120]!r}")
                 continue
             n += 1
@@ -362,6 +414,113 @@ class Flow:
                 self.expected += 1
             self.lat.append(now - int(m.group(2)))
         self.received += n
+        self.reads += n > 0
         if self.sending and n:
             self.top_up()
         return n
+
+
+# -- protocol version 2 ---------------------------------------------------------------
+
+class V2LoginConn(Conn):
+    """A version 2 login socket: ``MSG`` frames of the incoming flow (if any)
+    and ``DELIVERED`` receipts for the outgoing one (if any), every frame
+    counted and acknowledged as the selchat client does (after they are
+    handled): one ``ACK <last id>`` on the check socket ``ACK_DELAY`` after
+    the first frame not acknowledged, or at once when ``ACK_EVERY`` wait."""
+
+    __slots__ = ("flow", "out", "check", "wire_id", "acked", "buf")
+
+    def __init__(self, sock, fleet: Fleet, label: str, flow: "Flow | None", out: "Flow | None",
+                 check: Conn, wire_id: int):
+        super().__init__(sock, fleet, label)
+        self.flow, self.out, self.check = flow, out, check
+        self.wire_id = wire_id  # the id of the last frame read (setup's READY, STARTED... included)
+        self.acked = wire_id
+        self.buf = b""
+
+    def ack(self) -> None:
+        if self.wire_id > self.acked:
+            self.acked = self.wire_id
+            self.check.write(b"ACK %d\n" % self.wire_id)
+
+    def on_read(self) -> int:
+        data = self.recv()
+        if not data:
+            return 0
+        if self.buf:
+            data = self.buf + data
+        if data[-1] != 10:  # ends inside a line: keep the piece for the next read
+            cut = data.rfind(b"\n") + 1
+            self.buf = data[cut:]
+            data = data[:cut]
+            if not data:
+                return 0
+        elif self.buf:
+            self.buf = b""
+        now = monotonic_ns()
+        receipts = DELIVERED_FINDALL(data) if b"DELIVERED " in data else ()
+        if receipts:
+            self._receipts(receipts)
+        n = 0
+        if self.flow is not None:
+            n = self.flow.receive(data, now, len(receipts))
+        elif len(receipts) != data.count(b"\n"):
+            for line in data.split(b"\n")[:-1]:
+                if not line.startswith(b"DELIVERED "):
+                    self.fleet.problem(f"{self.label}: unexpected {line[:120]!r}")
+        self.wire_id += data.count(b"\n")
+        if self.wire_id - self.acked >= ACK_EVERY:
+            self.fleet.acks_due.pop(self, None)
+            self.ack()
+        elif self not in self.fleet.acks_due:
+            self.fleet.acks_due[self] = now + ACK_DELAY_NS
+        return n
+
+    def _receipts(self, receipts) -> None:
+        """DELIVERED ranges must follow on from each other, each message once,
+        and never cover one that has not arrived."""
+        out = self.out
+        if out is None:
+            self.fleet.problem(f"{self.label}: a receipt for a user who sent nothing: {receipts[0]!r}")
+            return
+        for first, last in receipts:
+            first, last = int(first), int(last)
+            if first != out.delivered + 1 or last < first or last > out.received:
+                self.fleet.problem(f"{self.label}: DELIVERED {first} {last} after {out.delivered} "
+                                   f"({out.received} arrived)")
+            out.delivered = max(out.delivered, last)
+
+
+class V2ChatConn(Conn):
+    """A version 2 chat socket: ``RECEIVED <seq>`` once per read of messages;
+    checked (it grows, and names only messages sent), otherwise ignored."""
+
+    __slots__ = ("out", "buf")
+
+    def __init__(self, sock, fleet: Fleet, label: str, out: "Flow | None"):
+        super().__init__(sock, fleet, label)
+        self.out = out
+        self.buf = b""
+
+    def on_read(self) -> int:
+        data = self.recv()
+        if not data:
+            return 0
+        if self.buf:
+            data = self.buf + data
+        cut = data.rfind(b"\n") + 1
+        self.buf = data[cut:]
+        data = data[:cut]
+        if not data:
+            return 0
+        found = RECEIVED_FINDALL(data)
+        out = self.out
+        if len(found) != data.count(b"\n") or out is None:
+            self.fleet.problem(f"{self.label}: unexpected {data[:120]!r}")
+            return 0
+        seq = int(found[-1])
+        if seq < out.accepted or seq > out.sent:
+            self.fleet.problem(f"{self.label}: RECEIVED {seq} after {out.accepted} ({out.sent} sent)")
+        out.accepted = seq
+        return 0

@@ -2,7 +2,10 @@
 
 Relay rows, each selchat against the baseline with the medians of three
 interleaved runs: 100 and 1000 pairs with 32 messages in flight per sender,
-and 100 pairs with one in flight; 64-byte messages, both directions. Then
+and 100 pairs with one in flight; 64-byte messages, both directions; each
+row also with a second selchat whose users speak protocol version 2 (and
+acknowledge every event, as the selchat client does), for the ratio of
+version 2's relay cost to version 1's. Then
 10,000 idle users for two ping periods, and 1,000 logins with real hashing
 while one pair chats. Server and load generator are pinned apart.
 
@@ -25,7 +28,7 @@ from selchat.bench.storm import run_storm
 @dataclasses.dataclass(frozen=True)
 class Matrix:
     name: str
-    rows: tuple  # (pairs, window)
+    rows: tuple  # (pairs, window, protocol): protocol "1", "2" or "both" (RelayOptions.protocol)
     duration: float
     repeat: int
     idle_users: int
@@ -34,9 +37,9 @@ class Matrix:
 
 
 MATRICES = {
-    "standard": Matrix("standard", ((100, 32), (1000, 32), (100, 1)), duration=5.0, repeat=3,
-                       idle_users=10_000, idle_ping_interval=5.0, storm_logins=1000),
-    "quick": Matrix("quick", ((10, 32), (100, 32), (10, 1)), duration=2.0, repeat=1,
+    "standard": Matrix("standard", ((100, 32, "both"), (1000, 32, "both"), (100, 1, "both")), duration=5.0,
+                       repeat=3, idle_users=10_000, idle_ping_interval=5.0, storm_logins=1000),
+    "quick": Matrix("quick", ((10, 32, "1"), (100, 32, "both"), (10, 1, "both")), duration=2.0, repeat=1,
                     idle_users=500, idle_ping_interval=1.0, storm_logins=50),
 }
 
@@ -44,6 +47,7 @@ MATRICES = {
 CPU_RATIO_MAX = 1.2       # CPU per message at 100 and at 1000 pairs, 32 in flight
 LATENCY_RATIO_MAX = 1.1   # p50 and p99, 100 pairs, one in flight
 SCALING_MAX = 1.2         # CPU per message, 1000 pairs over 100 pairs
+V2_CPU_RATIO_MAX = 1.1    # CPU per message, protocol version 2 over version 1, each row that ran both
 IDLE_USERS = 10_000
 IDLE_RSS_MIB = 120.0
 IDLE_HEARTBEAT_PCT = 2.0  # of one core, at the default ping interval
@@ -56,9 +60,9 @@ def run_matrix(name: str, *, pin: bool = True, workers: int | None = None, basel
     progress = progress or Progress(False)
     result = {"mode": "matrix", "matrix": name, "date": datetime.date.today().isoformat(),
               "commit": sysinfo.git_commit(), "machine": sysinfo.machine(), "pin": pin, "relay": []}
-    for pairs, window in m.rows:
+    for pairs, window, protocol in m.rows:
         opts = RelayOptions(pairs=pairs, window=window, duration=m.duration, repeat=m.repeat, pin=pin,
-                            workers=workers, baseline_script=baseline_script)
+                            workers=workers, baseline_script=baseline_script, protocol=protocol)
         result["relay"].append(run_relay(opts, progress))
     idle_users = min(m.idle_users, max_idle_users())
     if idle_users < m.idle_users:
@@ -119,6 +123,12 @@ def targets(result: dict) -> list[dict]:
                   relay[(small_pairs, 32)]["selchat"]["summary"]["cpu_us_per_msg"])
     out.append(_check(f"CPU/msg {large_pairs} pairs over {small_pairs} pairs (selchat)", f"<= {SCALING_MAX}x",
                       value, None if value is None else value <= SCALING_MAX))
+    for (pairs, window), row in relay.items():
+        if not row.get("v2_over_v1"):
+            continue
+        value = row["v2_over_v1"].get("cpu_us_per_msg")
+        out.append(_check(f"CPU/msg protocol 2 over 1, {pairs} pairs, {window} in flight",
+                          f"<= {V2_CPU_RATIO_MAX}x", value, None if value is None else value <= V2_CPU_RATIO_MAX))
     idle = result.get("idle")
     if idle:
         out += idle_targets(idle)

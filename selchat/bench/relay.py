@@ -1,13 +1,16 @@
 """The relay benchmark: chatting pairs against selchat and the baseline, in one run.
 
 1. Start the servers: selchat (spawned with every user pre-registered, or
-   one already running) and the asyncio baseline; with ``pin``, both on the
+   one already running; with ``protocol="both"`` a second one whose users
+   speak protocol version 2, kind ``selchat_v2``) and the asyncio baseline; with ``pin``, both on the
    first CPU and the load generator on the others.
 2. Start the worker processes; each sets up its share of the pairs on every
    server (login, attach, chat request and accept) before any clock starts.
 3. Warm every server up the same way, unrecorded (``warm_up``), then run
    ``repeat`` timed windows per server, interleaved (selchat, baseline,
-   baseline, selchat, ...) so that noise on the machine hits both alike.
+   baseline, selchat, ...; with version 2: selchat, selchat_v2, baseline,
+   baseline, selchat_v2, selchat, ...) so that noise on the machine hits all
+   alike.
 4. Each window: read the server's CPU, start every worker at one instant,
    keep ``window`` messages in flight per flow for ``duration`` seconds, wait
    for the last one, read the server's CPU again. Report medians.
@@ -43,6 +46,22 @@ START_DELAY = 0.2  # seconds between "run" and its start: every worker has the c
 #: (reads as large as its buffer), then the measured traffic itself.
 WARMUP_BURST_BYTES = 1 << 20
 
+#: The selchat systems a relay run can drive, and the protocol version each one's users speak.
+SELCHAT_KINDS = {"selchat": 1, "selchat_v2": 2}
+#: Every system, in the order of a run (and of the report).
+KINDS = ("selchat", "selchat_v2", "baseline")
+#: --protocol: which selchat systems run.
+PROTOCOLS = {"1": ("selchat",), "2": ("selchat_v2",), "both": ("selchat", "selchat_v2")}
+
+
+def display_name(kind: str, result: dict | None = None) -> str:
+    """"selchat v2" for selchat_v2; "selchat v1" for selchat beside it."""
+    if kind == "selchat_v2":
+        return "selchat v2"
+    if kind == "selchat" and result is not None and result.get("selchat_v2"):
+        return "selchat v1"
+    return kind
+
 
 @dataclass
 class RelayOptions:
@@ -64,10 +83,12 @@ class RelayOptions:
     baseline_pid: int | None = None
     ping_interval: float | None = None
     sources: int = 4                  # loopback source addresses to spread sockets over
+    protocol: str = "1"               # selchat protocol version: "1", "2" or "both" (side by side)
 
     def label(self) -> str:
+        protocol = {"1": "", "2": ", protocol 2", "both": ", protocols 1 and 2"}[self.protocol]
         return (f"{self.pairs} pairs, {self.window} in flight, {self.size} B, "
-                f"{'both directions' if self.both else 'one direction'}")
+                f"{'both directions' if self.both else 'one direction'}{protocol}")
 
 
 def default_workers(gen_cpus: list[int] | None) -> int:
@@ -88,7 +109,8 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
     external = opts.host is not None
     # Fresh names for servers that outlive this run (REGISTER on a running selchat).
     tag = ("b" + secrets.token_hex(3)) if external or opts.baseline_port else "u"
-    pairs = [(f"{tag}{i}a", f"{tag}{i}b") for i in range(opts.pairs)]
+    pairs = {kind: [(f"{tag}{i}{suffix}a", f"{tag}{i}{suffix}b") for i in range(opts.pairs)]
+             for kind, suffix in (("selchat", ""), ("selchat_v2", "v"), ("baseline", ""))}
     result = {"mode": "relay", "label": opts.label(), "options": asdict(opts),
               "server_cpus": server_cpus, "generator_cpus": gen_cpus, "workers": workers}
 
@@ -98,14 +120,18 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
                       + ", ".join(f"{k} pid {s.pid} on {s.host}:{s.port}" for k, s in servers.items()))
         verb = "REGISTER" if external else "LOGIN"
         per_worker = opts.pairs // workers + 1
+        sockets_per_pair = sum(6 if kind in SELCHAT_KINDS else 2 for kind in servers)
         concurrency = max(8, 128 // workers)
-        sources = sysinfo.loopback_sources(servers["selchat"].host,
+        first = next(s for kind, s in servers.items() if kind in SELCHAT_KINDS)
+        sources = sysinfo.loopback_sources(first.host,
                                            sources_for(concurrency * workers, opts.sources))
         specs = [{
-            "servers": [(kind, s.address, verb) for kind, s in servers.items()],
-            "pairs": pairs[i::workers], "password": PASSWORD, "size": opts.size, "both": opts.both,
+            "servers": [{"kind": kind, "protocol": "selchat" if kind in SELCHAT_KINDS else kind,
+                         "version": SELCHAT_KINDS.get(kind, 1), "address": s.address, "verb": verb,
+                         "pairs": pairs[kind][i::workers]} for kind, s in servers.items()],
+            "password": PASSWORD, "size": opts.size, "both": opts.both,
             "sources": sources,
-            "cpus": gen_cpus, "nofile": per_worker * 8 + 256,
+            "cpus": gen_cpus, "nofile": per_worker * (sockets_per_pair + 2) + 256,
             "concurrency": concurrency,
         } for i in range(workers)]
         pool = WorkerPool(relay_worker, specs)
@@ -125,7 +151,8 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
             figures = _window(pool, servers[kind], kind, opts, opts.duration, capacity, progress,
                               f"run {r + 1}/{opts.repeat}")
             runs[kind].append(figures)
-            progress.note(f"  {kind:8} run {r + 1}/{opts.repeat}: {figures['msgs_per_s']:>9,} msgs/s  "
+            progress.note(f"  {display_name(kind):10} run {r + 1}/{opts.repeat}: "
+                          f"{figures['msgs_per_s']:>9,} msgs/s  "
                           f"{_num(figures['cpu_us_per_msg'], '.2f'):>6} us CPU/msg  "
                           f"p50 {figures['p50_us']:,.0f} p99 {figures['p99_us']:,.0f} us  "
                           f"CPU: server {_num(figures['server_cpu_pct'], '.0f')}% "
@@ -138,25 +165,44 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
                 "setup_seconds": round(max(s["setup_seconds"][kind] for s in setup), 2),
                 "server_log_problems": servers[kind].problems()[:10],
             }
-    result.setdefault("baseline", None)
-    result["ratios"] = ratios(result["selchat"]["summary"], result["baseline"]["summary"]) if result["baseline"] else None
+    for kind in KINDS:
+        result.setdefault(kind, None)
+    result["ratios"] = _ratios(result, "selchat", "baseline")       # selchat (v1) / baseline
+    result["ratios_v2"] = _ratios(result, "selchat_v2", "baseline")  # selchat v2 / baseline
+    result["v2_over_v1"] = _ratios(result, "selchat_v2", "selchat")  # protocol 2 / protocol 1
     result["failures"] = correctness_failures(result)
     result["correct"] = not result["failures"]
     return result
 
 
-def _start_servers(opts: RelayOptions, tmp: Path, pairs, server_cpus, cleanup) -> dict:
-    users = [name for pair in pairs for name in pair]
-    nofile = len(users) * 3 + 1024
+def _ratios(result: dict, kind: str, other: str) -> dict | None:
+    if not result.get(kind) or not result.get(other):
+        return None
+    return ratios(result[kind]["summary"], result[other]["summary"])
+
+
+def _start_servers(opts: RelayOptions, tmp: Path, pairs: dict, server_cpus, cleanup) -> dict:
+    """One selchat per protocol version asked for (spawned: each its own
+    process, database and users; running: the same one, users of different
+    names), then the baseline."""
     servers = {}
-    if opts.host is not None:
-        servers["selchat"] = srv.external_selchat(opts.host, opts.port, opts.server_pid)
-        if server_cpus and servers["selchat"].pid:
-            sysinfo.pin_process(servers["selchat"].pid, server_cpus)
-    else:
-        servers["selchat"] = srv.spawn_selchat(tmp, users, PASSWORD, cpus=server_cpus, nofile=nofile,
-                                               ping_interval=opts.ping_interval)
-        cleanup.callback(servers["selchat"].stop)
+    external = None
+    for kind in PROTOCOLS[opts.protocol]:
+        users = [name for pair in pairs[kind] for name in pair]
+        nofile = len(users) * 3 + 1024
+        if opts.host is not None:
+            if external is None:
+                external = srv.external_selchat(opts.host, opts.port, opts.server_pid)
+                if server_cpus and external.pid:
+                    sysinfo.pin_process(external.pid, server_cpus)
+            servers[kind] = external
+        else:
+            workdir = tmp / kind
+            workdir.mkdir()
+            servers[kind] = srv.spawn_selchat(workdir, users, PASSWORD, cpus=server_cpus, nofile=nofile,
+                                              ping_interval=opts.ping_interval)
+            cleanup.callback(servers[kind].stop)
+    nofile = opts.pairs * 6 + 1024
     if opts.baseline and opts.baseline_port:
         servers["baseline"] = srv.external_server("baseline", "127.0.0.1", opts.baseline_port, opts.baseline_pid)
         if server_cpus and servers["baseline"].pid:
@@ -191,7 +237,7 @@ def warm_up(pool: WorkerPool, server, kind: str, opts: RelayOptions, capacity: f
               for b in (burst, 0)]
     return {"seconds": opts.warmup, "burst_messages": burst,
             **{key: sum(h[key] for h in halves)
-               for key in ("sent", "received", "reordered", "gaps", "problems")},
+               for key in ("sent", "received", "reordered", "gaps", "problems", "unconfirmed")},
             "problem_samples": [p for h in halves for p in h["problem_samples"]][:5]}
 
 
@@ -229,22 +275,23 @@ def ratios(selchat: dict, baseline: dict) -> dict:
 
 
 def correctness_failures(result: dict) -> list[str]:
-    """What went wrong, if anything: loss, reordering, unexpected frames, server errors."""
+    """What went wrong, if anything: loss, reordering, unexpected frames,
+    messages never reported delivered (version 2), server errors."""
     failures = []
-    for kind in ("selchat", "baseline"):
+    for kind in KINDS:
         part = result.get(kind)
         if not part:
             continue
         s = part["summary"]
-        for key in ("lost", "reordered", "gaps", "problems"):
-            if s[key]:
+        for key in ("lost", "reordered", "gaps", "problems", "unconfirmed"):
+            if s.get(key):
                 failures.append(f"{kind}: {s[key]} {key}")
         if s["received"] != s["sent"]:
             failures.append(f"{kind}: sent {s['sent']} but received {s['received']}")
         warm = part.get("warmup")
         if warm:
-            for key in ("reordered", "gaps", "problems"):
-                if warm[key]:
+            for key in ("reordered", "gaps", "problems", "unconfirmed"):
+                if warm.get(key):
                     failures.append(f"{kind} warm-up: {warm[key]} {key}")
         samples = [p for run in part["runs"] for p in run["problem_samples"]]
         samples += warm["problem_samples"] if warm else []

@@ -67,6 +67,7 @@ RELAY_ROWS = [
     ("server CPU %", "server_cpu_pct"),
     ("generator CPU %", "generator_cpu_pct"),
     ("generator CPU us/msg", "generator_us_per_msg"),
+    ("msgs per receiver read", "msgs_per_read"),
     ("other load %", "other_cpu_pct"),
     ("saturated", "saturated"),
     ("messages sent", "sent"),
@@ -76,21 +77,44 @@ RELAY_ROWS = [
 ]
 
 
+#: The systems of a relay result, in report order.
+SYSTEMS = ("selchat", "selchat_v2", "baseline")
+#: Ratio columns: (header, result key); only those the result has are shown.
+RATIO_COLUMNS = (("ratio", "ratios"), ("v2/base", "ratios_v2"), ("v2/v1", "v2_over_v1"))
+
+
+def system_name(kind: str, result: dict) -> str:
+    """How a system is shown: "selchat v1" beside "selchat v2", else its kind."""
+    if kind == "selchat_v2":
+        return "selchat v2"
+    if kind == "selchat" and result.get("selchat_v2"):
+        return "selchat v1"
+    return kind
+
+
+def ratio_columns(result: dict) -> list[tuple[str, dict]]:
+    cols = [(title, result[key]) for title, key in RATIO_COLUMNS if result.get(key)]
+    if len(cols) > 1 and cols[0][0] == "ratio":
+        cols[0] = ("v1/base", cols[0][1])
+    return cols
+
+
 def relay_text(result: dict) -> str:
     opts = result["options"]
-    base = result.get("baseline")
-    sel = result["selchat"]["summary"]
-    ratios = result.get("ratios") or {}
+    systems = [kind for kind in SYSTEMS if result.get(kind)]
+    cols = ratio_columns(result)
     warm = f", after a {opts['warmup']:g} s warm-up" if opts.get("warmup") else ", no warm-up"
     head = wrap(f"relay: {result['label']}; {opts['repeat']} x {opts['duration']:g} s per server{warm}, "
                 f"medians; " + placement(result))
-    header = ["", "selchat"] + (["baseline", "ratio"] if base else [])
+    header = [""] + [system_name(kind, result) for kind in systems] + [title for title, _ in cols]
     rows = []
     for title, key in RELAY_ROWS:
-        row = [title, sel.get(key)]
-        if base:
-            row += [base["summary"].get(key), _x(ratios.get(key))]
+        row = [title] + [result[kind]["summary"].get(key) for kind in systems]
+        row += [_x(r.get(key)) for _, r in cols]
         rows.append(row)
+    if result.get("selchat_v2"):
+        rows.append(["not confirmed (v2)"] + [result[kind]["summary"].get("unconfirmed") if kind == "selchat_v2"
+                                              else None for kind in systems] + [None] * len(cols))
     lines = [head, table(rows, header)]
     warning = noise_warning([result])
     if warning:
@@ -105,7 +129,7 @@ NOISY_PCT = 10.0
 
 def noise_warning(relay_results: list[dict]) -> str | None:
     """A warning when other processes took CPU during the timed windows."""
-    worst = max((run["other_cpu_pct"] for r in relay_results for kind in ("selchat", "baseline")
+    worst = max((run["other_cpu_pct"] for r in relay_results for kind in SYSTEMS
                  if r.get(kind) for run in r[kind]["runs"]), default=0.0)
     if worst <= NOISY_PCT:
         return None
@@ -125,6 +149,8 @@ def placement(result: dict) -> str:
 
 def correct_line(result: dict) -> str:
     if result["correct"]:
+        if result.get("selchat_v2"):
+            return "correct: yes (nothing lost or reordered, v2: all DELIVERED, no odd frames, no server errors)"
         return "correct: yes (nothing lost, nothing reordered, no unexpected frames, no server errors)"
     return "correct: NO\n" + "\n".join(_fit("  " + f) for f in result["failures"][:12])
 
@@ -184,6 +210,9 @@ def _lat_ms(lat: dict) -> str:
 #: The matrix's relay table: units in a legend, not in every header.
 MATRIX_LEGEND = ("pairs x N: N messages in flight per sender; us/msg: server CPU per relayed message (us);\n"
                  "p50 to max: one-way latency (ms); MiB: server RSS; other%: other processes' CPU (% of a core)")
+#: Added when a row ran protocol version 2 beside version 1.
+V2_LEGEND = ("selchat v1/v2: users speaking protocol version 1/2 (v2 users batch their ACKs as the\n"
+             "selchat client does); v1/base, v2/base, v2/v1: ratios of the medians")
 
 
 def _ms(us):
@@ -201,16 +230,16 @@ def matrix_text(m: dict) -> str:
     for row in m["relay"]:
         opts = row["options"]
         name = f"{opts['pairs']} x {opts['window']}"
-        for kind in ("selchat", "baseline"):
+        for kind in SYSTEMS:
             if not row.get(kind):
                 continue
             s = row[kind]["summary"]
-            rows.append([name if kind == "selchat" else "", kind, s["msgs_per_s"], s["cpu_us_per_msg"],
+            rows.append([name, system_name(kind, row), s["msgs_per_s"], s["cpu_us_per_msg"],
                          _ms(s["p50_us"]), _ms(s["p99_us"]), _ms(s["p999_us"]), _ms(s["max_us"]), s["rss_mib"],
                          s["saturated"], s["other_cpu_pct"]])
-        if row.get("ratios"):
-            r = row["ratios"]
-            rows.append(["", "ratio", _x(r["msgs_per_s"]), _x(r["cpu_us_per_msg"]), _x(r["p50_us"]),
+            name = ""
+        for title, r in ratio_columns(row):
+            rows.append(["", title, _x(r["msgs_per_s"]), _x(r["cpu_us_per_msg"]), _x(r["p50_us"]),
                          _x(r["p99_us"]), _x(r["p999_us"]), _x(r["max_us"]), _x(r["rss_mib"]), "", ""])
     first = m["relay"][0]["options"] if m["relay"] else None
     if first:
@@ -219,6 +248,8 @@ def matrix_text(m: dict) -> str:
                            f"{'both directions' if first['both'] else 'one direction'}; {first['repeat']} x "
                            f"{first['duration']:g} s per server, {warm}, medians")]
     lines += [table(rows, header, right_from=2), MATRIX_LEGEND]
+    if any(row.get("selchat_v2") for row in m["relay"]):
+        lines.append(V2_LEGEND)
     warning = noise_warning(m["relay"])
     if warning:
         lines.append(warning)

@@ -14,10 +14,10 @@ SATURATED = 0.90
 
 #: The figures of a run that are medians over repeats (counts are summed instead).
 MEDIAN_KEYS = ("msgs_per_s", "cpu_us_per_msg", "server_user_us_per_msg", "server_sys_us_per_msg",
-               "generator_us_per_msg",
+               "generator_us_per_msg", "msgs_per_read",
                "p50_us", "p99_us", "p999_us", "max_us", "server_cpu_pct", "generator_cpu_pct",
                "other_cpu_pct", "rss_mib", "peak_rss_mib")
-SUM_KEYS = ("sent", "received", "lost", "reordered", "gaps", "problems")
+SUM_KEYS = ("sent", "received", "lost", "reordered", "gaps", "problems", "unconfirmed")
 
 
 def percentile(ordered, p: float):
@@ -70,6 +70,9 @@ def run_figures(workers: list[dict], server: dict, gen_capacity: float) -> dict:
         "server_user_us_per_msg": round(server["user"] * per_msg, 3),
         "server_sys_us_per_msg": round(server["sys"] * per_msg, 3),
         "generator_us_per_msg": round(gen_cpu * per_msg, 3),
+        # Messages per read of a receiving socket: how much each relay's costs per read are shared by.
+        "msgs_per_read": round(received / reads, 2) if (reads := sum(w.get("rx_reads", 0) for w in workers))
+        else None,
         "server_cpu_pct": round(100 * server_cpu / wall, 1),
         "generator_cpu_pct": round(100 * gen_cpu / wall, 1),
         "other_cpu_pct": round(max(0.0, 100 * (other_busy - server_cpu - gen_cpu) / wall), 1),
@@ -81,6 +84,7 @@ def run_figures(workers: list[dict], server: dict, gen_capacity: float) -> dict:
         "reordered": sum(w["reordered"] for w in workers),
         "gaps": sum(w["gaps"] for w in workers),
         "problems": sum(w["problems"] for w in workers),
+        "unconfirmed": sum(w.get("unconfirmed", 0) for w in workers),  # version 2: no DELIVERED
         "problem_samples": [p for w in workers for p in w["problem_samples"]][:5],
     }
     figures.update(latency_summary(merge_latencies([w["lat"] for w in workers])))
@@ -106,7 +110,7 @@ def median_summary(runs: list[dict]) -> dict:
         values = [r[key] for r in runs if r.get(key) is not None]
         summary[key] = round(statistics.median(values), 3) if values else None
     for key in SUM_KEYS:
-        summary[key] = sum(r[key] for r in runs)
+        summary[key] = sum(r.get(key, 0) for r in runs)
     verdicts = [r["saturated"] for r in runs]
     summary["saturated"] = max(set(verdicts), key=verdicts.count) if verdicts else None
     summary["runs"] = len(runs)

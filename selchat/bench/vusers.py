@@ -1,7 +1,8 @@
 """Virtual users, and getting them ready before any clock starts.
 
 A selchat virtual user opens its login socket, logs in (``LOGIN`` or
-``REGISTER``), opens its chat and check sockets and attaches them, and waits
+``REGISTER``; with protocol version 2, ``VERSION 2`` pipelined before it, as
+the selchat client does), opens its chat and check sockets and attaches them, and waits
 for ``READY``; a pair then asks and accepts its chat (``CHAT`` / ``REQUEST``
 / ``ACCEPT`` / ``STARTED`` on both sides, and every command's ``OK``). A
 baseline user opens one socket and sends ``LOGIN <name>``. All of it runs on
@@ -79,7 +80,7 @@ class VUser:
     """One virtual user: its sockets, its partner, and when it got ready."""
 
     __slots__ = ("name", "partner", "initiator", "login", "chat", "check", "pending", "started",
-                 "t_start", "t_ready", "pings", "dropped", "busy")
+                 "t_start", "t_ready", "pings", "dropped", "busy", "wire_id", "acked", "counting")
 
     def __init__(self, name: str, partner: "VUser | None" = None, initiator: bool = False):
         self.name = name
@@ -91,6 +92,9 @@ class VUser:
         self.pings = 0
         self.dropped: str | None = None
         self.busy = 0             # logins refused as busy (sent again)
+        self.counting = False     # version 2: WELCOME seen, the login socket's frames are numbered
+        self.wire_id = 0          # version 2: frames the login socket got after WELCOME
+        self.acked = 0            # version 2: the id in the last ACK sent
 
     def conns(self) -> list[LineConn]:
         return [c for c in (self.login, self.chat, self.check) if c is not None]
@@ -134,13 +138,19 @@ def sources_for(concurrency: int, at_least: int = 1) -> int:
 class Setup:
     """Log virtual users in (and pair them) on one selector.
 
-    ``protocol`` is "selchat" or "baseline"; ``verb`` LOGIN or REGISTER.
+    ``protocol`` is "selchat" or "baseline"; ``verb`` LOGIN or REGISTER;
+    ``version`` the selchat protocol version (2: ``VERSION 2`` before the
+    login, a resume token in WELCOME, and every frame the login socket gets
+    after WELCOME acknowledged with ``ACK <id>`` on the check socket, once
+    per read that brought some, as the selchat client does).
     ``run`` returns when every user is ready (and paired, with ``pair=True``);
     afterwards ``poll`` keeps the sockets served (PINGs answered, drops noted)."""
 
     def __init__(self, protocol: str, address: tuple[str, int], *, password: str = "", verb: str = "LOGIN",
-                 sources: list[str | None] = (None,), concurrency: int = 128, strict: bool = True):
+                 sources: list[str | None] = (None,), concurrency: int = 128, strict: bool = True,
+                 version: int = 1):
         self.protocol, self.address = protocol, address
+        self.version = version if protocol == "selchat" else 1
         self.password, self.verb = password, verb
         self.sources = list(sources)
         self.concurrency = concurrency
@@ -187,6 +197,13 @@ class Setup:
                 continue
             for line in lines:
                 self._on_line(conn, line)
+            user = conn.user
+            if conn.role == LOGIN and user.wire_id > user.acked and user.check is not None:
+                # Version 2, during setup: every read acknowledged at once (the
+                # timed windows batch them as the client does, flows.py). The
+                # check socket's ATTACH went first on it, so the server has it.
+                user.acked = user.wire_id
+                user.check.send(f"ACK {user.wire_id}")
         now = time.monotonic()
         while self._retries and self._retries[0][0] <= now:
             _, user = self._retries.pop(0)
@@ -194,7 +211,9 @@ class Setup:
                 self.selector.unregister(user.login.sock)
                 user.login.close()
                 user.login = self._open(user, LOGIN)
-            self._send_login(user)
+                self._send_login(user, fresh=True)
+            else:
+                self._send_login(user)
 
     def release(self) -> None:
         """Stop serving these sockets here (another loop takes them over)."""
@@ -208,11 +227,15 @@ class Setup:
             self._in_flight += 1
             user.t_start = time.monotonic()
             user.login = self._open(user, LOGIN)
-            self._send_login(user)
+            self._send_login(user, fresh=True)
 
-    def _send_login(self, user: VUser) -> None:
+    def _send_login(self, user: VUser, fresh: bool = False) -> None:
+        """The login frame; on a ``fresh`` socket with version 2, ``VERSION 2``
+        pipelined before it (one send: the server answers VERSION first)."""
         if self.protocol == "baseline":
             user.login.send(f"LOGIN {user.name}")
+        elif fresh and self.version >= 2:
+            user.login.send(f"VERSION {self.version}\n{self.verb} {user.name} {self.password}")
         else:
             user.login.send(f"{self.verb} {user.name} {self.password}")
 
@@ -246,6 +269,8 @@ class Setup:
         verb, _, rest = line.partition(" ")
         if verb == "HELLO" or not line:
             return
+        if conn.role == LOGIN and user.counting and verb != "BYE":
+            user.wire_id += 1  # version 2: every frame after WELCOME has an id
         if conn.role == CHECK:
             if verb == "PING":
                 conn.send(f"PONG {rest}".rstrip())
@@ -263,8 +288,16 @@ class Setup:
             if verb == "WELCOME":
                 self._ready(user)
                 return
+        elif line == f"OK VERSION {self.version}" and self.version >= 2:
+            return
         elif verb == "WELCOME":
-            _, user.name, chat_token, check_token = line.split()
+            fields = line.split()
+            if self.version >= 2:
+                if len(fields) != 5:
+                    self._problem(conn, f"no resume token in {line[:120]!r}")
+                    return
+                user.counting = True
+            _, user.name, chat_token, check_token = fields[:4]
             user.chat = self._open(user, CHAT)
             user.check = self._open(user, CHECK)
             user.pending += 2

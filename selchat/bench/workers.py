@@ -17,7 +17,7 @@ import traceback
 from array import array
 
 from selchat.bench import sysinfo
-from selchat.bench.flows import CheckConn, Conn, Fleet, Flow, RxConn
+from selchat.bench.flows import CheckConn, Conn, Fleet, Flow, RxConn, V2ChatConn, V2LoginConn
 from selchat.bench import BenchError
 from selchat.bench.vusers import Setup, VUser, make_pairs
 
@@ -113,18 +113,20 @@ def _commands(pipe, serve):
 # -- relay ------------------------------------------------------------------------------
 
 def relay_worker(pipe, index, progress, spec) -> None:
-    """Set up the pairs on every server in ``spec["servers"]``, then run timed
+    """Set up the pairs on every server in ``spec["servers"]`` (``{"kind",
+    "protocol", "version", "address", "verb", "pairs"}``), then run timed
     windows on command: ``("run", {"kind", "window", "duration", "start_ns", "burst"})``."""
     fleets: dict[str, Fleet] = {}
     setup_seconds = {}
-    for kind, address, verb in spec["servers"]:
+    for server in spec["servers"]:
+        kind, protocol, version = server["kind"], server["protocol"], server.get("version", 1)
         started = time.monotonic()
-        users = make_pairs(spec["pairs"])
-        setup = Setup(kind, tuple(address), password=spec["password"], verb=verb, sources=spec["sources"],
-                      concurrency=spec.get("concurrency", 128))
+        users = make_pairs(server["pairs"])
+        setup = Setup(protocol, tuple(server["address"]), password=spec["password"], verb=server["verb"],
+                      sources=spec["sources"], concurrency=spec.get("concurrency", 128), version=version)
         setup.run(users, pair=True, timeout=spec.get("setup_timeout", 300))
         setup.release()
-        fleets[kind] = build_fleet(kind, users, spec["size"], spec["both"])
+        fleets[kind] = build_fleet(protocol, users, spec["size"], spec["both"], version)
         setup_seconds[kind] = time.monotonic() - started
     pipe.send(("ok", {"setup_seconds": setup_seconds}))
 
@@ -142,14 +144,16 @@ def relay_worker(pipe, index, progress, spec) -> None:
         fleet.close()
 
 
-def build_fleet(kind: str, users: list[VUser], size: int, both: bool) -> Fleet:
+def build_fleet(protocol: str, users: list[VUser], size: int, both: bool, version: int = 1) -> Fleet:
     """Turn ready pairs ``[a0, b0, a1, b1, ...]`` into flows over their sockets."""
-    fleet = Fleet(kind)
+    fleet = Fleet(protocol, version)
     for conn in (c for u in users for c in u.conns() if c.buf):
         fleet.problem(f"{conn.user.name} {conn.role}: unread at setup's end: {conn.buf[:120]!r}")
     for a, b in zip(users[0::2], users[1::2]):
         directions = [(a, b), (b, a)] if both else [(a, b)]
-        if kind == "selchat":
+        if protocol == "selchat" and version >= 2:
+            _selchat_v2_pair(fleet, (a, b), directions, size)
+        elif protocol == "selchat":
             _selchat_pair(fleet, (a, b), directions, size)
         else:
             _baseline_pair(fleet, (a, b), directions, size)
@@ -169,6 +173,21 @@ def _selchat_pair(fleet: Fleet, pair, directions, size: int) -> None:
             fleet.add(RxConn(u.login.sock, fleet, label, incoming[u]))
         else:
             fleet.add(Conn(u.login.sock, fleet, label))
+
+
+def _selchat_v2_pair(fleet: Fleet, pair, directions, size: int) -> None:
+    """As ``_selchat_pair``, with protocol version 2: the chat sockets get
+    RECEIVED, the login sockets count their frames and ACK them on the check
+    socket, and a sender's login socket gets its DELIVERED receipts."""
+    chat = {u: fleet.add(V2ChatConn(u.chat.sock, fleet, f"{u.name} chat", None)) for u in pair}
+    incoming = {receiver: Flow(fleet, chat[sender], b"MSG ", size) for sender, receiver in directions}
+    outgoing = {sender: incoming[receiver] for sender, receiver in directions}
+    fleet.flows += incoming.values()
+    for u in pair:
+        chat[u].out = outgoing.get(u)
+        check = fleet.add(CheckConn(u.check.sock, fleet, f"{u.name} check"))
+        fleet.add(V2LoginConn(u.login.sock, fleet, f"{u.name} login", incoming.get(u), outgoing.get(u), check,
+                              u.wire_id))
 
 
 def _baseline_pair(fleet: Fleet, pair, directions, size: int) -> None:
