@@ -103,3 +103,57 @@ def test_fast_path_takes_at_most_limit_frames_and_leaves_the_rest():
     assert conn.next_messages(0) is None
     assert conn.next_messages(5) == (b"MSG c\nMSG d", 2)
     assert conn.msg_seq == 4 and conn.buffered == 0
+
+
+# -- the check socket's fast path: one ACK of new events ------------------------------
+
+ack_frames = st.one_of(
+    st.integers(0, 10**21).map(lambda n: b"ACK %d\n" % n),
+    st.integers(0, 50).map(lambda n: b"ACK %d\r\n" % n),
+    st.sampled_from([b"ACK\n", b"ACK x\n", b"ACK 1 2\n", b"ack 3\n", b"PING a\n", b"PONG\n", b"\n",
+                     b"ACK 0012\n", b"ACK \xd9\xa3\n", b"ACK " + b"9" * 4100 + b"\n"]),
+)
+
+
+def check_connection() -> Connection:
+    conn = Connection(SERVER)
+    conn.state = State.CHECK
+    return conn
+
+
+def check_slow(chunks) -> list:
+    conn = check_connection()
+    out = []
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        while (event := conn.next_event()) is not ev.NEED_DATA:
+            out.append(event)
+    return out
+
+
+def check_fast(chunks, low, high) -> list:
+    """What Peer.process does on a version 2 check socket."""
+    conn = check_connection()
+    out = []
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        while True:
+            n = conn.next_ack(low, high)
+            if n is not None:
+                assert low < n <= high
+                out.append(ev.Ack(n))
+                continue
+            event = conn.next_event()
+            if event is ev.NEED_DATA:
+                break
+            out.append(event)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ack_frames, max_size=8), st.data(), st.integers(0, 30), st.integers(0, 10**21))
+def test_the_ack_fast_path_gives_what_the_frame_by_frame_path_gives(frames_, data, low, high):
+    stream = b"".join(frames_)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)]) if b > a]  # b"" would be EOF
+    assert check_fast(chunks, low, high) == check_slow(chunks)

@@ -294,3 +294,30 @@ def test_acks_of_new_events_are_not_rate_limited_as_commands(make_server):
         bob.ack()  # one per read, as the selchat client does
         assert alice.expect("DELIVERED ") == f"DELIVERED {i} {i}"
         alice.ack()
+
+
+def test_a_client_that_never_acknowledges_is_slowed_not_grown_without_end(make_server):
+    srv = make_server("--conn-rate", "0", "--max-per-address", "0", "--resume-buffer", "8")
+    alice, bob = pair(srv)
+    alice.ack()
+    # alice never acknowledges her receipts: past 8 events waiting, the
+    # server stops reading her messages (her RECEIVED stops) until she does.
+    sent = 0
+    received = 0
+    while sent < 40:
+        sent += 1
+        alice.chat.send(f"MSG r{sent}")
+        line = quiet_line(bob.login, 1.0)
+        if line is None:
+            break
+        bob.last_id += 1
+        bob.ack()
+    assert sent < 40, "the server kept reading a client that acknowledged nothing"
+    while (line := quiet_line(alice.chat, 0.5)) is not None:
+        received = int(line.split()[1])
+    assert received < sent
+    while alice.last_id < 8 + 1:  # her receipts so far, up to the bound
+        alice.expect("DELIVERED ")
+    alice.ack()  # she acknowledges: the server reads her again
+    for n in range(received + 1, sent + 1):
+        bob.expect(f"MSG {alice.name} r{n}")

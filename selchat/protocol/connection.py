@@ -13,6 +13,7 @@ tested by feeding bytes.
 from __future__ import annotations
 
 import enum
+import re
 
 from selchat.protocol import codec
 from selchat.protocol import events as ev
@@ -183,6 +184,27 @@ class Connection:
         self.msg_seq += count
         return block, count
 
+    def next_ack(self, low: int, high: int) -> int | None:
+        """The check socket's fast path (server side, version 2).
+
+        If the buffer holds exactly one complete frame, ``ACK <n>`` with
+        ``low < n <= high`` (an acknowledgement of events not acknowledged
+        yet), consume it and return ``n``; otherwise leave everything to
+        ``next_event()``, which gives the same event. The selchat client
+        sends one ACK at a time, so this is the usual read of a check socket.
+        """
+        if self._state is not State.CHECK or self._discarding:
+            return None
+        m = _ONE_ACK(self._buf, self._pos)
+        if m is None:
+            return None
+        n = int(m.group(1))
+        if not low < n <= high:
+            return None
+        self._buf.clear()
+        self._pos = self._scan = self._fast_from = 0
+        return n
+
     def _next_line(self):
         """Pop one line from the buffer (without CR LF), or _OVERLONG, or None."""
         buf, pos = self._buf, self._pos
@@ -262,6 +284,7 @@ class Connection:
 
 
 _OVERLONG = object()
+_ONE_ACK = re.compile(rb"ACK ([0-9]{1,20})\n").fullmatch
 
 # Control characters that a block of frames joined by LF must not hold (CR
 # included, so CRLF input takes the slow path). Deleting them with translate()

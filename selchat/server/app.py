@@ -376,6 +376,7 @@ class Server:
         # The partner cannot take more now: read no more from this sender
         # until it can. What was read is still delivered.
         session.partner.hold_back(peer)
+        session.hold_back_own(peer)
 
     def relay(self, peer: Peer, session: Session, block: bytes, count: int) -> None:
         """The fast path of on_message: ``count`` plain messages in one block."""
@@ -383,6 +384,7 @@ class Server:
         partner.deliver_block(session, block, count, peer.conn.msg_seq - count + 1)
         self.metrics.messages_relayed += count
         partner.hold_back(peer)
+        session.hold_back_own(peer)
 
     @staticmethod
     def _refuse_message(peer: Peer, nack: ev.Nack) -> None:

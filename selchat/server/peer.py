@@ -142,6 +142,13 @@ class Peer:
                         if not conn.buffered:
                             return  # the usual case: the whole read was one block
                         continue
+                elif session is not None and session.check is self and session.outbox is not None:
+                    # Fast path: one ACK of new events (what a client sends on its own).
+                    outbox = session.outbox
+                    ack = conn.next_ack(outbox.acked, outbox.last_id)
+                    if ack is not None:
+                        self.server.registry.acknowledge(self, session, ack)
+                        return
                 event = next_event()
                 if event is ev.NEED_DATA:
                     return

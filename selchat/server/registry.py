@@ -234,12 +234,14 @@ class Registry:
         if outbox is None:
             peer.send(ev.Error("ACK", "not-version-2", "ACK is for version 2 sessions"))
             return
-        try:
-            receipts = outbox.ack(event.id)
-        except ValueError as exc:
-            peer.send(ev.Error("ACK", "bad-ack", str(exc)))
+        if event.id > outbox.last_id:
+            peer.send(ev.Error("ACK", "bad-ack", f"ACK {event.id} is beyond the last event sent ({outbox.last_id})"))
             return
-        self._deliver_receipts(receipts)
+        self.acknowledge(peer, session, event.id)
+
+    def acknowledge(self, peer, session: Session, upto: int) -> None:
+        """The client has every event up to ``upto`` (at most the last sent)."""
+        self._deliver_receipts(session.outbox.ack(upto))
         session.release_waiting()
         if session.phase is Phase.ONLINE:
             self.alive(session)

@@ -159,6 +159,15 @@ class Session:
             feeder.pause(PARTNER)
             self.waiting.append(feeder)
 
+    def hold_back_own(self, chat) -> None:
+        """Our own chat socket just sent: pause it while our client leaves our
+        outbox at its bound (it does not acknowledge: its receipts would pile
+        up without end). Its next ACK resumes it."""
+        outbox = self.outbox
+        if outbox is not None and outbox.full:
+            chat.pause(PARTNER)
+            self.waiting.append(chat)
+
     def release_waiting(self, force: bool = False) -> None:
         """Resume the senders paused by a full outbox, once it has room."""
         if self.waiting and (force or not self.outbox.full):
