@@ -244,15 +244,22 @@ def test_held_messages_past_the_bound_slow_the_sender_and_none_is_lost(make_serv
         received = int(line.split()[1])
     assert 0 < received < 200
     bob.resume()
+    alice.expect(f"BACK {bob.name}")
     texts = []
+    delivered = 0
     while len(texts) < 200:
         texts.append(bob.expect(f"MSG {alice.name} ").split(" ", 2)[2])
         if bob.last_id % 10 == 0:
             bob.ack()  # makes room: the server reads alice again
+            # ...as long as alice acknowledges her receipts too (she is slowed otherwise)
+            while (line := quiet_line(alice.login, 0.05)) is not None:
+                alice.last_id += 1
+                first, last = map(int, line.split()[1:])
+                assert line.startswith("DELIVERED ") and first == delivered + 1
+                delivered = last
+            alice.ack()
     assert texts == [f"n{i}" for i in range(1, 201)]  # each once, in order
     bob.ack()
-    alice.expect(f"BACK {bob.name}")
-    delivered = 0
     while delivered < 200:
         line = alice.expect("DELIVERED ")
         first, last = map(int, line.split()[1:])
