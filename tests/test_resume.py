@@ -7,6 +7,8 @@ import threading
 
 import pytest
 
+from selchat.protocol.events import RECEIVED_DELAY
+
 from tests.support import LineSocket, RawUser, V2User, start_chat, start_v2_chat
 
 
@@ -18,6 +20,10 @@ def v2server(tmp_path_factory):
                         "--throttle-after", "0", "--resume-window", "30")
     yield srv
     srv.stop()
+
+
+#: Long enough for the RECEIVED the server owes to come (it batches them).
+QUIET = RECEIVED_DELAY * 3
 
 
 def quiet_line(sock: LineSocket, wait: float) -> str | None:
@@ -240,7 +246,7 @@ def test_held_messages_past_the_bound_slow_the_sender_and_none_is_lost(make_serv
     # The server stops reading alice once bob's unacknowledged events are
     # at the bound: what it RECEIVED stops short of 200.
     received = 0
-    while (line := quiet_line(alice.chat, 0.5)) is not None:
+    while (line := quiet_line(alice.chat, QUIET)) is not None:
         received = int(line.split()[1])
     assert 0 < received < 200
     bob.resume()
@@ -320,7 +326,7 @@ def test_a_client_that_never_acknowledges_is_slowed_not_grown_without_end(make_s
         bob.last_id += 1
         bob.ack()
     assert sent < 40, "the server kept reading a client that acknowledged nothing"
-    while (line := quiet_line(alice.chat, 0.5)) is not None:
+    while (line := quiet_line(alice.chat, QUIET)) is not None:
         received = int(line.split()[1])
     assert received < sent
     while alice.last_id < 8 + 1:  # her receipts so far, up to the bound

@@ -23,9 +23,9 @@ PROTOCOL_VERSION = 2
 #: sends ``RECEIVED`` within ``RECEIVED_DELAY`` seconds of a read that brought
 #: chat messages. One frame per batch instead of per read keeps a relayed
 #: message's cost near version 1's (docs/performance.md).
-ACK_DELAY = 0.1
+ACK_DELAY = 0.25
 ACK_EVERY = 256
-RECEIVED_DELAY = 0.2
+RECEIVED_DELAY = 0.5
 
 
 class Role(enum.Enum):

@@ -376,7 +376,9 @@ class Server:
         # The partner cannot take more now: read no more from this sender
         # until it can. What was read is still delivered.
         session.partner.hold_back(peer)
-        session.hold_back_own(peer)
+        if session.outbox is not None:
+            session.hold_back_own(peer)
+            peer.received_due()
 
     def relay(self, peer: Peer, session: Session, block: bytes, count: int) -> None:
         """The fast path of on_message: ``count`` plain messages in one block."""
@@ -384,7 +386,9 @@ class Server:
         partner.deliver_block(session, block, count, peer.conn.msg_seq - count + 1)
         self.metrics.messages_relayed += count
         partner.hold_back(peer)
-        session.hold_back_own(peer)
+        if session.outbox is not None:
+            session.hold_back_own(peer)
+            peer.received_due()
 
     @staticmethod
     def _refuse_message(peer: Peer, nack: ev.Nack) -> None:
@@ -395,6 +399,7 @@ class Server:
             peer.send(nack)
         else:
             session.deliver(ev.Undelivered(nack.seq, nack.seq, nack.code, nack.text))
+            peer.received_due()
 
     def on_chat(self, peer: Peer, event: ev.ChatRequest) -> None:
         session = self._online(peer, "CHAT")

@@ -95,20 +95,26 @@ class Outbox:
             raise ValueError(f"ACK {upto} is beyond the last event sent ({self.last_id})")
         receipts: list[list] = []
         entries = self.entries
-        while entries and entries[0].first_id <= upto:
+        popleft = entries.popleft
+        last = None  # the receipt being extended
+        while entries:  # once per entry (a relayed block): kept lean
             entry = entries[0]
-            if entry.last_id <= upto:
-                entries.popleft()
-                done = entry.count
-            else:
-                done = upto - entry.first_id + 1
-            if entry.sender is not None:
-                first, last = entry.first_seq, entry.first_seq + done - 1
-                if receipts and receipts[-1][0] is entry.sender and receipts[-1][2] + 1 == first:
-                    receipts[-1][2] = last
+            first_id = entry.first_id
+            if first_id > upto:
+                break
+            count = entry.count
+            done = count if first_id + count - 1 <= upto else upto - first_id + 1
+            if done == count:
+                popleft()
+            sender = entry.sender
+            if sender is not None:
+                first = entry.first_seq
+                if last is not None and last[0] is sender and last[2] + 1 == first:
+                    last[2] = first + done - 1
                 else:
-                    receipts.append([entry.sender, first, last])
-            if done < entry.count:
+                    last = [sender, first, first + done - 1]
+                    receipts.append(last)
+            if done < count:
                 entry.drop_first(done)
                 break
         self.acked = max(self.acked, upto)

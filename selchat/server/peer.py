@@ -87,26 +87,15 @@ class Peer:
 
     # -- events -------------------------------------------------------------------
 
-    def process(self) -> None:
-        """Hand every buffered event to the server, unless reading is paused.
-
-        Each handled frame takes a token from this socket's bucket (chat
-        messages from their own); once one runs dry, reading pauses until
-        tokens come back, so a flood is slowed, not dropped.
-
-        On a version 2 chat socket, reads that brought chat messages are
-        answered with one ``RECEIVED <seq>`` within ``RECEIVED_DELAY``: the
-        server has them all.
-        """
-        self._process()
-        session = self.session
-        if session is not None and session.outbox is not None and session.chat is self \
-                and self.conn.msg_seq > self.received:
-            timer = self.received_timer
-            if timer is None:
-                self.received_timer = self.server.reactor.call_later(ev.RECEIVED_DELAY, self.say_received)
-            elif not timer.active:
-                timer.reset(ev.RECEIVED_DELAY)
+    def received_due(self) -> None:
+        """Version 2 chat socket: chat messages were taken (relayed or
+        refused); ``RECEIVED <seq>`` for all of them goes out within
+        ``RECEIVED_DELAY``, one for every read meanwhile."""
+        timer = self.received_timer
+        if timer is None:
+            self.received_timer = self.server.reactor.call_later(ev.RECEIVED_DELAY, self.say_received)
+        elif not timer.active:
+            timer.reset(ev.RECEIVED_DELAY)
 
     def say_received(self) -> None:
         """``RECEIVED`` for every chat message read since the last one."""
@@ -115,7 +104,13 @@ class Peer:
             self.received = seq
             self.send(ev.Received(seq))
 
-    def _process(self) -> None:
+    def process(self) -> None:
+        """Hand every buffered event to the server, unless reading is paused.
+
+        Each handled frame takes a token from this socket's bucket (chat
+        messages from their own); once one runs dry, reading pauses until
+        tokens come back, so a flood is slowed, not dropped.
+        """
         conn = self.conn
         next_event, handle = conn.next_event, self.server.handle
         cmd, msg = self.cmd_bucket, self.msg_bucket

@@ -8,6 +8,7 @@ import time
 from selchat.protocol import codec
 from selchat.protocol import events as ev
 from selchat.protocol.state import State
+from selchat.server.outbox import Entry
 from selchat.server.peer import PARTNER
 
 #: Events a session that has ended still keeps for a late RESUME (its tombstone).
@@ -136,7 +137,10 @@ class Session:
         outbox = self.outbox
         login = self.login
         if outbox is not None:
-            outbox.record(data, count, sender if sender.outbox is not None else None, first_seq)
+            # Outbox.record, inline: this runs once per relayed block.
+            outbox.entries.append(Entry(outbox.last_id + 1, count, data,
+                                        sender if sender.outbox is not None else None, first_seq))
+            outbox.last_id += count
             if login is not None and login.conn.state is State.LOGIN:
                 login.transport.write(data)
             return
@@ -155,16 +159,18 @@ class Session:
         login = self.login
         if login is not None and login.congested:
             login.feed_paused_by(feeder)
-        elif self.outbox is not None and self.outbox.full:
-            feeder.pause(PARTNER)
-            self.waiting.append(feeder)
+        else:
+            outbox = self.outbox
+            if outbox is not None and outbox.last_id - outbox.acked >= outbox.limit:  # Outbox.full
+                feeder.pause(PARTNER)
+                self.waiting.append(feeder)
 
     def hold_back_own(self, chat) -> None:
         """Our own chat socket just sent: pause it while our client leaves our
         outbox at its bound (it does not acknowledge: its receipts would pile
         up without end). Its next ACK resumes it."""
         outbox = self.outbox
-        if outbox is not None and outbox.full:
+        if outbox.last_id - outbox.acked >= outbox.limit:  # Outbox.full
             chat.pause(PARTNER)
             self.waiting.append(chat)
 
