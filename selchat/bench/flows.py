@@ -67,6 +67,17 @@ RECEIVED_FINDALL = _RECEIVED.findall
 monotonic_ns = time.monotonic_ns
 
 
+def whole_lines(piece: bytes, data: bytes) -> tuple[bytes, bytes]:
+    """``data`` read after ``piece`` (a line's start from the last read): the
+    whole lines, and the piece of a line they leave for the next read."""
+    if piece:
+        data = piece + data
+    if data[-1] == 10:
+        return data, b""
+    cut = data.rfind(b"\n") + 1
+    return data[:cut], data[cut:]
+
+
 class Fleet:
     """All the sockets of one worker for one server: one selector, flows, problems."""
 
@@ -352,16 +363,9 @@ class Flow:
         """Account for a chunk read from the receiving socket; returns messages
         in it. ``others``: lines in it that are not messages and were accounted
         for by the caller (version 2 receipts)."""
-        if self.rxbuf:
-            data = self.rxbuf + data
-        if data[-1] != 10:  # ends inside a line: keep the piece for the next read
-            cut = data.rfind(b"\n") + 1
-            self.rxbuf = data[cut:]
-            data = data[:cut]
-            if not data:
-                return 0
-        elif self.rxbuf:
-            self.rxbuf = b""
+        data, self.rxbuf = whole_lines(self.rxbuf, data)
+        if not data:
+            return 0
         found = FINDALL(data)
         n = len(found)
         if n + others != data.count(b"\n"):
@@ -448,16 +452,9 @@ class V2LoginConn(Conn):
         data = self.recv()
         if not data:
             return 0
-        if self.buf:
-            data = self.buf + data
-        if data[-1] != 10:  # ends inside a line: keep the piece for the next read
-            cut = data.rfind(b"\n") + 1
-            self.buf = data[cut:]
-            data = data[:cut]
-            if not data:
-                return 0
-        elif self.buf:
-            self.buf = b""
+        data, self.buf = whole_lines(self.buf, data)
+        if not data:
+            return 0
         now = monotonic_ns()
         receipts = DELIVERED_FINDALL(data) if b"DELIVERED " in data else ()
         if receipts:

@@ -58,18 +58,11 @@ class Registry:
             self.end_session(old, "dropped", f"{name} lost connection",
                              ev.Bye("replaced", "logged in from another client"), why="replaced")
         sid = next(self._sids)
-        secrets_by_role = {Role.CHAT: secrets.token_urlsafe(16), Role.CHECK: secrets.token_urlsafe(16)}
-        session = Session(sid, name, secrets_by_role)
+        session = Session(sid, name, {})
         cfg = self.server.config
         session.requests = bucket(cfg.request_rate, cfg.request_burst, self.reactor.clock())
-        session.login = peer
-        peer.session = session
-        if peer.deadline is not None:
-            peer.deadline.cancel()
-            peer.deadline = None
         self.sessions[session.key] = session
-        self.by_sid[sid] = session
-        session.attach_timer = self.reactor.call_later(cfg.attach_timeout, self._attach_timeout, session)
+        chat_token, check_token = self._await_attach(session, peer)
         resume_token = ""
         if peer.version == 2:
             session.version = 2
@@ -77,9 +70,24 @@ class Registry:
             session.resume_secret = secrets.token_urlsafe(16)
             self.resumable[sid] = session
             resume_token = f"{sid}.{session.resume_secret}"
-        peer.send(ev.Welcome(name, f"{sid}.{secrets_by_role[Role.CHAT]}", f"{sid}.{secrets_by_role[Role.CHECK]}",
-                             resume_token))
+        peer.send(ev.Welcome(name, chat_token, check_token, resume_token))
         return session
+
+    def _await_attach(self, session: Session, peer) -> tuple[str, str]:
+        """``peer`` is the session's login socket now: make the single-use
+        tokens its chat and check sockets attach with, within the attach
+        timeout. Returns them, as the client sends them."""
+        tokens = {Role.CHAT: secrets.token_urlsafe(16), Role.CHECK: secrets.token_urlsafe(16)}
+        session.tokens = tokens
+        session.login = peer
+        peer.session = session
+        if peer.deadline is not None:
+            peer.deadline.cancel()
+            peer.deadline = None
+        self.by_sid[session.sid] = session
+        session.attach_timer = self.reactor.call_later(self.server.config.attach_timeout, self._attach_timeout,
+                                                       session)
+        return f"{session.sid}.{tokens[Role.CHAT]}", f"{session.sid}.{tokens[Role.CHECK]}"
 
     def _attach_timeout(self, session: Session) -> None:
         if session.phase is Phase.ATTACHING:
@@ -210,18 +218,9 @@ class Registry:
         else:
             self._drop_sockets(session)  # it comes back before the server noticed the drop
         self._deliver_receipts(outbox.ack(event.last_id))  # what it saw, its ACK lost
-        secrets_by_role = {Role.CHAT: secrets.token_urlsafe(16), Role.CHECK: secrets.token_urlsafe(16)}
-        session.tokens = secrets_by_role
         session.phase = Phase.ATTACHING
-        session.login = peer
-        peer.session = session
-        if peer.deadline is not None:
-            peer.deadline.cancel()
-            peer.deadline = None
-        self.by_sid[session.sid] = session
-        session.attach_timer = self.reactor.call_later(self.server.config.attach_timeout, self._attach_timeout, session)
-        peer.send(ev.Resumed(session.name, session.seq_base, outbox.acked,
-                             f"{sid}.{secrets_by_role[Role.CHAT]}", f"{sid}.{secrets_by_role[Role.CHECK]}"))
+        chat_token, check_token = self._await_attach(session, peer)
+        peer.send(ev.Resumed(session.name, session.seq_base, outbox.acked, chat_token, check_token))
         peer.transport.write(outbox.replay())
         session.release_waiting()
         self.server.metrics.resumes += 1
