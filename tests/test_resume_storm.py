@@ -15,7 +15,8 @@ from tests.support import DEADLINE, Canary
 
 USERS = 1000
 LOGGED_IN = r"\b(?:register|login) user="
-LOGINS_IN_FLIGHT = 8  # the server queues at most 8 password checks per address
+LOGINS_IN_FLIGHT = 8
+CANARY_P99_MS = 20.0  # the server queues at most 8 password checks per address
 
 
 class Storm:
@@ -97,7 +98,7 @@ class TimedCanary:
             start = time.monotonic()
             canary.check(1)  # asserts the message arrived, in order
             samples.append((start, time.monotonic() - start))
-            self.stop.wait(0.002)  # the canary's pace, not a synchronisation
+            time.sleep(0.002)  # the canary's pace, not a synchronisation
         out.send(samples)
 
     def __enter__(self):
@@ -118,8 +119,10 @@ class TimedCanary:
 
 @pytest.fixture
 def storm_server(make_server):
+    # --msg-rate 0: the canary samples faster than a person types, and the
+    # per-user message limit (50/s) would otherwise hold it back by a tick.
     return make_server("--conn-rate", "0", "--max-per-address", "0", "--throttle-after", "0",
-                       "--resume-window", "60", "--attach-timeout", "60")
+                       "--msg-rate", "0", "--resume-window", "60", "--attach-timeout", "60")
 
 
 def test_a_thousand_users_cut_at_once_all_resume_without_a_password_check(storm_server):
@@ -143,5 +146,8 @@ def test_a_thousand_users_cut_at_once_all_resume_without_a_password_check(storm_
         p99 = statistics.quantiles(during, n=100)[98] * 1000
         print(f"\n{USERS} resumes in {until - since:.2f} s; canary p99 {p99:.1f} ms, "
               f"max {max(during) * 1000:.1f} ms over {len(during)} messages")
+        # The bound. Measured here: p99 2-4 ms, max under 10 ms
+        # (RESUME costs no hash, so the loop never waits for one).
+        assert p99 < CANARY_P99_MS, f"canary p99 {p99:.1f} ms during {USERS} resumes"
     finally:
         storm.close()
