@@ -166,10 +166,10 @@ class Peer:
             self.transport.on_error(exc)
 
     def acknowledges_new(self, event: ev.Ack) -> bool:
-        """Whether an ACK acknowledges events not acknowledged yet: the
-        client sends one per read of its login socket, so these are not
-        rate limited (at most one per event sent); a repeated or
-        out-of-range one costs a command token like any other frame."""
+        """Whether an ACK acknowledges events not acknowledged yet: those
+        are not rate limited (there can be at most one per event sent); a
+        repeated or out-of-range one costs a command token like any other
+        frame."""
         outbox = self.session.outbox
         return outbox is not None and outbox.acked < event.id <= outbox.last_id
 

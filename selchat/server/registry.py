@@ -65,7 +65,6 @@ class Registry:
         chat_token, check_token = self._await_attach(session, peer)
         resume_token = ""
         if peer.version == 2:
-            session.version = 2
             session.outbox = Outbox(cfg.resume_buffer)
             session.resume_secret = secrets.token_urlsafe(16)
             self.resumable[sid] = session

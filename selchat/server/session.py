@@ -55,7 +55,7 @@ class Session:
     __slots__ = (
         "sid", "name", "name_bytes", "key", "phase", "login", "chat", "check", "tokens",
         "partner", "request", "requests", "attach_timer", "heartbeat", "awaiting_pong", "ping_seq",
-        "since", "version", "outbox", "resume_secret", "seq_base", "waiting", "resume_timer", "was_online",
+        "since", "outbox", "resume_secret", "seq_base", "waiting", "resume_timer", "was_online",
         "__weakref__",
     )
 
@@ -77,8 +77,7 @@ class Session:
         self.awaiting_pong = False
         self.ping_seq = 0
         self.since = time.time()  # wall clock of the login, for `selchat admin who`
-        self.version = 1
-        self.outbox = None         # version 2: selchat.server.outbox.Outbox
+        self.outbox = None         # version 2 (and only then): selchat.server.outbox.Outbox
         self.resume_secret = ""    # version 2: the secret half of the resume token
         self.seq_base = 0
         self.waiting: list = []
