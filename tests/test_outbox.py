@@ -95,3 +95,33 @@ def test_every_message_gets_exactly_one_receipt_or_is_held(ops, data):
             assert box.replay() == b"".join(frames[box.acked:])
     held = [s for _, first, last in box.held() for s in range(first, last + 1)]
     assert receipted + held == list(range(1, seq + 1))
+
+
+@given(st.lists(st.tuples(st.sampled_from([ALICE, BOB, None]), st.integers(1, 4)), max_size=40), st.data())
+def test_two_senders_runs_and_other_frames_each_message_one_receipt_in_order(ops, data):
+    """Blocks of two senders and other frames interleaved (a sender's blocks
+    that follow on share an entry): each sender's seqs are receipted once,
+    in order, or held; replay is exactly the frames not acknowledged."""
+    box = Outbox(limit=10**9)
+    frames: list[bytes] = []
+    seqs = {ALICE: 0, BOB: 0}
+    receipted = {ALICE: [], BOB: []}
+    for sender, n in ops:
+        if sender is None:
+            box.record(b"NOTICE hi\n")
+            frames.append(b"NOTICE hi\n")
+        else:
+            first = seqs[sender] + 1
+            box.record(msgs(sender, first, n), count=n, sender=sender, first_seq=first)
+            frames += [b"MSG %s m%d\n" % (sender.name.encode(), first + i) for i in range(n)]
+            seqs[sender] += n
+        if data.draw(st.booleans()):
+            upto = data.draw(st.integers(box.acked, box.last_id))
+            for who, first, last in box.ack(upto):
+                receipted[who] += range(first, last + 1)
+            assert box.replay() == b"".join(frames[box.acked:])
+    held = {ALICE: [], BOB: []}
+    for who, first, last in box.held():
+        held[who] += range(first, last + 1)
+    for who in (ALICE, BOB):
+        assert receipted[who] + held[who] == list(range(1, seqs[who] + 1))

@@ -7,9 +7,10 @@ them, so that a ``RESUME`` can replay the rest, and remembers which of them
 carried whose chat messages, so that an ACK turns into delivery receipts for
 the senders and the end of a session into "not delivered" reports.
 
-One entry holds one frame, or a whole block of relayed messages (the relay's
-fast path writes many ``MSG`` frames with one call and records them with one
-append); an ACK that falls inside a block splits it, which is rare.
+One entry holds one frame, or a run of one sender's relayed messages (the
+relay's fast path writes many ``MSG`` frames with one call, and the blocks
+that follow on join the same entry); an ACK that falls inside a run splits
+it.
 
 Pure bookkeeping: no socket, no clock, no session methods called. The caller
 (``Session``) writes the bytes and sends the receipts.
@@ -80,8 +81,23 @@ class Outbox:
         return self.last_id - self.acked >= self.limit
 
     def record(self, data: bytes, count: int = 1, sender=None, first_seq: int = 0) -> None:
-        """``count`` frames (``data``, LF-terminated) were sent, or held for sending."""
-        self.entries.append(Entry(self.last_id + 1, count, data, sender, first_seq))
+        """``count`` frames (``data``, LF-terminated) were sent, or held for sending.
+
+        A sender's messages that follow on from the last entry's join it (its
+        bytes become a bytearray that grows): an ACK then walks one entry per
+        run of one sender's messages, not one per relayed block, and a block
+        costs no new entry."""
+        entries = self.entries
+        if sender is not None and entries:
+            last = entries[-1]
+            if last.sender is sender and last.first_seq + last.count == first_seq:
+                if type(last.data) is bytes:
+                    last.data = bytearray(last.data)
+                last.data += data
+                last.count += count
+                self.last_id += count
+                return
+        entries.append(Entry(self.last_id + 1, count, data, sender, first_seq))
         self.last_id += count
 
     def ack(self, upto: int) -> list[tuple[object, int, int]]:

@@ -8,7 +8,6 @@ import time
 from selchat.protocol import codec
 from selchat.protocol import events as ev
 from selchat.protocol.state import State
-from selchat.server.outbox import Entry
 from selchat.server.peer import PARTNER
 
 #: Events a session that has ended still keeps for a late RESUME (its tombstone).
@@ -129,17 +128,14 @@ class Session:
         (``Connection.next_messages``).
 
         Written as ``MSG <sender> <text>`` frames with one C-level replace
-        (``codec.relay_block``) and kept as one outbox entry: the relay's fast
-        path, so no per-message Python work.
+        (``codec.relay_block``) and kept in the outbox with one call: the
+        relay's fast path, so no per-message Python work.
         """
         data = codec.relay_block(sender.name_bytes, block)
         outbox = self.outbox
         login = self.login
         if outbox is not None:
-            # Outbox.record, inline: this runs once per relayed block.
-            outbox.entries.append(Entry(outbox.last_id + 1, count, data,
-                                        sender if sender.outbox is not None else None, first_seq))
-            outbox.last_id += count
+            outbox.record(data, count, sender if sender.outbox is not None else None, first_seq)
             if login is not None and login.conn.state is State.LOGIN:
                 login.transport.write(data)
             return
