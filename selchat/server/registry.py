@@ -12,7 +12,8 @@ how far the server got and the fates of its messages.
 
 May touch: the sessions (``sessions``, ``by_sid``) and their timers, the
 peers of those sessions (tokens, deadlines, sends and closes), the hub's
-``join``/``leave``, and from the ``Server`` only its config, reactor and MOTD.
+``join``/``leave``, and from the ``Server`` only its config, reactor, MOTD,
+metrics, and ``logins`` (a refused RESUME counts as a failed login).
 It knows no wire format beyond the events it sends: another front end (or
 a second node) attaches sessions through the same methods.
 """
