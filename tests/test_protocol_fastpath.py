@@ -23,20 +23,29 @@ frames = st.one_of(
 )
 
 
-def chat_connection() -> Connection:
+def server_connection(state: State) -> Connection:
     conn = Connection(SERVER)
-    conn.state = State.CHAT
+    conn.state = state
     return conn
 
 
-def slow(chunks) -> list:
-    conn = chat_connection()
+def chat_connection() -> Connection:
+    return server_connection(State.CHAT)
+
+
+def frame_by_frame(conn: Connection, chunks) -> list:
+    """Every event ``next_event()`` gives for ``chunks``, read one after the other."""
     out = []
     for chunk in chunks:
         conn.receive_data(chunk)
         while (event := conn.next_event()) is not ev.NEED_DATA:
             out.append(event)
-    return out, conn.msg_seq
+    return out
+
+
+def slow(chunks) -> list:
+    conn = chat_connection()
+    return frame_by_frame(conn, chunks), conn.msg_seq
 
 
 def fast(chunks, limit) -> list:
@@ -115,25 +124,9 @@ ack_frames = st.one_of(
 )
 
 
-def check_connection() -> Connection:
-    conn = Connection(SERVER)
-    conn.state = State.CHECK
-    return conn
-
-
-def check_slow(chunks) -> list:
-    conn = check_connection()
-    out = []
-    for chunk in chunks:
-        conn.receive_data(chunk)
-        while (event := conn.next_event()) is not ev.NEED_DATA:
-            out.append(event)
-    return out
-
-
 def check_fast(chunks, low, high) -> list:
     """What Peer.process does on a version 2 check socket."""
-    conn = check_connection()
+    conn = server_connection(State.CHECK)
     out = []
     for chunk in chunks:
         conn.receive_data(chunk)
@@ -156,4 +149,4 @@ def test_the_ack_fast_path_gives_what_the_frame_by_frame_path_gives(frames_, dat
     stream = b"".join(frames_)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)]) if b > a]  # b"" would be EOF
-    assert check_fast(chunks, low, high) == check_slow(chunks)
+    assert check_fast(chunks, low, high) == frame_by_frame(server_connection(State.CHECK), chunks)

@@ -22,6 +22,7 @@ import time
 from selchat import __version__
 from selchat.reactor.httpd import HTTPServer
 from selchat.reactor.listener import bind
+from selchat.server.session import Phase
 
 log = logging.getLogger("selchat.server")
 
@@ -83,7 +84,7 @@ def render(server) -> str:
     """The exposition text for ``server`` now (and restart the lag maximum)."""
     m = server.metrics
     online = server.hub.online.values()
-    detached = sum(1 for s in server.registry.resumable.values() if s.phase.value == "detached")
+    detached = sum(1 for s in server.registry.resumable.values() if s.phase is Phase.DETACHED)
     chatting = sum(1 for s in online if s.partner is not None)
     requests = sum(1 for s in online if s.request is not None and s.request.source is s)
     families = [

@@ -159,9 +159,5 @@ class Outbox:
         is true (an ended session keeps only its fates, for a late RESUME)."""
         self.entries = deque(e for e in self.entries if e.count == 1 and e.sender is None and wanted(e.data))
 
-    def clear(self) -> None:
-        self.entries.clear()
-        self.acked = self.last_id
-
     def __repr__(self) -> str:
         return f"<Outbox ids {self.acked + 1}..{self.last_id} in {len(self.entries)} entries>"
