@@ -23,8 +23,13 @@ setup(
         'tomli>=1.1; python_version < "3.11"',   # the client's config file (tomllib from 3.11)
     ],
     extras_require={
+        # `selchat serve --cluster redis://...`: hiredis.Reader is the RESP parser the
+        # reactor feeds (sans-I/O, C); the socket stays ours.
+        "cluster": ["hiredis>=2.0"],
+        # `selchat serve --db postgresql://...`: psycopg 3 in the account worker threads.
+        "postgres": ["psycopg[binary]>=3.1"],
         "test": ["pytest>=7", "hypothesis>=6.80", "pexpect>=4.8", "trustme>=1.0", "prometheus_client>=0.16",
-                 "pytest-randomly>=3.12"],
+                 "pytest-randomly>=3.12", "hiredis>=2.0", "psycopg[binary]>=3.1"],
     },
     entry_points={"console_scripts": ["selchat=selchat.cli:main"]},
 )
