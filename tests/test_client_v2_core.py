@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from selchat.client.core import (
     CHAT, CHECK, FORMATS, JSON_FIELDS, LOGIN, RECEIPT_KINDS, RESUME_CAP, Backoff, ClientSession, Close,
-    AckLater, Connect, Notice, Phase, Reconnect, Send,
+    ACK_CONFIRM, AckLater, Connect, Notice, Phase, Reconnect, Send,
 )
-from selchat.protocol.events import ACK_EVERY
+from selchat.protocol.events import ACK_EVERY, ACK_GRACE
 from tests.test_client_core import closed, frames, kinds, sent, shown
 
 HELLO = "HELLO 2 selchat/0.2.0"
@@ -35,8 +35,9 @@ def v2_online(user: str = "alice", **kwargs) -> ClientSession:
     s.receive(CHECK, frames(HELLO, "OK ATTACH CHECK"))
     effects = s.receive(LOGIN, frames(f"READY {user}"))
     if s.ack_delay > 0:
-        assert AckLater(s.ack_delay) in effects
-        effects = s.ack_now()  # the loop's timer
+        assert AckLater(s.ack_delay - ACK_GRACE) in effects
+        assert AckLater(ACK_GRACE) in s.ack_now()  # the loop's timer: the ACK is ripe
+        effects = s.ack_now()  # and then due
     assert sent(effects, CHECK) == ["ACK 1"]
     assert s.online and s.phase is Phase.IDLE
     return s
@@ -467,14 +468,71 @@ def test_exit_waits_until_the_server_has_read_our_last_ack():
 
 
 def test_acks_are_batched_within_the_delay_or_at_once_when_many_wait():
-    s = v2_online(ack_delay=0.1)
+    s = v2_online(ack_delay=0.25)
     effects = s.receive(LOGIN, frames("STARTED bob"))
-    assert sent(effects, CHECK) == [] and AckLater(0.1) in effects
+    assert sent(effects, CHECK) == [] and AckLater(0.25 - ACK_GRACE) in effects
     # More reads before the delay is over: no second timer, no ACK yet.
     effects = s.receive(LOGIN, frames("MSG bob one", "MSG bob two"))
     assert sent(effects, CHECK) == [] and not [e for e in effects if isinstance(e, AckLater)]
+    effects = s.ack_now()  # ripe: ACK_GRACE more for a chat message to carry it
+    assert sent(effects) == [] and AckLater(ACK_GRACE) in effects
     assert sent(s.ack_now(), CHECK) == ["ACK 4"]  # one ACK for the three events
     assert sent(s.ack_now(), CHECK) == []          # nothing new: nothing sent
     # ACK_EVERY events waiting: acknowledged with the read that brought them.
     many = [f"MSG bob m{i}" for i in range(ACK_EVERY)]
     assert sent(s.receive(LOGIN, frames(*many)), CHECK) == [f"ACK {4 + ACK_EVERY}"]
+
+
+def acks_ripen(s: ClientSession, events: list[str]) -> None:
+    """``events`` arrive; the first stage of the ACK timer runs out."""
+    effects = s.receive(LOGIN, frames(*events))
+    assert AckLater(s.ack_delay - ACK_GRACE) in effects and sent(effects) == []
+    effects = s.ack_now()
+    assert sent(effects) == [] and AckLater(ACK_GRACE) in effects
+
+
+def test_a_ripe_ack_rides_ahead_of_the_next_chat_message_in_one_write():
+    s = v2_online(ack_delay=0.25)
+    acks_ripen(s, ["STARTED bob", "MSG bob hi"])
+    effects = s.typed("hello")
+    # ACK then MSG on the chat socket: the server reads both at once.
+    assert sent(effects) == ["CHAT: ACK 3", "CHAT: MSG hello"]
+    assert AckLater(ACK_CONFIRM, confirm=True) in effects
+    assert sent(s.ack_now()) == []  # the second stage finds nothing left to send
+    # RECEIVED for that message: the server read the ACK too; nothing more.
+    s.receive(CHAT, frames("RECEIVED 1"))
+    assert sent(s.ack_confirm()) == []
+
+
+def test_a_fate_confirms_a_ridden_ack_as_received_does():
+    s = v2_online(ack_delay=0.25)
+    acks_ripen(s, ["STARTED bob"])
+    s.typed("hello")
+    s.receive(LOGIN, frames("DELIVERED 1 1"))  # no RECEIVED: the fate says it
+    assert sent(s.ack_confirm()) == []
+
+
+def test_a_ridden_ack_the_server_did_not_read_is_sent_again_on_the_check_socket():
+    # The server may have paused the chat socket until this very ACK comes
+    # (a full outbox): no RECEIVED, no fate in ACK_CONFIRM, so it goes again
+    # where it is always read.
+    s = v2_online(ack_delay=0.25)
+    acks_ripen(s, ["STARTED bob"])
+    assert sent(s.typed("hello")) == ["CHAT: ACK 2", "CHAT: MSG hello"]
+    assert sent(s.ack_confirm()) == ["CHECK: ACK 2"]
+
+
+def test_an_ack_not_ripe_yet_waits_for_its_timer_not_for_a_message():
+    s = v2_online(ack_delay=0.25)
+    s.receive(LOGIN, frames("STARTED bob"))
+    assert sent(s.typed("hello")) == ["CHAT: MSG hello"]  # too soon: acking every write would cost more
+    s.ack_now()
+    assert sent(s.ack_now()) == ["CHECK: ACK 2"]
+
+
+def test_an_old_server_refusing_ack_on_the_chat_socket_gets_it_on_the_check_socket():
+    s = v2_online(ack_delay=0.25)
+    acks_ripen(s, ["STARTED bob"])
+    s.typed("hello")
+    effects = s.receive(CHAT, frames("ERR ACK wrong-socket ACK is not valid here: this is the chat socket"))
+    assert sent(effects) == ["CHECK: ACK 2"] and not notices(effects, "error")

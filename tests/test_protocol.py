@@ -600,7 +600,7 @@ def test_invalid_msg_outside_chat_is_an_error_not_a_nack():
     assert events == [
         ev.BadFrame(ev.Error("MSG", "empty", "empty message")),
         ev.BadFrame(
-            ev.Error("MSG", "wrong-socket", "MSG is not valid here: the check socket only carries PING and PONG")
+            ev.Error("MSG", "wrong-socket", "MSG is not valid here: the check socket only carries PING, PONG and ACK")
         ),
     ]
     assert conn.msg_seq == 0

@@ -16,10 +16,17 @@ texts = st.one_of(
     st.text(min_size=0, max_size=20),  # anything, control characters included
     st.just("x" * 4100),  # over the cap
 )
+ack_frames = st.one_of(
+    st.integers(0, 10**21).map(lambda n: b"ACK %d\n" % n),
+    st.integers(0, 50).map(lambda n: b"ACK %d\r\n" % n),
+    st.sampled_from([b"ACK\n", b"ACK x\n", b"ACK 1 2\n", b"ack 3\n", b"PING a\n", b"PONG\n", b"\n",
+                     b"ACK 0012\n", b"ACK \xd9\xa3\n", b"ACK " + b"9" * 4100 + b"\n"]),
+)
 frames = st.one_of(
     texts.map(lambda t: b"MSG " + t.encode("utf-8", "surrogatepass") + b"\n"),
     texts.map(lambda t: b"msg " + t.encode("utf-8", "surrogatepass") + b"\r\n"),
     st.sampled_from([b"WHO\n", b"\n", b"MSG \n", b"MSG\n", b"QUIT\n", b"MSG \xff\n", b"MSG a\rb\n"]),
+    ack_frames,  # version 2: an ACK may ride ahead of a chat message
 )
 
 
@@ -48,13 +55,19 @@ def slow(chunks) -> list:
     return frame_by_frame(conn, chunks), conn.msg_seq
 
 
-def fast(chunks, limit) -> list:
-    """What the server's Peer.process does: the fast path first, then one event."""
+def fast(chunks, limit, low=0, high=-1) -> list:
+    """What the server's Peer.process does: a leading ACK of new events
+    (``low < n <= high``: version 2), the fast path, then one event."""
     conn = chat_connection()
     out = []
     for chunk in chunks:
         conn.receive_data(chunk)
         while True:
+            n = conn.next_ack(low, high)
+            if n is not None:
+                assert low < n <= high
+                out.append(ev.Ack(n))
+                continue
             batch = conn.next_messages(limit)
             if batch is not None:
                 block, count = batch
@@ -70,13 +83,21 @@ def fast(chunks, limit) -> list:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(frames, max_size=30), st.data(), st.integers(1, 40))
-def test_fast_path_gives_the_same_events_and_seq(frame_list, data, limit):
+@given(st.lists(frames, max_size=30), st.data(), st.integers(1, 40), st.integers(0, 30), st.integers(-1, 10**21))
+def test_fast_path_gives_the_same_events_and_seq(frame_list, data, limit, low, high):
     stream = b"".join(frame_list)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
     chunks = [chunk for chunk in chunks if chunk]  # b"" would mean EOF
-    assert fast(chunks, limit) == slow(chunks)
+    assert fast(chunks, limit, low, high) == slow(chunks)
+
+
+def test_an_ack_ahead_of_messages_is_taken_and_the_messages_stay_one_block():
+    conn = chat_connection()
+    conn.receive_data(b"ACK 7\nMSG a\nMSG b\n")
+    assert conn.next_ack(0, 10) == 7
+    assert conn.next_messages(5) == (b"MSG a\nMSG b", 2)
+    assert conn.buffered == 0 and conn.msg_seq == 2
 
 
 @given(st.lists(st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=50),
@@ -115,13 +136,6 @@ def test_fast_path_takes_at_most_limit_frames_and_leaves_the_rest():
 
 
 # -- the check socket's fast path: one ACK of new events ------------------------------
-
-ack_frames = st.one_of(
-    st.integers(0, 10**21).map(lambda n: b"ACK %d\n" % n),
-    st.integers(0, 50).map(lambda n: b"ACK %d\r\n" % n),
-    st.sampled_from([b"ACK\n", b"ACK x\n", b"ACK 1 2\n", b"ack 3\n", b"PING a\n", b"PONG\n", b"\n",
-                     b"ACK 0012\n", b"ACK \xd9\xa3\n", b"ACK " + b"9" * 4100 + b"\n"]),
-)
 
 
 def check_fast(chunks, low, high) -> list:

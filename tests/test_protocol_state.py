@@ -102,7 +102,7 @@ WHERE = {
     S.ATTACHING: "wait for the attach reply",
     S.LOGIN: "the login socket only receives; send commands on the chat socket",
     S.CHAT: "this is the chat socket",
-    S.CHECK: "the check socket only carries PING and PONG",
+    S.CHECK: "the check socket only carries PING, PONG and ACK",
     S.CLOSED: "the socket is closed",
 }
 
@@ -123,7 +123,7 @@ def client_spec(state: State, event: ev.Event) -> State | None:
     if state is S.FRESH:
         return {ev.Version: S.FRESH, ev.Login: S.AUTHENTICATING, ev.Register: S.AUTHENTICATING,
                 ev.Resume: S.AUTHENTICATING, ev.Attach: S.ATTACHING}.get(t)
-    if state is S.CHAT and t in _COMMANDS:
+    if state is S.CHAT and (t in _COMMANDS or t is ev.Ack):  # ACK: v2, ahead of a MSG
         return S.CHAT
     if state is S.CHECK and t in (ev.Ping, ev.Pong, ev.Ack):
         return S.CHECK
@@ -440,7 +440,7 @@ def test_check_socket():
         ev.Ping("5"),
         ev.Pong("1"),
         ev.BadFrame(
-            ev.Error("WHO", "wrong-socket", "WHO is not valid here: the check socket only carries PING and PONG")
+            ev.Error("WHO", "wrong-socket", "WHO is not valid here: the check socket only carries PING, PONG and ACK")
         ),
     ]
     assert server.send(ev.Ping("5").response()) == b"PONG 5\n"

@@ -75,6 +75,21 @@ def test_received_then_delivered_once_the_partner_acks(v2server):
     assert got[1:] == ["1", "2"]
 
 
+def test_an_ack_ahead_of_a_message_on_the_chat_socket_is_taken_with_it(v2server):
+    alice, bob = pair(v2server)
+    alice.chat.send("MSG hi")
+    bob.expect(f"MSG {alice.name} hi")
+    # bob's reply carries his ACK in the same write (as the selchat client
+    # sends a ripe one): alice hears her message delivered, then his reply.
+    bob.chat.send(f"ACK {bob.last_id}", "MSG hello")
+    assert alice.expect("DELIVERED ") == "DELIVERED 1 1"
+    assert alice.expect(f"MSG {bob.name} hello")
+    # The fate said the server has alice's message: no RECEIVED follows for it.
+    assert quiet_line(alice.chat, RECEIVED_DELAY + 0.5) is None
+    # bob's message, with no fate yet, gets its RECEIVED.
+    assert bob.chat.expect("RECEIVED ") == "RECEIVED 1"
+
+
 def test_refused_message_gets_its_fate_on_the_login_socket(v2server):
     alice, bob = pair(v2server)
     alice.chat.send("MSG fine", "MSG")
@@ -314,23 +329,25 @@ def test_a_client_that_never_acknowledges_is_slowed_not_grown_without_end(make_s
     alice, bob = pair(srv)
     alice.ack()
     # alice never acknowledges her receipts: past 8 events waiting, the
-    # server stops reading her messages (her RECEIVED stops) until she does.
-    sent = 0
-    received = 0
+    # server stops reading her messages (RECEIVED and receipts stop short of
+    # what she sent) until she does.
+    sent = got = 0
     while sent < 40:
         sent += 1
         alice.chat.send(f"MSG r{sent}")
         line = quiet_line(bob.login, 1.0)
         if line is None:
             break
+        got += 1
         bob.last_id += 1
         bob.ack()
     assert sent < 40, "the server kept reading a client that acknowledged nothing"
+    accepted = 0  # the last seq the server says it has
     while (line := quiet_line(alice.chat, QUIET)) is not None:
-        received = int(line.split()[1])
-    assert received < sent
+        accepted = int(line.split()[1])  # RECEIVED <seq>
     while alice.last_id < 8 + 1:  # her receipts so far, up to the bound
-        alice.expect("DELIVERED ")
+        accepted = max(accepted, int(alice.expect("DELIVERED ").split()[2]))
+    assert accepted <= got < sent
     alice.ack()  # she acknowledges: the server reads her again
-    for n in range(received + 1, sent + 1):
+    for n in range(got + 1, sent + 1):
         bob.expect(f"MSG {alice.name} r{n}")

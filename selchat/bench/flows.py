@@ -42,12 +42,13 @@ from array import array
 from itertools import repeat
 
 from selchat.bench.sysinfo import machine_busy_seconds
-from selchat.protocol.events import ACK_DELAY, ACK_EVERY
+from selchat.protocol.events import ACK_DELAY, ACK_EVERY, ACK_GRACE
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 RECV_SIZE = 256 * 1024
 ACK_DELAY_NS = int(ACK_DELAY * 1e9)
+ACK_GRACE_NS = int(ACK_GRACE * 1e9)
 ACK_POLL = 0.005       # seconds: how often a window looks for ACKs due (while any are)
 HEADER = 31            # "<seq:10> <stamp:19> " before the padding
 MIN_SIZE = HEADER + 1  # at least one byte of padding
@@ -320,7 +321,7 @@ class Flow:
     """One direction of one pair: what was sent, what arrived, in what order."""
 
     __slots__ = ("tx", "fleet", "head", "tail", "window", "sent", "received", "expected",
-                 "late", "gaps", "rxbuf", "lat", "sending", "delivered", "accepted", "reads")
+                 "late", "gaps", "rxbuf", "lat", "sending", "delivered", "accepted", "reads", "acker")
 
     def __init__(self, fleet: Fleet, tx: Conn, prefix: bytes, size: int):
         if size < MIN_SIZE:
@@ -340,6 +341,7 @@ class Flow:
         self.delivered = 0     # version 2: the last seq reported DELIVERED to the sender
         self.accepted = 0      # version 2: the last seq the server said RECEIVED
         self.reads = 0         # reads of the receiving socket that brought messages
+        self.acker = None      # version 2: the sender's login socket, whose ripe ACK rides with our messages
 
     def top_up(self) -> None:
         """Send enough to have ``window`` in flight, in one send()."""
@@ -348,16 +350,20 @@ class Flow:
             return
         first = self.sent + 1
         self.sent += k
-        template = self.head + b"%019d" % monotonic_ns() + self.tail
+        now = monotonic_ns()
+        template = self.head + b"%019d" % now + self.tail
+        ack = self.acker.ripe_ack(now) if self.acker is not None else b""
         if k == 1:
-            self.tx.write(template % first)
+            self.tx.write(ack + template % first)
         else:
-            self.tx.write(b"".join([template % seq for seq in range(first, first + k)]))
+            self.tx.write(b"".join([ack, *[template % seq for seq in range(first, first + k)]]))
 
     def send_one(self) -> None:
         """One more message regardless of the window (paced, open-loop sending)."""
         self.sent += 1
-        self.tx.write(self.head % self.sent + b"%019d" % monotonic_ns() + self.tail)
+        now = monotonic_ns()
+        ack = self.acker.ripe_ack(now) if self.acker is not None else b""
+        self.tx.write(ack + self.head % self.sent + b"%019d" % now + self.tail)
 
     def receive(self, data: bytes, now: int, others: int = 0) -> int:
         """Account for a chunk read from the receiving socket; returns messages
@@ -431,7 +437,9 @@ class V2LoginConn(Conn):
     and ``DELIVERED`` receipts for the outgoing one (if any), every frame
     counted and acknowledged as the selchat client does (after they are
     handled): one ``ACK <last id>`` on the check socket ``ACK_DELAY`` after
-    the first frame not acknowledged, or at once when ``ACK_EVERY`` wait."""
+    the first frame not acknowledged, or at once when ``ACK_EVERY`` wait;
+    in the last ``ACK_GRACE`` of the delay, ahead of this user's next chat
+    message instead (``ripe_ack``)."""
 
     __slots__ = ("flow", "out", "check", "wire_id", "acked", "buf")
 
@@ -447,6 +455,16 @@ class V2LoginConn(Conn):
         if self.wire_id > self.acked:
             self.acked = self.wire_id
             self.check.write(b"ACK %d\n" % self.wire_id)
+
+    def ripe_ack(self, now: int) -> bytes:
+        """The ACK to put ahead of a chat message sent ``now``: due within
+        ``ACK_GRACE``, or none (b"")."""
+        due = self.fleet.acks_due.get(self)
+        if due is None or now < due - ACK_GRACE_NS or self.wire_id <= self.acked:
+            return b""
+        del self.fleet.acks_due[self]
+        self.acked = self.wire_id
+        return b"ACK %d\n" % self.wire_id
 
     def on_read(self) -> int:
         data = self.recv()

@@ -186,8 +186,10 @@ def _selchat_v2_pair(fleet: Fleet, pair, directions, size: int) -> None:
     for u in pair:
         chat[u].out = outgoing.get(u)
         check = fleet.add(CheckConn(u.check.sock, fleet, f"{u.name} check"))
-        fleet.add(V2LoginConn(u.login.sock, fleet, f"{u.name} login", incoming.get(u), outgoing.get(u), check,
-                              u.wire_id))
+        login = fleet.add(V2LoginConn(u.login.sock, fleet, f"{u.name} login", incoming.get(u), outgoing.get(u),
+                                      check, u.wire_id))
+        if u in outgoing:
+            outgoing[u].acker = login
 
 
 def _baseline_pair(fleet: Fleet, pair, directions, size: int) -> None:

@@ -390,7 +390,10 @@ class Client:
             elif kind is Roster:
                 self._wake_roster_waiters()
             elif kind is AckLater:
-                self._link_timers["ack"] = self.loop.call_later(effect.delay, self._ack_now)
+                if effect.confirm:
+                    self._link_timers["ack-confirm"] = self.loop.call_later(effect.delay, self._ack_confirm)
+                else:
+                    self._link_timers["ack"] = self.loop.call_later(effect.delay, self._ack_now)
             else:
                 self.ui.show(effect)
         self._follow_phase()
@@ -421,6 +424,10 @@ class Client:
     def _ack_now(self) -> None:
         self._link_timers.pop("ack", None)
         self.apply(self.session.ack_now())
+
+    def _ack_confirm(self) -> None:
+        self._link_timers.pop("ack-confirm", None)
+        self.apply(self.session.ack_confirm())
 
     def _wake_roster_waiters(self) -> None:
         waiters, self._roster_waiters = self._roster_waiters, []

@@ -14,7 +14,10 @@ out, in order:
   ``reconnect_failed(why)`` if it cannot be opened);
 - ``Roster(users)``: a fresh list of who is online (for tab completion);
 - ``AckLater(delay)``: call ``ack_now()`` in ``delay`` seconds (version 2
-  acknowledgements are batched: see ``ev.ACK_DELAY``).
+  acknowledgements are batched: see ``ev.ACK_DELAY``; the last
+  ``ev.ACK_GRACE`` of the delay, a chat message we send carries the ACK);
+  ``AckLater(delay, confirm=True)``: call ``ack_confirm()`` (did the server
+  read the ACK that rode with a message?).
 
 Nothing here reads a clock or touches a socket. Time enters only through
 ``Heartbeat``, whose methods take ``now`` from the loop; chance only through
@@ -335,9 +338,17 @@ class Roster:
 @dataclass(frozen=True, slots=True)
 class AckLater:
     """Version 2: call ``ack_now()`` after ``delay`` seconds (unless the
-    connection is dropped first; a new one asks again)."""
+    connection is dropped first; a new one asks again); with ``confirm``,
+    call ``ack_confirm()`` instead (a second timer, independent of the first)."""
 
     delay: float
+    confirm: bool = False
+
+
+#: Version 2: an ACK that rode with a chat message is sent again on the check
+#: socket if that message has neither RECEIVED nor a fate this long after (the
+#: server was not reading the chat socket, so it has not read the ACK either).
+ACK_CONFIRM = ev.RECEIVED_DELAY + 0.5
 
 
 Effect = Send | Connect | Close | Notice | Reconnect | Roster | AckLater
@@ -467,6 +478,10 @@ class ClientSession:
         self._wire_id = 0                  # the id of the last frame read on this login socket
         self._chat_base = 0                # the seq before the first MSG on this chat socket
         self._ack_scheduled = False        # an AckLater is out (its timer goes with the connection)
+        self._ack_ripe = False             # its last ACK_GRACE: a chat message of ours may carry the ACK
+        self._piggy_first = 0              # seq of the oldest message that carried an ACK, not confirmed
+        self._piggy_last = 0               # seq of the newest such message
+        self._confirm_scheduled = False    # an AckLater(confirm=True) is out
         self._resuming = False             # RESUME sent, no answer yet
         self._attaching = False            # RESUMED: the chat and check sockets not both attached
         self._unresumed = False            # UNRESUMED: the session is over; fates, then BYE, follow
@@ -553,9 +568,35 @@ class ClientSession:
         return self._flush()
 
     def ack_now(self) -> list[Effect]:
-        """The ACK asked for with ``AckLater`` is due."""
-        self._ack_scheduled = False
+        """The ACK asked for with ``AckLater`` is due. Two stages: the first
+        makes it ripe (for ``ACK_GRACE`` seconds a chat message we send
+        carries it, in the same write); the second sends what is still
+        unacknowledged on the check socket."""
+        if not self._ack_ripe and self.ack_delay > ev.ACK_GRACE and self._wire_id > self._acked:
+            self._ack_ripe = True
+            self._out.append(AckLater(ev.ACK_GRACE))
+            return self._flush()
+        self._ack_scheduled = self._ack_ripe = False
         self._acknowledge()
+        return self._flush()
+
+    def ack_confirm(self) -> list[Effect]:
+        """``ACK_CONFIRM`` after an ACK rode with a chat message: if the
+        oldest such message still has neither RECEIVED nor a fate, the server
+        has not read it, nor the ACK ahead of it (its chat socket is paused,
+        perhaps until that very ACK arrives): say it again on the check
+        socket."""
+        self._confirm_scheduled = False
+        if self._piggy_first and self._received < self._piggy_first:
+            self._piggy_first = self._piggy_last = 0
+            if self._counting and self._acked and self._conns[CHECK].state is State.CHECK \
+                    and self.phase is not Phase.CLOSED:
+                self._send(CHECK, ev.Ack(self._acked))
+        elif self._piggy_last > self._received:
+            self._piggy_first = self._piggy_last
+            self._confirm_later()
+        else:
+            self._piggy_first = self._piggy_last = 0
         return self._flush()
 
     def typed(self, line: str) -> list[Effect]:
@@ -831,6 +872,10 @@ class ClientSession:
             return
         if role is CHECK and verb == "ACK":
             return  # ACK beyond what was sent: our mistake, and the server ignores it
+        if role is CHAT and verb == "ACK":  # ahead of a MSG: a server older than 0.3 refuses it there
+            if self._counting and self._acked and self._conns[CHECK].state is State.CHECK:
+                self._send(CHECK, ev.Ack(self._acked))
+            return
         if role is LOGIN and self.phase is Phase.LOGGING_IN:
             kind = "register-failed" if self._register else "login-failed"
             text = event.text
@@ -913,10 +958,18 @@ class ClientSession:
             self._received = min(event.seq, self._seq)
 
     def _on_delivered(self, role: Role, event: ev.Delivered) -> None:
+        self._had_up_to(event.last)
         for seq, text in self._fated(event.first, event.last):
             self._show("delivered", text=text, count=seq)
 
+    def _had_up_to(self, seq: int) -> None:
+        """A fate for our message ``seq``: the server takes messages in
+        order, so it had every one up to there (it says no RECEIVED for them)."""
+        if seq > self._received:
+            self._received = min(seq, self._seq)
+
     def _on_undelivered(self, role: Role, event: ev.Undelivered) -> None:
+        self._had_up_to(event.last)
         for seq, text in self._fated(event.first, event.last):
             self._show("not-delivered", text=text, detail=event.text)
 
@@ -1057,10 +1110,19 @@ class ClientSession:
             return
         if self._refused_locally(text):
             return
+        piggyback = self._ack_ripe and self._wire_id > self._acked and self._conns[CHAT].state is State.CHAT
+        if piggyback:  # in the same write as the message: one read for the server
+            self._acked = self._wire_id
+            self._send(CHAT, ev.Ack(self._wire_id))
         self._send(CHAT, ev.Message(text))
         if self._token:  # version 2: kept until it has a fate
             self._seq += 1
             self._mine[self._seq] = text
+            if piggyback:
+                self._piggy_last = self._seq
+                if not self._piggy_first:
+                    self._piggy_first = self._seq
+                self._confirm_later()
         else:
             seq = self._conns[CHAT].msg_seq
             self._sent[seq] = text
@@ -1197,7 +1259,13 @@ class ClientSession:
             self._acknowledge()
         elif not self._ack_scheduled:
             self._ack_scheduled = True
-            self._out.append(AckLater(self.ack_delay))
+            grace = ev.ACK_GRACE if self.ack_delay > ev.ACK_GRACE else 0.0
+            self._out.append(AckLater(self.ack_delay - grace))
+
+    def _confirm_later(self) -> None:
+        if not self._confirm_scheduled:
+            self._confirm_scheduled = True
+            self._out.append(AckLater(ACK_CONFIRM, confirm=True))
 
     def _acknowledge(self) -> None:
         """ACK the last event read, on the check socket once it is attached."""

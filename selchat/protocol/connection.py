@@ -185,24 +185,33 @@ class Connection:
         return block, count
 
     def next_ack(self, low: int, high: int) -> int | None:
-        """The check socket's fast path (server side, version 2).
+        """The fast path of ACK (server side, version 2).
 
-        If the buffer holds exactly one complete frame, ``ACK <n>`` with
-        ``low < n <= high`` (an acknowledgement of events not acknowledged
-        yet), consume it and return ``n``; otherwise leave everything to
-        ``next_event()``, which gives the same event. The selchat client
-        sends one ACK at a time, so this is the usual read of a check socket.
+        If the next frame is ``ACK <n>`` with ``low < n <= high`` (an
+        acknowledgement of events not acknowledged yet), consume it and
+        return ``n``; otherwise leave everything to ``next_event()``, which
+        gives the same event. On the check socket the selchat client sends
+        one ACK at a time; on the chat socket an ACK rides ahead of a chat
+        message, which ``next_messages`` takes next.
         """
-        if self._state is not State.CHECK or self._discarding:
+        state = self._state
+        if (state is not State.CHECK and state is not State.CHAT) or self._discarding:
             return None
-        m = _ONE_ACK(self._buf, self._pos)
+        buf, pos = self._buf, self._pos
+        if not buf.startswith(b"ACK ", pos):
+            return None
+        m = _ACK_AT(buf, pos)
         if m is None:
             return None
         n = int(m.group(1))
         if not low < n <= high:
             return None
-        self._buf.clear()
-        self._pos = self._scan = self._fast_from = 0
+        end = m.end()
+        if end == len(buf):
+            buf.clear()
+            self._pos = self._scan = self._fast_from = 0
+        else:
+            self._pos = self._scan = end
         return n
 
     def _next_line(self):
@@ -253,7 +262,7 @@ class Connection:
             State.ATTACHING: "wait for the attach reply",
             State.LOGIN: "the login socket only receives; send commands on the chat socket",
             State.CHAT: "this is the chat socket",
-            State.CHECK: "the check socket only carries PING and PONG",
+            State.CHECK: "the check socket only carries PING, PONG and ACK",
             State.CLOSED: "the socket is closed",
         }[self.state]
         return FrameError("wrong-socket", f"{verb} is not valid here: {where}", verb)
@@ -284,7 +293,7 @@ class Connection:
 
 
 _OVERLONG = object()
-_ONE_ACK = re.compile(rb"ACK ([0-9]{1,20})\n").fullmatch
+_ACK_AT = re.compile(rb"ACK ([0-9]{1,20})\n").match
 
 # Control characters that a block of frames joined by LF must not hold (CR
 # included, so CRLF input takes the slow path). Deleting them with translate()

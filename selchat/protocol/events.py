@@ -26,6 +26,10 @@ PROTOCOL_VERSION = 2
 ACK_DELAY = 0.25
 ACK_EVERY = 256
 RECEIVED_DELAY = 0.5
+#: The last ``ACK_GRACE`` seconds of ``ACK_DELAY`` the client waits for a
+#: chat message of its own to carry its ``ACK`` (on the chat socket, in the
+#: same write) before it sends it alone on the check socket.
+ACK_GRACE = 0.05
 
 
 class Role(enum.Enum):
@@ -75,8 +79,9 @@ class Resume(Event):
 
 @dataclass(frozen=True, slots=True)
 class Ack(Event):
-    """``ACK <id>`` on the check socket (v2): every login-socket event up to
-    ``id`` has been received (cumulative)."""
+    """``ACK <id>`` on the check socket, or on the chat socket ahead of a
+    chat message (v2): every login-socket event up to ``id`` has been
+    received (cumulative)."""
 
     id: int
 

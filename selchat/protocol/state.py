@@ -40,7 +40,7 @@ CLIENT_FRAMES: dict[State, dict[type, State]] = {
     S.AUTHENTICATING: {},
     S.ATTACHING: {},
     S.LOGIN: {},
-    S.CHAT: {t: S.CHAT for t in _COMMANDS},
+    S.CHAT: {t: S.CHAT for t in (*_COMMANDS, ev.Ack)},  # ACK: v2, riding with a MSG
     S.CHECK: {ev.Ping: S.CHECK, ev.Pong: S.CHECK, ev.Ack: S.CHECK},
     S.CLOSED: {},
 }

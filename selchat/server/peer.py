@@ -98,11 +98,15 @@ class Peer:
             timer.reset(ev.RECEIVED_DELAY)
 
     def say_received(self) -> None:
-        """``RECEIVED`` for every chat message read since the last one."""
+        """``RECEIVED`` for every chat message read since the last one,
+        unless a fate (on the login socket) has already said it: the server
+        takes messages in order, so a fate for seq n means it had them all up
+        to n (docs/protocol.md)."""
         seq = self.conn.msg_seq
         if seq > self.received:
             self.received = seq
-            self.send(ev.Received(seq))
+            if seq > self.session.fated:
+                self.send(ev.Received(seq))
 
     def process(self) -> None:
         """Hand every buffered event to the server, unless reading is paused.
@@ -124,6 +128,13 @@ class Peer:
             while not self.paused and not self.transport.closing:
                 session = self.session
                 if session is not None and session.partner is not None and session.chat is self:
+                    outbox = session.outbox
+                    if outbox is not None:
+                        # Version 2: an ACK that rides ahead of the messages.
+                        ack = conn.next_ack(outbox.acked, outbox.last_id)
+                        if ack is not None:
+                            self.server.registry.acknowledge(self, session, ack)
+                            continue
                     # Fast path: a run of plain chat messages, relayed as one block.
                     limit = int(msg.tokens) if msg is not None else 1 << 30
                     batch = conn.next_messages(limit)
@@ -143,7 +154,9 @@ class Peer:
                     ack = conn.next_ack(outbox.acked, outbox.last_id)
                     if ack is not None:
                         self.server.registry.acknowledge(self, session, ack)
-                        return
+                        if not conn.buffered:
+                            return  # the usual case: the read was that one ACK
+                        continue
                 event = next_event()
                 if event is ev.NEED_DATA:
                     return

@@ -227,7 +227,8 @@ class Registry:
         audit.emit("resume", user=session.name, addr=peer.host, session=sid, replayed=outbox.pending)
 
     def on_ack(self, peer, event: ev.Ack) -> None:
-        """ACK <id> on the check socket: the client has every event up to id."""
+        """ACK <id> (check socket, or chat socket ahead of a MSG): the client
+        has every event up to id."""
         session = peer.session
         outbox = session.outbox
         if outbox is None:

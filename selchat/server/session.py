@@ -54,7 +54,7 @@ class Session:
     __slots__ = (
         "sid", "name", "name_bytes", "key", "phase", "login", "chat", "check", "tokens",
         "partner", "request", "requests", "attach_timer", "heartbeat", "awaiting_pong", "ping_seq",
-        "since", "outbox", "resume_secret", "seq_base", "waiting", "resume_timer", "was_online",
+        "since", "outbox", "resume_secret", "seq_base", "waiting", "resume_timer", "was_online", "fated",
         "__weakref__",
     )
 
@@ -82,6 +82,7 @@ class Session:
         self.waiting: list = []
         self.resume_timer = None   # version 2, while DETACHED: the end of the resume window
         self.was_online = False    # READY has been sent (a resumed session does not get it again)
+        self.fated = 0             # version 2: the highest seq of ours a fate was sent for
 
     @property
     def busy(self) -> bool:
@@ -117,6 +118,8 @@ class Session:
             if type(event) in _FATES:
                 outbox.record(codec.encode(event))
             return
+        if type(event) in _FATES and event.last > self.fated:
+            self.fated = event.last  # no RECEIVED needed up to here (Peer.say_received)
         data = codec.encode(event)
         outbox.record(data, 1, sender if sender is not None and sender.outbox is not None else None, seq)
         if login is not None and login.conn.state is State.LOGIN:
