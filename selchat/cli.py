@@ -14,6 +14,7 @@ from selchat import __version__, logsetup
 from selchat.server import options
 from selchat.server.config import ServerConfig
 from selchat.server.options import ConfigError, Loader
+from selchat.store import describe_db, is_postgres_url
 from selchat.store.accounts import DEFAULT_DB_PATH
 
 DEFAULTS = ServerConfig()
@@ -59,7 +60,8 @@ def _check_metrics(ctx, param, value):
                    "re-read on SIGHUP. An option or variable outranks it.")
 @_setting("host", metavar="ADDR", help="Address to listen on.")
 @_setting("port", type=int, metavar="PORT", help="TCP port to listen on (0 picks a free one and prints it).")
-@_setting("db", metavar="PATH", help="SQLite account database (created if missing).")
+@_setting("db", metavar="PATH|URL",
+          help="Account database: a SQLite file (created if missing) or a postgresql:// URL.")
 @_setting("ping_interval", type=float, metavar="SECONDS", help="PING a check socket silent for this long.")
 @_setting("ping_timeout", type=float, metavar="SECONDS", help="Drop a session this long after an unanswered PING.")
 @_setting("request_timeout", type=float, metavar="SECONDS", help="An unanswered chat request expires after this.")
@@ -136,7 +138,7 @@ def _serve(config: ServerConfig, loader, logs, Server, raise_nofile_limit) -> No
     try:
         server = Server(config, loader=loader, logs=logs)
     except StoreError as exc:
-        raise click.ClickException(f"cannot open the database {config.db}: {exc}{_missing_dir(config.db)}")
+        raise click.ClickException(f"cannot open the database {describe_db(config.db)}: {exc}{_missing_dir(config.db)}")
     except ssl.SSLError as exc:  # before OSError: SSLError is one
         raise click.ClickException(f"cannot use the TLS certificate or key: {exc}")
     except ConfigError as exc:
@@ -154,13 +156,15 @@ def _serve(config: ServerConfig, loader, logs, Server, raise_nofile_limit) -> No
         "descriptor limit %d: room for %d sockets, about %d clients (3 sockets each)",
         nofile, server.admission.max_connections, server.admission.max_connections // 3)
     scheme = "TLS" if config.tls_cert else "plaintext"
-    click.echo(f"selchat {__version__} listening on {address[0]}:{address[1]} ({scheme}, database {config.db})")
+    click.echo(f"selchat {__version__} listening on {address[0]}:{address[1]} ({scheme}, database {describe_db(config.db)})")
     sys.stdout.flush()
     systemd.notify("READY=1", f"STATUS=listening on {address[0]}:{address[1]}")
     server.serve_forever()
 
 
 def _missing_dir(path: str) -> str:
+    if is_postgres_url(path):
+        return ""
     folder = os.path.dirname(os.path.abspath(path))
     return "" if os.path.isdir(folder) else f" (no directory {folder})"
 
@@ -190,8 +194,8 @@ def _abandon(server) -> None:
 # -- user ---------------------------------------------------------------------------
 
 @main.group()
-@click.option("--db", envvar="SELCHAT_DB", default=DEFAULT_DB_PATH, show_default=True, metavar="PATH",
-              help="SQLite account database.")
+@click.option("--db", envvar="SELCHAT_DB", default=DEFAULT_DB_PATH, show_default=True, metavar="PATH|URL",
+              help="Account database: a SQLite file or a postgresql:// URL.")
 @click.pass_context
 def user(ctx, db):
     """Manage accounts in the database (the server may be running)."""
@@ -199,10 +203,11 @@ def user(ctx, db):
 
 
 def _open_store(ctx):
-    from selchat.store.accounts import AccountStore, StoreError
+    from selchat.store import open_store
+    from selchat.store.accounts import StoreError
 
     try:
-        return AccountStore(ctx.obj["db"])
+        return open_store(ctx.obj["db"])
     except StoreError as exc:
         raise click.ClickException(str(exc))
 

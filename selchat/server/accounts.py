@@ -1,40 +1,43 @@
 """The account store as the reactor sees it: every call runs on a worker thread.
 
-SQLite connections may not cross threads, so each worker thread opens its own
-``AccountStore`` on first use. The reactor only ever calls ``submit``-style
-methods that return at once and deliver the result to a callback on the loop.
+Each worker thread opens its own store on first use (``open_store``: SQLite
+connections may not cross threads; with PostgreSQL each thread gets its own
+psycopg connection). Hashing and every database call run there, never on
+the loop. The reactor only ever calls ``submit``-style methods that return at
+once and deliver the result to a callback on the loop.
 """
 
 from __future__ import annotations
 
 import threading
 
-from selchat.store.accounts import AccountStore
+from selchat.store import open_store
 
 
 class Accounts:
     def __init__(self, reactor, path: str, scrypt_n: int):
         self.reactor = reactor
-        self.path = path
+        self.path = path  # a SQLite file or a postgresql:// URL
         self.scrypt_n = scrypt_n
         self._local = threading.local()
-        self._stores: list[AccountStore] = []
+        self._stores: list = []   # AccountStore or PostgresAccountStore
         self._lock = threading.Lock()
 
-    def _store(self) -> AccountStore:
+    def _store(self):
         store = getattr(self._local, "store", None)
         if store is None:
-            store = AccountStore(self.path, scrypt_n=self.scrypt_n)
+            store = open_store(self.path, scrypt_n=self.scrypt_n)
             self._local.store = store
             with self._lock:
                 self._stores.append(store)
         return store
 
     def check(self) -> None:
-        """Open the database once, now, so a path that cannot work fails at
-        start (StoreError) instead of at every login. Blocking: call it
-        before the loop runs."""
-        AccountStore(self.path, scrypt_n=self.scrypt_n).close()
+        """Open the database once, now, so a path or URL that cannot work
+        fails at start (StoreError) instead of at every login; with
+        PostgreSQL this also creates the tables. Blocking: call it before the
+        loop runs."""
+        open_store(self.path, scrypt_n=self.scrypt_n).close()
 
     # Each of these returns immediately; ``done(future)`` runs on the loop.
 

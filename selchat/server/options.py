@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from selchat.server.config import ServerConfig
+from selchat.store import is_postgres_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,7 +51,8 @@ ENV_KEYS = (
     "motd_file", "metrics", "admin_socket", "log_file", "log_format",
 )
 
-#: Keys whose value names a file: relative ones are taken from the config file's directory.
+#: Keys whose value names a file: relative ones are taken from the config file's directory
+#: (but a ``db`` that is a postgresql:// URL is left as it is).
 PATH_KEYS = frozenset({"db", "tls_cert", "tls_key", "motd_file", "log_file", "admin_socket"})
 
 #: Numbers that must be above 0 (a zero deadline or tick cannot work); every
@@ -148,7 +150,7 @@ class Loader:
                 raise ConfigError(f'{path}: key "{raw}": {problem}')
             if value == "" and getattr(_DEFAULTS, key) is None:
                 value = None  # `tls_cert = ""`: off, as if not set
-            elif key in PATH_KEYS and value:
+            elif key in PATH_KEYS and value and not (key == "db" and is_postgres_url(value)):
                 value = str(Path(path).parent / Path(value).expanduser())  # an absolute one stays
             out[key] = value
         return out

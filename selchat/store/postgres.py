@@ -1,0 +1,398 @@
+"""The account store in PostgreSQL: the same accounts as :mod:`selchat.store.accounts`, shared.
+
+``selchat serve --db postgresql://user:password@host/dbname`` keeps the
+accounts here, so several servers (and ``selchat user``) share them. The
+rules are those of the SQLite store: names are 1-32 characters of
+``[A-Za-z0-9_-]``, kept as first registered and unique regardless of case
+(a unique index on ``lower(name)``); passwords are scrypt hashes made by
+:mod:`selchat.store.passwords`, always computed in the calling thread and
+never inside a transaction.
+
+The driver is psycopg 3 (``pip install 'selchat[postgres]'``), imported only
+when a store is opened, so a server without it runs on SQLite as before.
+
+Each store owns one connection, in autocommit mode: every statement is its
+own short transaction, so a committed registration is visible to every other
+store at once. The server opens one store per worker thread. A connection
+found broken (the server restarted, the network dropped it) is let go:
+the call that found it raises :class:`StorageUnavailable`, unless it was a
+read that a fresh connection could answer at once, and the next call
+connects again.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from selchat.store import is_postgres_url  # noqa: F401  (re-exported)
+from selchat.store.accounts import (
+    StorageUnavailable,
+    StoreError,
+    UserExists,
+    check_password,
+    check_username,
+)
+from selchat.store.passwords import (
+    DEFAULT_SCRYPT_N,
+    dummy_verify,
+    hash_password,
+    verify_password,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CONNECT_TIMEOUT",
+    "INSTALL_HINT",
+    "is_postgres_url",
+    "redact_url",
+    "PostgresAccountStore",
+]
+
+SCHEMA_VERSION = 1
+#: Seconds to wait for a connection, unless the URL sets ``connect_timeout``.
+CONNECT_TIMEOUT = 5
+INSTALL_HINT = "pip install 'selchat[postgres]'"
+
+# Any constant will do: it only has to be the same in every selchat process,
+# so two that start at once do not both create the tables.
+_SCHEMA_LOCK = 0x5E1C4A7
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS selchat_users (
+        name    text        NOT NULL,
+        pwhash  text        NOT NULL,
+        created timestamptz NOT NULL DEFAULT now()
+    )""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS selchat_users_name ON selchat_users (lower(name))",
+    "CREATE TABLE IF NOT EXISTS selchat_schema (version integer NOT NULL)",
+)
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The password(s) in *url*, as written and percent-decoded, longest first."""
+    found: set[str] = set()
+    try:
+        parts = urlsplit(url)
+        raw = parts.netloc.rpartition("@")[0]
+        if ":" in raw:
+            found.add(raw.split(":", 1)[1])
+        for piece in parts.query.split("&"):  # as written; decoded below
+            if piece.startswith("password="):
+                found.add(piece[len("password="):])
+    except ValueError:
+        pass
+    found |= {unquote(s) for s in found}
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def redact_url(url: str) -> str:
+    """*url* with its password (in the user part or a ``password=`` parameter) shown as ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "postgresql://(a URL that does not parse)"
+    userinfo, at, hostinfo = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    netloc = f"{userinfo}@{hostinfo}" if at else hostinfo
+    query = "&".join(
+        "password=***" if piece.startswith("password=") else piece
+        for piece in parts.query.split("&")
+    ) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+        quoted = quote(secret, safe="")
+        if quoted != secret:
+            text = text.replace(quoted, "***")
+    return text
+
+
+def _import_psycopg():
+    try:
+        import psycopg
+        import psycopg.conninfo
+        import psycopg.errors
+    except ImportError as exc:
+        err = StorageUnavailable(
+            f"PostgreSQL accounts need psycopg 3, which is not installed: {INSTALL_HINT}"
+        )
+        err.__cause__ = exc
+        raise err from exc
+    return psycopg
+
+
+def _iso_utc(when: datetime) -> str:
+    # As the SQLite store writes it: "+00:00", to the second.
+    return when.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+class PostgresAccountStore:
+    """Accounts in the PostgreSQL database at *url* (``postgresql://...``).
+
+    The same methods, results and errors as
+    :class:`selchat.store.accounts.AccountStore`: validation problems raise
+    :class:`InvalidUsername` / :class:`InvalidPassword`, a duplicate name
+    (in any case) :class:`UserExists`, and any database failure
+    (unreachable, authentication refused, a statement that fails)
+    :class:`StorageUnavailable`, including on open. No message shows the
+    password from the URL.
+
+    Opening connects and creates the tables if they are missing (under an
+    advisory lock, so processes that start together do not collide).
+
+    Threading: psycopg connections may be shared, but a store does one thing
+    at a time; the server opens one store per worker thread, as with SQLite.
+    """
+
+    def __init__(self, url: str, scrypt_n: int = DEFAULT_SCRYPT_N) -> None:
+        self.url = url
+        self.scrypt_n = scrypt_n
+        self.where = redact_url(url)
+        self._secrets = _url_secrets(url)
+        self._pg = _import_psycopg()
+        self._conn = None
+        self._closed = False
+        self._conn = self._connect()
+
+    # -- connections -----------------------------------------------------------
+
+    def _error(self, action: str, exc: BaseException) -> StorageUnavailable:
+        # libpq's messages span lines ("connection refused\n\tIs the server
+        # running ..."): one line reads better in a log or a protocol reply.
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        detail = _scrub(detail, self._secrets)
+        # As the SQLite store words it; the database itself is not named
+        # (the server sends this text to the client whose login failed).
+        err = StorageUnavailable(f"account storage unavailable ({action}): {detail}")
+        err.__cause__ = exc
+        return err
+
+    def _connect(self):
+        pg = self._pg
+        try:
+            given = pg.conninfo.conninfo_to_dict(self.url)
+            extra = {}
+            if "connect_timeout" not in given:
+                extra["connect_timeout"] = CONNECT_TIMEOUT
+            if "application_name" not in given:
+                extra["application_name"] = "selchat"
+            conn = pg.connect(self.url, autocommit=True, **extra)
+        except pg.Error as exc:
+            raise self._error("open", exc) from None
+        try:
+            self._setup(conn)
+        except StoreError:
+            conn.close()
+            raise
+        except pg.Error as exc:
+            conn.close()
+            raise self._error("open", exc) from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _setup(self, conn) -> None:
+        version = self._schema_version(conn)
+        if version is None:
+            # Serialise with any other selchat creating the tables now, then
+            # look again: it may have finished first. A session lock, taken
+            # in its own transaction, so that the look after it is a new
+            # transaction (one begun before the wait could miss the tables
+            # the other made: its catalog lookups may be cached).
+            conn.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+            try:
+                version = self._schema_version(conn)
+                if version is None:
+                    with conn.transaction():
+                        for statement in _SCHEMA:
+                            conn.execute(statement)
+                        conn.execute("INSERT INTO selchat_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+                    version = SCHEMA_VERSION
+                # Future migrations: `if version == 1: ...; version = 2` here.
+            finally:
+                try:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
+                except self._pg.Error:
+                    pass  # a connection that broke took its lock with it
+        if version > SCHEMA_VERSION:
+            raise StorageUnavailable(
+                f"database {self.where} has selchat schema version {version}; "
+                f"this selchat understands up to {SCHEMA_VERSION}"
+            )
+
+    @staticmethod
+    def _schema_version(conn) -> int | None:
+        # to_regclass: no error (and no aborted transaction) when it is missing.
+        if conn.execute("SELECT to_regclass('selchat_schema')").fetchone()[0] is None:
+            return None
+        row = conn.execute("SELECT max(version) FROM selchat_schema").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def _connection(self):
+        """The open connection and whether it is fresh; connects if there is none."""
+        if self._closed:
+            raise StorageUnavailable("account store is closed")
+        conn = self._conn
+        if conn is not None and (conn.closed or conn.broken):
+            self._drop()
+            conn = None
+        if conn is None:
+            self._conn = conn = self._connect()
+            return conn, True
+        return conn, False
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def _run(self, action: str, query, *, retry: bool = False):
+        """``query(conn)`` on the connection. A failure is StorageUnavailable;
+        a broken connection is let go, so the next call connects again. With
+        *retry* (reads only), a connection that was already broken when the
+        call began (say the database restarted since the last call) is
+        replaced and the query run once more."""
+        pg = self._pg
+        conn, fresh = self._connection()
+        try:
+            return query(conn)
+        except pg.Error as exc:
+            broken = conn.closed or conn.broken
+            if broken:
+                self._drop()
+            if not (broken and retry and not fresh):
+                raise self._error(action, exc) from None
+        conn, _ = self._connection()
+        try:
+            return query(conn)
+        except pg.Error as exc:
+            if conn.closed or conn.broken:
+                self._drop()
+            raise self._error(action, exc) from None
+
+    # -- queries -------------------------------------------------------------
+
+    def _lookup(self, name: str) -> tuple[str, str] | None:
+        def query(conn):
+            return conn.execute(
+                "SELECT name, pwhash FROM selchat_users WHERE lower(name) = lower(%s)", (name,)
+            ).fetchone()
+
+        row = self._run("read", query, retry=True)
+        return None if row is None else (row[0], row[1])
+
+    def add_user(self, name: str, password: str) -> str:
+        """Register *name* with *password*; return the canonical name.
+
+        Raises :class:`InvalidUsername`, :class:`InvalidPassword`,
+        :class:`UserExists` or :class:`StorageUnavailable`. When this
+        returns, the row is committed.
+        """
+        check_username(name)
+        check_password(password)
+        existing = self._lookup(name)
+        if existing is not None:
+            raise UserExists(f"username {existing[0]!r} is already taken")
+        # Hash outside any transaction: it is slow and must hold nothing.
+        encoded = hash_password(password, self.scrypt_n)
+        unique_violation = self._pg.errors.UniqueViolation
+
+        def insert(conn):
+            try:
+                conn.execute(
+                    "INSERT INTO selchat_users (name, pwhash) VALUES (%s, %s)", (name, encoded)
+                )
+            except unique_violation:
+                return False
+            return True
+
+        if not self._run("write", insert):
+            # Lost a race with another store registering the same name.
+            existing = self._lookup(name)
+            taken = existing[0] if existing else name
+            raise UserExists(f"username {taken!r} is already taken")
+        return name
+
+    def verify(self, name: str, password: str) -> str | None:
+        """Return the canonical name if *password* is right for *name*, else None.
+
+        An unknown user, a wrong password and a malformed name or password
+        all give None after the same amount of hashing work. A database
+        failure raises :class:`StorageUnavailable` rather than returning None.
+        """
+        try:
+            check_username(name)
+            check_password(password)
+        except StoreError:
+            dummy_verify(password, self.scrypt_n)
+            return None
+        row = self._lookup(name)
+        if row is None:
+            dummy_verify(password, self.scrypt_n)
+            return None
+        canonical, encoded = row
+        if verify_password(password, encoded):
+            return canonical
+        return None
+
+    def delete_user(self, name: str) -> bool:
+        """Delete *name* (any case); True if it existed."""
+        try:
+            check_username(name)
+        except StoreError:
+            return False
+
+        def delete(conn):
+            return conn.execute(
+                "DELETE FROM selchat_users WHERE lower(name) = lower(%s)", (name,)
+            ).rowcount
+
+        return self._run("write", delete) > 0
+
+    def list_users(self) -> list[tuple[str, str]]:
+        """All accounts as ``(canonical name, created ISO-8601 UTC)``, sorted case-insensitively."""
+        def query(conn):
+            # COLLATE "C": byte order, as SQLite's NOCASE has it, whatever the
+            # database's locale ('_' before letters, digits first).
+            return conn.execute(
+                'SELECT name, created FROM selchat_users '
+                'ORDER BY lower(name) COLLATE "C", name COLLATE "C"'
+            ).fetchall()
+
+        return [(n, _iso_utc(c)) for n, c in self._run("read", query, retry=True)]
+
+    def exists(self, name: str) -> bool:
+        """True if an account *name* exists (case-insensitive)."""
+        try:
+            check_username(name)
+        except StoreError:
+            return False
+        return self._lookup(name) is not None
+
+    def canonical_name(self, name: str) -> str | None:
+        """The registered spelling of *name*, or None if there is no such account."""
+        try:
+            check_username(name)
+        except StoreError:
+            return None
+        row = self._lookup(name)
+        return row[0] if row else None
+
+    def close(self) -> None:
+        """Close the connection; idempotent. A closed store does not reconnect."""
+        self._closed = True
+        self._drop()
+
+    def __enter__(self) -> PostgresAccountStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,450 @@
+"""Accounts in PostgreSQL: the store against a real server, then ``selchat serve`` and
+``selchat user`` with ``--db postgresql://...``.
+
+One PostgreSQL runs for the session (tests/pgserver.py); a test that wants
+empty tables makes a schema (or a database) of its own. The behaviour tests
+run on both stores, SQLite and PostgreSQL, with the same expectations.
+Without PostgreSQL or psycopg the tests that use ``pg`` are skipped, saying
+what to install; the others need neither.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from datetime import datetime, timezone
+
+import pytest
+
+from selchat.store import describe_db, is_postgres_url, open_store
+from selchat.store.accounts import (
+    AccountStore,
+    InvalidPassword,
+    InvalidUsername,
+    StorageUnavailable,
+    UserExists,
+)
+from tests import pgserver
+from tests.pgserver import PgServer, free_port
+from tests.support import DEADLINE, REPO_ROOT, RawUser, ServerProcess, read_line_from, unique
+
+CHEAP_N = 2**4
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """The session's PostgreSQL (tests/pgserver.py); skips when there is none."""
+    with PgServer.started() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shared_url(pg):
+    """One database for the tests that use names of their own (unique())."""
+    return pg.create_database()
+
+
+@pytest.fixture
+def pg_store(pg):
+    """A store on empty tables of its own (a schema of its own, named in the URL)."""
+    from selchat.store.postgres import PostgresAccountStore
+
+    store = PostgresAccountStore(pg.create_schema(), scrypt_n=CHEAP_N)
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_store(request, tmp_path):
+    """Each behaviour test runs on both stores: they must not differ."""
+    if request.param == "sqlite":
+        store = AccountStore(str(tmp_path / "accounts.db"), scrypt_n=CHEAP_N)
+    else:
+        store = open_store(request.getfixturevalue("pg").create_schema(), scrypt_n=CHEAP_N)
+    yield store
+    store.close()
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``selchat ARGS`` as a real process."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SELCHAT_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "selchat.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=REPO_ROOT, timeout=DEADLINE)
+
+
+def cli_here(*args: str, env: dict | None = None):
+    """``selchat ARGS`` in this process (click's runner): quicker than a process."""
+    from click.testing import CliRunner
+
+    from selchat.cli import main
+
+    env = {"SELCHAT_DB": None, "SELCHAT_PASSWORD": None, **(env or {})}
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+# -- choosing the store, without a server -------------------------------------------
+
+
+def test_the_url_prefix_chooses_postgresql(tmp_path):
+    for url in ("postgresql://u@h/db", "postgres://h/db", "POSTGRESQL://h", "postgresql:///db?host=/run/pg"):
+        assert is_postgres_url(url), url
+    for path in ("selchat.db", "postgresql.db", "./postgresql://x", "/var/lib/postgres/x.db",
+                 "file:x.db?mode=ro", ":memory:"):
+        assert not is_postgres_url(path), path
+    with open_store(str(tmp_path / "x.db"), scrypt_n=CHEAP_N) as store:
+        assert type(store) is AccountStore
+
+
+def test_describe_db_hides_the_password():
+    assert describe_db("selchat.db") == "selchat.db"
+    assert describe_db("postgresql://chat:s3cret@db.example:5432/chat") == "postgresql://chat:***@db.example:5432/chat"
+    assert describe_db("postgres://chat@db/chat") == "postgres://chat@db/chat"
+    assert (describe_db("postgresql://db/chat?user=chat&password=s3cret&sslmode=require")
+            == "postgresql://db/chat?user=chat&password=***&sslmode=require")
+    assert describe_db("postgresql://chat:p%40ss@db/chat") == "postgresql://chat:***@db/chat"
+
+
+def test_without_psycopg_a_url_says_what_to_install(monkeypatch):
+    for name in [m for m in sys.modules if m == "psycopg" or m.startswith("psycopg.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "psycopg", None)   # import psycopg -> ImportError
+    with pytest.raises(StorageUnavailable) as info:
+        open_store("postgresql://chat:s3cret@127.0.0.1/chat")
+    assert "pip install 'selchat[postgres]'" in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+def test_a_url_in_the_config_file_is_not_a_path(tmp_path):
+    from selchat.server.options import Loader
+
+    conf = tmp_path / "selchat.toml"
+    conf.write_text('db = "postgresql://chat@db.example/chat"\n')
+    assert Loader(conf, {}, {}).load().db == "postgresql://chat@db.example/chat"
+    conf.write_text('db = "accounts.db"\n')
+    assert Loader(conf, {}, {}).load().db == str(tmp_path / "accounts.db")
+
+
+def test_without_postgresql_the_tests_skip_saying_what_to_install(monkeypatch):
+    monkeypatch.setattr(pgserver, "find_bindir", lambda: None)
+    with pytest.raises(pytest.skip.Exception, match=r"postgres not installed: apt-get install postgresql"):
+        with PgServer.started():
+            pass
+
+
+def test_an_unreachable_server_is_storage_unavailable_without_the_password():
+    port = free_port()   # nothing listens there
+    with pytest.raises(StorageUnavailable) as info:
+        open_store(f"postgresql://chat:s3cret@127.0.0.1:{port}/chat?connect_timeout=3")
+    message = str(info.value)
+    assert info.value.code == "storage"
+    assert message.startswith("account storage unavailable (open): ") and str(port) in message
+    assert "s3cret" not in message and "\n" not in message
+
+
+def test_user_commands_with_an_unreachable_server_exit_1():
+    url = f"postgresql://chat:s3cret@127.0.0.1:{free_port()}/chat"
+    for args in (("add", "alice"), ("list",), ("del", "alice")):
+        result = cli_here("user", "--db", url, *args, env={"SELCHAT_PASSWORD": "pw"})
+        assert result.exit_code == 1
+        assert result.output.startswith("Error: account storage unavailable (open): "), result.output
+        assert "s3cret" not in result.output
+
+
+# -- the store on a real server: the same behaviour as SQLite ------------------------
+
+
+def test_register_verify_and_canonical_names(any_store):
+    store = any_store
+    assert store.add_user("Alice", "s3cret") == "Alice"
+    for variant in ("alice", "ALICE", "aLiCe"):
+        with pytest.raises(UserExists) as info:
+            store.add_user(variant, "other")
+        assert info.value.code == "taken" and str(info.value) == "username 'Alice' is already taken"
+        assert store.verify(variant, "s3cret") == "Alice"
+        assert store.exists(variant) and store.canonical_name(variant) == "Alice"
+    assert store.verify("alice", "S3CRET") is None      # passwords are case-sensitive
+    assert store.verify("alice", "other") is None
+    assert store.verify("mallory", "s3cret") is None
+    assert store.verify("bad name", "s3cret") is None
+    assert store.verify("alice", "") is None
+    assert store.canonical_name("nobody") is None and store.canonical_name("bad name") is None
+    assert not store.exists("nobody") and not store.exists("x" * 33)
+
+
+def test_invalid_names_and_passwords(any_store):
+    for name in ("", "bad name", "x" * 33, "caf\u00e9"):
+        with pytest.raises(InvalidUsername) as info:
+            any_store.add_user(name, "pw")
+        assert info.value.code == "bad-username"
+    for password in ("", "a\nb", "a\x00b", "x" * 1025):
+        with pytest.raises(InvalidPassword) as info:
+            any_store.add_user("alice", password)
+        assert info.value.code == "bad-password"
+    assert any_store.add_user("alice", "p\u00e4ss w\u00f6rd \U0001F511") == "alice"
+    assert any_store.verify("alice", "p\u00e4ss w\u00f6rd \U0001F511") == "alice"
+
+
+def test_delete(any_store):
+    store = any_store
+    store.add_user("Alice", "pw")
+    store.add_user("bob", "pw")
+    assert store.delete_user("ALICE") is True
+    assert store.delete_user("alice") is False
+    assert store.delete_user("nobody") is False and store.delete_user("bad name") is False
+    assert store.verify("Alice", "pw") is None and not store.exists("alice")
+    assert [n for n, _ in store.list_users()] == ["bob"]
+    assert store.add_user("aLiCe", "new") == "aLiCe"     # the name is free again, in any spelling
+    assert store.verify("ALICE", "new") == "aLiCe"
+
+
+def test_list_in_the_same_order_with_utc_timestamps(any_store):
+    names = ["charlie", "Bob", "alice", "_under", "Dave", "-dash", "0zero", "Zed", "zebra"]
+    for name in names:
+        any_store.add_user(name, "pw")
+    users = any_store.list_users()
+    # SQLite's order (NOCASE, then as written), whatever the PostgreSQL locale.
+    assert [n for n, _ in users] == sorted(names, key=lambda n: (n.lower(), n))
+    now = datetime.now(timezone.utc)
+    for _, created in users:
+        assert created.endswith("+00:00") and len(created) == len("2025-01-01T00:00:00+00:00")
+        assert abs((now - datetime.fromisoformat(created)).total_seconds()) < 60
+
+
+def test_close_is_idempotent_and_final(any_store):
+    any_store.close()
+    any_store.close()
+    with pytest.raises(StorageUnavailable):
+        any_store.add_user("alice", "pw")
+
+
+# -- what only PostgreSQL has ---------------------------------------------------------
+
+
+def test_passwords_are_scrypt_hashes_of_the_store_cost(pg_store):
+    import psycopg
+
+    pg_store.add_user("alice", "pw")
+    with psycopg.connect(pg_store.url) as conn:
+        (pwhash,) = conn.execute("SELECT pwhash FROM selchat_users WHERE name = 'alice'").fetchone()
+    assert pwhash.startswith(f"scrypt${CHEAP_N}$8$1$")
+    # Hashes made at another cost still verify: the cost is read from the hash.
+    with open_store(pg_store.url, scrypt_n=2**5) as other:
+        assert other.verify("ALICE", "pw") == "alice"
+
+
+def test_the_unique_index_catches_a_race(pg_store):
+    # Another store registers the name between our look-up and our insert.
+    with open_store(pg_store.url, scrypt_n=CHEAP_N) as other:
+        real_lookup = pg_store._lookup
+        calls = []
+
+        def racing_lookup(name):
+            calls.append(name)
+            if len(calls) == 1:
+                other.add_user("RACER", "theirs")
+                return None
+            return real_lookup(name)
+
+        pg_store._lookup = racing_lookup
+        with pytest.raises(UserExists, match="'RACER'"):
+            pg_store.add_user("racer", "mine")
+    del pg_store._lookup
+    assert pg_store.verify("racer", "theirs") == "RACER"
+    assert pg_store.add_user("next", "pw") == "next"     # the connection is still good
+
+
+def test_stores_that_open_at_once_create_the_schema_once(pg):
+    url = pg.create_schema()
+    count = 6
+    barrier = threading.Barrier(count)
+    results: list = [None] * count
+
+    def open_one(i):
+        barrier.wait(DEADLINE)
+        try:
+            store = open_store(url, scrypt_n=CHEAP_N)
+            results[i] = store.add_user(f"user{i}", "pw")
+            store.close()
+        except Exception as exc:   # noqa: BLE001 - reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=open_one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE)
+    assert results == [f"user{i}" for i in range(count)]
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT version FROM selchat_schema").fetchall() == [(1,)]
+
+
+def test_a_newer_schema_is_refused(pg):
+    import psycopg
+
+    url = pg.create_schema()
+    open_store(url).close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE selchat_schema SET version = 2")
+    with pytest.raises(StorageUnavailable, match="schema version 2; this selchat understands up to 1") as info:
+        open_store(url)
+    assert pg.password not in str(info.value)
+
+
+def test_bad_credentials_or_database_are_storage_unavailable(pg):
+    for url in (pg.url().replace(pg.password, "not-" + pg.password), pg.url("no_such_db")):
+        with pytest.raises(StorageUnavailable) as info:
+            open_store(url)
+        message = str(info.value)
+        assert message.startswith("account storage unavailable (open): "), message
+        assert pg.password not in message
+
+
+def test_a_stopped_server_is_storage_unavailable_then_the_next_call_works(pg, shared_url):
+    store = open_store(shared_url, scrypt_n=CHEAP_N)
+    name = unique("down")
+    store.add_user(name, "pw")
+    pg.stop()
+    try:
+        calls = [lambda: store.verify(name, "pw"), lambda: store.add_user(unique(), "pw"),
+                 lambda: store.exists(name), lambda: store.canonical_name(name),
+                 store.list_users, lambda: store.delete_user(name)]
+        for call in calls:
+            with pytest.raises(StorageUnavailable) as info:
+                call()
+            assert info.value.code == "storage" and pg.password not in str(info.value)
+        with pytest.raises(StorageUnavailable):
+            open_store(shared_url, scrypt_n=CHEAP_N)
+    finally:
+        pg.start()
+    assert store.verify(name, "pw") == name          # connects again, no failure left over
+    assert store.add_user(unique(), "pw")
+    store.close()
+
+
+def test_a_restart_between_calls_costs_no_failed_read(pg, shared_url):
+    store = open_store(shared_url, scrypt_n=CHEAP_N)
+    name = store.add_user(unique("restart"), "pw")
+    pg.stop()
+    pg.start()
+    # The connection is dead, but nobody was using it: the read reconnects.
+    assert store.verify(name, "pw") == name
+    pg.stop()
+    pg.start()
+    assert store.add_user(unique(), "pw")            # its look-up reconnects first
+    store.close()
+
+
+def test_a_connection_cut_by_the_server_is_replaced(pg, shared_url):
+    import psycopg
+
+    store = open_store(shared_url, scrypt_n=CHEAP_N)
+    name = store.add_user(unique("cut"), "pw")
+
+    def cut():
+        pid = store._conn.info.backend_pid
+        with psycopg.connect(shared_url, autocommit=True) as admin:
+            assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+
+    cut()
+    assert store.canonical_name(name.upper()) == name    # a read retries on a new connection
+    cut()
+    with pytest.raises(StorageUnavailable):              # a write does not (it might have happened)
+        store.delete_user(name)
+    assert store.delete_user(name) is True               # the next call connects again
+    store.close()
+
+
+# -- selchat serve and selchat user with --db postgresql:// ----------------------------
+
+
+def test_serve_and_user_commands_share_the_accounts(pg, tmp_path):
+    url = pg.create_database()
+    added = cli("user", "--db", url, "add", "Carol", env={"SELCHAT_PASSWORD": "carol pw"})
+    assert added.returncode == 0 and added.stdout == "added Carol\n", added.stderr
+    server = ServerProcess(tmp_path, db=url)
+    try:
+        # REGISTER over a real socket, as a client does; a name taken in another case is refused.
+        alice = RawUser(server, name="Alice", password="alice pw")
+        sock = server.connect()
+        sock.send("REGISTER ALICE other", "REGISTER carol other")
+        assert sock.line().startswith("ERR REGISTER taken username 'Alice' is already taken")
+        assert sock.line().startswith("ERR REGISTER taken username 'Carol' is already taken")
+        # LOGIN, with the password that `selchat user add` stored, in any case.
+        sock.send("LOGIN carol wrong")
+        assert sock.line() == "ERR LOGIN auth-failed invalid username or password"
+        sock.send("LOGIN CAROL carol pw")
+        assert sock.expect("WELCOME ").split()[1] == "Carol"
+        alice.close()
+        sock.close()
+        assert "storage" not in server.log()
+    finally:
+        server.stop()
+    listed = cli_here("user", "list", env={"SELCHAT_DB": url})   # the URL from the environment: not in ps
+    assert listed.exit_code == 0, listed.output
+    assert [line.split("\t")[0] for line in listed.output.splitlines()] == ["Alice", "Carol"]
+    deleted = cli_here("user", "--db", url, "del", "alice")
+    assert deleted.exit_code == 0 and deleted.output == "deleted alice\n"
+    assert cli_here("user", "--db", url, "list").output.startswith("Carol\t")
+
+
+def test_two_servers_on_one_database_see_each_others_registrations(pg, tmp_path):
+    url = pg.create_database()
+    one, two = ServerProcess(tmp_path, db=url), ServerProcess(tmp_path, db=url)
+    try:
+        for here, there in ((one, two), (two, one)):
+            user = RawUser(here, password="pw here")
+            sock = there.connect()
+            sock.send(f"REGISTER {user.name.upper()} pw", f"LOGIN {user.name.upper()} pw here")
+            assert sock.line().startswith(f"ERR REGISTER taken username '{user.name}' is already taken")
+            assert sock.expect("WELCOME ").split()[1] == user.name
+            user.close()
+            sock.close()
+    finally:
+        one.stop()
+        two.stop()
+
+
+def test_the_server_keeps_running_while_postgresql_is_down(pg, shared_url, tmp_path):
+    server = ServerProcess(tmp_path, db=shared_url)
+    try:
+        user = RawUser(server, password="pw")
+        name = user.name
+        pg.stop()
+        try:
+            sock = server.connect()
+            sock.send(f"LOGIN {name} pw")
+            refused = sock.line()
+            assert refused.startswith("ERR LOGIN storage account storage unavailable "), refused
+            assert pg.password not in refused
+        finally:
+            pg.start()
+        sock.send(f"LOGIN {name} pw")   # not counted as a failure, and now it works
+        assert sock.expect("WELCOME ").split()[1] == name
+        assert server.proc.poll() is None
+        user.close()
+        sock.close()   # before the stop, which would wait for them a while
+    finally:
+        server.stop()
+
+
+def test_serve_never_prints_the_password(pg):
+    down = f"postgresql://selchat:{pg.password}@127.0.0.1:{free_port()}/x"
+    result = cli("serve", "--port", "0", "--db", down)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"Error: cannot open the database {describe_db(down)}: "
+                                     "account storage unavailable (open): "), result.stderr
+    assert pg.password not in result.stderr and "no directory" not in result.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "selchat.cli", "serve", "--port", "0", "--db", pg.url()],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT)
+    try:
+        banner = read_line_from(proc.stdout, DEADLINE)
+    finally:
+        proc.terminate()
+        proc.wait(DEADLINE)
+        proc.stdout.close()
+    assert "listening on" in banner and pg.password not in banner, banner
