@@ -435,6 +435,51 @@ def test_next_timeout():
     assert wheel.next_timeout() == 0
 
 
+def full_scan_timeout(wheel: TimerWheel) -> float | None:
+    """next_timeout() as a walk over every slot from the current tick, with
+    no memory of earlier walks: what the hint must not change."""
+    if not len(wheel):
+        return None
+    if wheel._ready:
+        return 0.0
+    now = wheel.clock()
+    mask = wheel._mask
+    for k in range(wheel._tick, wheel._tick + mask + 1):
+        i = k & mask
+        if wheel._wheel[i]:
+            return 0.0 if wheel._bounds[i] <= now else max(0.0, wheel._start_of(k + 1) - now)
+    return 0.0
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("add"), st.floats(-1, 12, allow_nan=False)),
+    st.tuples(st.just("cancel"), st.integers(0, 40)),
+    st.tuples(st.just("reset"), st.integers(0, 40), st.floats(-1, 12, allow_nan=False)),
+    st.tuples(st.just("time"), st.floats(0, 3, allow_nan=False)),
+    st.tuples(st.just("advance")),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops)
+def test_next_timeout_with_its_hint_equals_a_full_scan(steps):
+    # The hint skips slots known to be empty; it must never skip a timer.
+    clock, wheel = make(tick=0.25, slots=8, start=50.0)
+    timers = []
+    for step in steps:
+        if step[0] == "add":
+            timers.append(wheel.call_later(step[1], lambda: None))
+        elif step[0] == "cancel" and timers:
+            timers[step[1] % len(timers)].cancel()
+        elif step[0] == "reset" and timers:
+            timers[step[1] % len(timers)].reset(step[2])
+        elif step[0] == "time":
+            clock.now += step[1]
+        elif step[0] == "advance":
+            wheel.advance()
+        assert wheel.next_timeout() == full_scan_timeout(wheel)
+
+
 def test_len_counts_active_timers():
     clock, wheel = make()
     timers = [wheel.call_later(i / 4, lambda: None) for i in range(10)]

@@ -133,6 +133,10 @@ class TimerWheel:
         # First tick not known to be over: ticks before it have been
         # processed, every filed timer sits at a tick >= _tick.
         self._tick = self._tick_of(clock())
+        # The slots of the ticks _tick.._hint-1 are known to be empty, so
+        # next_timeout() need not look at them again (it would otherwise
+        # walk the same empty slots at every turn of the loop).
+        self._hint = self._tick
 
     def _tick_of(self, t: float) -> int:
         return int(t // self.tick)
@@ -150,6 +154,10 @@ class TimerWheel:
         timer._slot = slot
         if deadline < self._bounds[i]:
             self._bounds[i] = deadline
+        # The first tick from _tick on that this slot stands for.
+        first = self._tick + ((k - self._tick) & self._mask)
+        if first < self._hint:
+            self._hint = first
 
     def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Timer:
         """Call ``callback(*args)`` once ``clock() >= when``."""
@@ -174,9 +182,11 @@ class TimerWheel:
             return 0.0
         now = self.clock()
         wheel, bounds, mask = self._wheel, self._bounds, self._mask
-        for k in range(self._tick, self._tick + mask + 1):
+        start = self._tick
+        for k in range(max(start, self._hint), start + mask + 1):
             i = k & mask
             if wheel[i]:
+                self._hint = k
                 if bounds[i] <= now:
                     return 0.0
                 return max(0.0, self._start_of(k + 1) - now)
