@@ -76,6 +76,8 @@ def _check_metrics(ctx, param, value):
           help="Keep a version 2 session that lost its connection this long for RESUME.")
 @_setting("resume_buffer", type=int, metavar="N",
           help="Unacknowledged events kept per version 2 session; past it, senders are slowed.")
+@_setting("cluster", metavar="redis://HOST:PORT/DB",
+          help="Be a node of the cluster that shares this Redis (presence, chats, routing); alone without it.")
 @_setting("max_connections", type=int, metavar="N", help="Open sockets in all (0: what the descriptor limit allows).")
 @_setting("max_per_address", type=int, metavar="N",
           help="Open sockets from one address (each user needs 3; 0: no limit).")
@@ -143,6 +145,8 @@ def _serve(config: ServerConfig, loader, logs, Server, raise_nofile_limit) -> No
         raise click.ClickException(f"cannot use the TLS certificate or key: {exc}")
     except ConfigError as exc:
         raise click.ClickException(str(exc))
+    except (ValueError, RuntimeError) as exc:  # --cluster: a bad URL, or no hiredis
+        raise click.ClickException(f"--cluster: {exc}")
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise click.ClickException(f"cannot start: {exc.strerror or exc}{where}")
@@ -156,6 +160,10 @@ def _serve(config: ServerConfig, loader, logs, Server, raise_nofile_limit) -> No
         "descriptor limit %d: room for %d sockets, about %d clients (3 sockets each)",
         nofile, server.admission.max_connections, server.admission.max_connections // 3)
     scheme = "TLS" if config.tls_cert else "plaintext"
+    if config.cluster:
+        from selchat.cluster.resp import parse_url
+
+        scheme += f", cluster {parse_url(config.cluster).redacted()}"
     click.echo(f"selchat {__version__} listening on {address[0]}:{address[1]} ({scheme}, database {describe_db(config.db)})")
     sys.stdout.flush()
     systemd.notify("READY=1", f"STATUS=listening on {address[0]}:{address[1]}")

@@ -101,6 +101,10 @@ class Reactor:
         #: (queued, running, or finished and waiting for the loop): the
         #: worker queue depth that /metrics shows.
         self.pending_jobs = 0
+        #: Called, if set, after each select() and before the handlers run
+        #: (a cluster node checks there that its lease has not run out while
+        #: it was stopped, before it acts on what it reads).
+        self.wake_check: Callable[[], None] | None = None
 
     # -- scheduling ---------------------------------------------------------------
 
@@ -145,7 +149,10 @@ class Reactor:
                     timeout = 0
                 else:
                     timeout = self.timers.next_timeout()
-                for key, mask in select(timeout):
+                events = select(timeout)
+                if self.wake_check is not None:
+                    self.wake_check()
+                for key, mask in events:
                     self._dispatch(key.data, mask)
                 self.timers.advance()
                 self._run_ready()

@@ -41,7 +41,8 @@ log = logging.getLogger("selchat.server")
 
 HELLO = ev.Hello(ev.PROTOCOL_VERSION, f"selchat/{__version__}")
 #: Settings a reload cannot change on a running server (docs/operations.md).
-RESTART_ONLY = ("host", "port", "db", "workers", "scrypt_n", "metrics", "admin_socket", "tick", "config_file")
+RESTART_ONLY = ("host", "port", "db", "workers", "scrypt_n", "metrics", "admin_socket", "tick", "config_file",
+                "cluster")
 #: The MOTD file's limits: more lines or longer lines are cut (and logged).
 MOTD_MAX_LINES = 50
 MOTD_MAX_CHARS = 400
@@ -81,7 +82,11 @@ class Server:
         self.started_at = time.time()
         self._reloading = False
         self._reload_next: list | None = None   # asked again while reloading: their done callbacks
-        self.hub = Hub(self.reactor.call_later, config.request_timeout)
+        self.cluster = None  # selchat.cluster.node.ClusterNode with --cluster
+        if config.cluster:
+            self.cluster, self.hub = make_cluster(self, config)
+        else:
+            self.hub = Hub(self.reactor.call_later, config.request_timeout)
         self.registry = Registry(self)
         self.sessions = self.registry.sessions   # key -> the account's one session
         self.peers: set[Peer] = set()
@@ -130,6 +135,8 @@ class Server:
         try:
             self.reactor.run()
         finally:
+            if self.cluster is not None:
+                self.cluster.close()
             self.accounts.close()
             self.reactor.close()
 
@@ -412,6 +419,20 @@ class Server:
                 wait = requests.wait()
                 peer.send(ev.Error("CHAT", "rate-limited", f"too many chat requests; try again in {wait:.0f} s"))
                 return
+        if self.cluster is not None:  # the answer comes from Redis: later frames wait for it
+            peer.pause(WAITING)
+
+            def answered(reply) -> None:
+                if reply is None:
+                    self._offline(peer, event.user)
+                    return
+                if requests is not None and type(reply) is ev.Ok:
+                    requests.tokens -= 1.0
+                peer.send(reply)
+                peer.resume(WAITING)
+
+            self.hub.chat(session, event.user, answered)
+            return
         reply = self.hub.chat(session, event.user)
         if reply is not None:
             if requests is not None and type(reply) is ev.Ok:
@@ -421,38 +442,58 @@ class Server:
         # Not online: say whether the account exists at all (a database read,
         # so on a worker; later commands on this socket wait, to keep order).
         peer.pause(WAITING)
+        self._offline(peer, event.user)
 
+    def _offline(self, peer: Peer, user: str) -> None:
+        """``user`` is online nowhere: ERR CHAT offline, or unknown-user if
+        there is no such account. ``peer`` is paused (WAITING) until then."""
         def done(future):
             try:
                 known = future.result()
             except Exception:
                 known = True  # cannot tell; "offline" is the safe answer
             if known:
-                peer.send(ev.Error("CHAT", "offline", f"{event.user} is not online"))
+                peer.send(ev.Error("CHAT", "offline", f"{user} is not online"))
             else:
-                peer.send(ev.Error("CHAT", "unknown-user", f"there is no user {event.user}"))
+                peer.send(ev.Error("CHAT", "unknown-user", f"there is no user {user}"))
             peer.resume(WAITING)
 
-        self.accounts.exists(event.user, done)
+        self.accounts.exists(user, done)
+
+    def _answer(self, peer: Peer, command, *args) -> None:
+        """Send the hub's reply to a command. A cluster's hub answers later,
+        from Redis: this socket's later frames wait for it, in order."""
+        if self.cluster is None:
+            reply = command(*args)
+            for event in reply if type(reply) is list else (reply,):
+                peer.send(event)
+            return
+        peer.pause(WAITING)
+
+        def done(reply) -> None:
+            for event in reply if type(reply) is list else (reply,):
+                peer.send(event)
+            peer.resume(WAITING)
+
+        command(*args, done)
 
     def on_accept(self, peer: Peer, event) -> None:
         session = self._online(peer, "ACCEPT")
         if session is not None:
-            peer.send(self.hub.accept(session))
+            self._answer(peer, self.hub.accept, session)
 
     def on_decline(self, peer: Peer, event) -> None:
         session = self._online(peer, "DECLINE")
         if session is not None:
-            peer.send(self.hub.decline(session))
+            self._answer(peer, self.hub.decline, session)
 
     def on_quit(self, peer: Peer, event) -> None:
         session = self._online(peer, "QUIT")
         if session is not None:
-            peer.send(self.hub.quit(session))
+            self._answer(peer, self.hub.quit, session)
 
     def on_who(self, peer: Peer, event) -> None:
-        for entry in self.hub.who():
-            peer.send(entry)
+        self._answer(peer, self.hub.who)
 
     def on_help(self, peer: Peer, event) -> None:
         peer.send(ev.Ok("HELP", COMMANDS_HELP))
@@ -461,6 +502,21 @@ class Server:
         session = peer.session
         peer.send(ev.Ok("EXIT"))
         self.registry.end_session(session, "left", f"{session.name} logged out", ev.Bye("exit", "goodbye"), why="exit")
+
+
+def make_cluster(server: "Server", config: ServerConfig):
+    """The cluster node and its hub, for ``--cluster``. Raises ValueError
+    for a URL that cannot work, RuntimeError without hiredis."""
+    from selchat.cluster.resp import parse_url
+
+    parse_url(config.cluster)  # ValueError: says what is wrong with it
+    try:
+        from selchat.cluster.hub import ClusterHub
+        from selchat.cluster.node import ClusterNode
+    except ImportError as exc:
+        raise RuntimeError(f"--cluster needs hiredis: pip install 'selchat[cluster]' ({exc})") from None
+    node = ClusterNode(server, config.cluster)
+    return node, ClusterHub(node, server.reactor.call_later, config.request_timeout)
 
 
 def raise_nofile_limit() -> int:

@@ -36,6 +36,10 @@ class ServerConfig:
     #: A version 2 session that lost a socket is kept this long for RESUME.
     resume_window: float = 120.0
 
+    # -- cluster --
+    #: redis://HOST:PORT/DB: a node of the cluster sharing that Redis (None: alone).
+    cluster: str | None = None
+
     # -- version 2 sessions --
     #: Events a session keeps unacknowledged (to replay after a resume);
     #: past it, partners sending to the session are slowed.

@@ -26,6 +26,8 @@ log = logging.getLogger("selchat.server")
 
 AUTH_FAILED = "invalid username or password"
 SHUTTING_DOWN = "the server is shutting down"
+#: A login or command that needs the cluster (``--cluster``) while it is unreachable.
+UNAVAILABLE = "the cluster is unreachable; try again shortly"
 #: Password checks one address may have waiting for a worker; more are "busy".
 HASHES_PER_ADDRESS = 8
 #: Failed logins for one account from one address before further attempts
@@ -136,8 +138,30 @@ class Logins:
         if self.server.stopping:
             peer.close(ev.Bye("shutdown", SHUTTING_DOWN))
             return
+        cluster = self.server.cluster
+        if cluster is None:
+            self._welcome(peer, verb, name, "0")
+            return
+
+        def claimed(epoch) -> None:  # the cluster has made this node the account's holder, or could not
+            if peer.transport.closing or self.server.stopping:
+                if epoch is not None:
+                    cluster.eval("leave", name.lower(), epoch, "dropped", f"{name} lost connection")
+                return
+            if epoch is None:
+                self._login_refused(peer, verb, "unavailable", UNAVAILABLE, count=False)
+                return
+            current = self.server.registry.sessions.get(name.lower())
+            if current is not None and int(current.epoch) > int(epoch):  # a later login got here first
+                peer.close(ev.Bye("replaced", "logged in from another client"))
+                return
+            self._welcome(peer, verb, name, epoch)
+
+        cluster.claim(name, peer.version == 2, claimed)
+
+    def _welcome(self, peer, verb: str, name: str, epoch: str) -> None:
         self.server.metrics.logins["ok"] += 1
-        session = self.server.registry.start_session(peer, name)
+        session = self.server.registry.start_session(peer, name, epoch)
         audit.emit("register" if verb == "REGISTER" else "login", user=name, addr=peer.host, session=session.sid)
         peer.resume(WAITING)
 

@@ -50,16 +50,18 @@ class Registry:
 
     # -- starting and attaching -------------------------------------------------------
 
-    def start_session(self, peer, name: str) -> Session:
+    def start_session(self, peer, name: str, epoch: str = "0") -> Session:
         """``peer`` has logged in as ``name``: make its session, send WELCOME
         with the two attach tokens (and the resume token, in version 2). An
-        older session of the account ends."""
+        older session of the account ends. ``epoch``: the cluster's fencing
+        counter for this login (``ClusterNode.claim``)."""
         old = self.sessions.get(name.lower())
         if old is not None:  # the partner sees a drop; the old client hears why
             self.end_session(old, "dropped", f"{name} lost connection",
                              ev.Bye("replaced", "logged in from another client"), why="replaced")
         sid = next(self._sids)
         session = Session(sid, name, {})
+        session.epoch = epoch
         cfg = self.server.config
         session.requests = bucket(cfg.request_rate, cfg.request_burst, self.reactor.clock())
         self.sessions[session.key] = session
@@ -309,6 +311,11 @@ class Registry:
         if session is not None and peer in session.peers():
             self.lost(session, "dropped", f"{session.name} stopped reading", why="stuck")
         peer.transport.abort()
+
+    def end_all_sessions(self, reason: str, text: str, bye: ev.Bye, why: str) -> None:
+        """End every session (a cluster node that fenced itself)."""
+        for session in list(self.sessions.values()):
+            self.end_session(session, reason, f"{session.name} {text}", bye, why=why)
 
     def kick(self, name: str, text: str) -> bool:
         """End ``name``'s session: BYE kicked <text>; False if not logged in."""

@@ -55,6 +55,7 @@ class Session:
         "sid", "name", "name_bytes", "key", "phase", "login", "chat", "check", "tokens",
         "partner", "request", "requests", "attach_timer", "heartbeat", "awaiting_pong", "ping_seq",
         "since", "outbox", "resume_secret", "seq_base", "waiting", "resume_timer", "was_online", "fated",
+        "epoch",
         "__weakref__",
     )
 
@@ -83,6 +84,7 @@ class Session:
         self.resume_timer = None   # version 2, while DETACHED: the end of the resume window
         self.was_online = False    # READY has been sent (a resumed session does not get it again)
         self.fated = 0             # version 2: the highest seq of ours a fate was sent for
+        self.epoch = "0"           # cluster: the account's fencing counter when this session claimed it
 
     @property
     def busy(self) -> bool:

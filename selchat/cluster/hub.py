@@ -1,0 +1,150 @@
+"""Presence, chat requests and chats for a node of a cluster.
+
+The same commands and replies as ``selchat.server.hub.Hub``, but the state
+is the cluster's, in Redis, and every change is one script (``scripts.py``)
+that also tells the other nodes. So the commands answer later: each takes a
+``done(reply)`` callback (the server stops reading that chat socket until
+then, keeping replies in order). What stays local is what the relay needs at
+once: each local session's ``partner``, a local ``Session`` or a
+``RemoteUser``, set from the script's reply (for the one who acted) or from
+the node's ``S``/``X`` messages (for the other).
+"""
+
+from __future__ import annotations
+
+from selchat.cluster.node import UNAVAILABLE, ClusterNode, RemoteUser, _s
+from selchat.cluster.redislink import RedisError
+from selchat.protocol import events as ev
+
+
+class ClusterHub:
+    def __init__(self, node: ClusterNode, call_later, request_timeout: float):
+        self.node = node
+        self.call_later = call_later
+        self.request_timeout = request_timeout
+        self.online: dict[str, object] = {}  # key -> this node's sessions (metrics, admin, broadcast)
+
+    # -- presence -----------------------------------------------------------------
+
+    def join(self, session) -> None:
+        self.online[session.key] = session
+
+    def leave(self, session, reason: str, text: str) -> None:
+        if self.online.get(session.key) is session:
+            del self.online[session.key]
+        self._unpair(session)
+        self.node.eval("leave", session.key, session.epoch, reason, text)
+
+    def _unpair(self, session) -> None:
+        """Forget the local partner pointers now: the relay must stop at once;
+        the other side hears ENDED from the script."""
+        partner = session.partner
+        session.partner = None
+        if isinstance(partner, RemoteUser):
+            self.node.forget(partner)
+        elif partner is not None and partner.partner is session:
+            partner.partner = None
+
+    def end_all(self, reason: str, text: str) -> None:
+        """The node shuts down: local pairs hear ENDED from here (their node is
+        going); the others hear it from the scripts as each session leaves."""
+        for session in list(self.online.values()):
+            partner = session.partner
+            if partner is not None and not isinstance(partner, RemoteUser):
+                session.partner = partner.partner = None
+                session.deliver(ev.Ended(partner.name, reason, text))
+                partner.deliver(ev.Ended(session.name, reason, text))
+
+    def who(self, done) -> None:
+        def reply(value) -> None:
+            if isinstance(value, RedisError):
+                done([ev.Error("WHO", "unavailable", UNAVAILABLE)])
+                return
+            pairs = sorted(((_s(value[i]), value[i + 1]) for i in range(0, len(value), 2)),
+                           key=lambda p: p[0].lower())
+            entries = [ev.UserEntry(name, "busy" if busy else "idle") for name, busy in pairs]
+            done(entries + [ev.Ok("WHO", str(len(entries)))])
+
+        self.node.eval("who", callback=reply)
+
+    # -- chat requests ------------------------------------------------------------
+
+    def chat(self, session, name: str, done) -> None:
+        """``done(reply)``, or ``done(None)`` when ``name`` is online nowhere."""
+        key = name.lower()
+        if key == session.key:
+            done(ev.Error("CHAT", "self", "you cannot chat with yourself"))
+            return
+
+        def reply(value) -> None:
+            if isinstance(value, RedisError):
+                done(ev.Error("CHAT", "unavailable", UNAVAILABLE))
+                return
+            code, other = _s(value[0]), _s(value[1]) if len(value) > 1 else ""
+            if code == "ok":
+                self.call_later(self.request_timeout, self._expire, session.key, key, _s(value[2]))
+                done(ev.Ok("CHAT", other))
+            elif code == "offline":
+                done(None)
+            elif code == "busy":
+                done(ev.Error("CHAT", "busy", f"{other} is busy"))
+            elif code == "in-chat":
+                done(ev.Error("CHAT", "in-chat", f"you are already chatting with {other}; QUIT first"))
+            elif code == "pending":
+                done(ev.Error("CHAT", "pending", f"you already have a pending chat request with {other}"))
+            else:
+                done(ev.Error("CHAT", "unavailable", UNAVAILABLE))
+
+        self.node.eval("request", session.key, session.epoch, key, callback=reply)
+
+    def _expire(self, source_key: str, target_key: str, request_id: str) -> None:
+        self.node.eval("expire", source_key, target_key, request_id)
+
+    def accept(self, session, done) -> None:
+        def reply(value) -> None:
+            code = _s(value[0]) if not isinstance(value, RedisError) else "unavailable"
+            if code == "ok":
+                name, pnode, pepoch, pv2, pkey = (_s(v) for v in value[1:6])
+                session.partner = self.node.partner_for(pkey, name, pnode, pepoch, pv2 == "1")
+                done(ev.Ok("ACCEPT", name))
+            elif code == "no-request":
+                done(ev.Error("ACCEPT", "no-request", "no chat request to answer"))
+            else:
+                done(ev.Error("ACCEPT", "unavailable", UNAVAILABLE))
+
+        self.node.eval("accept", session.key, session.epoch, callback=reply)
+
+    def decline(self, session, done) -> None:
+        def reply(value) -> None:
+            code = _s(value[0]) if not isinstance(value, RedisError) else "unavailable"
+            if code == "ok":
+                done(ev.Ok("DECLINE", _s(value[1])))
+            elif code == "no-request":
+                done(ev.Error("DECLINE", "no-request", "no chat request to answer"))
+            else:
+                done(ev.Error("DECLINE", "unavailable", UNAVAILABLE))
+
+        self.node.eval("decline", session.key, session.epoch, callback=reply)
+
+    def quit(self, session, done) -> None:
+        def reply(value) -> None:
+            code = _s(value[0]) if not isinstance(value, RedisError) else "unavailable"
+            if code == "ok":
+                self._unpair(session)
+                done(ev.Ok("QUIT", _s(value[1])))
+            elif code == "not-in-chat":
+                done(ev.Error("QUIT", "not-in-chat", "you are not in a chat"))
+            else:
+                done(ev.Error("QUIT", "unavailable", UNAVAILABLE))
+
+        self.node.eval("quit", session.key, session.epoch, f"{session.name} ended the chat", callback=reply)
+
+    # -- messages -----------------------------------------------------------------
+
+    def message(self, session, text: str, seq: int):
+        """Relay a chat line; returns a Nack if it cannot be delivered, else None."""
+        partner = session.partner
+        if partner is None:
+            return ev.Nack(seq, "not-in-chat", "you are not in a chat")
+        partner.deliver(ev.Incoming(session.name, text), session, seq)
+        return None

@@ -1,0 +1,467 @@
+"""One server as a node of a cluster: its Redis links, its lease, its mail.
+
+``selchat serve --cluster redis://...`` makes a ``ClusterNode``. It joins
+(a fresh node id, a subscription to its channel ``selchat:n:<id>``, a lease
+renewed every second), claims every login for the cluster (``claim``), runs
+the shared chat state through the scripts of ``scripts.py`` (for the
+``ClusterHub``), carries events and chat messages to the nodes of users it
+does not hold (``RemoteUser``), and delivers what other nodes send to its own
+sessions (``_on_message``).
+
+Safety over availability: a node that loses Redis, or sees that Redis lost
+its data, or finds it was itself stopped past its lease, **fences itself**:
+every session on it ends (``BYE cluster-lost``) and logins are refused until
+it has joined again under a new id. The other nodes reap its users once its
+lease runs out (``REAP``), so they leave WHO and their partners hear ENDED.
+A login of an account held by another live node waits until that node has
+let go of it (``K``/``R`` below) or its lease has run out, so two nodes never
+hold one account at once.
+
+Messages on a node's channel: a header line, then a payload (one or more
+protocol lines)::
+
+    E <key> <epoch>              an event for a session (payload: the line)
+    X <key> <epoch>              ENDED: its chat is over (payload: the line)
+    S <key> <epoch> <pkey> <pnode> <pepoch> <pv2>
+                                 STARTED: its partner is pkey on pnode
+    K <key> <epoch>              taken over: end that session, answer R
+    R <key> <epoch>              (to the new node) the old session is gone
+    D <key> <epoch> <sname> <snode> <sepoch> <sv2> <seq> <count>
+                                 for a session: count > 0, that many chat
+                                 messages from sname (the sender's MSG block,
+                                 first seq <seq>); -1, one event carrying
+                                 message <seq>; 0, any other event
+    F <key> <epoch> stop|go      slow down / go on: the partner cannot take more
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+
+from selchat.cluster import scripts
+from selchat.cluster.redislink import LinkDown, PubSubLink, RedisError, RedisLink
+from selchat.protocol import codec
+from selchat.protocol import events as ev
+from selchat.server.logins import UNAVAILABLE
+from selchat.server.peer import PARTNER
+
+log = logging.getLogger("selchat.cluster")
+
+#: How long a node's lease lasts without renewal, and how often it is renewed.
+LEASE_SECONDS = 5.0
+RENEW_SECONDS = 1.0
+#: A node acts only while its last renewal is younger than this (its own
+#: clock): a node stopped for longer (SIGSTOP, a VM pause) fences itself
+#: before it reads anything, since another node may hold its users by then.
+SAFE_SECONDS = LEASE_SECONDS - 1.5
+#: How often each node looks for dead nodes' users.
+REAP_SECONDS = 1.0
+#: How long a login waits for the node that held the account to let go.
+RELEASE_WAIT = LEASE_SECONDS + 1.0
+#: Redis command timeout: no reply this long and the link is down (fencing).
+REDIS_TIMEOUT = 3.0
+
+__all__ = ["ClusterNode", "RemoteUser", "UNAVAILABLE"]
+
+
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
+_SHAS = {name: _sha(body) for name, body in scripts.SCRIPTS.items()}
+
+
+def _event(line: bytes) -> ev.Event:
+    """One event line from another node (or a script), LF or not."""
+    return codec.decode_server(line[:-1] if line.endswith(b"\n") else line)
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RemoteUser:
+    """A session on another node, as this node's sessions see it: what
+    ``Session`` offers a partner or a sender (``name``, ``key``,
+    ``name_bytes``, ``outbox`` set for version 2, ``deliver``,
+    ``deliver_block``, ``hold_back``), carried through Redis."""
+
+    __slots__ = ("node", "key", "name", "name_bytes", "node_id", "epoch", "outbox", "blocked", "partner",
+                 "__weakref__")
+
+    def __init__(self, node: "ClusterNode", key: str, name: str, node_id: str, epoch: str, v2: bool):
+        self.node = node
+        self.key = key
+        self.name = name
+        self.name_bytes = name.encode()
+        self.node_id = node_id
+        self.epoch = epoch
+        self.outbox = True if v2 else None  # only ever tested against None
+        self.blocked = False                # its node said stop (F): its outbox or socket is full
+        self.partner = None
+
+    def deliver(self, event, sender=None, seq: int = 0) -> None:
+        if sender is not None and type(event) is ev.Incoming:
+            self.node.send_message(self, sender, seq, -1, codec.encode(event))
+        else:
+            self.node.post(self.node_id, f"D {self.key} {self.epoch} - - 0 0 0 0", codec.encode(event))
+
+    def deliver_block(self, sender, block: bytes, count: int, first_seq: int) -> None:
+        self.node.send_message(self, sender, first_seq, count, block)
+
+    def hold_back(self, feeder) -> None:
+        """Its node said stop (``F``): pause the sender until it says go."""
+        if self.blocked:
+            feeder.pause(PARTNER)
+
+    def __repr__(self) -> str:
+        return f"<RemoteUser {self.name}@{self.node_id} epoch {self.epoch}>"
+
+
+class RemoteFeeder:
+    """A remote sender as the local backpressure code sees a chat socket:
+    ``pause``/``resume`` become ``F stop``/``F go`` to its node."""
+
+    __slots__ = ("user", "paused")
+
+    def __init__(self, user: RemoteUser):
+        self.user = user
+        self.paused = 0
+
+    def pause(self, reason: int) -> None:
+        if not self.paused:
+            self.user.node.post(self.user.node_id, f"F {self.user.key} {self.user.epoch} stop", b"")
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused:
+                self.user.node.post(self.user.node_id, f"F {self.user.key} {self.user.epoch} go", b"")
+
+
+class ClusterNode:
+    def __init__(self, server, url: str):
+        self.server = server
+        self.reactor = server.reactor
+        self.url = url
+        self.node_id = ""
+        self.joined = False
+        self.gen = None              # Redis's generation value, as first seen
+        self.safe_until = 0.0        # monotonic: act only before this
+        self.users: dict[tuple[str, str], RemoteUser] = {}  # (key, epoch) -> proxy
+        self.feeders: dict[tuple[str, str], RemoteFeeder] = {}
+        self.releases: dict[tuple[str, str], list] = {}     # (key, old epoch) -> callbacks waiting for R
+        self._renew = None
+        self._reap = None
+        self.link = RedisLink(self.reactor, url, on_up=self._link_up, on_down=self._link_down,
+                              name="selchat-node", timeout=REDIS_TIMEOUT, ping_interval=1.0)
+        self.sub = PubSubLink(self.reactor, url, on_up=self._link_up, on_down=self._link_down,
+                              name="selchat-node-sub", timeout=REDIS_TIMEOUT, ping_interval=1.0)
+        self.reactor.wake_check = self._wake_check
+
+    # -- joining, the lease, fencing ------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        return self.joined and self.link.up and self.sub.up
+
+    def _link_up(self) -> None:
+        if not (self.link.up and self.sub.up) or self.node_id:
+            return
+        for body in scripts.SCRIPTS.values():
+            self.link.command("SCRIPT", "LOAD", body)
+        self.node_id = secrets.token_hex(6)
+        self.sub.subscribe(f"selchat:n:{self.node_id}", on_message=self._on_message,
+                           callback=lambda reply: self._renew_lease(first=True))
+
+    def _link_down(self, exc) -> None:
+        self.fence(f"lost contact with Redis: {exc}")
+
+    def _renew_lease(self, first: bool = False) -> None:
+        if not self.node_id or not self.link.up:
+            return
+        sent = time.monotonic()
+        node_id = self.node_id
+
+        def renewed(reply) -> None:
+            if node_id != self.node_id:
+                return
+            if isinstance(reply, RedisError):
+                self.fence(f"could not renew the lease: {reply}")
+                return
+            gen = _s(reply)
+            if self.gen is not None and gen != self.gen:
+                self.gen = gen
+                self.fence("Redis lost the cluster's state (restarted without it): history lost")
+                return
+            self.gen = gen
+            self.safe_until = sent + SAFE_SECONDS
+            if not self.joined:
+                self.joined = True
+                log.info("cluster: joined as node %s (%s)", self.node_id, self.link.config.redacted())
+                self._reap = self.reactor.call_later(REAP_SECONDS, self._reap_dead)
+            self._renew = self.reactor.call_later(RENEW_SECONDS, self._renew_lease)
+
+        self.eval("lease", self.node_id, int(LEASE_SECONDS * 1000), secrets.token_hex(8), callback=renewed)
+
+    def _reap_dead(self) -> None:
+        self._reap = None
+        if not self.up:
+            return
+
+        def reaped(reply) -> None:
+            if isinstance(reply, int) and reply:
+                log.info("cluster: reaped %d sessions of nodes that stopped renewing their lease", reply)
+
+        self.eval("reap", callback=reaped)
+        self._reap = self.reactor.call_later(REAP_SECONDS, self._reap_dead)
+
+    def _wake_check(self) -> None:
+        """Before every turn's handlers run: a node whose lease may have
+        run out (it was stopped, or its renewals go unanswered) fences itself
+        before it delivers anything."""
+        if self.joined and time.monotonic() > self.safe_until:
+            self.fence("the lease ran out (this node was stopped, or Redis did not answer)")
+
+    def fence(self, why: str) -> None:
+        """Stop acting for the cluster: end every session here, refuse logins,
+        join again under a new id once Redis is reachable."""
+        was = self.joined or self.node_id
+        self.joined = False
+        old = self.node_id
+        self.node_id = ""
+        for timer in (self._renew, self._reap):
+            if timer is not None:
+                timer.cancel()
+        self._renew = self._reap = None
+        if old:
+            self.sub.unsubscribe(f"selchat:n:{old}")
+        self.users.clear()
+        self.feeders.clear()
+        waiting, self.releases = self.releases, {}
+        for callbacks in waiting.values():
+            for callback in callbacks:
+                callback(False)
+        if was:
+            log.error("cluster: fenced (%s); ending every session on this node", why)
+            self.server.registry.end_all_sessions(
+                "dropped", "lost connection", ev.Bye("cluster-lost", "this server lost contact with the cluster"),
+                why="cluster-lost")
+        if self.link.up and self.sub.up:
+            self.reactor.call_soon(self._link_up)
+
+    # -- Redis ----------------------------------------------------------------------
+
+    def eval(self, name: str, *args, callback=None) -> None:
+        self.link.command("EVALSHA", _SHAS[name], 0, *args, callback=callback)
+
+    def post(self, node_id: str, header: str, payload: bytes) -> None:
+        """A message for another node (unfenced: events, receipts, flow)."""
+        if self.up:
+            self.link.command("PUBLISH", f"selchat:n:{node_id}", header.encode() + b"\n" + payload)
+
+    def send_message(self, to: RemoteUser, sender, seq: int, count: int, payload: bytes) -> None:
+        """Chat messages from local ``sender`` to ``to``: published only while
+        the sender's session is the account's current one (RELAY fences)."""
+        if not self.up:
+            return
+        header = (f"D {to.key} {to.epoch} {sender.name} {self.node_id} {sender.epoch} "
+                  f"{1 if sender.outbox is not None else 0} {seq} {count}").encode()
+        self.eval("relay", sender.key, sender.epoch, to.node_id, header + b"\n" + payload)
+
+    def remote(self, key: str, name: str, node_id: str, epoch: str, v2: bool) -> RemoteUser:
+        user = self.users.get((key, epoch))
+        if user is None or user.node_id != node_id:
+            user = self.users[(key, epoch)] = RemoteUser(self, key, name, node_id, epoch, v2)
+        return user
+
+    def forget(self, user: RemoteUser) -> None:
+        self.users.pop((user.key, user.epoch), None)
+        self.feeders.pop((user.key, user.epoch), None)
+
+    # -- logins -------------------------------------------------------------------------
+
+    def claim(self, name: str, v2: bool, done) -> None:
+        """Make this node the holder of account ``name``; ``done(epoch)``
+        once no other node holds it, or ``done(None)`` if the cluster cannot
+        be reached (the login is refused)."""
+        if not self.up:
+            self.reactor.call_soon(done, None)
+            return
+        key = name.lower()
+
+        def claimed(reply) -> None:
+            if isinstance(reply, RedisError) or not reply or not reply[0]:
+                done(None)
+                return
+            epoch, old_node, old_alive, old_epoch = _s(reply[0]), _s(reply[1]), reply[2], _s(reply[3])
+            if old_node and old_node != self.node_id and old_alive:
+                self._await_release(key, old_node, old_epoch, lambda ok: done(epoch if ok else None))
+            else:
+                done(epoch)
+
+        self.eval("claim", key, name, self.node_id, 1 if v2 else 0, callback=claimed)
+
+    def _await_release(self, key: str, old_node: str, old_epoch: str, done) -> None:
+        """Wait for ``R`` from the node that held the account, or for its
+        lease to run out, whichever first; ``done(ok)``."""
+        waiters = self.releases.setdefault((key, old_epoch), [])
+        deadline = time.monotonic() + RELEASE_WAIT
+        finished = []
+
+        def finish(ok: bool) -> None:
+            if not finished:
+                finished.append(ok)
+                done(ok)
+
+        waiters.append(finish)
+
+        def poll() -> None:
+            if finished:
+                return
+            if not self.up:
+                finish(False)
+                return
+
+            def exists(reply) -> None:
+                if finished:
+                    return
+                if reply == 0:
+                    self.releases.pop((key, old_epoch), None)
+                    finish(True)
+                elif time.monotonic() > deadline or isinstance(reply, RedisError):
+                    self.releases.pop((key, old_epoch), None)
+                    finish(False)
+                else:
+                    self.reactor.call_later(0.25, poll)
+
+            self.link.command("EXISTS", f"selchat:node:{old_node}", callback=exists)
+
+        self.reactor.call_later(0.25, poll)
+
+    # -- mail from other nodes ------------------------------------------------------
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        if not self.joined:
+            return
+        head, _, payload = data.partition(b"\n")
+        fields = head.decode().split(" ")
+        kind, key, epoch = fields[0], fields[1], fields[2]
+        try:
+            handler = self._HANDLERS[kind]
+        except KeyError:
+            log.warning("cluster: unknown message %r", head[:80])
+            return
+        handler(self, key, epoch, fields, payload)
+
+    def _local(self, key: str, epoch: str):
+        session = self.server.registry.sessions.get(key)
+        if session is not None and session.epoch == epoch:
+            return session
+        return None
+
+    def _on_event(self, key, epoch, fields, payload) -> None:
+        session = self._local(key, epoch)
+        if session is not None:
+            session.deliver(_event(payload))
+
+    def _on_ended(self, key, epoch, fields, payload) -> None:
+        session = self._local(key, epoch)
+        if session is None:
+            return
+        partner = session.partner
+        if partner is not None:
+            session.partner = None
+            if isinstance(partner, RemoteUser):
+                self.forget(partner)
+                if partner.blocked and session.chat is not None:
+                    session.chat.resume(PARTNER)  # nothing to wait for any more
+        session.deliver(_event(payload))
+
+    def _on_started(self, key, epoch, fields, payload) -> None:
+        session = self._local(key, epoch)
+        if session is None:
+            return
+        pkey, pnode, pepoch, pv2 = fields[3], fields[4], fields[5], fields[6] == "1"
+        event = _event(payload)
+        session.partner = self.partner_for(pkey, event.user, pnode, pepoch, pv2)
+        session.deliver(event)
+
+    def partner_for(self, pkey: str, name: str, pnode: str, pepoch: str, v2: bool):
+        """The partner as a local session sees it: the session itself if it is
+        here, else a proxy."""
+        if pnode == self.node_id:
+            local = self._local(pkey, pepoch)
+            if local is not None:
+                return local
+        return self.remote(pkey, name, pnode, pepoch, v2)
+
+    def _on_kick(self, key, epoch, fields, payload) -> None:
+        session = self._local(key, epoch)
+        if session is not None:
+            self.server.registry.end_session(session, "dropped", f"{session.name} lost connection",
+                                             ev.Bye("replaced", "logged in from another client"), why="replaced")
+        new_node = payload.decode()
+        if new_node and new_node != self.node_id:
+            self.post(new_node, f"R {key} {epoch}", b"")
+        elif new_node == self.node_id:
+            self._on_release(key, epoch, fields, payload)
+
+    def _on_release(self, key, epoch, fields, payload) -> None:
+        for callback in self.releases.pop((key, epoch), []):
+            callback(True)
+
+    def _on_delivery(self, key, epoch, fields, payload) -> None:
+        sname, snode, sepoch, sv2 = fields[3], fields[4], fields[5], fields[6] == "1"
+        seq, count = int(fields[7]), int(fields[8])
+        session = self._local(key, epoch)
+        sender = self.remote(sname.lower(), sname, snode, sepoch, sv2) if sname != "-" else None
+        if session is None:  # it ended (or was taken over) while this was on the way
+            if sender is not None and sender.outbox is not None and count:
+                last = seq + max(count, 1) - 1
+                sender.deliver(ev.Undelivered(seq, last, "gone", "your partner left"))
+            return
+        if count > 0:
+            session.deliver_block(sender, payload, count, seq)
+            session.hold_back(self._feeder(sender))
+        elif count < 0:
+            session.deliver(_event(payload), sender, seq)
+            session.hold_back(self._feeder(sender))
+        else:
+            session.deliver(_event(payload))
+
+    def _feeder(self, sender: RemoteUser) -> RemoteFeeder:
+        feeder = self.feeders.get((sender.key, sender.epoch))
+        if feeder is None:
+            feeder = self.feeders[(sender.key, sender.epoch)] = RemoteFeeder(sender)
+        return feeder
+
+    def _on_flow(self, key, epoch, fields, payload) -> None:
+        session = self._local(key, epoch)
+        if session is None or session.chat is None:
+            return
+        partner = session.partner
+        if isinstance(partner, RemoteUser):
+            go = fields[3] == "go"
+            partner.blocked = not go
+            if go:
+                session.chat.resume(PARTNER)
+            else:
+                session.chat.pause(PARTNER)  # and RemoteUser.hold_back keeps it so
+
+    _HANDLERS = {
+        "E": _on_event, "X": _on_ended, "S": _on_started, "K": _on_kick, "R": _on_release,
+        "D": _on_delivery, "F": _on_flow,
+    }
+
+    def close(self) -> None:
+        self.reactor.wake_check = None
+        for timer in (self._renew, self._reap):
+            if timer is not None:
+                timer.cancel()
+        self.link.close()
+        self.sub.close()
