@@ -30,6 +30,12 @@ blocking, with retries: nothing else can happen until it is open, and a plain
 loop with ``time.sleep`` is the simplest honest way to back off (and to ask
 "retry?").
 
+Several servers (``--host a,b``): which one a login socket goes to is
+``servers.Failover``'s decision (the first connection here, each
+``Reconnect`` names its server); this module only opens the sockets. The
+chat and check sockets go to the address the login socket reached, and over
+TLS every socket checks the host name of the server in use (``Client.server``).
+
 TLS (``--tls``, ``tls.py``): every socket is an ``ssl.SSLSocket``. The first
 login socket's handshake is blocking too, right after its connect and bounded
 like it (CONNECT_TIMEOUT); the chat and check sockets and reconnects shake
@@ -57,6 +63,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from selchat.client import core
+from selchat.client import servers as serverlist
 from selchat.client import tls as clienttls
 from selchat.client.core import (
     CHECK, LOGIN, AckLater, ClientSession, Close, Connect, Heartbeat, Notice, Phase, Reconnect, Role, Roster,
@@ -86,6 +93,10 @@ class Settings:
     reconnect: bool = False
     tls: bool = False            # all three sockets over TLS
     ca: str | None = None        # PEM file of the CAs to trust (else the system store)
+    servers: tuple[serverlist.Server, ...] = ()   # from --host (parsed); empty: host and port
+
+    def server_list(self) -> tuple[serverlist.Server, ...]:
+        return self.servers or serverlist.parse(self.host, self.port)
 
 
 def describe(err: BaseException) -> str:
@@ -102,37 +113,48 @@ def describe(err: BaseException) -> str:
 def run(settings: Settings, ui, ask_retry: Callable[[], bool] | None = None) -> int:
     """Connect, run the session until it ends, and return the exit code."""
     tls = clienttls.client_context(settings.ca) if settings.tls else None
-    sock = open_login_socket(settings.host, settings.port, settings.retry, ui.show, ask_retry, tls=tls)
+    failover = serverlist.Failover(settings.server_list())
+    sock = open_login_socket(failover, settings.retry, ui.show, ask_retry, tls=tls)
     if sock is None:
         return core.EXIT_UNREACHABLE
-    session = ClientSession(settings.user, settings.password, settings.register, reconnect=settings.reconnect)
+    session = ClientSession(settings.user, settings.password, settings.register, reconnect=settings.reconnect,
+                            servers=failover)
     client = Client(session, ui, sock.getpeername(), settings.ping_interval, settings.ping_timeout,
-                    server=(settings.host, settings.port), tls=tls)
+                    server=failover.target, tls=tls)
     return asyncio.run(client.run(sock))
 
 
-def open_login_socket(host: str, port: int, retries: int, show: Callable[[Notice], None],
+def open_login_socket(failover: serverlist.Failover, retries: int, show: Callable[[Notice], None],
                       ask_retry: Callable[[], bool] | None = None,
                       sleep: Callable[[float], None] = time.sleep,
                       tls: ssl.SSLContext | None = None) -> socket.socket | None:
-    """A connected socket, after up to ``retries`` more tries (1 s apart, doubling to 8 s).
+    """A socket connected to ``failover.target``, or None.
 
-    With ``tls`` the socket is an ``SSLSocket`` that has shaken hands, the
-    certificate checked for ``host``. When the tries are used up ``ask_retry``
-    (interactive mode) may ask for one more. None if the server stays
-    unreachable, or at once if TLS fails in a way no retry mends.
+    One round tries every server in turn, each as soon as the one before has
+    failed; after a round that failed, up to ``retries`` more rounds, 1 s
+    apart, doubling to 8 s. When they are used up ``ask_retry`` (interactive
+    mode) may ask for one more. With ``tls`` the socket is an ``SSLSocket``
+    that has shaken hands, the certificate checked for the server's host.
+    None if no server can be reached; at once (no more rounds) if every
+    server of the round failed TLS in a way no retry mends.
     """
     delay = RETRY_FIRST
+    mendable = False   # a failure in this round that trying again may mend
     while True:
+        server = failover.target
         try:
-            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+            sock = socket.create_connection(server, timeout=CONNECT_TIMEOUT)
             if tls is not None:
-                sock = clienttls.handshake(sock, tls, host, CONNECT_TIMEOUT)
+                sock = clienttls.handshake(sock, tls, server.host, CONNECT_TIMEOUT)
             return sock
         except OSError as err:
-            show(Notice("unreachable", text=f"{host}:{port}", detail=describe(err)))
-            if clienttls.is_fatal(err):
-                return None
+            show(Notice("unreachable", text=str(server), detail=describe(err)))
+            mendable = mendable or not clienttls.is_fatal(err)
+        if not failover.failed():
+            continue   # the next server of the round, at once
+        if not mendable:
+            return None
+        mendable = False
         if retries > 0:
             retries -= 1
             show(Notice("retrying", detail=f"{delay:g}"))
@@ -314,8 +336,11 @@ class Client:
     def __init__(self, session: ClientSession, ui, address, ping_interval: float, ping_timeout: float,
                  server: tuple[str, int] | None = None, tls: ssl.SSLContext | None = None):
         self.session, self.ui, self.address = session, ui, address
-        self.server = server or address[:2]   # where to reconnect to (by name, resolved again)
-        self.tls = tls                         # every socket over TLS, checked for server[0]
+        # The server in use: where the login socket went (by name, resolved
+        # again on a reconnect), and the name TLS checks on every socket.
+        self.server = serverlist.Server(*(server or address[:2]))
+        self._target = self.server             # where the next reconnect goes
+        self.tls = tls                         # every socket over TLS, checked for server.host
         self._links = 0                        # links started (the first, then reconnects)
         self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -386,7 +411,7 @@ class Client:
             elif kind is Close:
                 self._finish(effect.code)
             elif kind is Reconnect:
-                self._reconnect_later(effect.delay)
+                self._reconnect_later(effect.delay, effect.server)
             elif kind is Roster:
                 self._wake_roster_waiters()
             elif kind is AckLater:
@@ -488,7 +513,8 @@ class Client:
         try:
             await asyncio.wait_for(self.loop.sock_connect(sock, self.address), CONNECT_TIMEOUT)
             if self.tls is not None:
-                sock = await clienttls.handshake_async(self.loop, sock, self.tls, self.server[0], CONNECT_TIMEOUT)
+                sock = await clienttls.handshake_async(self.loop, sock, self.tls, self.server.host,
+                                                       CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as err:
             sock.close()
             if gen == self._gen:
@@ -536,7 +562,7 @@ class Client:
         return self._links == 1 and login is not None and login.received == 0
 
     def _server_text(self) -> str:
-        return f"{self.server[0]}:{self.server[1]}"
+        return str(self.server)
 
     def _before_hello(self, text: str) -> str:
         if self.tls is None:
@@ -555,8 +581,9 @@ class Client:
 
     # -- reconnecting --------------------------------------------------------------------
 
-    def _reconnect_later(self, delay: float) -> None:
+    def _reconnect_later(self, delay: float, server: serverlist.Server | None = None) -> None:
         self._drop_link()
+        self._target = server or self.server
         if self._input == "paused":   # nothing is buffered any more
             self._input = "running"
             self.ui.resume_input()
@@ -578,14 +605,16 @@ class Client:
     async def _reconnect(self) -> None:
         self.reconnect_at = None
         self.ui.refresh()
+        target = self._target
         try:
-            sock = await open_socket(self.loop, *self.server, tls=self.tls)
+            sock = await open_socket(self.loop, *target, tls=self.tls)
         except (OSError, asyncio.TimeoutError) as err:
             self.apply(self.session.reconnect_failed(describe(err)))
             return
         if self.done.done() or self.session.phase is not Phase.RECONNECTING:
             sock.close()   # the user left meanwhile
             return
+        self.server = target
         self._start_link(sock)
 
     # -- timers and signals --------------------------------------------------------

@@ -9,6 +9,10 @@ command line, the option's environment variable, the config file (through
 is read), the default. ``NO_COLOR`` counts as the environment variable of
 ``--color/--no-color``.
 
+``--host`` may list several servers (``a:7117,b:7117``): they are parsed
+here, before any prompt (``servers.parse``; a bad entry is a usage error),
+and ``servers.Failover`` says how the client goes from one to the next.
+
 ``--tls`` is off unless asked for; ``--ca`` (from wherever it comes) turns
 it on, and only an explicit ``--no-tls`` (or ``SELCHAT_TLS=0``, ``tls = false``)
 keeps it off, ``--ca`` then unused: a CA given is never silently a
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import click
 
-from selchat.client import app, config, core
+from selchat.client import app, config, core, servers
 from selchat.client import tls as clienttls
 from selchat.client.ui import JsonUI, ScriptedUI
 
@@ -97,6 +101,13 @@ def _check_tls(tls: bool | None, ca: str | None) -> tuple[bool, str | None]:
     return True, ca
 
 
+def _check_servers(host: str, port: int) -> tuple[servers.Server, ...]:
+    try:
+        return servers.parse(host, port)
+    except servers.ServerListError as err:
+        _fail(f"--host: {err}")
+
+
 def _ask_retry() -> bool:
     return click.confirm("retry?", default=True)
 
@@ -120,12 +131,16 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
               help="Read option defaults from this TOML file (env SELCHAT_CONFIG; default "
                    "$XDG_CONFIG_HOME/selchat/config.toml, else ~/.config/selchat/config.toml).")
 @click.option("--host", envvar="SELCHAT_HOST", default="127.0.0.1", show_default=True,
-              metavar="HOST", help="Server host name or address (env SELCHAT_HOST).")
+              metavar="HOST[,HOST...]",
+              help="Server host name or address; or several servers, comma-separated, each HOST, HOST:PORT "
+                   "or [IPv6]:PORT, tried in this order and failed over between (env SELCHAT_HOST).")
 @click.option("--port", envvar="SELCHAT_PORT", default=7117, show_default=True,
-              type=click.IntRange(1, 65535), metavar="PORT", help="Server TCP port (env SELCHAT_PORT).")
+              type=click.IntRange(1, 65535), metavar="PORT",
+              help="Server TCP port, for --host entries without one (env SELCHAT_PORT).")
 @click.option("--tls/--no-tls", envvar="SELCHAT_TLS", default=None,
               help="Speak TLS on all three sockets; the server's certificate must be trusted (system store, "
-                   "or --ca) and name --host (env SELCHAT_TLS=1). Default: off, on when --ca is given.")
+                   "or --ca) and name the --host entry in use (env SELCHAT_TLS=1). Default: off, on when --ca "
+                   "is given.")
 @click.option("--ca", envvar="SELCHAT_CA", metavar="PATH",
               help="Trust only the CA certificates in this PEM file, not the system store (env SELCHAT_CA); "
                    "implies --tls.")
@@ -135,7 +150,8 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
               help="Create the account, then log in. The password comes from SELCHAT_PASSWORD "
                    "or is asked for twice.")
 @click.option("--retry", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
-              help="If the server is unreachable at start, try N more times (1 s apart, doubling up to 8 s).")
+              help="If the server is unreachable at start, try N more times (1 s apart, doubling up to 8 s); "
+                   "with several servers, N more rounds of all of them.")
 @click.option("--reconnect/--no-reconnect", default=None,
               help="When the connection is lost, reconnect (capped exponential backoff with jitter) and "
                    "resume the session (protocol version 2: the chat goes on, nothing is lost or shown "
@@ -170,9 +186,17 @@ def connect(host, port, tls, ca, user, register, retry, reconnect, ping_interval
     With --tls every socket is encrypted and the server's certificate is
     checked; a certificate that cannot be trusted exits 2.
 
+    With several servers (--host a:7117,b:7117) the client tries them in
+    order, each at once when the one before fails, and waits only after all
+    have failed. It stays on the one that worked; when that connection is
+    lost it tries the same server again (at once if the connection had
+    lasted 5 s), then the next ones at once. It says which server it
+    connected to (on stderr in scripted mode).
+
     Exit codes: 0 ok, 1 login failed or bad usage, 2 server unreachable (or
     not trusted, or not speaking TLS when asked to), 3 connection lost.
     """
+    server_list = _check_servers(host, port)
     tls, ca = _check_tls(tls, ca)
     interactive = not json_mode and _is_interactive()
     user = _get_user(user, interactive)
@@ -183,7 +207,7 @@ def connect(host, port, tls, ca, user, register, retry, reconnect, ping_interval
         timestamps = interactive
     settings = app.Settings(host=host, port=port, user=user, password=password, register=register,
                             retry=retry, ping_interval=ping_interval, ping_timeout=ping_timeout,
-                            reconnect=reconnect, tls=tls, ca=ca)
+                            reconnect=reconnect, tls=tls, ca=ca, servers=server_list)
     stamps = timestamp_format if timestamps else None
     if json_mode:
         ui = JsonUI()

@@ -2,7 +2,7 @@
 
 It holds defaults for ``selchat connect`` options, one key per option::
 
-    host = "chat.example.org"
+    host = "chat.example.org"     # or several: "a.example.org,b.example.org:7200"
     port = 7117
     user = "alice"
     color = true

@@ -9,9 +9,10 @@ out, in order:
 - ``Connect(role)``: open that socket now (the ``Send``\\ s for it follow);
 - ``Notice(kind, ...)``: show something to the user (``FORMATS`` renders it);
 - ``Close(code)``: the session is over; close every socket, exit with ``code``.
-- ``Reconnect(delay)``: the connection is gone; close every socket, and after
-  ``delay`` seconds open a new login socket and call ``start()`` again (or
-  ``reconnect_failed(why)`` if it cannot be opened);
+- ``Reconnect(delay, server)``: the connection is gone; close every socket, and after
+  ``delay`` seconds open a new login socket to ``server`` (None: the one server
+  there is) and call ``start()`` again (or ``reconnect_failed(why)`` if it
+  cannot be opened);
 - ``Roster(users)``: a fresh list of who is online (for tab completion);
 - ``AckLater(delay)``: call ``ack_now()`` in ``delay`` seconds (version 2
   acknowledgements are batched: see ``ev.ACK_DELAY``; the last
@@ -20,8 +21,9 @@ out, in order:
   read the ACK that rode with a message?).
 
 Nothing here reads a clock or touches a socket. Time enters only through
-``Heartbeat``, whose methods take ``now`` from the loop; chance only through
-``Backoff``, whose random source is passed in.
+``Heartbeat``, whose methods take ``now`` from the loop, and the clock passed
+to ``servers.Failover``; chance only through ``Backoff``, whose random source
+is passed in.
 
 Reconnecting
 ------------
@@ -33,6 +35,15 @@ to try again after a capped, jittered exponential delay (``Backoff``). The
 next ``start()`` logs in with the same credentials (``LOGIN``, also when the
 first time was ``REGISTER``); ``READY`` then says where the user stands now.
 Protocol errors and refused logins still end the session.
+
+With several servers (``--host a,b``) the session is given a
+``servers.Failover``, which says where each attempt goes and whether it
+waits: the same server at once after a loss, then the others one after the
+other without waiting, the backoff only once a whole round has failed (that
+module says exactly). Every attempt is counted (``attempt``, shown in
+``reconnecting``), while the backoff doubles once per round. Each new login
+socket is announced (``connected``: the server it reached), and a failed
+attempt's reason names the server that failed.
 
 Version 2: resuming, one fate per message
 -----------------------------------------
@@ -97,6 +108,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from selchat.client.servers import Failover, Server
 from selchat.protocol import codec
 from selchat.protocol import events as ev
 from selchat.protocol.connection import CLIENT, Connection
@@ -129,8 +141,9 @@ FINAL_BYES = frozenset({"replaced", "kicked", "auth-failed", "exit"})
 #: (its password worked before) waits and tries again instead of exiting.
 #: Many clients behind one address reconnecting after a restart can meet
 #: ``busy``; ``storage`` is the server's database; ``throttled`` someone
-#: else's guessing from the same address.
-TRANSIENT_LOGIN_ERRORS = frozenset({"busy", "storage", "throttled"})
+#: else's guessing from the same address; ``unavailable`` a node of a cluster
+#: that cannot reach the cluster right now (another node may).
+TRANSIENT_LOGIN_ERRORS = frozenset({"busy", "storage", "throttled", "unavailable"})
 #: The data of the PING a version 2 client sends before EXIT (see ``_leave``).
 EXIT_SYNC = "exit"
 #: Exit codes of ``selchat connect``.
@@ -199,10 +212,14 @@ FORMATS: dict[str, str] = {
     "register-failed":   "registration failed: {text}",                 # ERR REGISTER
     "unreachable":       "cannot reach {text}: {detail}",               # connect() failed
     "retrying":          "retrying in {detail} s",
+    # Several servers (--host a,b): each time a login socket opens.
+    "connected":         "connected to {text}",
 }
 
-#: Kinds that belong on stderr in scripted mode: there is no session yet.
-STDERR_KINDS = frozenset({"login-failed", "register-failed", "unreachable", "retrying"})
+#: Kinds that belong on stderr in scripted mode: there is no session yet, or
+#: (``connected``, only with several servers) they say only where the client
+#: connected, so stdout stays the same whatever ``--host`` lists.
+STDERR_KINDS = frozenset({"login-failed", "register-failed", "unreachable", "retrying", "connected"})
 #: Kinds that echo what the user did: shown on a terminal and in --json, but not
 #: in plain scripted mode, whose output stays what scripts already expect.
 ECHO_KINDS = frozenset({"sent"})
@@ -259,6 +276,7 @@ JSON_FIELDS: dict[str, dict[str, tuple[str, type]]] = {
     "register-failed": {"text": ("text", str)},
     "unreachable": {"address": ("text", str), "error": ("detail", str)},
     "retrying": {"delay": ("detail", float)},
+    "connected": {"server": ("text", str)},
 }
 
 
@@ -323,9 +341,11 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class Reconnect:
-    """The connection is gone: close all sockets; in ``delay`` s open a new login socket."""
+    """The connection is gone: close all sockets; in ``delay`` s open a new login
+    socket to ``server`` (None: the only server there is)."""
 
     delay: float
+    server: Server | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,10 +451,15 @@ class ClientSession:
     socket error, ``refresh_names()`` to ask the server who is online without
     showing it, ``reconnect_failed(text)`` when a login socket could not be
     opened again. Each returns the effects to carry out.
+
+    ``servers``, a ``Failover`` (the loop's, which opened the first login
+    socket with it), decides where reconnecting goes; without it there is one
+    server and ``Reconnect`` names none.
     """
 
     def __init__(self, user: str, password: str, register: bool = False, reconnect: bool = False,
-                 backoff: Backoff | None = None, version: int | None = None, ack_delay: float = ev.ACK_DELAY):
+                 backoff: Backoff | None = None, version: int | None = None, ack_delay: float = ev.ACK_DELAY,
+                 servers: Failover | None = None):
         self.user = user
         self.phase = Phase.CONNECTING
         self.partner: str | None = None   # whom the request or chat is with
@@ -442,6 +467,8 @@ class ClientSession:
         self.exit_code: int | None = None
         self.reconnect = reconnect
         self.backoff = backoff or Backoff()
+        self.servers = servers
+        self._attempts = 0                 # reconnection attempts since the session was last online
         self.known_users: tuple[str, ...] = ()  # from the last WHO, for completion
         # The protocol version to ask for (1: never ask). Version 2 only when
         # reconnecting: the server then holds a dropped session for its resume
@@ -504,6 +531,10 @@ class ClientSession:
         for us, else log in (or register; a reconnect logs in)."""
         if self.phase is Phase.CLOSED:
             return []
+        if self.servers is not None:
+            self.servers.connected()
+            if self.servers.several:
+                self._show("connected", text=str(self.servers.server))
         if self._token:
             self._resuming = True
             self._acked = self._seen_id   # RESUME acknowledges what it names
@@ -523,10 +554,18 @@ class ClientSession:
         self._send(LOGIN, event(self.user, self._password))
 
     def reconnect_failed(self, text: str) -> list[Effect]:
-        """The login socket could not be opened again: wait longer, then try again."""
+        """The login socket could not be opened again: the next server, or wait
+        longer and try again."""
         if self.phase is Phase.RECONNECTING:
-            self._next_attempt(text)
+            if self.servers is not None and self.servers.several:
+                text = f"{self.servers.target}: {text}"
+            self._next_attempt(text, failed=True)
         return self._flush()
+
+    @property
+    def attempt(self) -> int:
+        """Reconnection attempts since the session was last online (0: none)."""
+        return self._attempts
 
     def refresh_names(self) -> list[Effect]:
         """Ask the server who is online, for completion: the reply is a ``Roster``
@@ -785,7 +824,9 @@ class ClientSession:
         """Back online after a RESUME: send again, in order, every message the
         server does not have (typed while offline, or lost on the way)."""
         self._attaching = self._offline = False
-        self.backoff.reset()
+        if self.servers is not None:
+            self.servers.online()
+        self._back_online()
         again = [(seq, text) for seq, text in self._mine.items() if seq > self._received]
         phase, partner = self.phase, self.partner
         where = {
@@ -806,9 +847,11 @@ class ClientSession:
         self.user = event.user
         self.phase = Phase.IDLE
         self._was_online = True
+        if self.servers is not None:
+            self.servers.online()
         if self._offline:
             lost, self._lost_chat, self._offline = self._lost_chat, "", False
-            self.backoff.reset()
+            self._back_online()
             state = "not in a chat"
             if lost:
                 state += f" (the chat with {lost} ended when the connection was lost; /chat {lost} asks again)"
@@ -1025,7 +1068,8 @@ class ClientSession:
             # new session, logged in with the password.
             self._session_lost(f"not sent: {event.text}")
             self.backoff.reset()
-            self._drop(event.text)
+            self._attempts = 0
+            self._drop(event.text, fresh=True)   # the server works: as after a loss, not a failure
             return
         if self.phase is Phase.LOGGING_IN and event.reason == "auth-failed":
             self._show("register-failed" if self._register else "login-failed", text=event.text)
@@ -1294,9 +1338,13 @@ class ClientSession:
         else:
             self._close(EXIT_LOST)
 
-    def _drop(self, why: str) -> None:
+    def _drop(self, why: str, fresh: bool = False) -> None:
         """The connection is gone: say what went with it, then try again later.
-        A version 2 session is kept by the server: nothing went with it."""
+        A version 2 session is kept by the server: nothing went with it.
+
+        Gone before the session was back online, it is one more failed attempt
+        (the next server, or the backoff); else (or ``fresh``) a new start."""
+        failed = self._offline and not fresh
         if self._token:
             self._keep_standing()
         elif self.phase is Phase.CHATTING and self.partner:
@@ -1307,7 +1355,7 @@ class ClientSession:
         self._enter(Phase.RECONNECTING)
         self._offline = True
         self._new_connection()
-        self._next_attempt(why)
+        self._next_attempt(why, failed)
 
     def _keep_standing(self) -> None:
         """Remember the chat state for the resume (and say the chat is kept).
@@ -1325,10 +1373,24 @@ class ClientSession:
             self._show("chat-kept", user=partner)
         self._standing = (phase, partner)
 
-    def _next_attempt(self, why: str) -> None:
-        delay = self.backoff.next(RESUME_CAP if self._token else None)
-        self._show("reconnecting", text=why, detail=f"{delay:.1f}", count=self.backoff.attempt)
-        self._out.append(Reconnect(delay))
+    def _next_attempt(self, why: str, failed: bool) -> None:
+        """Ask for the next attempt: where (``servers``) and after what delay.
+        ``failed``: the last attempt failed (else the connection was lost)."""
+        servers = self.servers
+        if servers is None:
+            wait = True
+        elif failed:
+            wait = servers.failed()
+        else:
+            wait = not servers.lost()
+        delay = self.backoff.next(RESUME_CAP if self._token else None) if wait else 0.0
+        self._attempts += 1
+        self._show("reconnecting", text=why, detail=f"{delay:.1f}", count=self._attempts)
+        self._out.append(Reconnect(delay, servers.target if servers is not None else None))
+
+    def _back_online(self) -> None:
+        self.backoff.reset()
+        self._attempts = 0
 
     def _close(self, code: int) -> None:
         self._report_unfated("not sent: the session ended")

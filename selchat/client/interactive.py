@@ -40,6 +40,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
 
 from selchat.client.core import COMMANDS, ClientSession, Notice, Phase
+from selchat.client.servers import address
 from selchat.client.ui import prompt_text, stamp
 
 #: How long Tab waits for the server's list of names before using the last one.
@@ -61,7 +62,7 @@ ROLE = {
     "login-failed": "error", "register-failed": "error", "unreachable": "error",
     "hint-idle": "quiet", "hint-request-in": "quiet", "hint-request-out": "quiet", "help": "quiet",
     "help-command": "quiet", "retrying": "quiet", "reconnecting": "quiet", "gave-up": "quiet",
-    "unconfirmed": "error", "chat-kept": "quiet", "queued": "quiet", "delivered": "quiet",
+    "connected": "quiet", "unconfirmed": "error", "chat-kept": "quiet", "queued": "quiet", "delivered": "quiet",
 }
 #: Receipts: the ``delivered`` notices of one batch of events make one short line.
 RECEIPT_KIND = "delivered"
@@ -130,12 +131,14 @@ def status_text(session: ClientSession, client, reconnect_note: Notice | None = 
     phase, partner = session.phase, session.partner
     if phase is Phase.RECONNECTING:
         wait = client.reconnect_in() if client is not None else None
-        attempt = session.backoff.attempt
+        attempt = session.attempt
         why = f": {reconnect_note.text}" if reconnect_note is not None and reconnect_note.text else ""
+        servers = session.servers
+        to = f" to {servers.target}" if servers is not None and servers.several else ""
         if wait is None:
-            conn = f"reconnecting (attempt {attempt}){why}"
+            conn = f"reconnecting{to} (attempt {attempt}){why}"
         else:
-            conn = f"offline, reconnecting in {math.ceil(wait)} s (attempt {attempt}{why})"
+            conn = f"offline, reconnecting{to} in {math.ceil(wait)} s (attempt {attempt}{why})"
     elif phase in (Phase.CONNECTING, Phase.LOGGING_IN, Phase.ATTACHING):
         conn = "logging in"
     elif phase is Phase.CLOSED:
@@ -145,7 +148,7 @@ def status_text(session: ClientSession, client, reconnect_note: Notice | None = 
     else:
         conn = "connected"
         if client is not None and client.server:
-            conn += f" to {client.server[0]}:{client.server[1]}"
+            conn += f" to {address(*client.server)}"
             if getattr(client, "tls", None) is not None:
                 conn += " (TLS)"
     chat = {
