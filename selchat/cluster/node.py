@@ -64,7 +64,10 @@ RELEASE_WAIT = LEASE_SECONDS + 1.0
 #: Redis command timeout: no reply this long and the link is down (fencing).
 REDIS_TIMEOUT = 3.0
 
-__all__ = ["ClusterNode", "RemoteUser", "UNAVAILABLE"]
+__all__ = ["ClusterNode", "RemoteUser", "SUPERSEDED", "UNAVAILABLE"]
+
+#: ``claim``'s answer for a login that a later one of the same account beat.
+SUPERSEDED = "superseded"
 
 
 def _sha(script: str) -> str:
@@ -155,6 +158,9 @@ class ClusterNode:
         self.users: dict[tuple[str, str], RemoteUser] = {}  # (key, epoch) -> proxy
         self.feeders: dict[tuple[str, str], RemoteFeeder] = {}
         self.releases: dict[tuple[str, str], list] = {}     # (key, old epoch) -> callbacks waiting for R
+        self.released: dict[tuple[str, str], float] = {}    # R that came before its claim's reply: when
+        self.claiming: dict[str, int] = {}                  # key -> claims of it in flight here
+        self.superseded: dict[str, int] = {}                # key -> highest epoch K said is over (while claiming)
         self._renew = None
         self._reap = None
         self.link = RedisLink(self.reactor, url, on_up=self._link_up, on_down=self._link_down,
@@ -242,6 +248,8 @@ class ClusterNode:
             self.sub.unsubscribe(f"selchat:n:{old}")
         self.users.clear()
         self.feeders.clear()
+        self.released.clear()
+        self.superseded.clear()
         waiting, self.releases = self.releases, {}
         for callbacks in waiting.values():
             for callback in callbacks:
@@ -293,22 +301,41 @@ class ClusterNode:
             self.reactor.call_soon(done, None)
             return
         key = name.lower()
+        self.claiming[key] = self.claiming.get(key, 0) + 1
+
+        def finish(epoch) -> None:
+            # A later login (here or elsewhere) may have superseded this one
+            # while it waited: its K came before there was a session to end.
+            left = self.claiming.get(key, 1) - 1
+            over = self.superseded.get(key, 0)
+            if left:
+                self.claiming[key] = left
+            else:
+                self.claiming.pop(key, None)
+                self.superseded.pop(key, None)
+            if epoch is not None and int(epoch) <= over:
+                done(SUPERSEDED)
+            else:
+                done(epoch)
 
         def claimed(reply) -> None:
             if isinstance(reply, RedisError) or not reply or not reply[0]:
-                done(None)
+                finish(None)
                 return
             epoch, old_node, old_alive, old_epoch = _s(reply[0]), _s(reply[1]), reply[2], _s(reply[3])
             if old_node and old_node != self.node_id and old_alive:
-                self._await_release(key, old_node, old_epoch, lambda ok: done(epoch if ok else None))
+                self._await_release(key, old_node, old_epoch, lambda ok: finish(epoch if ok else None))
             else:
-                done(epoch)
+                finish(epoch)
 
         self.eval("claim", key, name, self.node_id, 1 if v2 else 0, callback=claimed)
 
     def _await_release(self, key: str, old_node: str, old_epoch: str, done) -> None:
         """Wait for ``R`` from the node that held the account, or for its
         lease to run out, whichever first; ``done(ok)``."""
+        if self.released.pop((key, old_epoch), None) is not None:  # R came first
+            self.reactor.call_soon(done, True)
+            return
         waiters = self.releases.setdefault((key, old_epoch), [])
         deadline = time.monotonic() + RELEASE_WAIT
         finished = []
@@ -401,6 +428,8 @@ class ClusterNode:
         return self.remote(pkey, name, pnode, pepoch, v2)
 
     def _on_kick(self, key, epoch, fields, payload) -> None:
+        if key in self.claiming:  # a login of it here may not have its session yet
+            self.superseded[key] = max(self.superseded.get(key, 0), int(epoch))
         session = self._local(key, epoch)
         if session is not None:
             self.server.registry.end_session(session, "dropped", f"{session.name} lost connection",
@@ -412,7 +441,14 @@ class ClusterNode:
             self._on_release(key, epoch, fields, payload)
 
     def _on_release(self, key, epoch, fields, payload) -> None:
-        for callback in self.releases.pop((key, epoch), []):
+        callbacks = self.releases.pop((key, epoch), None)
+        if callbacks is None:  # before the reply to our claim: remember it a while
+            now = time.monotonic()
+            self.released[(key, epoch)] = now
+            if len(self.released) > 1000:
+                self.released = {k: t for k, t in self.released.items() if now - t < RELEASE_WAIT}
+            return
+        for callback in callbacks:
             callback(True)
 
     def _on_delivery(self, key, epoch, fields, payload) -> None:

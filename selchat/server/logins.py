@@ -152,7 +152,8 @@ class Logins:
                 self._login_refused(peer, verb, "unavailable", UNAVAILABLE, count=False)
                 return
             current = self.server.registry.sessions.get(name.lower())
-            if current is not None and int(current.epoch) > int(epoch):  # a later login got here first
+            if epoch == "superseded" or (current is not None and int(current.epoch) > int(epoch)):
+                # a later login of the account won the race (here or on another node)
                 peer.close(ev.Bye("replaced", "logged in from another client"))
                 return
             self._welcome(peer, verb, name, epoch)
