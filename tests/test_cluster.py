@@ -1021,8 +1021,8 @@ class Pump:
                 self.cond.notify_all()
 
 
-def test_v2_two_thousand_messages_each_way_at_once_across_nodes(spread):
-    count, batch, window = 2000, 100, 600
+def test_v2_ten_thousand_messages_each_way_at_once_across_nodes(spread):
+    count, batch, window = 10_000, 100, 600
     alice, bob = spread.user("alice", 0, v2=True), spread.user("bob", 1, v2=True)
     spread.chat(alice, bob)
     alice.ack()
@@ -1213,3 +1213,42 @@ def test_without_cluster_servers_sharing_accounts_stay_apart(make_server, tmp_pa
     assert listed(who(again.chat), alice.name) == ["idle"]
     for server in (one, two):
         assert "cluster: joined" not in server.log()
+
+
+def test_redis_restarted_empty_ends_every_session_and_the_cluster_starts_afresh(make_cluster):
+    # Redis comes back without its data (no persistence): the cluster's state
+    # is gone. No node may go on as if nothing happened (a silent gap): every
+    # session ends with BYE cluster-lost, the nodes say "history lost", and
+    # new logins make a new cluster that works across nodes.
+    require_cluster_mode()
+    c = make_cluster(2)
+    p = Place(c.nodes)
+    try:
+        alice, bob = p.user("alice", 0, v2=True), p.user("bob", 1)
+        p.chat(alice, bob)
+        spare = [p.account("spare0", 0), p.account("spare1", 1)]
+        c.redis.restart()
+        for user in (alice, bob):
+            frames = user.login.expect_closed()
+            assert frames and frames[-1].startswith("BYE cluster-lost "), f"{user.label}: {frames}"
+        for node in (0, 1):
+            c.node(node).wait_for_log("history lost")
+        back = {}
+        deadline = time.monotonic() + RECOVERY_LIMIT
+        while len(back) < 2:
+            for node in (0, 1):
+                if node not in back:
+                    attempt = Login(c.node(node), spare[node], source=fresh_source(), node=node, label=f"spare{node}")
+                    if attempt.ok:
+                        back[node] = attempt
+                    else:
+                        attempt.close()
+            assert time.monotonic() < deadline, "logins refused after Redis came back empty"
+            if len(back) < 2:
+                time.sleep(0.2)  # polling interval; the condition ends the wait
+        p.users.extend(back.values())
+        p.view.close()
+        p.view = View(c.nodes)
+        p.chat(back[0], back[1])  # the new cluster works across nodes
+    finally:
+        p.close()
