@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.request
 
 import pytest
 
@@ -1252,3 +1253,35 @@ def test_redis_restarted_empty_ends_every_session_and_the_cluster_starts_afresh(
         p.chat(back[0], back[1])  # the new cluster works across nodes
     finally:
         p.close()
+
+
+
+def _scrape(node) -> str:
+    port = re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", node.wait_for_log("metrics on ")).group(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=DEADLINE) as resp:
+        return resp.read().decode()
+
+
+def _gauge(text: str, name: str) -> float:
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def test_metrics_say_whether_the_node_is_in_the_cluster_and_count_its_fences(make_cluster):
+    # An operator's alert: joined goes to 0 and fences_total up while Redis is
+    # away, and joined back to 1 once the node has joined again.
+    require_cluster_mode()
+    c = make_cluster(1, *CLUSTER_ARGS, "--metrics", "127.0.0.1:0")
+    node = c.node(0)
+    text = _scrape(node)
+    assert _gauge(text, "selchat_cluster_joined") == 1 and _gauge(text, "selchat_cluster_fences_total") == 0
+    assert "selchat_chat_requests_pending" not in text  # a cluster keeps requests in Redis
+    c.redis.stop()
+    deadline = time.monotonic() + DEADLINE
+    while _gauge(text := _scrape(node), "selchat_cluster_joined") != 0:
+        assert time.monotonic() < deadline, "still joined with Redis gone"
+        time.sleep(0.1)  # polling interval; the condition ends the wait
+    assert _gauge(text, "selchat_cluster_fences_total") == 1
+    c.redis.start()
+    while _gauge(text := _scrape(node), "selchat_cluster_joined") != 1:
+        assert time.monotonic() < deadline + RECOVERY_LIMIT, "not joined again after Redis came back"
+        time.sleep(0.1)  # polling interval; the condition ends the wait

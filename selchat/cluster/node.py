@@ -153,6 +153,7 @@ class ClusterNode:
         self.url = url
         self.node_id = ""
         self.joined = False
+        self.fences = 0              # times fenced (/metrics)
         self.gen = None              # Redis's generation value, as first seen
         self.safe_until = 0.0        # monotonic: act only before this
         self.users: dict[tuple[str, str], RemoteUser] = {}  # (key, epoch) -> proxy
@@ -255,6 +256,7 @@ class ClusterNode:
             for callback in callbacks:
                 callback(False)
         if was:
+            self.fences += 1
             log.error("cluster: fenced (%s); ending every session on this node", why)
             self.server.registry.end_all_sessions(
                 "dropped", "lost connection", ev.Bye("cluster-lost", "this server lost contact with the cluster"),

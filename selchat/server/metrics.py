@@ -85,7 +85,10 @@ def render(server) -> str:
     m = server.metrics
     online = server.hub.online.values()
     detached = sum(1 for s in server.registry.resumable.values() if s.phase is Phase.DETACHED)
-    chatting = sum(1 for s in online if s.partner is not None)
+    local = server.hub.online
+    # A chat between two of our users counts from both sides, one with a user
+    # of another node of a cluster from ours only.
+    chatting = sum(1 if local.get(s.partner.key) is s.partner else 2 for s in online if s.partner is not None)
     requests = sum(1 for s in online if s.request is not None and s.request.source is s)
     families = [
         ("selchat_build_info", "gauge", "The selchat version serving (always 1).",
@@ -99,7 +102,8 @@ def render(server) -> str:
         ("selchat_sessions_attaching", "gauge",
          "Sessions logged in whose chat and check sockets are not both attached yet.", [("", len(server.registry.by_sid))]),
         ("selchat_chats_active", "gauge", "Pairs of users chatting.", [("", chatting // 2)]),
-        ("selchat_chat_requests_pending", "gauge", "Chat requests sent and not answered yet.", [("", requests)]),
+        *([] if server.cluster is not None else [  # a cluster keeps its requests in Redis
+            ("selchat_chat_requests_pending", "gauge", "Chat requests sent and not answered yet.", [("", requests)])]),
         ("selchat_sockets_open", "gauge", "Chat-protocol sockets open (a user has three).",
          [("", len(server.peers))]),
         ("selchat_worker_queue_depth", "gauge",
@@ -121,6 +125,16 @@ def render(server) -> str:
         ("selchat_refusals_total", "counter", "New connections refused before any state was made, by reason.",
          [(_labels(reason=r), n) for r, n in _with_zeros(m.refusals, REFUSAL_REASONS)]),
     ]
+    if server.cluster is not None:
+        node = server.cluster
+        families += [
+            ("selchat_cluster_joined", "gauge",
+             "1 while this node is a member of the cluster (its Redis links up, its lease renewed).",
+             [("", 1 if node.up else 0)]),
+            ("selchat_cluster_fences_total", "counter",
+             "Times this node fenced itself (lost Redis, or its lease, or Redis lost its data) and ended its sessions.",
+             [("", node.fences)]),
+        ]
     m.lag_max = m.lag
     return "".join(_family(*family) for family in families)
 
