@@ -571,3 +571,28 @@ def test_one_turn_of_commands_leaves_in_one_send_and_a_bad_stream_drops_the_link
     assert "nobody asked" in str(link.downs.wait(2)[-1])
     again.close()
     listener.close()
+
+
+def test_congested_while_redis_reads_slower_than_we_write_then_drained(redis_server, links):
+    # The cluster slows its senders on `congested` and lets them go on
+    # `on_drain`: with Redis stopped, the socket's output backs up past the
+    # transport's high-water mark; once Redis reads again, it drains.
+    link = links.open(redis_server.url(), timeout=30.0)
+    drained = Events("drained")
+    link.on_drain = lambda: drained("drained")
+    replies = Events("replies")
+    redis_server.pause()
+    try:
+        def flood():  # a few MiB: more than the kernel's buffers take
+            for i in range(64):
+                link.command("SET", f"big{i}", "x" * 65536, callback=replies)
+            return link.congested
+
+        deadline = time.monotonic() + DEADLINE
+        while not links.loop.call(flood):
+            assert time.monotonic() < deadline, "never congested"
+    finally:
+        redis_server.resume()
+    drained.wait(1)
+    assert links.loop.call(lambda: link.congested) is False
+    assert link.up

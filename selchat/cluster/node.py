@@ -42,7 +42,7 @@ import secrets
 import time
 
 from selchat.cluster import scripts
-from selchat.cluster.redislink import LinkDown, PubSubLink, RedisError, RedisLink
+from selchat.cluster.redislink import BufferFull, PubSubLink, RedisError, RedisLink
 from selchat.protocol import codec
 from selchat.protocol import events as ev
 from selchat.server.logins import UNAVAILABLE
@@ -168,6 +168,8 @@ class ClusterNode:
                               name="selchat-node", timeout=REDIS_TIMEOUT, ping_interval=1.0)
         self.sub = PubSubLink(self.reactor, url, on_up=self._link_up, on_down=self._link_down,
                               name="selchat-node-sub", timeout=REDIS_TIMEOUT, ping_interval=1.0)
+        self.link.on_drain = self._drained
+        self.held: list = []         # chat sockets paused while the Redis link is congested
         self.reactor.wake_check = self._wake_check
 
     # -- joining, the lease, fencing ------------------------------------------------
@@ -281,7 +283,37 @@ class ClusterNode:
             return
         header = (f"D {to.key} {to.epoch} {sender.name} {self.node_id} {sender.epoch} "
                   f"{1 if sender.outbox is not None else 0} {seq} {count}").encode()
-        self.eval("relay", sender.key, sender.epoch, to.node_id, header + b"\n" + payload)
+
+        def relayed(reply) -> None:
+            if reply == 1:
+                return
+            # Not published: the sender's session was taken over (0), or the
+            # link's buffer was full. (LinkDown: the link is lost, the node
+            # fences itself and the session ends; its fate is unknown.)
+            if reply == 0 or isinstance(reply, BufferFull):
+                why = "the cluster is overloaded" if reply else "your session was taken over"
+                self._not_sent(sender, seq, count, why)
+
+        self.eval("relay", sender.key, sender.epoch, to.node_id, header + b"\n" + payload, callback=relayed)
+        chat = sender.chat
+        if self.link.congested and chat is not None and not chat.paused & PARTNER:
+            chat.pause(PARTNER)  # Redis reads slower than we relay: slow the sender, lose nothing
+            self.held.append(chat)
+
+    def _drained(self) -> None:
+        held, self.held = self.held, []
+        for chat in held:
+            chat.resume(PARTNER)
+
+    @staticmethod
+    def _not_sent(sender, seq: int, count: int, why: str) -> None:
+        """Chat messages that were never published: their fate, at once."""
+        last = seq + max(count, 1) - 1
+        if sender.outbox is not None:
+            sender.deliver(ev.Undelivered(seq, last, "gone", why))
+        elif sender.chat is not None:
+            for s in range(seq, last + 1):
+                sender.chat.send(ev.Nack(s, "gone", why))
 
     def remote(self, key: str, name: str, node_id: str, epoch: str, v2: bool) -> RemoteUser:
         user = self.users.get((key, epoch))

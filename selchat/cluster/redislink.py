@@ -362,10 +362,10 @@ class _Conn(Handler):
         self.link._lost(self, LinkDown(f"connection lost: {exc}" if exc else "connection lost"))
 
     def pause_writing(self) -> None:
-        pass  # the bound is checked by RedisLink.command itself
+        self.link._congestion(self, True)  # the hard bound is checked by RedisLink.command itself
 
     def resume_writing(self) -> None:
-        pass
+        self.link._congestion(self, False)
 
 
 def _safely(fn: Callable, *args) -> None:
@@ -419,6 +419,11 @@ class _Link:
         #: The ``LinkDown`` of the latest loss or failed attempt (None so far):
         #: why the link is not up, for logs and status pages.
         self.last_error: LinkDown | None = None
+        #: True while the socket's output is over the transport's high-water
+        #: mark (Redis reads slower than we write): a caller that can slow its
+        #: own sources down should, until ``on_drain()`` fires.
+        self.congested = False
+        self.on_drain: Callable[[], None] | None = None
         self._retry = reactor.call_later(0, self._connect)
 
     # -- public ---------------------------------------------------------------------------
@@ -542,8 +547,9 @@ class _Link:
             conn.last_error = OSError(err, os.strerror(err))
             self._next_address(conn)
             return
-        conn.transport = Transport(self.reactor, sock, conn, high_water=self.max_buffer,
-                                   low_water=self.max_buffer // 2)
+        # Congested (``congested``, ``on_drain``) well before the hard bound.
+        conn.transport = Transport(self.reactor, sock, conn, high_water=self.max_buffer // 8,
+                                   low_water=self.max_buffer // 32)
         self._state = HANDSHAKE
         # Nothing is pending between connections (``_lost`` failed it all);
         # this gives the new connection a fresh parser.
@@ -662,9 +668,17 @@ class _Link:
             conn.sock.close()
         conn.sock = None
 
+    def _congestion(self, conn: _Conn, on: bool) -> None:
+        if conn is not self._conn:
+            return
+        self.congested = on
+        if not on and self.on_drain is not None:
+            _safely(self.on_drain)
+
     def _lost(self, conn: _Conn, exc: LinkDown) -> None:
         if conn is not self._conn or self._state == CLOSED:
             return
+        self.congested = False
         was_up = self._state == UP
         self._drop(conn)
         self._state = WAITING
