@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 7117
 DB   ?= selchat.db
 
-.PHONY: run test test-random test-slow bench bench-quick venv clean
+.PHONY: run test test-random test-slow bench bench-quick bench-cluster venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,17 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/selchat bench --matrix quick
+
+# Users chatting across a cluster of 2 nodes on one redis-server (started by
+# the bench; needs redis-server), beside one node (docs/performance.md,
+# "Cluster"): 100 pairs at 1 and at 32 in flight, then one pair at 1 in
+# flight (latency without queueing). About 3 minutes.
+bench-cluster: $(STAMP)
+	@pin=$$([ $$(nproc) -ge 2 ] && echo --pin); set -e; \
+	for args in "--pairs 100 --window 1" "--pairs 100 --window 32" "--pairs 1 --window 1"; do \
+		echo "$(BIN)/selchat bench $$pin --cluster 2 $$args"; \
+		$(BIN)/selchat bench $$pin --cluster 2 $$args; echo; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from selchat.bench import matrix, relay, report, sysinfo
+from selchat.bench import matrix, relay, report, servers, sysinfo
 from selchat.bench.command import bench
 from selchat.bench.flows import MIN_SIZE, Fleet, Flow, V2ChatConn, V2LoginConn
 from selchat.bench.stats import latency_summary, percentile
@@ -109,6 +109,42 @@ def test_relay_protocol_2_alone_one_direction_one_in_flight():
     assert result["ratios"] is None and result["v2_over_v1"] is None
     assert_relay_correct(result["selchat_v2"]["summary"])
     assert "selchat v2" in report.relay_text(result)
+
+
+@pytest.mark.skipif(servers.redis_binary() is None,
+                    reason="--cluster needs redis-server, which is not installed (apt-get install redis-server)")
+@pytest.mark.parametrize("protocol", ["1", "2"])
+def test_relay_across_a_cluster_beside_one_node(protocol):
+    """--cluster 2: each pair's users on different nodes of a cluster on one
+    Redis, interleaved with one node; nothing lost or reordered either way,
+    the nodes' CPU summed and Redis's apart, and the cluster columns shown."""
+    result = run_bench("--cluster", "2", "--pairs", "2", "--duration", "0.4", "--repeat", "1", "--warmup", "0.2",
+                       "--workers", "1", "--no-baseline", "--protocol", protocol)
+    assert result["correct"], result["failures"]
+    one = "selchat" if protocol == "1" else "selchat_v2"
+    assert result["cluster_nodes"] == 2 and result["baseline"] is None
+    assert_relay_correct(result[one]["summary"])
+    cluster = result["cluster"]["summary"]
+    assert_relay_correct(cluster)
+    assert cluster["redis_us_per_msg"] > 0 and cluster["redis_rss_mib"] > 0
+    assert cluster["total_us_per_msg"] == pytest.approx(cluster["cpu_us_per_msg"] + cluster["redis_us_per_msg"],
+                                                        abs=0.01)
+    assert result[one]["summary"]["redis_us_per_msg"] is None
+    assert result["cluster"]["warmup"]["received"] == result["cluster"]["warmup"]["sent"] > 0
+    assert set(result["cluster_over_one"]) == set(relay.CLUSTER_RATIO_KEYS)
+    assert all(v > 0 for v in result["cluster_over_one"].values())
+    text = report.relay_text(result)
+    assert "correct: yes" in text
+    for column in ("one node", "cluster", "cluster/one node", "redis CPU us/msg", "nodes + redis us/msg"):
+        assert column in text
+    assert_fits(text.splitlines())
+
+
+def test_cluster_takes_one_protocol_and_spawns_its_servers():
+    for args in (["--protocol", "both"], ["--port", "7117"], ["--idle", "5"]):
+        result = CliRunner().invoke(bench, ["--cluster", "2", *args])
+        assert result.exit_code == 2, result.output
+        assert "--cluster" in result.output
 
 
 def test_relay_one_direction_one_in_flight_no_baseline():

@@ -39,6 +39,10 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
 @click.option("--protocol", type=click.Choice(["1", "2", "both"]), default="1", show_default=True,
               help="selchat protocol version the relay's users speak; both: a second selchat with version 2 "
                    "users beside the first, interleaved, and the ratio v2/v1.")
+@click.option("--cluster", "cluster_nodes", type=click.IntRange(2, 16), metavar="N",
+              help="Also a cluster: redis-server and N selchat nodes on it, each pair's users on different "
+                   "nodes, interleaved beside the one-node selchat, and the ratio cluster/one node "
+                   "(needs redis-server; with --protocol 1 or 2).")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also drive the asyncio baseline relay, interleaved, and show ratios.")
 @click.option("--baseline-script", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
@@ -78,7 +82,7 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
               help="Also write the result as JSON to PATH.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def bench(pairs, window, size, duration, direction, repeat, warmup, protocol, baseline, baseline_script, baseline_port,
-          baseline_pid, host, port, spawn,
+          baseline_pid, cluster_nodes, host, port, spawn,
           server_pid, ping_interval, pin, workers, idle_users, hold, storm_logins, storm_concurrency, storm_rate,
           matrix, as_json, save, quiet):
     """Measure selchat: relay throughput, latency and CPU per message beside
@@ -88,6 +92,7 @@ def bench(pairs, window, size, duration, direction, repeat, warmup, protocol, ba
     selchat bench --pin                        100 pairs, 32 in flight, vs baseline
     selchat bench --pin --pairs 100 --window 1 latency with one message in flight
     selchat bench --pin --protocol both        protocol version 2 beside version 1
+    selchat bench --pin --cluster 2            users chatting across 2 nodes, beside one node
     selchat bench --pin --idle 10000           10,000 idle users, heartbeats on
     selchat bench --pin --login-storm 1000     logins with real hashing while a pair chats
     selchat bench --matrix standard            everything, as make bench runs it
@@ -100,6 +105,13 @@ def bench(pairs, window, size, duration, direction, repeat, warmup, protocol, ba
         raise click.UsageError("--spawn starts its own server: leave out --port")
     if chosen and (port or baseline_port):
         raise click.UsageError(f"{chosen[0]} always spawns its servers: leave out --port and --baseline-port")
+    if cluster_nodes:
+        if chosen:
+            raise click.UsageError(f"--cluster is a relay run: leave out {chosen[0]}")
+        if port:
+            raise click.UsageError("--cluster spawns its nodes and the one-node selchat: leave out --port")
+        if protocol == "both":
+            raise click.UsageError("--cluster runs one protocol version: --protocol 1 or --protocol 2")
     from selchat.bench import report
     from selchat.bench.progress import Progress
 
@@ -132,7 +144,8 @@ def bench(pairs, window, size, duration, direction, repeat, warmup, protocol, ba
                                 repeat=repeat, warmup=warmup, baseline=baseline, workers=workers, pin=pin,
                                 host=host if port else None, port=port, server_pid=server_pid,
                                 baseline_script=baseline_script, baseline_port=baseline_port,
-                                baseline_pid=baseline_pid, ping_interval=ping_interval, protocol=protocol)
+                                baseline_pid=baseline_pid, ping_interval=ping_interval, protocol=protocol,
+                                cluster=cluster_nodes or 0)
             result = run_relay(opts, progress)
             text = report.relay_text
     except (BenchError, RuntimeError) as exc:

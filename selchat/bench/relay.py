@@ -3,7 +3,10 @@
 1. Start the servers: selchat (spawned with every user pre-registered, or
    one already running; with ``protocol="both"`` a second one whose users
    speak protocol version 2, kind ``selchat_v2``) and the asyncio baseline; with ``pin``, both on the
-   first CPU and the load generator on the others.
+   first CPU and the load generator on the others. With ``cluster=N``, also
+   a cluster (kind ``cluster``): ``redis-server`` and N ``selchat serve
+   --cluster`` nodes sharing one accounts database, each pair's two users on
+   different nodes, measured beside the one-node selchat.
 2. Start the worker processes; each sets up its share of the pairs on every
    server (login, attach, chat request and accept) before any clock starts.
 3. Warm every server up the same way, unrecorded (``warm_up``), then run
@@ -46,16 +49,19 @@ START_DELAY = 0.2  # seconds between "run" and its start: every worker has the c
 #: (reads as large as its buffer), then the measured traffic itself.
 WARMUP_BURST_BYTES = 1 << 20
 
-#: The selchat systems a relay run can drive, and the protocol version each one's users speak.
-SELCHAT_KINDS = {"selchat": 1, "selchat_v2": 2}
+#: The selchat systems a relay run can drive, and the protocol version each one's users speak
+#: (a cluster's users speak the version --protocol names: ``kind_version``).
+SELCHAT_KINDS = {"selchat": 1, "selchat_v2": 2, "cluster": 1}
 #: Every system, in the order of a run (and of the report).
-KINDS = ("selchat", "selchat_v2", "baseline")
+KINDS = ("selchat", "selchat_v2", "cluster", "baseline")
 #: --protocol: which selchat systems run.
 PROTOCOLS = {"1": ("selchat",), "2": ("selchat_v2",), "both": ("selchat", "selchat_v2")}
 
 
 def display_name(kind: str, result: dict | None = None) -> str:
     """"selchat v2" for selchat_v2; "selchat v1" for selchat beside it."""
+    if kind == "cluster":
+        return "cluster"
     if kind == "selchat_v2":
         return "selchat v2"
     if kind == "selchat" and result is not None and result.get("selchat_v2"):
@@ -84,11 +90,26 @@ class RelayOptions:
     ping_interval: float | None = None
     sources: int = 4                  # loopback source addresses to spread sockets over
     protocol: str = "1"               # selchat protocol version: "1", "2" or "both" (side by side)
+    cluster: int = 0                  # N >= 2: also a cluster of N nodes on one Redis, beside one node
 
     def label(self) -> str:
         protocol = {"1": "", "2": ", protocol 2", "both": ", protocols 1 and 2"}[self.protocol]
+        cluster = f", a cluster of {self.cluster} nodes beside one node" if self.cluster else ""
         return (f"{self.pairs} pairs, {self.window} in flight, {self.size} B, "
-                f"{'both directions' if self.both else 'one direction'}{protocol}")
+                f"{'both directions' if self.both else 'one direction'}{protocol}{cluster}")
+
+
+def kind_version(kind: str, opts: RelayOptions) -> int:
+    """The protocol version a system's users speak."""
+    if kind == "cluster":
+        return 2 if opts.protocol == "2" else 1
+    return SELCHAT_KINDS.get(kind, 1)
+
+
+def cluster_nodes(pair: int, nodes: int) -> tuple[int, int]:
+    """The nodes of pair ``pair``'s two users: user i on node i % N, its partner
+    on the next one, so every chat crosses nodes."""
+    return pair % nodes, (pair + 1) % nodes
 
 
 def default_workers(gen_cpus: list[int] | None) -> int:
@@ -110,14 +131,16 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
     # Fresh names for servers that outlive this run (REGISTER on a running selchat).
     tag = ("b" + secrets.token_hex(3)) if external or opts.baseline_port else "u"
     pairs = {kind: [(f"{tag}{i}{suffix}a", f"{tag}{i}{suffix}b") for i in range(opts.pairs)]
-             for kind, suffix in (("selchat", ""), ("selchat_v2", "v"), ("baseline", ""))}
+             for kind, suffix in (("selchat", ""), ("selchat_v2", "v"), ("cluster", "c"), ("baseline", ""))}
     result = {"mode": "relay", "label": opts.label(), "options": asdict(opts),
               "server_cpus": server_cpus, "generator_cpus": gen_cpus, "workers": workers}
+    if opts.cluster:
+        result["cluster_cpus"] = cluster_cpus(server_cpus)
 
     with tempfile.TemporaryDirectory(prefix="selchat-bench-") as tmp, contextlib.ExitStack() as cleanup:
         servers = _start_servers(opts, Path(tmp), pairs, server_cpus, cleanup)
         progress.note(f"relay {opts.label()}: servers up "
-                      + ", ".join(f"{k} pid {s.pid} on {s.host}:{s.port}" for k, s in servers.items()))
+                      + ", ".join(f"{k} {s.describe()}" for k, s in servers.items()))
         verb = "REGISTER" if external else "LOGIN"
         per_worker = opts.pairs // workers + 1
         sockets_per_pair = sum(6 if kind in SELCHAT_KINDS else 2 for kind in servers)
@@ -125,10 +148,14 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
         first = next(s for kind, s in servers.items() if kind in SELCHAT_KINDS)
         sources = sysinfo.loopback_sources(first.host,
                                            sources_for(concurrency * workers, opts.sources))
+        placement = [cluster_nodes(i, opts.cluster) for i in range(opts.pairs)] if opts.cluster else None
         specs = [{
             "servers": [{"kind": kind, "protocol": "selchat" if kind in SELCHAT_KINDS else kind,
-                         "version": SELCHAT_KINDS.get(kind, 1), "address": s.address, "verb": verb,
-                         "pairs": pairs[kind][i::workers]} for kind, s in servers.items()],
+                         "version": kind_version(kind, opts), "address": s.address, "verb": verb,
+                         "pairs": pairs[kind][i::workers],
+                         **({"addresses": s.addresses, "nodes": placement[i::workers]} if kind == "cluster"
+                            else {})}
+                        for kind, s in servers.items()],
             "password": PASSWORD, "size": opts.size, "both": opts.both,
             "sources": sources,
             "cpus": gen_cpus, "nofile": per_worker * (sockets_per_pair + 2) + 256,
@@ -170,15 +197,18 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
     result["ratios"] = _ratios(result, "selchat", "baseline")       # selchat (v1) / baseline
     result["ratios_v2"] = _ratios(result, "selchat_v2", "baseline")  # selchat v2 / baseline
     result["v2_over_v1"] = _ratios(result, "selchat_v2", "selchat")  # protocol 2 / protocol 1
+    one = "selchat_v2" if opts.protocol == "2" else "selchat"
+    result["cluster_over_one"] = _ratios(result, "cluster", one, CLUSTER_RATIO_KEYS)  # cluster / one node
+    result["cluster_nodes"] = opts.cluster or None
     result["failures"] = correctness_failures(result)
     result["correct"] = not result["failures"]
     return result
 
 
-def _ratios(result: dict, kind: str, other: str) -> dict | None:
+def _ratios(result: dict, kind: str, other: str, keys: tuple = None) -> dict | None:
     if not result.get(kind) or not result.get(other):
         return None
-    return ratios(result[kind]["summary"], result[other]["summary"])
+    return ratios(result[kind]["summary"], result[other]["summary"], keys or RATIO_KEYS)
 
 
 def _start_servers(opts: RelayOptions, tmp: Path, pairs: dict, server_cpus, cleanup) -> dict:
@@ -202,6 +232,14 @@ def _start_servers(opts: RelayOptions, tmp: Path, pairs: dict, server_cpus, clea
             servers[kind] = srv.spawn_selchat(workdir, users, PASSWORD, cpus=server_cpus, nofile=nofile,
                                               ping_interval=opts.ping_interval)
             cleanup.callback(servers[kind].stop)
+    if opts.cluster:
+        users = [name for pair in pairs["cluster"] for name in pair]
+        workdir = tmp / "cluster"
+        workdir.mkdir()
+        servers["cluster"] = srv.spawn_cluster(workdir, opts.cluster, users, PASSWORD,
+                                               ping_interval=opts.ping_interval, cpus=cluster_cpus(server_cpus),
+                                               redis_cpus=cluster_cpus(server_cpus), nofile=len(users) * 3 + 1024)
+        cleanup.callback(servers["cluster"].stop)
     nofile = opts.pairs * 6 + 1024
     if opts.baseline and opts.baseline_port:
         servers["baseline"] = srv.external_server("baseline", "127.0.0.1", opts.baseline_port, opts.baseline_pid)
@@ -211,6 +249,13 @@ def _start_servers(opts: RelayOptions, tmp: Path, pairs: dict, server_cpus, clea
         servers["baseline"] = srv.spawn_baseline(tmp, opts.baseline_script, cpus=server_cpus, nofile=nofile)
         cleanup.callback(servers["baseline"].stop)
     return servers
+
+
+def cluster_cpus(server_cpus):
+    """Where a cluster's nodes and its Redis run with ``--pin``: on the one
+    node's CPU as well, so that both systems get the same CPU and the load
+    generator keeps its own; unpinned without ``--pin``."""
+    return server_cpus
 
 
 def schedule(kinds: list[str], repeat: int, warm: bool = True):
@@ -247,17 +292,24 @@ def _window(pool: WorkerPool, server, kind: str, opts: RelayOptions, duration: f
     start_ns = time.monotonic_ns() + int(START_DELAY * 1e9)
     pool.broadcast("run", {"kind": kind, "window": opts.window, "duration": duration, "start_ns": start_ns,
                            "burst": burst})
-    user0, sys0 = server.cpu_times() if server.pid else (0.0, 0.0)  # the server is idle until start_ns
+    before = server.cpu_sample() if server.pid else None  # the server is idle until start_ns
     meter = RateMeter(progress, f"{kind} {label}", pool.progress, duration + START_DELAY)
     reports = pool.gather(timeout=duration + 120, tick=meter)
-    user1, sys1 = server.cpu_times() if server.pid else (0.0, 0.0)  # idle again: everything arrived
+    after = server.cpu_sample() if server.pid else None  # idle again: everything arrived
     memory = server.memory_kib()
-    measured = {"user": user1 - user0, "sys": sys1 - sys0,
-                "rss_kib": memory.get("rss", 0), "peak_kib": memory.get("peak", 0)}
+    measured = {"user": 0.0, "sys": 0.0, "rss_kib": memory.get("rss", 0), "peak_kib": memory.get("peak", 0)}
+    if before is not None:
+        measured.update(user=after["user"] - before["user"], sys=after["sys"] - before["sys"],
+                        busiest=max(a - b for a, b in zip(after["each"], before["each"])))
+        if after["redis"] is not None:  # a cluster: its Redis, apart
+            measured.update(redis_user=after["redis"][0] - before["redis"][0],
+                            redis_sys=after["redis"][1] - before["redis"][1],
+                            redis_rss_kib=memory.get("redis_rss", 0),
+                            capacity=len(server.cpus) if getattr(server, "cpus", None) else None)
     figures = stats.run_figures(reports, measured, capacity)
     if not server.pid:
         for key in ("cpu_us_per_msg", "server_user_us_per_msg", "server_sys_us_per_msg", "server_cpu_pct",
-                    "rss_mib", "peak_rss_mib"):
+                    "total_us_per_msg", "rss_mib", "peak_rss_mib"):
             figures[key] = None
     return figures
 
@@ -267,11 +319,13 @@ def _num(value, spec: str) -> str:
 
 
 RATIO_KEYS = ("msgs_per_s", "cpu_us_per_msg", "p50_us", "p99_us", "p999_us", "max_us", "rss_mib")
+#: cluster / one node also compares the CPU per message with Redis's included.
+CLUSTER_RATIO_KEYS = RATIO_KEYS + ("total_us_per_msg",)
 
 
-def ratios(selchat: dict, baseline: dict) -> dict:
+def ratios(selchat: dict, baseline: dict, keys: tuple = RATIO_KEYS) -> dict:
     """selchat / baseline for each figure (above 1: selchat costs more, or relays more per second)."""
-    return {key: stats.ratio(selchat.get(key), baseline.get(key)) for key in RATIO_KEYS}
+    return {key: stats.ratio(selchat.get(key), baseline.get(key)) for key in keys}
 
 
 def correctness_failures(result: dict) -> list[str]:

@@ -68,6 +68,11 @@ RELAY_ROWS = [
     ("generator CPU %", "generator_cpu_pct"),
     ("generator CPU us/msg", "generator_us_per_msg"),
     ("msgs per receiver read", "msgs_per_read"),
+    ("redis CPU us/msg", "redis_us_per_msg"),
+    ("nodes + redis us/msg", "total_us_per_msg"),
+    ("busiest node CPU %", "busiest_cpu_pct"),
+    ("redis CPU %", "redis_cpu_pct"),
+    ("redis RSS MiB", "redis_rss_mib"),
     ("other load %", "other_cpu_pct"),
     ("saturated", "saturated"),
     ("messages sent", "sent"),
@@ -77,14 +82,21 @@ RELAY_ROWS = [
 ]
 
 
+#: Rows only a cluster fills: shown only when a cluster ran.
+CLUSTER_ROWS = ("redis_us_per_msg", "total_us_per_msg", "busiest_cpu_pct", "redis_cpu_pct", "redis_rss_mib")
+
 #: The systems of a relay result, in report order.
-SYSTEMS = ("selchat", "selchat_v2", "baseline")
+SYSTEMS = ("selchat", "selchat_v2", "cluster", "baseline")
 #: Ratio columns: (header, result key); only those the result has are shown.
-RATIO_COLUMNS = (("ratio", "ratios"), ("v2/base", "ratios_v2"), ("v2/v1", "v2_over_v1"))
+RATIO_COLUMNS = (("ratio", "ratios"), ("v2/base", "ratios_v2"), ("v2/v1", "v2_over_v1"),
+                 ("cluster/one node", "cluster_over_one"))
 
 
 def system_name(kind: str, result: dict) -> str:
-    """How a system is shown: "selchat v1" beside "selchat v2", else its kind."""
+    """How a system is shown: "selchat v1" beside "selchat v2"; "one node"
+    beside a cluster; else its kind."""
+    if result.get("cluster") and kind in ("selchat", "selchat_v2"):
+        return "one node"
     if kind == "selchat_v2":
         return "selchat v2"
     if kind == "selchat" and result.get("selchat_v2"):
@@ -94,7 +106,9 @@ def system_name(kind: str, result: dict) -> str:
 
 def ratio_columns(result: dict) -> list[tuple[str, dict]]:
     cols = [(title, result[key]) for title, key in RATIO_COLUMNS if result.get(key)]
-    if len(cols) > 1 and cols[0][0] == "ratio":
+    if result.get("cluster"):  # one node (either version) over the baseline
+        cols = [("node/base" if title in ("ratio", "v2/base") else title, r) for title, r in cols]
+    elif len(cols) > 1 and cols[0][0] == "ratio":
         cols[0] = ("v1/base", cols[0][1])
     return cols
 
@@ -108,14 +122,24 @@ def relay_text(result: dict) -> str:
                 f"medians; " + placement(result))
     header = [""] + [system_name(kind, result) for kind in systems] + [title for title, _ in cols]
     rows = []
+    cluster = result.get("cluster")
     for title, key in RELAY_ROWS:
+        if key in CLUSTER_ROWS and not cluster:
+            continue
         row = [title] + [result[kind]["summary"].get(key) for kind in systems]
         row += [_x(r.get(key)) for _, r in cols]
         rows.append(row)
-    if result.get("selchat_v2"):
-        rows.append(["not confirmed (v2)"] + [result[kind]["summary"].get("unconfirmed") if kind == "selchat_v2"
+    v2 = [kind for kind in systems if kind == "selchat_v2"
+           or (kind == "cluster" and result["options"].get("protocol") == "2")]
+    if v2:
+        rows.append(["not confirmed (v2)"] + [result[kind]["summary"].get("unconfirmed") if kind in v2
                                               else None for kind in systems] + [None] * len(cols))
     lines = [head, table(rows, header)]
+    if cluster:
+        lines.append(wrap(f"cluster: {result['cluster_nodes']} selchat nodes on one redis-server, each pair's "
+                          f"users on different nodes (every message goes through Redis); its server figures are "
+                          f"summed over the nodes (busiest node: the one that used the most CPU), "
+                          f"redis-server's are apart; nodes + redis: the two together."))
     warning = noise_warning([result])
     if warning:
         lines.append(warning)
@@ -141,6 +165,14 @@ def noise_warning(relay_results: list[dict]) -> str | None:
 def placement(result: dict) -> str:
     workers = result["workers"]
     plural = "es" if workers > 1 else ""
+    if result.get("cluster_nodes") and result.get("server_cpus"):
+        cpus = ",".join(map(str, result["server_cpus"]))
+        where = (f"pinned to CPU {','.join(map(str, result['cluster_cpus']))} too (sharing it)"
+                 if result.get("cluster_cpus") else "unpinned")
+        alone = "one node and the baseline" if result.get("baseline") else "one node"
+        return (f"{alone} pinned to CPU {cpus}; the cluster's {result['cluster_nodes']} nodes and its "
+                f"redis-server {where}; load generator ({workers} process{plural}) pinned to CPU "
+                f"{','.join(map(str, result['generator_cpus']))}")
     if result.get("server_cpus"):
         return (f"server pinned to CPU {','.join(map(str, result['server_cpus']))}, "
                 f"load generator ({workers} process{plural}) to CPU {','.join(map(str, result['generator_cpus']))}")

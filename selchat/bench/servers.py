@@ -1,5 +1,6 @@
 """The servers a bench drives: a spawned ``selchat serve``, the asyncio baseline,
-or a server someone else started.
+a cluster (``redis-server`` and N ``selchat serve --cluster`` nodes sharing
+one accounts database), or a server someone else started.
 
 A spawned selchat gets a fresh database in a temporary directory with every
 virtual user already registered, so that password hashing is not what the
@@ -11,9 +12,12 @@ tracebacks after the run.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import selectors
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -61,6 +65,16 @@ class Server:
         """Errors the server logged (none for a server we did not start)."""
         return []
 
+    def cpu_sample(self) -> dict:
+        """What a timed window reads before and after: the (user, system) CPU
+        seconds of the server, of each of its processes, and of anything
+        beside them that serves it (a cluster's Redis); needs the pid."""
+        user, system = self.cpu_times()
+        return {"user": user, "sys": system, "each": [user + system], "redis": None}
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host}:{self.port}"
+
     def stop(self) -> None:
         pass
 
@@ -68,8 +82,8 @@ class Server:
 class SpawnedServer(Server):
     """A server process we started; stopped with SIGTERM (then SIGKILL)."""
 
-    def __init__(self, kind: str, cmd: list[str], workdir: Path, cpus=None, nofile=None):
-        self.log_path = workdir / f"{kind}.log"
+    def __init__(self, kind: str, cmd: list[str], workdir: Path, cpus=None, nofile=None, name: str | None = None):
+        self.log_path = workdir / f"{name or kind}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL,
                                      text=True, preexec_fn=sysinfo.child_setup(cpus, nofile))
@@ -159,15 +173,21 @@ def spawn_selchat(workdir: Path, users: list[str], password: str, *, scrypt_n: i
     db = workdir / "bench.db"
     started = time.monotonic()
     prepare_accounts(db, users, password, scrypt_n or DEFAULT_SCRYPT_N)
+    cmd = selchat_command(db, scrypt_n, ping_interval) + list(extra)
+    server = SpawnedServer("selchat", cmd, workdir, cpus=cpus, nofile=nofile)
+    server.prepare_seconds = time.monotonic() - started
+    return server
+
+
+def selchat_command(db: Path, scrypt_n: int | None, ping_interval: float | None) -> list[str]:
+    """``selchat serve`` as the bench runs it: a free loopback port, ``db``,
+    the flood limits never binding."""
     cmd = [sys.executable, "-m", "selchat.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--db", str(db)]
     if scrypt_n:
         cmd += ["--scrypt-n", str(scrypt_n)]
     if ping_interval:
         cmd += ["--ping-interval", str(ping_interval)]
-    cmd += limit_flags() + list(extra)
-    server = SpawnedServer("selchat", cmd, workdir, cpus=cpus, nofile=nofile)
-    server.prepare_seconds = time.monotonic() - started
-    return server
+    return cmd + limit_flags()
 
 
 def spawn_baseline(workdir: Path, script: Path | None = None, cpus=None, nofile: int | None = None) -> SpawnedServer:
@@ -188,3 +208,155 @@ def external_server(kind: str, host: str, port: int, pid: int | None) -> Server:
 
 def external_selchat(host: str, port: int, pid: int | None) -> Server:
     return external_server("selchat", host, port, pid)
+
+
+# -- a cluster: N nodes on one Redis ----------------------------------------------------
+
+#: A node takes cross-node traffic once its log says this.
+JOINED = "cluster: joined"
+REDIS_MISSING = "redis-server not found (apt-get install redis-server): --cluster needs it"
+
+
+def redis_binary() -> str | None:
+    return shutil.which("redis-server") or next(
+        (p for p in ("/usr/bin/redis-server", "/usr/local/bin/redis-server") if os.access(p, os.X_OK)), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisProcess:
+    """``redis-server`` on a free loopback port, without persistence
+    (``--save "" --appendonly no``), in the foreground, logging to a file."""
+
+    def __init__(self, workdir: Path, cpus=None):
+        binary = redis_binary()
+        if binary is None:
+            raise BenchError(REDIS_MISSING)
+        self.host = "127.0.0.1"
+        self.log_path = workdir / "redis.log"
+        for attempt in range(3):  # the free port can be taken before redis binds it
+            self.port = _free_port()
+            cmd = [binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
+                   "--daemonize", "no", "--dir", str(workdir), "--logfile", ""]
+            with open(self.log_path, "a") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             preexec_fn=sysinfo.child_setup(cpus, None))
+            if self._wait_ready(START_TIMEOUT):
+                break
+            self.stop()
+            if attempt == 2 or "Address already in use" not in self.log_path.read_text(errors="replace"):
+                raise BenchError(f"redis-server did not start; its log:\n{self.log_path.read_text()[-2000:]}")
+        self.pid = self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def _wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.05)
+        return False
+
+    def cpu_times(self) -> tuple[float, float]:
+        return sysinfo.cpu_times(self.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+class ClusterServers(Server):
+    """N ``selchat serve --cluster`` nodes sharing one Redis and one accounts
+    database, measured as one system: CPU summed over the nodes (Redis's
+    apart), RSS summed over the nodes, errors from every node's log."""
+
+    def __init__(self, nodes: list[SpawnedServer], redis: RedisProcess, cpus=None):
+        self.nodes, self.redis = nodes, redis
+        self.cpus = cpus  # the CPUs nodes and Redis were pinned to (all of them to the same), or None
+        super().__init__("cluster", nodes[0].host, nodes[0].port, nodes[0].pid)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [node.address for node in self.nodes]
+
+    def cpu_times(self) -> tuple[float, float]:
+        times = [node.cpu_times() for node in self.nodes]
+        return sum(t[0] for t in times), sum(t[1] for t in times)
+
+    def cpu_sample(self) -> dict:
+        times = [node.cpu_times() for node in self.nodes]
+        return {"user": sum(t[0] for t in times), "sys": sum(t[1] for t in times),
+                "each": [t[0] + t[1] for t in times], "redis": self.redis.cpu_times()}
+
+    def memory_kib(self) -> dict[str, int]:
+        found = [node.memory_kib() for node in self.nodes]
+        redis = sysinfo.memory_kib(self.redis.pid)
+        return {"rss": sum(m.get("rss", 0) for m in found), "peak": sum(m.get("peak", 0) for m in found),
+                "redis_rss": redis.get("rss", 0)}
+
+    def problems(self) -> list[str]:
+        return [f"node {i}: {line}" for i, node in enumerate(self.nodes) for line in node.problems()]
+
+    def describe(self) -> str:
+        return (f"{len(self.nodes)} nodes (pids {', '.join(str(n.pid) for n in self.nodes)}) on "
+                f"{', '.join(f'{n.host}:{n.port}' for n in self.nodes)}, redis-server pid {self.redis.pid} on "
+                f"{self.redis.host}:{self.redis.port}")
+
+    def stop(self) -> None:
+        """The nodes first (a node that loses Redis logs an error), then Redis."""
+        for node in self.nodes:
+            if node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            node.stop()
+        self.redis.stop()
+
+
+def spawn_cluster(workdir: Path, nodes: int, users: list[str], password: str, *, ping_interval: float | None = None,
+                  cpus=None, redis_cpus=None, nofile: int | None = None) -> ClusterServers:
+    """``redis-server`` and ``nodes`` x ``selchat serve --cluster redis://...``
+    sharing one accounts database (``users`` pre-registered), each waited for
+    until its log says it joined."""
+    if redis_binary() is None:
+        raise BenchError(REDIS_MISSING)
+    db = workdir / "bench.db"
+    prepare_accounts(db, users, password, 16)
+    redis = RedisProcess(workdir, cpus=redis_cpus)
+    started: list[SpawnedServer] = []
+    try:
+        cmd = selchat_command(db, 16, ping_interval) + ["--cluster", redis.url]
+        for i in range(nodes):
+            started.append(SpawnedServer("cluster", cmd, workdir, cpus=cpus, nofile=nofile, name=f"node{i}"))
+        for i, node in enumerate(started):
+            _wait_joined(node, i)
+    except BaseException:
+        for node in started:
+            node.stop()
+        redis.stop()
+        raise
+    return ClusterServers(started, redis, cpus if cpus and cpus == redis_cpus else None)
+
+
+def _wait_joined(node: SpawnedServer, index: int, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        log = node.log_path.read_text(errors="replace")
+        if JOINED in log:
+            return
+        if node.proc.poll() is not None or time.monotonic() > deadline:
+            why = "exited" if node.proc.poll() is not None else f"did not join within {timeout:.0f} s"
+            raise BenchError(f"cluster node {index} {why}; its log:\n{log[-2000:]}")
+        time.sleep(0.05)

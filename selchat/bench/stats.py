@@ -14,7 +14,8 @@ SATURATED = 0.90
 
 #: The figures of a run that are medians over repeats (counts are summed instead).
 MEDIAN_KEYS = ("msgs_per_s", "cpu_us_per_msg", "server_user_us_per_msg", "server_sys_us_per_msg",
-               "generator_us_per_msg", "msgs_per_read",
+               "generator_us_per_msg", "msgs_per_read", "redis_us_per_msg", "total_us_per_msg",
+               "redis_cpu_pct", "busiest_cpu_pct", "redis_rss_mib",
                "p50_us", "p99_us", "p999_us", "max_us", "server_cpu_pct", "generator_cpu_pct",
                "other_cpu_pct", "rss_mib", "peak_rss_mib")
 SUM_KEYS = ("sent", "received", "lost", "reordered", "gaps", "problems", "unconfirmed")
@@ -54,7 +55,13 @@ def run_figures(workers: list[dict], server: dict, gen_capacity: float) -> dict:
 
     The first worker also read how busy the whole machine was in the window:
     what neither the server nor the generator used of that was other load.
-    ``gen_capacity``: CPUs the generator may use."""
+    ``gen_capacity``: CPUs the generator may use.
+
+    A cluster's ``server`` is the sum over its nodes, with ``busiest`` (the
+    CPU seconds of its busiest node, for saturation) and ``redis_user``,
+    ``redis_sys``, ``redis_rss_kib`` (its Redis, reported apart and counted
+    in ``total_us_per_msg``; ``capacity``: the CPUs they were pinned to); for
+    one server ``total_us_per_msg`` is its own CPU per message."""
     other_busy = workers[0]["machine_busy"]
     t0 = min(w["t0_ns"] for w in workers)
     wall = max(w["last_rx_ns"] for w in workers) - t0
@@ -62,6 +69,7 @@ def run_figures(workers: list[dict], server: dict, gen_capacity: float) -> dict:
     received = sum(w["received"] for w in workers)
     gen_cpu = sum(w["gen_user"] + w["gen_sys"] for w in workers)
     server_cpu = server["user"] + server["sys"]
+    redis = server.get("redis_user", 0.0) + server.get("redis_sys", 0.0) if "redis_user" in server else None
     per_msg = 1e6 / received if received else float("nan")
     figures = {
         "seconds": round(wall, 3),
@@ -70,14 +78,19 @@ def run_figures(workers: list[dict], server: dict, gen_capacity: float) -> dict:
         "server_user_us_per_msg": round(server["user"] * per_msg, 3),
         "server_sys_us_per_msg": round(server["sys"] * per_msg, 3),
         "generator_us_per_msg": round(gen_cpu * per_msg, 3),
+        "redis_us_per_msg": None if redis is None else round(redis * per_msg, 3),
+        "total_us_per_msg": round((server_cpu + (redis or 0.0)) * per_msg, 3),
         # Messages per read of a receiving socket: how much each relay's costs per read are shared by.
         "msgs_per_read": round(received / reads, 2) if (reads := sum(w.get("rx_reads", 0) for w in workers))
         else None,
         "server_cpu_pct": round(100 * server_cpu / wall, 1),
         "generator_cpu_pct": round(100 * gen_cpu / wall, 1),
-        "other_cpu_pct": round(max(0.0, 100 * (other_busy - server_cpu - gen_cpu) / wall), 1),
+        "redis_cpu_pct": None if redis is None else round(100 * redis / wall, 1),
+        "busiest_cpu_pct": round(100 * server.get("busiest", server_cpu) / wall, 1),
+        "other_cpu_pct": round(max(0.0, 100 * (other_busy - server_cpu - (redis or 0.0) - gen_cpu) / wall), 1),
         "rss_mib": round(server.get("rss_kib", 0) / 1024, 1),
         "peak_rss_mib": round(server.get("peak_kib", 0) / 1024, 1),
+        "redis_rss_mib": round(server["redis_rss_kib"] / 1024, 1) if "redis_rss_kib" in server else None,
         "sent": sum(w["sent"] for w in workers),
         "received": received,
         "lost": sum(w["lost"] for w in workers),
@@ -88,7 +101,12 @@ def run_figures(workers: list[dict], server: dict, gen_capacity: float) -> dict:
         "problem_samples": [p for w in workers for p in w["problem_samples"]][:5],
     }
     figures.update(latency_summary(merge_latencies([w["lat"] for w in workers])))
-    figures["saturated"] = saturation(server_cpu / wall, gen_cpu / wall, gen_capacity)
+    # One server: its one thread. A cluster: its busiest node or its Redis,
+    # or all of them together when they were pinned to ``capacity`` CPUs.
+    busy = max(server.get("busiest", server_cpu), redis or 0.0)
+    if server.get("capacity"):
+        busy = max(busy, (server_cpu + (redis or 0.0)) / server["capacity"])
+    figures["saturated"] = saturation(busy / wall, gen_cpu / wall, gen_capacity)
     return figures
 
 

@@ -80,7 +80,7 @@ class VUser:
     """One virtual user: its sockets, its partner, and when it got ready."""
 
     __slots__ = ("name", "partner", "initiator", "login", "chat", "check", "pending", "started",
-                 "t_start", "t_ready", "pings", "dropped", "busy", "wire_id", "acked", "counting")
+                 "t_start", "t_ready", "pings", "dropped", "busy", "wire_id", "acked", "counting", "address")
 
     def __init__(self, name: str, partner: "VUser | None" = None, initiator: bool = False):
         self.name = name
@@ -95,6 +95,7 @@ class VUser:
         self.counting = False     # version 2: WELCOME seen, the login socket's frames are numbered
         self.wire_id = 0          # version 2: frames the login socket got after WELCOME
         self.acked = 0            # version 2: the id in the last ACK sent
+        self.address = None       # a cluster: the node this user logs in to (else the Setup's address)
 
     def conns(self) -> list[LineConn]:
         return [c for c in (self.login, self.chat, self.check) if c is not None]
@@ -246,7 +247,7 @@ class Setup:
         else:
             source = self.sources[self._opened % len(self.sources)]
             self._opened += 1
-        conn = LineConn(open_socket(self.address, source), user, role)
+        conn = LineConn(open_socket(user.address or self.address, source), user, role)
         self.selector.register(conn.sock, selectors.EVENT_READ, conn)
         return conn
 

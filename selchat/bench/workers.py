@@ -114,7 +114,9 @@ def _commands(pipe, serve):
 
 def relay_worker(pipe, index, progress, spec) -> None:
     """Set up the pairs on every server in ``spec["servers"]`` (``{"kind",
-    "protocol", "version", "address", "verb", "pairs"}``), then run timed
+    "protocol", "version", "address", "verb", "pairs"}``; a cluster also has
+    ``"addresses"``, its nodes', and ``"nodes"``, the node of each pair's two
+    users), then run timed
     windows on command: ``("run", {"kind", "window", "duration", "start_ns", "burst"})``."""
     fleets: dict[str, Fleet] = {}
     setup_seconds = {}
@@ -122,6 +124,10 @@ def relay_worker(pipe, index, progress, spec) -> None:
         kind, protocol, version = server["kind"], server["protocol"], server.get("version", 1)
         started = time.monotonic()
         users = make_pairs(server["pairs"])
+        if server.get("nodes"):  # a cluster: each user logs in to its own node
+            addresses = [tuple(a) for a in server["addresses"]]
+            for (a, b), (node_a, node_b) in zip(zip(users[0::2], users[1::2]), server["nodes"]):
+                a.address, b.address = addresses[node_a], addresses[node_b]
         setup = Setup(protocol, tuple(server["address"]), password=spec["password"], verb=server["verb"],
                       sources=spec["sources"], concurrency=spec.get("concurrency", 128), version=version)
         setup.run(users, pair=True, timeout=spec.get("setup_timeout", 300))
