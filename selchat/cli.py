@@ -103,6 +103,10 @@ def _check_metrics(ctx, param, value):
 @_setting("log_file", type=click.Path(dir_okay=False), metavar="PATH",
           help="Log to this file instead of stderr (reopened on SIGHUP, for logrotate).")
 @_setting("log_format", type=click.Choice(options.LOG_FORMATS), help="Log lines as text or one JSON object each.")
+@_setting("irc_port", type=click.IntRange(0, 65535), metavar="PORT",
+          help="Also serve IRC clients (irssi, WeeChat, HexChat) on this port (off by default).")
+@_setting("irc_tls_port", type=click.IntRange(0, 65535), metavar="PORT",
+          help="Also serve IRC clients over TLS on this port, with --tls-cert (off by default).")
 @_setting("scrypt_n", type=int, hidden=True, help="scrypt cost of new password hashes (tests and benchmarks lower it).")
 @click.pass_context
 def serve(ctx, config_path, **settings):
@@ -165,6 +169,9 @@ def _serve(config: ServerConfig, loader, logs, Server, raise_nofile_limit) -> No
 
         scheme += f", cluster {parse_url(config.cluster).redacted()}"
     click.echo(f"selchat {__version__} listening on {address[0]}:{address[1]} ({scheme}, database {describe_db(config.db)})")
+    if server.irc is not None:
+        for kind, (host, port, *_) in server.irc.addresses:
+            click.echo(f"IRC clients: {host}:{port} ({kind})")
     sys.stdout.flush()
     systemd.notify("READY=1", f"STATUS=listening on {address[0]}:{address[1]}")
     server.serve_forever()
@@ -183,6 +190,8 @@ def _listen_error(server, config: ServerConfig, exc: OSError) -> str:
     why = exc.strerror or str(exc)
     if server.listener is None:
         return f"cannot listen on {config.host}:{config.port}: {why}"
+    if (exc.strerror or "").startswith("IRC port"):  # selchat.irc.frontend names the port
+        return f"cannot listen on {exc.strerror}"
     if config.metrics and server.metrics_endpoint is None:
         return f"cannot serve metrics on {config.metrics}: {why}"
     if str(exc).startswith("admin socket"):  # control.ControlError says which and why

@@ -42,7 +42,7 @@ log = logging.getLogger("selchat.server")
 HELLO = ev.Hello(ev.PROTOCOL_VERSION, f"selchat/{__version__}")
 #: Settings a reload cannot change on a running server (docs/operations.md).
 RESTART_ONLY = ("host", "port", "db", "workers", "scrypt_n", "metrics", "admin_socket", "tick", "config_file",
-                "cluster")
+                "cluster", "irc_port", "irc_tls_port")
 #: The MOTD file's limits: more lines or longer lines are cut (and logged).
 MOTD_MAX_LINES = 50
 MOTD_MAX_CHARS = 400
@@ -94,6 +94,7 @@ class Server:
         self.metrics = Metrics()
         self.metrics_endpoint: MetricsEndpoint | None = None  # /metrics, when config.metrics is set
         self.control: ControlSocket | None = None  # the admin socket, when config.admin_socket is set
+        self.irc = None  # selchat.irc.frontend.IrcFrontend, when config.irc_port or irc_tls_port is set
         self.stopping = False
         self.admission = Admission(self)
         self.logins = Logins(self)
@@ -129,6 +130,11 @@ class Server:
             self.metrics_endpoint = MetricsEndpoint(self, self.config.metrics)
         if self.config.admin_socket:
             self.control = ControlSocket(self, self.config.admin_socket)
+        if self.config.irc_port is not None or self.config.irc_tls_port is not None:
+            from selchat.irc.frontend import IrcFrontend  # a second front end, on the same pieces
+
+            self.irc = IrcFrontend(self)
+            self.irc.listen()
         return self.listener.address
 
     def serve_forever(self) -> None:
@@ -153,6 +159,8 @@ class Server:
             self.metrics_endpoint.close()
         if self.control is not None:
             self.control.close()  # removes the socket file
+        if self.irc is not None:
+            self.irc.close()
         sessions = list(self.sessions.values())
         # Both partners of a chat hear the same, in the same order: SHUTDOWN,
         # ENDED <other> shutdown, BYE shutdown. (Ending the sessions one by

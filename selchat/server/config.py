@@ -36,6 +36,12 @@ class ServerConfig:
     #: A version 2 session that lost a socket is kept this long for RESUME.
     resume_window: float = 120.0
 
+    # -- IRC front end (selchat/irc/; off when None) --
+    #: Serve IRC clients (irssi, WeeChat, HexChat) on this port too (0: a free one).
+    irc_port: int | None = None
+    #: The same over TLS, with the server's certificate (needs tls_cert).
+    irc_tls_port: int | None = None
+
     # -- cluster --
     #: redis://HOST:PORT/DB: a node of the cluster sharing that Redis (None: alone).
     cluster: str | None = None

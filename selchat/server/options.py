@@ -49,7 +49,7 @@ ENV_KEYS = (
     "attach_timeout", "registration", "stuck_timeout", "resume_window", "resume_buffer", "cluster", "max_connections",
     "max_per_address",
     "conn_rate", "cmd_rate", "msg_rate", "throttle_after", "tls_cert", "tls_key", "workers",
-    "motd_file", "metrics", "admin_socket", "log_file", "log_format",
+    "motd_file", "metrics", "admin_socket", "log_file", "log_format", "irc_port", "irc_tls_port",
 )
 
 #: Keys whose value names a file: relative ones are taken from the config file's directory
@@ -65,6 +65,11 @@ POSITIVE = frozenset({
 })
 
 LOG_FORMATS = ("text", "json")
+
+#: Settings off by default (None) whose value is not a string.
+_OPTIONAL_KINDS = {"irc_port": int, "irc_tls_port": int}
+#: Settings that are TCP port numbers.
+_PORTS = frozenset({"port", "irc_port", "irc_tls_port"})
 
 
 class ConfigError(Exception):
@@ -82,9 +87,10 @@ def option(key: str) -> str:
 
 
 def _kind(key: str) -> type:
-    """The type of setting ``key``: that of its default (str for the optional ones)."""
+    """The type of setting ``key``: that of its default (for the optional ones, str
+    unless _OPTIONAL_KINDS says otherwise)."""
     default = getattr(_DEFAULTS, key)
-    return str if default is None else type(default)
+    return _OPTIONAL_KINDS.get(key, str) if default is None else type(default)
 
 
 class Loader:
@@ -124,6 +130,8 @@ class Loader:
         config = ServerConfig(**values, config_file=self.path)
         if config.tls_key and not config.tls_cert:
             raise ConfigError(f"{where['tls_key']}: a TLS key needs a certificate (tls_cert) too")
+        if config.irc_tls_port is not None and not config.tls_cert:
+            raise ConfigError(f"{where['irc_tls_port']}: IRC over TLS needs the server's certificate (tls_cert)")
         return config
 
     def _read_file(self) -> dict:
@@ -215,7 +223,7 @@ def _check(key: str, value) -> str | None:
             return f"must be greater than 0, not {value}"
         if value < 0:
             return f"must not be negative, not {value}"
-        if key == "port" and value > 65535:
+        if key in _PORTS and value > 65535:
             return f"must be a port number (0-65535), not {value}"
         if key == "workers" and value > 64:
             return f"must be at most 64, not {value}"

@@ -1,0 +1,1 @@
+"""The IRC front end: irssi, WeeChat, HexChat ... as selchat clients (``selchat serve --irc-port``)."""

@@ -1,0 +1,53 @@
+"""The IRC front end on nodes of a cluster (needs redis-server; skips without it):
+an IRC user on one node chats with a selchat user on another, and one
+session per account holds across nodes and front ends."""
+
+from __future__ import annotations
+
+from tests.clusterharness import CLUSTER_ARGS, make_cluster  # noqa: F401 (fixture)
+from tests.ircsupport import IrcClient, make_account, next_stdout_line
+from tests.support import RawUser
+
+
+def irc_port(node) -> int:
+    """The node's IRC port: the line after "listening on" on its stdout."""
+    line = next_stdout_line(node.proc.stdout)
+    assert line.startswith("IRC clients: "), line
+    return int(line.split()[2].rsplit(":", 1)[1])
+
+
+def test_irc_user_and_selchat_user_on_two_nodes(make_cluster):
+    cluster = make_cluster(2, *CLUSTER_ARGS, "--irc-port", "0")
+    cluster.require_cluster()
+    a, b = cluster.node(0), cluster.node(1)
+    port = irc_port(a)
+    name = make_account(a)
+    client = IrcClient(a.host, port)
+    client.register_sasl(name)
+    bob = RawUser(b)
+
+    client.send(f"PRIVMSG selchat :chat {bob.name}")  # the hub's answer comes from Redis
+    assert client.notice().startswith(f"chat request sent to {bob.name}")
+    bob.login.expect(f"REQUEST {name}")
+    bob.chat.send("ACCEPT")
+    bob.chat.expect(f"OK ACCEPT {name}")
+    bob.login.expect(f"STARTED {name}")
+    assert client.notice().startswith(f"chat with {bob.name} started")
+
+    client.send(*[f"PRIVMSG {bob.name} :across {i}" for i in range(20)])
+    assert [bob.login.line() for _ in range(20)] == [f"MSG {name} across {i}" for i in range(20)]
+    bob.chat.send(*[f"MSG back {i}" for i in range(20)])
+    assert [client.expect("PRIVMSG").params[1] for _ in range(20)] == [f"back {i}" for i in range(20)]
+
+    client.send(f"WHOIS {bob.name}")  # WHO through the cluster
+    client.expect("311", name, bob.name)
+    client.expect("312")
+    client.expect("301")
+    client.expect("318")
+
+    # the same account from the selchat protocol on node b ends the IRC session on node a
+    again = RawUser(b, name, register=False)
+    assert "replaced" in client.expect("ERROR").params[0]
+    assert client.msg() is None
+    bob.login.expect(f"ENDED {name} dropped")
+    assert again.name == name
