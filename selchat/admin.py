@@ -122,6 +122,10 @@ def status(ctx):
             ("chats", r["chats"]),
             ("sockets", r["sockets"]),
         ]
+        cluster = r.get("cluster")
+        if cluster:
+            state = f"node {cluster['node']}" if cluster["joined"] else "not joined (fenced or joining)"
+            rows.append(("cluster", f"{cluster['redis']}: {state}, fenced {cluster['fences']} times"))
         for key, value in rows:
             click.echo(f"{key + ':':<14}{value}")
 

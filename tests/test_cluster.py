@@ -27,9 +27,11 @@ tests themselves); see tests/clusterharness.py.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import selectors
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -1285,3 +1287,17 @@ def test_metrics_say_whether_the_node_is_in_the_cluster_and_count_its_fences(mak
     while _gauge(text := _scrape(node), "selchat_cluster_joined") != 1:
         assert time.monotonic() < deadline + RECOVERY_LIMIT, "not joined again after Redis came back"
         time.sleep(0.1)  # polling interval; the condition ends the wait
+
+
+def test_admin_status_names_the_node_and_its_redis(make_cluster, tmp_path):
+    require_cluster_mode()
+    sock = str(tmp_path / "admin.sock")
+    c = make_cluster(1, *CLUSTER_ARGS, "--admin-socket", sock)
+    out = subprocess.run([sys.executable, "-m", "selchat.cli", "admin", "--socket", sock, "--json", "status"],
+                         capture_output=True, text=True, timeout=DEADLINE)
+    cluster = json.loads(out.stdout)["cluster"]
+    assert cluster["joined"] is True and cluster["fences"] == 0
+    assert cluster["node"] == c.node_id(0) and cluster["redis"] == c.url
+    text = subprocess.run([sys.executable, "-m", "selchat.cli", "admin", "--socket", sock, "status"],
+                          capture_output=True, text=True, timeout=DEADLINE).stdout
+    assert f"cluster:      {c.url}: node {c.node_id(0)}, fenced 0 times" in text, text

@@ -178,6 +178,11 @@ class ControlSocket:
         if server.metrics_endpoint is not None:
             listening["metrics"] = _address(server.metrics_endpoint.address)
         online = server.hub.online.values()
+        cluster = None
+        if server.cluster is not None:
+            node = server.cluster
+            cluster = {"redis": node.link.config.redacted(), "node": node.node_id or None,
+                       "joined": node.up, "fences": node.fences}
         return {
             "ok": True,
             "version": __version__,
@@ -191,6 +196,7 @@ class ControlSocket:
             "online": len(online),
             "chats": sum(1 for s in online if s.partner is not None) // 2,
             "sockets": len(server.peers),
+            "cluster": cluster,
         }
 
     def who(self, request: dict, reply_later) -> dict:
