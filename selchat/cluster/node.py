@@ -185,12 +185,12 @@ class ClusterNode:
             self.link.command("SCRIPT", "LOAD", body)
         self.node_id = secrets.token_hex(6)
         self.sub.subscribe(f"selchat:n:{self.node_id}", on_message=self._on_message,
-                           callback=lambda reply: self._renew_lease(first=True))
+                           callback=lambda reply: self._renew_lease())
 
     def _link_down(self, exc) -> None:
         self.fence(f"lost contact with Redis: {exc}")
 
-    def _renew_lease(self, first: bool = False) -> None:
+    def _renew_lease(self) -> None:
         if not self.node_id or not self.link.up:
             return
         sent = time.monotonic()
@@ -251,6 +251,7 @@ class ClusterNode:
             self.sub.unsubscribe(f"selchat:n:{old}")
         self.users.clear()
         self.feeders.clear()
+        self.held.clear()  # their sessions end here
         self.released.clear()
         self.superseded.clear()
         waiting, self.releases = self.releases, {}
@@ -279,7 +280,8 @@ class ClusterNode:
     def send_message(self, to: RemoteUser, sender, seq: int, count: int, payload: bytes) -> None:
         """Chat messages from local ``sender`` to ``to``: published only while
         the sender's session is the account's current one (RELAY fences)."""
-        if not self.up:
+        if not self.up:  # fencing: the session is ending; these were not sent, say so
+            self._not_sent(sender, seq, count, UNAVAILABLE)
             return
         header = (f"D {to.key} {to.epoch} {sender.name} {self.node_id} {sender.epoch} "
                   f"{1 if sender.outbox is not None else 0} {seq} {count}").encode()
