@@ -15,6 +15,7 @@ from __future__ import annotations
 from selchat.cluster.node import UNAVAILABLE, ClusterNode, RemoteUser, _s
 from selchat.cluster.redislink import RedisError
 from selchat.protocol import events as ev
+from selchat.server.hub import Hub
 
 
 class ClusterHub:
@@ -141,10 +142,5 @@ class ClusterHub:
 
     # -- messages -----------------------------------------------------------------
 
-    def message(self, session, text: str, seq: int):
-        """Relay a chat line; returns a Nack if it cannot be delivered, else None."""
-        partner = session.partner
-        if partner is None:
-            return ev.Nack(seq, "not-in-chat", "you are not in a chat")
-        partner.deliver(ev.Incoming(session.name, text), session, seq)
-        return None
+    #: As on one server: the partner (a ``RemoteUser`` if on another node) delivers.
+    message = Hub.message

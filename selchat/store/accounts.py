@@ -37,6 +37,7 @@ __all__ = [
     "check_username",
     "check_password",
     "AccountStore",
+    "PasswordCheck",
 ]
 
 #: Default database file, relative to the current working directory.
@@ -142,7 +143,40 @@ CREATE TABLE IF NOT EXISTS users (
 """
 
 
-class AccountStore:
+class PasswordCheck:
+    """What every account store checks a password with: its own
+    ``_lookup(name) -> (canonical name, encoded hash) | None`` and
+    ``scrypt_n`` (the SQLite store here, ``postgres.PostgresAccountStore``)."""
+
+    scrypt_n: int
+
+    def _lookup(self, name: str) -> tuple[str, str] | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def verify(self, name: str, password: str) -> str | None:
+        """Return the canonical name if *password* is right for *name*, else None.
+
+        An unknown user, a wrong password and a malformed name or password
+        all give None after the same amount of hashing work.  A database
+        failure raises :class:`StorageUnavailable` rather than returning None.
+        """
+        try:
+            check_username(name)
+            check_password(password)
+        except StoreError:
+            dummy_verify(password, self.scrypt_n)
+            return None
+        row = self._lookup(name)
+        if row is None:
+            dummy_verify(password, self.scrypt_n)
+            return None
+        canonical, encoded = row
+        if verify_password(password, encoded):
+            return canonical
+        return None
+
+
+class AccountStore(PasswordCheck):
     """Accounts in a SQLite database at *path*.
 
     *path* is a file name (``":memory:"`` works, for tests) or a SQLite
@@ -270,28 +304,6 @@ class AccountStore:
         except sqlite3.Error as exc:
             raise _storage_error("write", exc) from exc
         return name
-
-    def verify(self, name: str, password: str) -> str | None:
-        """Return the canonical name if *password* is right for *name*, else None.
-
-        An unknown user, a wrong password and a malformed name or password
-        all give None after the same amount of hashing work.  A database
-        failure raises :class:`StorageUnavailable` rather than returning None.
-        """
-        try:
-            check_username(name)
-            check_password(password)
-        except StoreError:
-            dummy_verify(password, self.scrypt_n)
-            return None
-        row = self._lookup(name)
-        if row is None:
-            dummy_verify(password, self.scrypt_n)
-            return None
-        canonical, encoded = row
-        if verify_password(password, encoded):
-            return canonical
-        return None
 
     def delete_user(self, name: str) -> bool:
         """Delete *name* (any case); True if it existed."""

@@ -27,6 +27,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from selchat.store import is_postgres_url  # noqa: F401  (re-exported)
 from selchat.store.accounts import (
+    PasswordCheck,
     StorageUnavailable,
     StoreError,
     UserExists,
@@ -35,9 +36,7 @@ from selchat.store.accounts import (
 )
 from selchat.store.passwords import (
     DEFAULT_SCRYPT_N,
-    dummy_verify,
     hash_password,
-    verify_password,
 )
 
 __all__ = [
@@ -130,7 +129,7 @@ def _iso_utc(when: datetime) -> str:
     return when.astimezone(timezone.utc).isoformat(timespec="seconds")
 
 
-class PostgresAccountStore:
+class PostgresAccountStore(PasswordCheck):
     """Accounts in the PostgreSQL database at *url* (``postgresql://...``).
 
     The same methods, results and errors as
@@ -320,28 +319,6 @@ class PostgresAccountStore:
             taken = existing[0] if existing else name
             raise UserExists(f"username {taken!r} is already taken")
         return name
-
-    def verify(self, name: str, password: str) -> str | None:
-        """Return the canonical name if *password* is right for *name*, else None.
-
-        An unknown user, a wrong password and a malformed name or password
-        all give None after the same amount of hashing work. A database
-        failure raises :class:`StorageUnavailable` rather than returning None.
-        """
-        try:
-            check_username(name)
-            check_password(password)
-        except StoreError:
-            dummy_verify(password, self.scrypt_n)
-            return None
-        row = self._lookup(name)
-        if row is None:
-            dummy_verify(password, self.scrypt_n)
-            return None
-        canonical, encoded = row
-        if verify_password(password, encoded):
-            return canonical
-        return None
 
     def delete_user(self, name: str) -> bool:
         """Delete *name* (any case); True if it existed."""
