@@ -27,12 +27,12 @@ run: $(STAMP)
 # In file order (pytest-randomly off); `make test-random` shuffles the order
 # (a new seed each run, printed first; SEED=N repeats one).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:randomly tests
+	$(BIN)/python -m pytest -q -rs -p no:randomly tests
 
 test-random: $(STAMP)
 	@seed=$${SEED:-$$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')}; \
 	echo "tests in random order, seed $$seed (make test-random SEED=$$seed repeats it)"; \
-	$(BIN)/python -m pytest -q -p randomly --randomly-seed=$$seed tests
+	$(BIN)/python -m pytest -q -rs -p randomly --randomly-seed=$$seed tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --run-slow tests
