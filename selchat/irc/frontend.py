@@ -49,7 +49,7 @@ from selchat.reactor.tls import TLSTransport
 from selchat.reactor.transport import Transport
 from selchat.server import audit
 from selchat.server.limits import bucket
-from selchat.server.peer import BACKLOG, FLOOD, PARTNER
+from selchat.server.peer import BACKLOG, FLOOD, ReadPausing
 from selchat.server.session import Phase
 from selchat.store.accounts import USERNAME_MAX
 
@@ -204,7 +204,7 @@ class _State:
         return State.CLOSED if self.closed else State.LOGIN
 
 
-class IrcConnection:
+class IrcConnection(ReadPausing):
     """One IRC client: the transport's protocol, and the login, chat and
     check "peer" of its session (see the module's docstring)."""
 
@@ -349,27 +349,9 @@ class IrcConnection:
             log.exception("error handling %r; closing it", self)
             self.wire.on_error(exc)
 
-    def pause(self, reason: int) -> None:
-        if not self.paused:
-            self.wire.pause_reading()
-        self.paused |= reason
-
-    def resume(self, reason: int) -> None:
-        if not self.paused & reason:
-            return
-        self.paused &= ~reason
-        if not self.paused and not self.wire.closing:
-            self.wire.resume_reading()
-            self.server.reactor.call_soon(self.process)
-
-    def feed_paused_by(self, feeder) -> None:
-        feeder.pause(PARTNER)
-        self.feeders.append(feeder)
-
-    def resume_feeders(self) -> None:
-        feeders, self.feeders = self.feeders, []
-        for feeder in feeders:
-            feeder.resume(PARTNER)
+    def reader(self):
+        """The transport ``ReadPausing`` pauses: the real socket's."""
+        return self.wire
 
     # -- writing --------------------------------------------------------------------
 

@@ -24,7 +24,42 @@ PARTNER = 4      # the login socket we feed is over its high-water mark
 FLOOD = 8        # over the rate limit: wait for tokens
 
 
-class Peer:
+class ReadPausing:
+    """Reading paused for reasons, one bit each (``WAITING``, ``BACKLOG``,
+    ``PARTNER``, ``FLOOD``): the socket is read again, and what it had
+    buffered handled, once no reason is left. Shared by ``Peer`` and the IRC
+    front end's connection, which have ``paused``, ``feeders``, ``server``,
+    ``process()`` and ``reader()`` (the transport to pause)."""
+
+    __slots__ = ()
+
+    def pause(self, reason: int) -> None:
+        if not self.paused:
+            self.reader().pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        reader = self.reader()
+        if not self.paused and not reader.closing:
+            reader.resume_reading()
+            # Frames that arrived before the pause are still buffered.
+            self.server.reactor.call_soon(self.process)
+
+    def feed_paused_by(self, feeder: "Peer") -> None:
+        """``feeder`` writes into us and we are congested: stop reading it."""
+        feeder.pause(PARTNER)
+        self.feeders.append(feeder)
+
+    def resume_feeders(self) -> None:
+        feeders, self.feeders = self.feeders, []
+        for feeder in feeders:
+            feeder.resume(PARTNER)
+
+
+class Peer(ReadPausing):
     __slots__ = (
         "server", "transport", "conn", "session", "deadline", "failures",
         "paused", "congested", "feeders", "address", "host",
@@ -200,33 +235,12 @@ class Peer:
         bucket.refill(self.server.reactor.clock())
         return bucket.tokens >= 1.0
 
+    def reader(self):
+        return self.transport
+
     def throttle(self, bucket) -> None:
         self.pause(FLOOD)
         self.server.reactor.call_later(bucket.wait(), self.resume, FLOOD)
-
-    def pause(self, reason: int) -> None:
-        if not self.paused:
-            self.transport.pause_reading()
-        self.paused |= reason
-
-    def resume(self, reason: int) -> None:
-        if not self.paused & reason:
-            return
-        self.paused &= ~reason
-        if not self.paused and not self.transport.closing:
-            self.transport.resume_reading()
-            # Frames that arrived before the pause are still buffered.
-            self.server.reactor.call_soon(self.process)
-
-    def feed_paused_by(self, feeder: "Peer") -> None:
-        """``feeder`` writes into us and we are congested: stop reading it."""
-        feeder.pause(PARTNER)
-        self.feeders.append(feeder)
-
-    def resume_feeders(self) -> None:
-        feeders, self.feeders = self.feeders, []
-        for feeder in feeders:
-            feeder.resume(PARTNER)
 
     # -- to the socket ------------------------------------------------------------
 
