@@ -37,7 +37,7 @@ __all__ = [
     "check_username",
     "check_password",
     "AccountStore",
-    "PasswordCheck",
+    "LookupMethods",
 ]
 
 #: Default database file, relative to the current working directory.
@@ -143,10 +143,11 @@ CREATE TABLE IF NOT EXISTS users (
 """
 
 
-class PasswordCheck:
-    """What every account store checks a password with: its own
-    ``_lookup(name) -> (canonical name, encoded hash) | None`` and
-    ``scrypt_n`` (the SQLite store here, ``postgres.PostgresAccountStore``)."""
+class LookupMethods:
+    """What every account store does with its own ``_lookup(name) ->
+    (canonical name, encoded hash) | None`` and ``scrypt_n``: check a
+    password, say whether a name exists and how it is spelled (the SQLite
+    store here, ``postgres.PostgresAccountStore``)."""
 
     scrypt_n: int
 
@@ -175,8 +176,25 @@ class PasswordCheck:
             return canonical
         return None
 
+    def exists(self, name: str) -> bool:
+        """True if an account *name* exists (case-insensitive)."""
+        try:
+            check_username(name)
+        except InvalidUsername:
+            return False
+        return self._lookup(name) is not None
 
-class AccountStore(PasswordCheck):
+    def canonical_name(self, name: str) -> str | None:
+        """The registered spelling of *name*, or None if there is no such account."""
+        try:
+            check_username(name)
+        except InvalidUsername:
+            return None
+        row = self._lookup(name)
+        return row[0] if row else None
+
+
+class AccountStore(LookupMethods):
     """Accounts in a SQLite database at *path*.
 
     *path* is a file name (``":memory:"`` works, for tests) or a SQLite
@@ -330,23 +348,6 @@ class AccountStore(PasswordCheck):
         except sqlite3.Error as exc:
             raise _storage_error("read", exc) from exc
         return [(n, c) for n, c in rows]
-
-    def exists(self, name: str) -> bool:
-        """True if an account *name* exists (case-insensitive)."""
-        try:
-            check_username(name)
-        except InvalidUsername:
-            return False
-        return self._lookup(name) is not None
-
-    def canonical_name(self, name: str) -> str | None:
-        """The registered spelling of *name*, or None if there is no such account."""
-        try:
-            check_username(name)
-        except InvalidUsername:
-            return None
-        row = self._lookup(name)
-        return row[0] if row else None
 
     def close(self) -> None:
         """Close the connection; idempotent."""

@@ -27,7 +27,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from selchat.store import is_postgres_url  # noqa: F401  (re-exported)
 from selchat.store.accounts import (
-    PasswordCheck,
+    LookupMethods,
     StorageUnavailable,
     StoreError,
     UserExists,
@@ -129,7 +129,7 @@ def _iso_utc(when: datetime) -> str:
     return when.astimezone(timezone.utc).isoformat(timespec="seconds")
 
 
-class PostgresAccountStore(PasswordCheck):
+class PostgresAccountStore(LookupMethods):
     """Accounts in the PostgreSQL database at *url* (``postgresql://...``).
 
     The same methods, results and errors as
@@ -345,23 +345,6 @@ class PostgresAccountStore(PasswordCheck):
             ).fetchall()
 
         return [(n, _iso_utc(c)) for n, c in self._run("read", query, retry=True)]
-
-    def exists(self, name: str) -> bool:
-        """True if an account *name* exists (case-insensitive)."""
-        try:
-            check_username(name)
-        except StoreError:
-            return False
-        return self._lookup(name) is not None
-
-    def canonical_name(self, name: str) -> str | None:
-        """The registered spelling of *name*, or None if there is no such account."""
-        try:
-            check_username(name)
-        except StoreError:
-            return None
-        row = self._lookup(name)
-        return row[0] if row else None
 
     def close(self) -> None:
         """Close the connection; idempotent. A closed store does not reconnect."""
