@@ -61,7 +61,7 @@ def resume(s: ClientSession, accepted: int, last_id: int, *events: str) -> list:
     """start() sends RESUME; the server answers RESUMED (and ``events``), the
     new sockets attach. The effects from RESUMED on."""
     effects = s.start()
-    assert sent(effects) == [f"LOGIN: RESUME rtok {s._seen_id}"]
+    assert sent(effects) == [f"LOGIN: RESUME rtok {s._seen_id} {s._got}"]
     effects = s.receive(LOGIN, frames(HELLO, f"RESUMED {s.user} {accepted} {last_id} c2 k2", *events))
     effects += s.receive(CHAT, frames(HELLO, "OK ATTACH CHAT"))
     effects += s.receive(CHECK, frames(HELLO, "OK ATTACH CHECK"))
@@ -276,7 +276,7 @@ def test_unknown_session_logs_in_again_and_reports_each_message_once():
     assert sent(effects) == ["CHECK: ACK 1"]   # a new session counts from 1
     # the next drop resumes the new session
     drop(s)
-    assert sent(s.start()) == ["LOGIN: RESUME rtok2 1"]
+    assert sent(s.start()) == ["LOGIN: RESUME rtok2 1 0"]
 
 
 def test_resume_window_over_fates_then_a_new_login():
@@ -318,7 +318,7 @@ def test_a_busy_server_is_asked_again_later_keeping_the_session():
     s.start()
     effects = s.receive(LOGIN, frames(HELLO, "ERR RESUME busy the server is busy"))
     assert isinstance(effects[-1], Reconnect) and kinds(effects) == ["reconnecting"]
-    assert sent(s.start()) == ["LOGIN: RESUME rtok 2"]
+    assert sent(s.start()) == ["LOGIN: RESUME rtok 2 0"]
 
 
 def test_an_accepted_count_that_cannot_be_is_a_protocol_error():
@@ -536,3 +536,20 @@ def test_an_old_server_refusing_ack_on_the_chat_socket_gets_it_on_the_check_sock
     s.typed("hello")
     effects = s.receive(CHAT, frames("ERR ACK wrong-socket ACK is not valid here: this is the chat socket"))
     assert sent(effects) == ["CHECK: ACK 2"] and not notices(effects, "error")
+
+
+def test_resume_says_how_many_chat_messages_arrived_replays_not_counted_twice():
+    """A cluster node that takes the session over from a dead node knows the
+    messages by their count, not by the dead node's event ids."""
+    s = v2_chatting(reconnect=True)
+    s.receive(LOGIN, frames("MSG bob one", "MSG bob two"))
+    drop(s)
+    assert sent(s.start()) == ["LOGIN: RESUME rtok 4 2"]
+    # The same node replays what it sent after the last ACK (2): both again, and a third.
+    effects = s.receive(LOGIN, frames(HELLO, "RESUMED alice 0 2 c2 k2", "MSG bob one", "MSG bob two",
+                                      "MSG bob three"))
+    assert [e for e in kinds(effects) if e == "message"] == ["message"]
+    s.receive(CHAT, frames(HELLO, "OK ATTACH CHAT"))
+    s.receive(CHECK, frames(HELLO, "OK ATTACH CHECK"))
+    drop(s)
+    assert sent(s.start()) == ["LOGIN: RESUME rtok 5 3"]

@@ -495,6 +495,7 @@ class ClientSession:
         self._seq = 0                      # MSG frames of this session, kept ones included
         self._mine: dict[int, str] = {}    # seq -> text of our messages with no fate yet, by seq
         self._received = 0                 # the server has every message up to this seq
+        self._got = 0                      # chat messages (MSG events) received in this session
         self._unshown: set[int] = set()    # kept while offline, not yet echoed as sent
         self._standing: tuple[Phase, str | None] = (Phase.IDLE, None)  # the chat state while offline
 
@@ -538,7 +539,7 @@ class ClientSession:
         if self._token:
             self._resuming = True
             self._acked = self._seen_id   # RESUME acknowledges what it names
-            self._send(LOGIN, ev.Resume(self._token, self._seen_id))
+            self._send(LOGIN, ev.Resume(self._token, self._seen_id, self._got))
         else:
             self._log_in()
         self.phase = Phase.LOGGING_IN
@@ -885,6 +886,7 @@ class ClientSession:
             self._show("ended", user=event.user, detail=event.reason, text=event.text)
 
     def _on_incoming(self, role: Role, event: ev.Incoming) -> None:
+        self._got += 1  # a RESUME says how many: a server that moved the session replays the rest
         self._show("message", user=event.user, text=event.text)
 
     def _on_ok(self, role: Role, event: ev.Ok) -> None:

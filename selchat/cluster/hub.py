@@ -46,15 +46,26 @@ class ClusterHub:
         elif partner is not None and partner.partner is session:
             partner.partner = None
 
+    def let_go(self, session) -> None:
+        """The session moved to another node: forget it here, without a word
+        to the cluster (its record is the new node's)."""
+        if self.online.get(session.key) is session:
+            del self.online[session.key]
+        self._unpair(session)
+
     def end_all(self, reason: str, text: str) -> None:
-        """The node shuts down: local pairs hear ENDED from here (their node is
-        going); the others hear it from the scripts as each session leaves."""
+        """The node shuts down: pairs of this node hear ENDED from here (their
+        node is going); the others hear it from the scripts as each session
+        leaves."""
+        here = self.node.node_id
         for session in list(self.online.values()):
             partner = session.partner
-            if partner is not None and not isinstance(partner, RemoteUser):
-                session.partner = partner.partner = None
-                session.deliver(ev.Ended(partner.name, reason, text))
-                partner.deliver(ev.Ended(session.name, reason, text))
+            if isinstance(partner, RemoteUser) and partner.node_id == here:
+                other = self.online.get(partner.key)
+                if other is not None and other.epoch == partner.epoch:
+                    session.partner = other.partner = None
+                    session.deliver(ev.Ended(other.name, reason, text))
+                    other.deliver(ev.Ended(session.name, reason, text))
 
     def who(self, done) -> None:
         def reply(value) -> None:
@@ -89,6 +100,8 @@ class ClusterHub:
                 done(None)
             elif code == "busy":
                 done(ev.Error("CHAT", "busy", f"{other} is busy"))
+            elif code == "away":  # its node died; its client may resume it elsewhere
+                done(ev.Error("CHAT", "busy", f"{other} is away (reconnecting)"))
             elif code == "in-chat":
                 done(ev.Error("CHAT", "in-chat", f"you are already chatting with {other}; QUIT first"))
             elif code == "pending":

@@ -37,16 +37,18 @@ protocol lines)::
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import secrets
 import time
+from collections import deque
 
 from selchat.cluster import scripts
 from selchat.cluster.redislink import BufferFull, PubSubLink, RedisError, RedisLink
 from selchat.protocol import codec
 from selchat.protocol import events as ev
 from selchat.server.logins import UNAVAILABLE
-from selchat.server.peer import PARTNER
+from selchat.server.peer import PARTNER, WAITING
 
 log = logging.getLogger("selchat.cluster")
 
@@ -86,6 +88,10 @@ def _s(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 class RemoteUser:
     """A session on another node, as this node's sessions see it: what
     ``Session`` offers a partner or a sender (``name``, ``key``,
@@ -107,8 +113,11 @@ class RemoteUser:
         self.partner = None
 
     def deliver(self, event, sender=None, seq: int = 0) -> None:
-        if sender is not None and type(event) is ev.Incoming:
+        kind = type(event)
+        if sender is not None and kind is ev.Incoming:
             self.node.send_message(self, sender, seq, -1, codec.encode(event))
+        elif kind is ev.Delivered or kind is ev.Undelivered:  # kept in Redis for its session, wherever it is
+            self.node.eval("fate", self.key, self.epoch, codec.encode(event)[:-1], 0, self.node.keep)
         else:
             self.node.post(self.node_id, f"D {self.key} {self.epoch} - - 0 0 0 0", codec.encode(event))
 
@@ -146,6 +155,66 @@ class RemoteFeeder:
                 self.user.node.post(self.user.node_id, f"F {self.user.key} {self.user.epoch} go", b"")
 
 
+class Journal:
+    """What Redis keeps of one version 2 session of this node, so that it can
+    be resumed on another node (docs/architecture.md, "Resuming on another
+    node"): the fates of its messages (``fate``: kept before the client
+    hears them), how far its own messages reached Redis (``durable``:
+    RECEIVED says no more), and the messages relayed to it until its client
+    acknowledges them (``acked`` trims them). ``got`` is the position of the
+    last relayed message written to its outbox; ``marks`` pair an outbox id
+    with the position of the message it carries."""
+
+    __slots__ = ("node", "session", "got", "durable", "marks", "trimmed")
+
+    def __init__(self, node: "ClusterNode", session, got: int = 0, durable: int = 0):
+        self.node = node
+        self.session = session
+        self.got = got
+        self.durable = durable
+        self.marks: deque[tuple[int, int]] = deque()
+        self.trimmed = got
+
+    def fate(self, event) -> None:
+        """A fate of the session's own messages, decided here (a refusal):
+        into Redis first, then (``E``) to the client."""
+        session = self.session
+        last = event.last
+        self.node.eval("fate", session.key, session.epoch, codec.encode(event)[:-1], last, self.node.keep,
+                       callback=lambda reply: self.reached(last) if reply == 1 else None)
+
+    def reached(self, seq: int) -> None:
+        """Redis has the session's messages up to ``seq``: RECEIVED may say so."""
+        if seq > self.durable:
+            self.durable = seq
+            chat = self.session.chat
+            if chat is not None and chat.received < seq <= chat.conn.msg_seq:
+                chat.received_due()
+
+    def written(self, last_pos: int) -> None:
+        """Relayed messages up to position ``last_pos`` are in the outbox (its last id)."""
+        self.got = last_pos
+        self.marks.append((self.session.outbox.last_id, last_pos))
+
+    def acked(self) -> None:
+        acked = self.session.outbox.acked
+        marks = self.marks
+        pos = 0
+        while marks and marks[0][0] <= acked:
+            pos = marks.popleft()[1]
+        if pos > self.trimmed:
+            self.trimmed = pos
+            self.node.eval("trim", self.session.key, self.session.epoch, pos)
+
+
+def _skip_messages(payload: bytes, skip: int) -> bytes:
+    """A relayed block without its first ``skip`` messages (LF-separated frames)."""
+    cut = 0
+    for _ in range(skip):
+        cut = payload.index(b"\n", cut) + 1
+    return payload[cut:]
+
+
 class ClusterNode:
     def __init__(self, server, url: str):
         self.server = server
@@ -162,6 +231,9 @@ class ClusterNode:
         self.released: dict[tuple[str, str], float] = {}    # R that came before its claim's reply: when
         self.claiming: dict[str, int] = {}                  # key -> claims of it in flight here
         self.superseded: dict[str, int] = {}                # key -> highest epoch K said is over (while claiming)
+        self.arriving: dict[str, list] = {}                 # key -> D messages for a session being moved here
+        self.moved: dict[tuple[str, str], float] = {}       # (key, epoch) moved away (M): when
+        self.keep = server.config.resume_buffer             # fates kept in Redis per session
         self._renew = None
         self._reap = None
         self.link = RedisLink(self.reactor, url, on_up=self._link_up, on_down=self._link_down,
@@ -205,7 +277,7 @@ class ClusterNode:
             gen = _s(reply)
             if self.gen is not None and gen != self.gen:
                 self.gen = gen
-                self.fence("Redis lost the cluster's state (restarted without it): history lost")
+                self.fence("Redis lost the cluster's state (restarted without it): history lost", resumable=False)
                 return
             self.gen = gen
             self.safe_until = sent + SAFE_SECONDS
@@ -226,7 +298,8 @@ class ClusterNode:
             if isinstance(reply, int) and reply:
                 log.info("cluster: reaped %d sessions of nodes that stopped renewing their lease", reply)
 
-        self.eval("reap", callback=reaped)
+        window = int(self.server.config.resume_window * 1000)
+        self.eval("reap", window, callback=reaped)
         self._reap = self.reactor.call_later(REAP_SECONDS, self._reap_dead)
 
     def _wake_check(self) -> None:
@@ -236,9 +309,16 @@ class ClusterNode:
         if self.joined and time.monotonic() > self.safe_until:
             self.fence("the lease ran out (this node was stopped, or Redis did not answer)")
 
-    def fence(self, why: str) -> None:
-        """Stop acting for the cluster: end every session here, refuse logins,
-        join again under a new id once Redis is reachable."""
+    def fence(self, why: str, resumable: bool = True) -> None:
+        """Stop acting for the cluster: let go of every session here, refuse
+        logins, join again under a new id once Redis is reachable.
+
+        Version 2 sessions are dropped without a word (their sockets close):
+        Redis keeps them, the other nodes detach them once this node's lease
+        runs out, and their clients resume them, here or elsewhere, when the
+        cluster is reachable again. Unless ``resumable`` is False (Redis lost
+        its data, so nothing is kept), they end as version 1 sessions do,
+        with ``BYE cluster-lost``."""
         was = self.joined or self.node_id
         self.joined = False
         old = self.node_id
@@ -254,14 +334,23 @@ class ClusterNode:
         self.held.clear()  # their sessions end here
         self.released.clear()
         self.superseded.clear()
+        self.arriving.clear()
+        self.moved.clear()
         waiting, self.releases = self.releases, {}
         for callbacks in waiting.values():
             for callback in callbacks:
                 callback(False)
         if was:
             self.fences += 1
-            log.error("cluster: fenced (%s); ending every session on this node", why)
-            self.server.registry.end_all_sessions(
+            registry = self.server.registry
+            kept = [session for session in registry.sessions.values() if session.journal is not None]
+            if resumable:
+                for session in kept:
+                    registry.let_go(session)
+            log.error("cluster: fenced (%s); %s", why,
+                      f"letting go of {len(kept)} resumable sessions, ending the rest" if resumable and kept
+                      else "ending every session on this node")
+            registry.end_all_sessions(
                 "dropped", "lost connection", ev.Bye("cluster-lost", "this server lost contact with the cluster"),
                 why="cluster-lost")
         if self.link.up and self.sub.up:
@@ -278,29 +367,60 @@ class ClusterNode:
             self.link.command("PUBLISH", f"selchat:n:{node_id}", header.encode() + b"\n" + payload)
 
     def send_message(self, to: RemoteUser, sender, seq: int, count: int, payload: bytes) -> None:
-        """Chat messages from local ``sender`` to ``to``: published only while
-        the sender's session is the account's current one (RELAY fences)."""
+        """Chat messages from local ``sender`` to ``to``: relayed only while
+        the sender's session is the account's current one (RELAY fences), and
+        kept in Redis until ``to``'s client has them (version 2)."""
         if not self.up:  # fencing: the session is ending; these were not sent, say so
             self._not_sent(sender, seq, count, UNAVAILABLE)
             return
-        header = (f"D {to.key} {to.epoch} {sender.name} {self.node_id} {sender.epoch} "
-                  f"{1 if sender.outbox is not None else 0} {seq} {count}").encode()
+        last = seq + max(count, 1) - 1
+        journal = sender.journal
 
         def relayed(reply) -> None:
-            if reply == 1:
-                return
-            # Not published: the sender's session was taken over (0), or the
-            # link's buffer was full. (LinkDown: the link is lost, the node
-            # fences itself and the session ends; its fate is unknown.)
-            if reply == 0 or isinstance(reply, BufferFull):
+            if reply == 1 or reply == 2:
+                if journal is not None:
+                    journal.reached(last)
+                if reply == 2:
+                    self._wait_for_room(sender, to)
+            elif reply == 3:
+                self._not_sent(sender, seq, count, f"{to.name} left the chat")
+            elif reply == 0 or isinstance(reply, BufferFull):
+                # Not relayed: the sender's session was taken over (0), or
+                # the link's buffer was full. (LinkDown: the link is lost, the
+                # node fences itself and the session ends; its fate is unknown.)
                 why = "the cluster is overloaded" if reply else "your session was taken over"
                 self._not_sent(sender, seq, count, why)
 
-        self.eval("relay", sender.key, sender.epoch, to.node_id, header + b"\n" + payload, callback=relayed)
+        self.eval("relay", sender.key, sender.epoch, to.key, count, seq, sender.name, self.node_id,
+                  1 if sender.outbox is not None else 0, self.keep, payload, callback=relayed)
         chat = sender.chat
         if self.link.congested and chat is not None and not chat.paused & PARTNER:
             chat.pause(PARTNER)  # Redis reads slower than we relay: slow the sender, lose nothing
             self.held.append(chat)
+
+    def _wait_for_room(self, sender, to: RemoteUser) -> None:
+        """``to`` (detached: its node died) holds as many messages as it may:
+        read no more from ``sender`` until its client takes some, or the chat
+        ends."""
+        chat = sender.chat
+        if chat is None or chat.paused & PARTNER:
+            return
+        chat.pause(PARTNER)
+
+        def poll() -> None:
+            if sender.chat is not chat or sender.partner is not to or not self.up:
+                chat.resume(PARTNER)
+                return
+
+            def length(reply) -> None:
+                if isinstance(reply, int) and reply < self.keep // 2:
+                    chat.resume(PARTNER)
+                else:
+                    self.reactor.call_later(0.5, poll)
+
+            self.link.command("LLEN", f"selchat:in:{to.key}", callback=length)
+
+        self.reactor.call_later(0.5, poll)
 
     def _drained(self) -> None:
         held, self.held = self.held, []
@@ -316,6 +436,12 @@ class ClusterNode:
         elif sender.chat is not None:
             for s in range(seq, last + 1):
                 sender.chat.send(ev.Nack(s, "gone", why))
+
+    def track(self, session, token: str) -> None:
+        """A version 2 session begins here: its resume token goes into Redis
+        (hashed), so that any node can find the session by it."""
+        session.journal = Journal(self, session)
+        self.eval("token", session.key, session.epoch, _token_hash(token))
 
     def remote(self, key: str, name: str, node_id: str, epoch: str, v2: bool) -> RemoteUser:
         user = self.users.get((key, epoch))
@@ -367,8 +493,11 @@ class ClusterNode:
         self.eval("claim", key, name, self.node_id, 1 if v2 else 0, callback=claimed)
 
     def _await_release(self, key: str, old_node: str, old_epoch: str, done) -> None:
-        """Wait for ``R`` from the node that held the account, or for its
-        lease to run out, whichever first; ``done(ok)``."""
+        """Wait for ``R`` from the node that held the account, or for it to
+        be gone, whichever first; ``done(ok)``. Gone: its lease ran out, or
+        its subscription is (``PUBSUB NUMSUB``: a killed node's connections
+        close at once). A node without its subscription hears nothing more,
+        and the new epoch fences whatever it still tries to relay."""
         if self.released.pop((key, old_epoch), None) is not None:  # R came first
             self.reactor.call_soon(done, True)
             return
@@ -402,9 +531,150 @@ class ClusterNode:
                 else:
                     self.reactor.call_later(0.25, poll)
 
-            self.link.command("EXISTS", f"selchat:node:{old_node}", callback=exists)
+            def subscribed(reply) -> None:
+                if finished:
+                    return
+                if isinstance(reply, list) and len(reply) == 2 and reply[1] == 0:
+                    exists(0)  # its subscription is gone: as good as dead
+                else:
+                    self.link.command("EXISTS", f"selchat:node:{old_node}", callback=exists)
 
-        self.reactor.call_later(0.25, poll)
+            self.link.command("PUBSUB", "NUMSUB", f"selchat:n:{old_node}", callback=subscribed)
+
+        self.reactor.call_soon(poll)
+
+    # -- resuming a session another node held -------------------------------------
+
+    def resume(self, peer, event: ev.Resume) -> None:
+        """RESUME of a session this node does not hold: find it by its token
+        (RECLAIM), make this node its holder (the old node, if alive, lets go
+        of it: ``M``/``R``), then take over what Redis kept (TAKE) and go on
+        where the client left off. docs/architecture.md, "Resuming on another
+        node"."""
+        registry = self.server.registry
+        if not self.up:
+            self._resume_failed(peer, "unavailable", UNAVAILABLE)
+            return
+        peer.pause(WAITING)
+        _, _, secret = event.token.partition(".")
+
+        def reclaimed(reply) -> None:
+            code = _s(reply[0]) if isinstance(reply, list) and reply else "down"
+            if peer.transport.closing and code != "ok":
+                return
+            if code == "unknown":
+                registry.unknown_session(peer)
+                peer.resume(WAITING)
+            elif code == "here":  # held here, under a token this node's ids do not show
+                session = registry.sessions.get(_s(reply[1]))
+                if session is None or session.outbox is None or \
+                        not hmac.compare_digest(session.resume_secret.encode(), secret.encode()):
+                    registry.unknown_session(peer)
+                else:
+                    registry.resume_here(peer, event, session)
+                peer.resume(WAITING)
+            elif code == "ok":
+                key, name, epoch = _s(reply[1]), _s(reply[2]), _s(reply[3])
+                old_node, old_alive, old_epoch = _s(reply[4]), reply[5], _s(reply[6])
+                self.arriving[key] = []
+
+                def take(ok: bool = True) -> None:
+                    if not ok:  # the old node neither let go nor died in time
+                        self.arriving.pop(key, None)
+                        self._resume_failed(peer, "unavailable", UNAVAILABLE)
+                        return
+                    self.eval("take", key, epoch,
+                              callback=lambda reply: self._took(peer, event, secret, key, name, epoch, reply))
+
+                if old_alive:
+                    self._await_release(key, old_node, old_epoch, take)
+                else:
+                    take()
+            else:
+                self._resume_failed(peer, "unavailable", UNAVAILABLE)
+
+        self.eval("reclaim", _token_hash(event.token), self.node_id, callback=reclaimed)
+
+    def _resume_failed(self, peer, code: str, text: str) -> None:
+        if not peer.transport.closing:
+            peer.send(ev.Error("RESUME", code, text))
+            peer.resume(WAITING)
+
+    def _took(self, peer, event: ev.Resume, secret: str, key: str, name: str, epoch: str, reply) -> None:
+        """TAKE's answer: the session is this node's now. Send RESUMED, then
+        every fate Redis kept (the client drops those it has) and the chat
+        messages its client had not received (``event.messages``: how many it
+        had); those it had but had not acknowledged are DELIVERED now."""
+        waiting = self.arriving.pop(key, [])
+        if not isinstance(reply, list) or _s(reply[0]) != "ok" or not self.up:
+            self._resume_failed(peer, "unavailable", UNAVAILABLE)
+            return
+        acc = int(reply[1])
+        pkey, pname, pnode, pepoch, pv2 = (_s(v) for v in reply[2:7])
+        fates, held = reply[7], reply[8]
+        session = self.server.registry.adopt(peer, name, epoch, secret, event.last_id, acc)
+        journal = session.journal = Journal(self, session, durable=acc)
+        if pkey:
+            session.partner = self.remote(pkey, pname, pnode, pepoch, pv2 == "1")
+        for line in fates:
+            session.record(_event(line))
+        seen = max(event.messages, 0)
+        journal.got = journal.trimmed = seen
+        shown: list[list] = []  # (sender, first, last): had, not acknowledged: delivered
+        for entry in held:
+            head, _, payload = entry.partition(b"\n")
+            pos, n, count, sname, snode, sepoch, sv2, seq = head.decode().split(" ")
+            pos, n, count, seq = int(pos), int(n), int(count), int(seq)
+            sender = self.remote(sname.lower(), sname, snode, sepoch, sv2 == "1")
+            had = min(seen - pos + 1, n)
+            if had > 0 and sender.outbox is not None:
+                if shown and shown[-1][0] is sender and shown[-1][2] + 1 == seq:
+                    shown[-1][2] = seq + had - 1
+                else:
+                    shown.append([sender, seq, seq + had - 1])
+            self._write_relayed(session, sender, pos, count, seq, payload)
+        for sender, first, last in shown:
+            sender.deliver(ev.Delivered(first, last))
+        if seen:
+            self.eval("trim", key, epoch, seen)
+        for _key, fields, payload in waiting:  # relayed to it while it was moving
+            self._on_delivery(key, epoch, fields[:2] + [epoch] + fields[3:], payload)
+        peer.resume(WAITING)
+        log.info("cluster: %s resumed here (moved from another node): %d fates, %d held blocks",
+                 name, len(fates), len(held))
+        if peer.transport.closing:  # gone while it moved: the session is here now, detached
+            self.server.registry.lost(session, "dropped", f"{name} lost connection")
+
+    def _on_move(self, key, epoch, fields, payload) -> None:
+        """M: a RESUME on another node took this session over: let go of it
+        without ending it, and say so (R)."""
+        session = self._local(key, epoch)
+        if session is not None:
+            self.server.registry.let_go(session)
+        now = time.monotonic()
+        self.moved[(key, epoch)] = now
+        if len(self.moved) > 1000:
+            self.moved = {k: t for k, t in self.moved.items() if now - t < 60}
+        new_node = payload.decode()
+        if new_node:
+            self.post(new_node, f"R {key} {epoch}", b"")
+
+    def _on_partner_moved(self, key, epoch, fields, payload) -> None:
+        """P: our partner resumed on another node (fields: its key, node,
+        epoch, v2); a version 2 session also hears BACK."""
+        session = self._local(key, epoch)
+        if session is None:
+            return
+        old = session.partner
+        if old is None or old.key != fields[3]:
+            return
+        if isinstance(old, RemoteUser):
+            self.forget(old)
+        session.partner = self.remote(fields[3], old.name, fields[4], fields[5], fields[6] == "1")
+        if isinstance(old, RemoteUser) and old.blocked and session.chat is not None:
+            session.chat.resume(PARTNER)
+        if payload:
+            session.deliver(_event(payload))
 
     # -- mail from other nodes ------------------------------------------------------
 
@@ -430,7 +700,11 @@ class ClusterNode:
     def _on_event(self, key, epoch, fields, payload) -> None:
         session = self._local(key, epoch)
         if session is not None:
-            session.deliver(_event(payload))
+            event = _event(payload)
+            if session.outbox is not None and type(event) in (ev.Delivered, ev.Undelivered):
+                session.record(event)  # kept in Redis already (FATE)
+            else:
+                session.deliver(event)
 
     def _on_ended(self, key, epoch, fields, payload) -> None:
         session = self._local(key, epoch)
@@ -455,12 +729,9 @@ class ClusterNode:
         session.deliver(event)
 
     def partner_for(self, pkey: str, name: str, pnode: str, pepoch: str, v2: bool):
-        """The partner as a local session sees it: the session itself if it is
-        here, else a proxy."""
-        if pnode == self.node_id:
-            local = self._local(pkey, pepoch)
-            if local is not None:
-                return local
+        """The partner as a local session sees it: always a proxy, even on
+        this node, so that every chat message goes through Redis (RELAY) and
+        is there to replay if this node dies."""
         return self.remote(pkey, name, pnode, pepoch, v2)
 
     def _on_kick(self, key, epoch, fields, payload) -> None:
@@ -491,20 +762,44 @@ class ClusterNode:
         sname, snode, sepoch, sv2 = fields[3], fields[4], fields[5], fields[6] == "1"
         seq, count = int(fields[7]), int(fields[8])
         session = self._local(key, epoch)
+        if session is None:
+            if key in self.arriving:  # being moved here: replayed once it is
+                self.arriving[key].append((key, fields, payload))
+                return
+            if (key, epoch) in self.moved:  # moved away: its new node replays it from Redis
+                return
         sender = self.remote(sname.lower(), sname, snode, sepoch, sv2) if sname != "-" else None
         if session is None:  # it ended (or was taken over) while this was on the way
             if sender is not None and sender.outbox is not None and count:
                 last = seq + max(count, 1) - 1
                 sender.deliver(ev.Undelivered(seq, last, "gone", "your partner left"))
             return
+        if count == 0:
+            session.deliver(_event(payload))
+            return
+        self._write_relayed(session, sender, int(fields[9]), count, seq, payload)
+        session.hold_back(self._feeder(sender))
+
+    def _write_relayed(self, session, sender: RemoteUser, pos: int, count: int, seq: int, payload: bytes) -> None:
+        """Chat messages relayed to ``session`` (from RELAY, or replayed from
+        its in: list after a move), the first at position ``pos`` among all
+        relayed to it: those it has already are skipped."""
+        journal = session.journal
+        if journal is not None and pos:
+            last = pos + max(count, 1) - 1
+            if last <= journal.got:
+                return
+            if pos <= journal.got:  # only part of a block is new (count > 1)
+                skip = journal.got - pos + 1
+                payload = _skip_messages(payload, skip)
+                count -= skip
+                seq += skip
         if count > 0:
             session.deliver_block(sender, payload, count, seq)
-            session.hold_back(self._feeder(sender))
-        elif count < 0:
-            session.deliver(_event(payload), sender, seq)
-            session.hold_back(self._feeder(sender))
         else:
-            session.deliver(_event(payload))
+            session.deliver(_event(payload), sender, seq)
+        if journal is not None and pos:
+            journal.written(last)
 
     def _feeder(self, sender: RemoteUser) -> RemoteFeeder:
         feeder = self.feeders.get((sender.key, sender.epoch))
@@ -527,7 +822,7 @@ class ClusterNode:
 
     _HANDLERS = {
         "E": _on_event, "X": _on_ended, "S": _on_started, "K": _on_kick, "R": _on_release,
-        "D": _on_delivery, "F": _on_flow,
+        "D": _on_delivery, "F": _on_flow, "M": _on_move, "P": _on_partner_moved,
     }
 
     def close(self) -> None:

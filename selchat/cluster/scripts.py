@@ -13,8 +13,22 @@ Keys (``selchat:`` prefixed):
 ``nu:<id>``        the account keys with a session on that node.
 ``fence:<key>``    the account's fencing counter: INCR at every login.
 ``u:<key>``        the session record: name, node, epoch (its fence value),
-                   v2, partner, req_to, req_from, req_id.
-``online``         key -> node, for WHO.
+                   v2, partner, req_to, req_from, req_id; for version 2 also
+                   since (the epoch it began with: a resume elsewhere keeps
+                   the session under a new epoch), acc (the seq of its last
+                   message that reached Redis), got (how many chat messages
+                   were relayed to it), rt (its resume token's hash) and,
+                   while its node is dead, until (end of its resume window,
+                   ms) with node ''.
+``in:<key>``       version 2: the chat messages relayed to the session that
+                   its client has not acknowledged, one entry per relayed
+                   block: ``<pos> <n> <count> <sname> <snode> <sepoch> <sv2>
+                   <seq>\n<payload>`` (pos: the position of its first message
+                   among all relayed to the session).
+``fa:<key>``       version 2: the fates of its messages, the last ``keep``.
+``rt:<hash>``      a resume token's SHA-256 -> the account key.
+``detached``       keys of version 2 sessions whose node died (resumable).
+``online``         key -> node ('' while detached), for WHO.
 ``gen``            a random value set by the first node: if it vanishes,
                    Redis lost its data ("history lost").
 
@@ -34,19 +48,55 @@ local P = 'selchat:'
 local function u(k) return P .. 'u:' .. k end
 local function pub(node, msg) redis.call('PUBLISH', P .. 'n:' .. node, msg) end
 local function rec(k)
-  local h = redis.call('HMGET', u(k), 'name', 'node', 'epoch', 'v2', 'partner', 'req_to', 'req_from', 'req_id')
+  local h = redis.call('HMGET', u(k), 'name', 'node', 'epoch', 'v2', 'partner', 'req_to', 'req_from', 'req_id',
+                       'since', 'acc', 'got', 'rt', 'until')
   if not h[1] then return nil end
   return {name=h[1], node=h[2], epoch=h[3], v2=h[4], partner=h[5] or '', req_to=h[6] or '',
-          req_from=h[7] or '', req_id=h[8] or ''}
+          req_from=h[7] or '', req_id=h[8] or '', since=h[9] or h[3], acc=tonumber(h[10] or '0'),
+          got=tonumber(h[11] or '0'), rt=h[12] or '', untl=tonumber(h[13] or '0')}
 end
 local function current(k, epoch)
   local r = rec(k)
   if r and r.epoch == epoch then return r end
   return nil
 end
-local function alive(node) return redis.call('EXISTS', P .. 'node:' .. node) == 1 end
--- tell: an event line for a session ('E'), or one that also ends its chat ('X')
-local function tell(kind, k, r, line) pub(r.node, kind .. ' ' .. k .. ' ' .. r.epoch .. '\n' .. line) end
+local function alive(node) return node ~= '' and redis.call('EXISTS', P .. 'node:' .. node) == 1 end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- tell: an event line for a session ('E'), or one that also ends its chat ('X');
+-- a detached session (node '') hears nothing
+local function tell(kind, k, r, line)
+  if r.node ~= '' then pub(r.node, kind .. ' ' .. k .. ' ' .. r.epoch .. '\n' .. line) end
+end
+-- A fate of session k's messages (a DELIVERED or UNDELIVERED line), kept in
+-- fa:k for a resume on another node, then told to its node. ``epoch`` may be
+-- any of the session's (since..epoch): a resume elsewhere keeps the session.
+-- ``acc``: the fate's last seq if the message never went through RELAY.
+local function fate(k, epoch, line, acc, keep)
+  local r = rec(k)
+  if not r or tonumber(r.since) > tonumber(epoch) then return 0 end
+  if r.v2 == '1' then
+    redis.call('RPUSH', P .. 'fa:' .. k, line)
+    redis.call('LTRIM', P .. 'fa:' .. k, -keep, -1)
+    if acc > r.acc then redis.call('HSET', u(k), 'acc', acc) end
+  end
+  tell('E', k, r, line)
+  return 1
+end
+-- The messages held for session k (its in: list) will never be delivered:
+-- each version 2 sender hears so.
+local function bury(k, code, text)
+  for _, e in ipairs(redis.call('LRANGE', P .. 'in:' .. k, 0, -1)) do
+    local n, sname, sepoch, sv2, seq = e:match('^%d+ (%d+) %-?%d+ (%S+) %S+ (%S+) (%d) (%d+)\n')
+    if sv2 == '1' then
+      local first = tonumber(seq)
+      fate(string.lower(sname), sepoch,
+           'UNDELIVERED ' .. first .. ' ' .. (first + tonumber(n) - 1) .. ' ' .. code .. ' ' .. text, 0, 1000)
+    end
+  end
+end
 -- The session k (record r) goes away: end its chat and its request.
 local function part(k, r, reason, text)
   if r.partner ~= '' then
@@ -69,9 +119,25 @@ local function part(k, r, reason, text)
   end
 end
 local function forget(k, r)
-  redis.call('DEL', u(k))
+  redis.call('DEL', u(k), P .. 'in:' .. k, P .. 'fa:' .. k)
+  if r.rt ~= '' then redis.call('DEL', P .. 'rt:' .. r.rt) end
   redis.call('HDEL', P .. 'online', k)
   redis.call('SREM', P .. 'nu:' .. r.node, k)
+  redis.call('SREM', P .. 'detached', k)
+end
+-- A version 2 session whose node died: kept for its resume window, its chat
+-- up (the partner hears AWAY), its requests cancelled.
+local function detach(k, r, window)
+  redis.call('HSET', u(k), 'node', '', 'until', now_ms() + window)
+  redis.call('HSET', P .. 'online', k, '')
+  redis.call('SADD', P .. 'detached', k)
+  local chat = r.partner
+  r.partner = ''
+  part(k, r, 'dropped', '')
+  if chat ~= '' then
+    local p = rec(chat)
+    if p and p.partner == k and p.v2 == '1' then tell('E', chat, p, 'AWAY ' .. r.name) end
+  end
 end
 """
 
@@ -84,15 +150,18 @@ local old = rec(k)
 local old_node, old_alive, old_epoch = '', 0, ''
 if old then
   part(k, old, 'dropped', old.name .. ' lost connection')
-  forget(k, old)
   old_node, old_epoch = old.node, old.epoch
   if alive(old.node) then
     old_alive = 1
-    pub(old.node, 'K ' .. k .. ' ' .. old.epoch .. '\n' .. node)
+    pub(old.node, 'K ' .. k .. ' ' .. old.epoch .. '\n' .. node)  -- it ends the session and says so
+  else
+    bury(k, 'gone', old.name .. ' logged in again before receiving it')
   end
+  forget(k, old)
 end
 redis.call('HSET', u(k), 'name', name, 'node', node, 'epoch', epoch, 'v2', v2,
-           'partner', '', 'req_to', '', 'req_from', '', 'req_id', '')
+           'partner', '', 'req_to', '', 'req_from', '', 'req_id', '',
+           'since', epoch, 'acc', 0, 'got', 0, 'rt', '', 'until', 0)
 redis.call('HSET', P .. 'online', k, node)
 redis.call('SADD', P .. 'nu:' .. node, k)
 return {epoch, old_node, old_alive, old_epoch}
@@ -123,6 +192,7 @@ if pending ~= '' then
   return {'pending', o and o.name or pending}
 end
 local d = rec(dk)
+if d and d.node == '' then return {'away', d.name} end
 if not d or not alive(d.node) then return {'offline', ''} end
 if d.partner ~= '' or d.req_to ~= '' or d.req_from ~= '' then return {'busy', d.name} end
 local id = tostring(redis.call('INCR', P .. 'reqid'))
@@ -213,7 +283,7 @@ local live = {}
 local out = {}
 for i = 1, #all, 2 do
   local k, node = all[i], all[i + 1]
-  if live[node] == nil then live[node] = alive(node) end
+  if live[node] == nil then live[node] = (node == '') or alive(node) end
   if live[node] then
     local r = rec(k)
     if r then
@@ -226,16 +296,25 @@ end
 return out
 """
 
-#: ARGV: none. Ends the sessions of nodes whose lease ran out. Returns how many.
+#: ARGV: resume window (ms). The sessions of nodes whose lease ran out end
+#: (version 1) or are detached (version 2, with a resume token: a client may
+#: resume them on another node); detached ones whose window is over end, and
+#: the messages held for them are reported to their senders. Returns how many
+#: sessions ended or were detached.
 REAP = PRELUDE + r"""
+local window = tonumber(ARGV[1])
 local n = 0
 for _, node in ipairs(redis.call('SMEMBERS', P .. 'nodes')) do
   if not alive(node) then
     for _, k in ipairs(redis.call('SMEMBERS', P .. 'nu:' .. node)) do
       local r = rec(k)
       if r and r.node == node then
-        part(k, r, 'dropped', r.name .. ' lost connection')
-        forget(k, r)
+        if r.v2 == '1' and r.rt ~= '' and window > 0 then
+          detach(k, r, window)
+        else
+          part(k, r, 'dropped', r.name .. ' lost connection')
+          forget(k, r)
+        end
         n = n + 1
       end
     end
@@ -243,16 +322,135 @@ for _, node in ipairs(redis.call('SMEMBERS', P .. 'nodes')) do
     redis.call('SREM', P .. 'nodes', node)
   end
 end
+local now = now_ms()
+for _, k in ipairs(redis.call('SMEMBERS', P .. 'detached')) do
+  local r = rec(k)
+  if not r or r.node ~= '' then
+    redis.call('SREM', P .. 'detached', k)
+  elseif now > r.untl then
+    bury(k, 'away', r.name .. ' lost connection and did not come back')
+    part(k, r, 'dropped', r.name .. ' lost connection')
+    forget(k, r)
+    n = n + 1
+  end
+end
 return n
 """
 
-#: ARGV: src key, src epoch, destination node, message. Publishes the message
-#: only while the sender's epoch is current (fencing). Returns 1 if sent.
-RELAY = r"""
-local P = 'selchat:'
-if redis.call('HGET', P .. 'u:' .. ARGV[1], 'epoch') ~= ARGV[2] then return 0 end
-redis.call('PUBLISH', P .. 'n:' .. ARGV[3], ARGV[4])
+#: ARGV: src key, src epoch, dst key, count, first seq, sender name, sender
+#: node, sender v2, bound, payload. Chat messages for the sender's partner,
+#: only while the sender's epoch is current (fencing): their seqs reach the
+#: sender's record (acc), a version 2 receiver keeps them in its in: list
+#: until its client acknowledges them, and its node (if it has one) gets
+#: ``D <dst> <depoch> <sname> <snode> <sepoch> <sv2> <seq> <count> <pos>``.
+#: Returns 1 (sent), 2 (sent, and the receiver's list is at its bound: wait),
+#: 3 (the receiver is not the sender's partner any more), 0 (fenced).
+RELAY = PRELUDE + r"""
+local k, epoch, dk, count, seq = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local s = current(k, epoch)
+if not s then return 0 end
+local n = count > 0 and count or 1
+if seq + n - 1 > s.acc then redis.call('HSET', u(k), 'acc', seq + n - 1) end
+local d = rec(dk)
+if not d or d.partner ~= k then return 3 end
+local pos, full = 0, false
+local head = ARGV[6] .. ' ' .. ARGV[7] .. ' ' .. epoch .. ' ' .. ARGV[8] .. ' ' .. seq
+if d.v2 == '1' then
+  pos = redis.call('HINCRBY', u(dk), 'got', n) - n + 1
+  full = redis.call('RPUSH', P .. 'in:' .. dk, pos .. ' ' .. n .. ' ' .. count .. ' ' .. head .. '\n' .. ARGV[10])
+         >= tonumber(ARGV[9])
+end
+if d.node ~= '' then
+  pub(d.node, 'D ' .. dk .. ' ' .. d.epoch .. ' ' .. head .. ' ' .. count .. ' ' .. pos .. '\n' .. ARGV[10])
+end
+if full then return 2 end
 return 1
+"""
+
+#: ARGV: key, epoch (any of the session's), fate line, acc (0, or its last
+#: seq for a message that never went through RELAY), fates kept.
+FATE = PRELUDE + r"""
+return fate(ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+"""
+
+#: ARGV: key, epoch, position. The client has every chat message up to that
+#: position: drop them from the in: list.
+TRIM = PRELUDE + r"""
+local k, pos = ARGV[1], tonumber(ARGV[3])
+local r = rec(k)
+if not r or tonumber(r.since) > tonumber(ARGV[2]) then return 0 end
+local key = P .. 'in:' .. k
+while true do
+  local e = redis.call('LINDEX', key, 0)
+  if not e then break end
+  local first, n = e:match('^(%d+) (%d+) ')
+  if tonumber(first) + tonumber(n) - 1 > pos then break end
+  redis.call('LPOP', key)
+end
+return 1
+"""
+
+#: ARGV: key, epoch, token hash. A version 2 session's resume token, so that
+#: any node can find the session by it.
+TOKEN = PRELUDE + r"""
+local k, epoch, hash = ARGV[1], ARGV[2], ARGV[3]
+if not current(k, epoch) then return 0 end
+redis.call('SET', P .. 'rt:' .. hash, k)
+redis.call('HSET', u(k), 'rt', hash)
+return 1
+"""
+
+#: ARGV: token hash, node. A RESUME on ``node`` of the session with that
+#: token: the node becomes its holder under a new epoch (the old holder, if
+#: alive, is told ``M``: let go of it without ending it). Returns {'unknown'},
+#: {'here', key}, or {'ok', key, name, epoch, old node, old alive, old epoch}.
+RECLAIM = PRELUDE + r"""
+local hash, node = ARGV[1], ARGV[2]
+if not alive(node) then return {'down'} end
+local k = redis.call('GET', P .. 'rt:' .. hash)
+if not k then return {'unknown'} end
+local r = rec(k)
+if not r or r.rt ~= hash then return {'unknown'} end
+if r.node == node then return {'here', k} end
+local epoch = redis.call('INCR', P .. 'fence:' .. k)
+local old_alive = 0
+if r.node ~= '' then  -- not detached: the partner has not heard AWAY yet (BACK follows, from TAKE)
+  local p = r.partner ~= '' and rec(r.partner) or nil
+  if p and p.partner == k and p.v2 == '1' then tell('E', r.partner, p, 'AWAY ' .. r.name) end
+  redis.call('SREM', P .. 'nu:' .. r.node, k)
+  if alive(r.node) then
+    old_alive = 1
+    pub(r.node, 'M ' .. k .. ' ' .. r.epoch .. '\n' .. node)
+  end
+end
+redis.call('SREM', P .. 'detached', k)
+redis.call('HSET', u(k), 'node', node, 'epoch', epoch, 'until', 0)
+redis.call('HSET', P .. 'online', k, node)
+redis.call('SADD', P .. 'nu:' .. node, k)
+return {'ok', k, r.name, epoch, r.node, old_alive, r.epoch}
+"""
+
+#: ARGV: key, epoch. After RECLAIM (and the old holder's R): what the new
+#: holder needs, {acc, partner key, name, node, epoch, v2, {fates}, {held
+#: messages}}; the partner's node hears where the session is now (P), and a
+#: version 2 partner ``BACK``.
+TAKE = PRELUDE + r"""
+local k, epoch = ARGV[1], ARGV[2]
+local r = current(k, epoch)
+if not r then return {'fenced'} end
+local pk, p = r.partner, nil
+if pk ~= '' then p = rec(pk) end
+if p and p.partner ~= k then p, pk = nil, '' end
+if p and p.node ~= '' then
+  pub(p.node, 'P ' .. pk .. ' ' .. p.epoch .. ' ' .. k .. ' ' .. r.node .. ' ' .. r.epoch .. ' ' .. r.v2 .. '\n' ..
+      (p.v2 == '1' and ('BACK ' .. r.name) or ''))
+end
+local fates = redis.call('LRANGE', P .. 'fa:' .. k, 0, -1)
+local held = redis.call('LRANGE', P .. 'in:' .. k, 0, -1)
+if p then
+  return {'ok', r.acc, pk, p.name, p.node, p.epoch, p.v2, fates, held}
+end
+return {'ok', r.acc, '', '', '', '', '', fates, held}
 """
 
 #: ARGV: node id, lease ms, generation. Renews the lease; returns the
@@ -273,4 +471,5 @@ return gen
 SCRIPTS = {
     "claim": CLAIM, "leave": LEAVE, "request": REQUEST, "accept": ACCEPT, "decline": DECLINE,
     "quit": QUIT, "expire": EXPIRE, "who": WHO, "reap": REAP, "relay": RELAY, "lease": LEASE,
+    "fate": FATE, "trim": TRIM, "token": TOKEN, "reclaim": RECLAIM, "take": TAKE,
 }

@@ -112,10 +112,12 @@ def decode_client(line: bytes) -> ev.Event:
         (version,) = _args(verb, rest, 1, "VERSION <n>")
         return ev.Version(_number(verb, version, "VERSION <n>"))
     if verb == "RESUME":
-        token, last_id = _args(verb, rest, 2, "RESUME <token> <last-id>")
-        if " " in last_id:
-            raise FrameError("bad-syntax", "usage: RESUME <token> <last-id>", verb)
-        return ev.Resume(token, _number(verb, last_id, "RESUME <token> <last-id>"))
+        usage = "RESUME <token> <last-id> [<messages>]"
+        token, numbers = _args(verb, rest, 2, usage)
+        last_id, _, messages = numbers.partition(" ")
+        if " " in messages:
+            raise FrameError("bad-syntax", f"usage: {usage}", verb)
+        return ev.Resume(token, _number(verb, last_id, usage), _number(verb, messages, usage) if messages else -1)
     if verb == "ATTACH":
         # A missing token is a wrong token (same reply, socket closed), not a syntax error.
         role, _, token = rest.partition(" ")
@@ -249,7 +251,8 @@ _ENCODERS = {
     ev.Help: lambda e: b"HELP\n",
     ev.Message: lambda e: f"MSG {e.text}\n".encode("utf-8"),
     ev.Version: lambda e: _frame("VERSION", e.version),
-    ev.Resume: lambda e: _frame("RESUME", e.token, e.last_id),
+    ev.Resume: lambda e: (_frame("RESUME", e.token, e.last_id, e.messages) if e.messages >= 0
+                          else _frame("RESUME", e.token, e.last_id)),
     ev.Ack: lambda e: b"ACK %d\n" % e.id,
     # either side
     ev.Ping: lambda e: _frame("PING", e.data),

@@ -70,11 +70,15 @@ class Version(Event):
 
 @dataclass(frozen=True, slots=True)
 class Resume(Event):
-    """``RESUME <token> <last-id>``: take a detached session back (v2), without a
-    password: ``last_id`` is the id of the last login-socket event received."""
+    """``RESUME <token> <last-id> [<messages>]``: take a detached session back
+    (v2), without a password: ``last_id`` is the id of the last login-socket
+    event received, ``messages`` how many chat messages (``MSG`` events) the
+    session's client has received in all (-1: not said). A cluster node that
+    moves the session from a dead node replays only the messages after those."""
 
     token: str
     last_id: int
+    messages: int = -1
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,6 +163,9 @@ class Logins:
     def _welcome(self, peer, verb: str, name: str, epoch: str) -> None:
         self.server.metrics.logins["ok"] += 1
         session = self.server.registry.start_session(peer, name, epoch)
+        cluster = self.server.cluster
+        if cluster is not None and session.outbox is not None:
+            cluster.track(session, f"{session.sid}.{session.resume_secret}")
         audit.emit("register" if verb == "REGISTER" else "login", user=name, addr=peer.host, session=session.sid)
         peer.resume(WAITING)
 

@@ -138,6 +138,9 @@ class Peer(ReadPausing):
         takes messages in order, so a fate for seq n means it had them all up
         to n (docs/protocol.md)."""
         seq = self.conn.msg_seq
+        journal = self.session.journal
+        if journal is not None and journal.durable < seq:
+            seq = journal.durable  # a cluster says RECEIVED only for what Redis has
         if seq > self.received:
             self.received = seq
             if seq > self.session.fated:

@@ -192,15 +192,27 @@ class Registry:
 
     def on_resume(self, peer, event: ev.Resume) -> None:
         """RESUME <token> <last-id> on a fresh login socket: no password is
-        checked; the token is the proof. Replays every event after last-id."""
+        checked; the token is the proof. Replays every event after last-id.
+        A cluster node that does not hold the session asks the cluster
+        (``ClusterNode.resume``), which may move it here from another node."""
         sid, _, secret = event.token.partition(".")
         sid = int(sid) if sid.isdigit() and len(sid) < 20 else 0
         session = self.resumable.get(sid)
         if session is None and sid in self.tombstones:
             session = self.tombstones[sid][0]
         if session is None or not hmac.compare_digest(session.resume_secret.encode(), secret.encode()):
-            self.server.logins.resume_refused(peer, "unknown-session", "no session to resume with that token; log in")
+            if self.server.cluster is not None:
+                self.server.cluster.resume(peer, event)
+            else:
+                self.unknown_session(peer)
             return
+        self.resume_here(peer, event, session)
+
+    def unknown_session(self, peer) -> None:
+        self.server.logins.resume_refused(peer, "unknown-session", "no session to resume with that token; log in")
+
+    def resume_here(self, peer, event: ev.Resume, session: Session) -> None:
+        """The RESUME of a session this server holds (or remembers)."""
         outbox = session.outbox
         if session.phase is Phase.CLOSED:
             # Too late: say how far the server got, and the fates kept for it.
@@ -219,14 +231,14 @@ class Registry:
                 partner.deliver(ev.Back(session.name))
         else:
             self._drop_sockets(session)  # it comes back before the server noticed the drop
-        self._deliver_receipts(outbox.ack(event.last_id))  # what it saw, its ACK lost
+        self._ack(session, event.last_id)  # what it saw, its ACK lost
         session.phase = Phase.ATTACHING
         chat_token, check_token = self._await_attach(session, peer)
         peer.send(ev.Resumed(session.name, session.seq_base, outbox.acked, chat_token, check_token))
         peer.transport.write(outbox.replay())
         session.release_waiting()
         self.server.metrics.resumes += 1
-        audit.emit("resume", user=session.name, addr=peer.host, session=sid, replayed=outbox.pending)
+        audit.emit("resume", user=session.name, addr=peer.host, session=session.sid, replayed=outbox.pending)
 
     def on_ack(self, peer, event: ev.Ack) -> None:
         """ACK <id> (check socket, or chat socket ahead of a MSG): the client
@@ -243,15 +255,64 @@ class Registry:
 
     def acknowledge(self, peer, session: Session, upto: int) -> None:
         """The client has every event up to ``upto`` (at most the last sent)."""
-        self._deliver_receipts(session.outbox.ack(upto))
+        self._ack(session, upto)
         session.release_waiting()
         if session.phase is Phase.ONLINE:
             self.alive(session)
 
     @staticmethod
-    def _deliver_receipts(receipts) -> None:
-        for sender, first, last in receipts:
+    def _ack(session: Session, upto: int) -> None:
+        """Forget the events up to ``upto``; their chat messages' senders hear DELIVERED."""
+        for sender, first, last in session.outbox.ack(upto):
             sender.deliver(ev.Delivered(first, last))
+        if session.journal is not None:
+            session.journal.acked()
+
+    def adopt(self, peer, name: str, epoch: str, secret: str, last_id: int, accepted: int) -> Session:
+        """A RESUME here of a version 2 session that another node held (the
+        cluster moved it): a session that goes on from ``last_id`` (its next
+        event is ``last_id + 1``) and seq ``accepted``, without READY. Sends
+        RESUMED; the caller replays what the cluster kept."""
+        old = self.sessions.get(name.lower())
+        if old is not None:
+            self.end_session(old, "dropped", f"{name} lost connection",
+                             ev.Bye("replaced", "logged in from another client"), why="replaced")
+        session = Session(next(self._sids), name, {})
+        session.epoch = epoch
+        cfg = self.server.config
+        session.requests = bucket(cfg.request_rate, cfg.request_burst, self.reactor.clock())
+        session.outbox = outbox = Outbox(cfg.resume_buffer)
+        outbox.last_id = outbox.acked = last_id
+        session.resume_secret = secret
+        session.seq_base = accepted
+        session.was_online = True
+        self.sessions[session.key] = session
+        self.resumable[session.sid] = session
+        self.hub.join(session)
+        chat_token, check_token = self._await_attach(session, peer)
+        peer.send(ev.Resumed(name, accepted, last_id, chat_token, check_token))
+        self.server.metrics.resumes += 1
+        audit.emit("resume", user=name, addr=peer.host, session=session.sid, moved=True)
+        return session
+
+    def let_go(self, session: Session) -> None:
+        """The cluster moved this session to another node (a RESUME there):
+        drop it here without ending it. Its chat, the messages held for it
+        and the fates of its own are the cluster's (in Redis), and so is
+        telling the partner (AWAY, BACK)."""
+        if session.phase is Phase.CLOSED:
+            return
+        self._drop_sockets(session)
+        session.phase = Phase.CLOSED
+        if session.resume_timer is not None:
+            session.resume_timer.cancel()
+            session.resume_timer = None
+        if self.sessions.get(session.key) is session:
+            del self.sessions[session.key]
+        self.resumable.pop(session.sid, None)
+        self.hub.let_go(session)
+        session.release_waiting(force=True)
+        audit.emit("session-moved", user=session.name, session=session.sid)
 
     # -- ending -------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ class Session:
         "sid", "name", "name_bytes", "key", "phase", "login", "chat", "check", "tokens",
         "partner", "request", "requests", "attach_timer", "heartbeat", "awaiting_pong", "ping_seq",
         "since", "outbox", "resume_secret", "seq_base", "waiting", "resume_timer", "was_online", "fated",
-        "epoch",
+        "epoch", "journal",
         "__weakref__",
     )
 
@@ -85,6 +85,7 @@ class Session:
         self.was_online = False    # READY has been sent (a resumed session does not get it again)
         self.fated = 0             # version 2: the highest seq of ours a fate was sent for
         self.epoch = "0"           # cluster: the account's fencing counter when this session claimed it
+        self.journal = None        # cluster, version 2: what Redis keeps of it (selchat.cluster.node.Journal)
 
     @property
     def busy(self) -> bool:
@@ -120,10 +121,25 @@ class Session:
             if type(event) in _FATES:
                 outbox.record(codec.encode(event))
             return
+        if type(event) in _FATES:
+            if self.journal is not None:  # a cluster keeps it first; it comes back to record()
+                self.journal.fate(event)
+                return
+            if event.last > self.fated:
+                self.fated = event.last  # no RECEIVED needed up to here (Peer.say_received)
+        self._keep(codec.encode(event), sender if sender is not None and sender.outbox is not None else None, seq)
+
+    def record(self, event) -> None:
+        """A version 2 event that the cluster has already kept (a fate that
+        went through Redis): numbered, kept and sent as ``deliver`` does."""
         if type(event) in _FATES and event.last > self.fated:
-            self.fated = event.last  # no RECEIVED needed up to here (Peer.say_received)
-        data = codec.encode(event)
-        outbox.record(data, 1, sender if sender is not None and sender.outbox is not None else None, seq)
+            self.fated = event.last
+        self._keep(codec.encode(event), None, 0)
+
+    def _keep(self, data: bytes, sender, seq: int) -> None:
+        """Version 2: number and keep one event, and send it if the login socket is there."""
+        self.outbox.record(data, 1, sender, seq)
+        login = self.login
         if login is not None and login.conn.state is State.LOGIN:
             login.transport.write(data)
 

@@ -1,0 +1,223 @@
+"""Resuming a version 2 session on another node of a cluster.
+
+When a node dies (SIGKILL) its version 2 sessions are not lost: Redis keeps
+each one's chat, the messages relayed to it that its client has not
+acknowledged, and the fates of its own messages, so its client resumes on
+another node and the chat goes on with exactly one fate for every message
+(docs/architecture.md, "Resuming on another node"). The same happens when a
+client simply comes back through another node while its old node is alive.
+
+Frame by frame with raw sockets first (what the protocol promises), then with
+real ``selchat connect`` clients given two nodes (``--host a,b``) whose node
+is killed while they exchange numbered messages both ways.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.clusterharness import CLUSTER_ARGS, make_cluster, require_cluster_mode  # noqa: F401
+from tests.support import DEADLINE, V2User, start_v2_chat, unique
+from tests.test_client_v2_e2e import Peer
+
+#: The spec's failover bound for a client (seconds from the SIGKILL to chatting
+#: again) does not count the dead node's lease, which the cluster must wait
+#: out before another node may hold its sessions (5 s).
+LEASE = 5.0
+
+
+def user_on(node, name: str | None = None, register: bool = True) -> V2User:
+    return V2User(node.connect, name=name, register=register)
+
+
+def expect_frames(user: V2User, prefix: str, count: int) -> list[str]:
+    return [user.expect(prefix) for _ in range(count)]
+
+
+def received_up_to(user: V2User, seq: int) -> None:
+    """RECEIVED on the chat socket, until one for ``seq`` (earlier ones may come first)."""
+    while int(user.chat.expect("RECEIVED ").split()[1]) < seq:
+        pass
+
+
+def test_a_session_resumes_on_another_node_after_its_node_is_killed(make_cluster):
+    require_cluster_mode()
+    c = make_cluster(3)
+    alice, bob = user_on(c.node(0)), user_on(c.node(1))
+    start_v2_chat(alice, bob)
+    alice.ack()
+    bob.ack()
+    # alice's messages 1-3: bob's client shows all three, acknowledges only the first.
+    alice.chat.send("MSG a1", "MSG a2", "MSG a3")
+    assert [f.split(" ", 2)[2] for f in expect_frames(bob, f"MSG {alice.name} ", 3)] == ["a1", "a2", "a3"]
+    got_by_alice = []
+    bob.chat.send("MSG b1")
+    got_by_alice.append(alice.expect(f"MSG {bob.name} ").split(" ", 2)[2])  # alice saw b1, acknowledged nothing
+    received_up_to(alice, 3)
+    killed = time.monotonic()
+    c.kill(0)
+    # bob's node hears that alice's node died (its lease ran out): AWAY, the chat stays up.
+    bob.expect(f"AWAY {alice.name}", timeout=LEASE + DEADLINE)
+    away_after = time.monotonic() - killed
+    bob.chat.send("MSG b2", "MSG b3")  # held in Redis for alice
+    received_up_to(bob, 3)
+    # alice resumes on node 2: she has seen 1 message (b1); the server has her 3.
+    alice.connect = c.node(2).connect
+    alice.login = alice.connect()
+    alice.login.send(f"RESUME {alice.token} {alice.last_id} 1")
+    _, user, accepted, last, chat_token, check_token = alice.login.expect("RESUMED ").split()
+    assert (user, int(accepted), int(last)) == (alice.name, 3, alice.last_id)
+    alice._attach(chat_token, check_token)
+    # What she had not received follows, once (not b1 again), and bob hears BACK.
+    got_by_alice += [f.split(" ", 2)[2] for f in expect_frames(alice, f"MSG {bob.name} ", 2)]
+    assert got_by_alice == ["b1", "b2", "b3"]
+    bob.expect(f"BACK {alice.name}")
+    # b1 was received before the crash: DELIVERED now; b2, b3 once she acknowledges.
+    assert bob.expect("DELIVERED ").split()[1:3] == ["1", "1"]
+    alice.ack()
+    assert bob.expect("DELIVERED ").split()[1:3] == ["2", "3"]
+    # alice's a2, a3 reached bob's client: his ACK now gives her the receipt, on her new node.
+    bob.ack()
+    assert alice.expect("DELIVERED ").split()[1:3] == ["1", "3"]
+    # The chat goes on both ways.
+    alice.chat.send("MSG a4")
+    assert bob.expect(f"MSG {alice.name} ") == f"MSG {alice.name} a4"
+    bob.ack()
+    assert alice.expect("DELIVERED ").split()[1:3] == ["4", "4"]
+    bob.chat.send("QUIT")
+    bob.chat.expect("OK QUIT")
+    assert alice.expect(f"ENDED {bob.name} quit")
+    print(f"alice's node killed: bob heard AWAY after {away_after:.1f} s")
+    for u in (alice, bob):
+        for s in (u.login, u.chat, u.check):
+            s.close()
+
+
+def test_a_session_moves_to_another_node_while_its_node_is_alive(make_cluster):
+    require_cluster_mode()
+    c = make_cluster(2)
+    alice, bob = user_on(c.node(0)), user_on(c.node(1))
+    start_v2_chat(alice, bob)
+    alice.ack()
+    bob.ack()
+    bob.chat.send("MSG before")
+    assert alice.expect(f"MSG {bob.name} ") == f"MSG {bob.name} before"
+    alice.ack()
+    bob.expect("DELIVERED 1 1")
+    # alice's client comes back through node 1 (say her first node is out of
+    # reach for her); node 0 has not noticed anything.
+    old = (alice.login, alice.chat, alice.check)
+    alice.connect = c.node(1).connect
+    alice.login = alice.connect()
+    alice.login.send(f"RESUME {alice.token} {alice.last_id} 1")
+    _, _, accepted, last, chat_token, check_token = alice.login.expect("RESUMED ").split()
+    assert (int(accepted), int(last)) == (0, alice.last_id)
+    alice._attach(chat_token, check_token)
+    for sock in old:  # node 0 let go of the session: its sockets close, without a word
+        assert sock.expect_closed() == []
+    bob.expect(f"AWAY {alice.name}")
+    bob.expect(f"BACK {alice.name}")
+    alice.chat.send("MSG from node 1")
+    assert bob.expect(f"MSG {alice.name} ") == f"MSG {alice.name} from node 1"
+    bob.ack()
+    assert alice.expect("DELIVERED ") == "DELIVERED 1 1"
+    bob.chat.send("MSG back to you")
+    assert alice.expect(f"MSG {bob.name} ") == f"MSG {bob.name} back to you"
+    alice.ack()
+    bob.expect("DELIVERED 2 2")
+    # A second move, back to node 0 (the token stays the same for the session).
+    alice.login = c.node(0).connect()
+    alice.login.send(f"RESUME {alice.token} {alice.last_id} 2")
+    assert alice.login.expect("RESUMED ").split()[2] == "1"
+
+
+def test_a_detached_session_s_held_messages_are_reported_when_its_window_ends(make_cluster):
+    require_cluster_mode()
+    c = make_cluster(2, *CLUSTER_ARGS, "--resume-window", "2")
+    alice, bob = user_on(c.node(0)), user_on(c.node(1))
+    start_v2_chat(alice, bob)
+    c.kill(0)
+    bob.expect(f"AWAY {alice.name}", timeout=LEASE + DEADLINE)
+    bob.chat.send("MSG never read")
+    # Nobody resumes alice: after the window, bob's message is not delivered, and the chat ends.
+    frames = {bob.expect("", timeout=DEADLINE).split(" ", 1)[0] for _ in range(2)}
+    assert frames == {"UNDELIVERED", "ENDED"}
+    who = bob.chat
+    who.send("WHO")
+    listed = []
+    while not (line := who.line()).startswith("OK WHO"):
+        listed.append(line.split()[1])
+    assert alice.name not in listed
+
+
+class Exchange:
+    """Two ``selchat connect --json`` clients sending numbered messages to each
+    other from threads, and what each showed."""
+
+    def __init__(self, a: Peer, b: Peer, count: int):
+        self.a, self.b, self.count = a, b, count
+
+    def send(self, peer: Peer, tag: str, pace: float) -> None:
+        for i in range(1, self.count + 1):
+            peer.write(f"{tag}{i}")
+            time.sleep(pace)  # typing pace: the node dies mid-stream, not a synchronisation
+
+
+@pytest.mark.parametrize("victim", ["sender", "receiver"])
+def test_a_chat_goes_on_when_either_user_s_node_is_killed_mid_stream(make_cluster, clients, victim):
+    """alice (nodes 0 then 2) and bob (node 1) send each other numbered
+    messages; node 0 is killed in the middle. Afterwards every message of
+    each was shown to the other exactly once, in order, and every one has
+    exactly one fate for its sender: delivered."""
+    require_cluster_mode()
+    c = make_cluster(3)
+    n = [c.node(i).port for i in range(3)]
+    hosts_a = f"127.0.0.1:{n[0]},127.0.0.1:{n[2]}"
+    alice = Peer(clients, n[0], unique("ka"), "--host", hosts_a)
+    bob = Peer(clients, n[1], unique("kb"), "--host", f"127.0.0.1:{n[1]}")
+    alice.expect("ready")
+    bob.expect("ready")
+    if victim == "sender":
+        first, second = alice, bob  # alice writes, then her node dies
+    else:
+        first, second = bob, alice  # bob writes to alice, whose node dies
+    first.write(f"/chat {second.name}")
+    second.expect("request-in", user=first.name)
+    second.write("yes")
+    first.expect("started", user=second.name)
+    second.expect("started", user=first.name)
+    count = 60
+    x = Exchange(alice, bob, count)
+    threads = [threading.Thread(target=x.send, args=(alice, "a", 0.05), daemon=True),
+               threading.Thread(target=x.send, args=(bob, "b", 0.05), daemon=True)]
+    for t in threads:
+        t.start()
+    # Mid-stream: once bob has shown some of alice's messages.
+    bob.read_until(lambda e: e["type"] == "message" and e["text"] == "a15", timeout=DEADLINE, what="a15")
+    killed = time.monotonic()
+    c.kill(0)
+    back = alice.expect("resumed", timeout=LEASE + 2 * DEADLINE)
+    resumed_after = time.monotonic() - killed
+    for t in threads:
+        t.join(timeout=DEADLINE)
+    for peer, other, tag in ((alice, bob, "a"), (bob, alice, "b")):
+        last = f"{tag}{count}"
+        if not any(e["type"] == "delivered" and e["text"] == last for e in peer.events):
+            peer.expect("delivered", timeout=3 * DEADLINE, text=last)
+        if not any(e["type"] == "message" and e["text"] == last for e in other.events):
+            other.expect("message", timeout=DEADLINE, text=last)
+    for peer in (alice, bob):
+        peer.drain()
+    print(f"node 0 killed ({victim}'s side): alice resumed on node 2 after {resumed_after:.1f} s: {back['text']}")
+    for sender, receiver, tag in ((alice, bob, "a"), (bob, alice, "b")):
+        mine = [f"{tag}{i}" for i in range(1, count + 1)]
+        shown = [e["text"] for e in receiver.of("message") if e["user"] == sender.name]
+        assert shown == mine, f"{receiver.name} showed {shown}"
+        delivered = [e["text"] for e in sender.of("delivered")]
+        assert sorted(delivered, key=lambda t: int(t[1:])) == mine, f"{sender.name}: delivered {delivered}"
+        assert not sender.of("not-delivered") and not sender.of("unconfirmed")
+        assert not receiver.of("chat-dropped") and not receiver.of("ended")
+    assert any(e["type"] == "away" for e in bob.events) and any(e["type"] == "back" for e in bob.events)
