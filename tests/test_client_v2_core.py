@@ -553,3 +553,14 @@ def test_resume_says_how_many_chat_messages_arrived_replays_not_counted_twice():
     s.receive(CHECK, frames(HELLO, "OK ATTACH CHECK"))
     drop(s)
     assert sent(s.start()) == ["LOGIN: RESUME rtok 5 3"]
+
+
+def test_a_server_that_takes_no_message_count_is_asked_again_without_it():
+    s = v2_chatting(reconnect=True)
+    s.receive(LOGIN, frames("MSG bob one"))
+    drop(s)
+    assert sent(s.start()) == ["LOGIN: RESUME rtok 3 1"]
+    effects = s.receive(LOGIN, frames(HELLO, "ERR RESUME bad-syntax usage: RESUME <token> <last-id>"))
+    assert sent(effects) == ["LOGIN: RESUME rtok 3"]
+    effects = s.receive(LOGIN, frames("RESUMED alice 0 3 c2 k2"))
+    assert not [k for k in kinds(effects) if k in ("error", "unconfirmed", "reconnected")]

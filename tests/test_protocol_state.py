@@ -42,6 +42,7 @@ CLIENT_EVENTS = [
     ev.Pong(""),
     ev.Version(2),
     ev.Resume("3.s3cret", 17),
+    ev.Resume("3.s3cret", 17, 5),
     ev.Ack(17),
 ]
 

@@ -496,6 +496,7 @@ class ClientSession:
         self._mine: dict[int, str] = {}    # seq -> text of our messages with no fate yet, by seq
         self._received = 0                 # the server has every message up to this seq
         self._got = 0                      # chat messages (MSG events) received in this session
+        self._resume_plain = False         # the server wants RESUME without the message count (before 0.4)
         self._unshown: set[int] = set()    # kept while offline, not yet echoed as sent
         self._standing: tuple[Phase, str | None] = (Phase.IDLE, None)  # the chat state while offline
 
@@ -952,6 +953,11 @@ class ClientSession:
         """ERR RESUME: "not now" waits and tries again; anything else (above all
         ``unknown-session``: the server restarted) means the session is gone,
         so give the kept messages their last fate and log in on this socket."""
+        if event.code == "bad-syntax" and not self._resume_plain:
+            # A server before 0.4 takes no message count: ask again without it.
+            self._resume_plain = True
+            self._send(LOGIN, ev.Resume(self._token, self._seen_id))
+            return
         self._resuming = False
         if event.code in TRANSIENT_LOGIN_ERRORS:
             self._drop(event.text)
