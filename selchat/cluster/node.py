@@ -196,15 +196,26 @@ class Journal:
         self.got = last_pos
         self.marks.append((self.session.outbox.last_id, last_pos))
 
-    def acked(self) -> None:
-        acked = self.session.outbox.acked
+    def acked(self, receipts) -> None:
+        """The client acknowledged events (``Outbox.ack``'s ``receipts``): the
+        chat messages among them leave Redis, and their senders get their
+        receipts, in one call."""
+        session = self.session
+        acked = session.outbox.acked
         marks = self.marks
         pos = 0
         while marks and marks[0][0] <= acked:
             pos = marks.popleft()[1]
         if pos > self.trimmed:
             self.trimmed = pos
-            self.node.eval("trim", self.session.key, self.session.epoch, pos)
+        else:
+            pos = 0
+        if not pos and not receipts:
+            return
+        args = []
+        for sender, first, last in receipts:
+            args += (sender.key, sender.epoch, f"DELIVERED {first} {last}")
+        self.node.eval("acked", session.key, session.epoch, pos, self.node.keep, *args)
 
 
 def _skip_messages(payload: bytes, skip: int) -> bytes:
@@ -619,7 +630,8 @@ class ClusterNode:
         for line in fates:
             session.record(_event(line))
         seen = max(event.messages, 0)
-        journal.got = journal.trimmed = seen
+        journal.got = seen
+        journal.marks.append((event.last_id, seen))  # acknowledged by the RESUME itself
         shown: list[list] = []  # (sender, first, last): had, not acknowledged: delivered
         for entry in held:
             head, _, payload = entry.partition(b"\n")
@@ -633,10 +645,7 @@ class ClusterNode:
                 else:
                     shown.append([sender, seq, seq + had - 1])
             self._write_relayed(session, sender, pos, count, seq, payload)
-        for sender, first, last in shown:
-            sender.deliver(ev.Delivered(first, last))
-        if seen:
-            self.eval("trim", key, epoch, seen)
+        journal.acked([tuple(r) for r in shown])  # also trims what the client had (trimmed < seen)
         for _key, fields, payload in waiting:  # relayed to it while it was moving
             self._on_delivery(key, epoch, fields[:2] + [epoch] + fields[3:], payload)
         peer.resume(WAITING)

@@ -373,20 +373,24 @@ FATE = PRELUDE + r"""
 return fate(ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
 """
 
-#: ARGV: key, epoch, position. The client has every chat message up to that
-#: position: drop them from the in: list.
-TRIM = PRELUDE + r"""
-local k, pos = ARGV[1], tonumber(ARGV[3])
+#: ARGV: key, epoch, position, fates kept, then (sender key, sender epoch,
+#: DELIVERED line) for each receipt. A client's ACK: it has every chat
+#: message up to that position (0: no change), so they leave its in: list,
+#: and their senders get their receipts (as FATE), in one call.
+ACKED = PRELUDE + r"""
+local k, pos, keep = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
 local r = rec(k)
-if not r or tonumber(r.since) > tonumber(ARGV[2]) then return 0 end
-local key = P .. 'in:' .. k
-while true do
-  local e = redis.call('LINDEX', key, 0)
-  if not e then break end
-  local first, n = e:match('^(%d+) (%d+) ')
-  if tonumber(first) + tonumber(n) - 1 > pos then break end
-  redis.call('LPOP', key)
+if pos > 0 and r and tonumber(r.since) <= tonumber(ARGV[2]) then
+  local key = P .. 'in:' .. k
+  while true do
+    local e = redis.call('LINDEX', key, 0)
+    if not e then break end
+    local first, n = e:match('^(%d+) (%d+) ')
+    if tonumber(first) + tonumber(n) - 1 > pos then break end
+    redis.call('LPOP', key)
+  end
 end
+for i = 5, #ARGV, 3 do fate(ARGV[i], ARGV[i + 1], ARGV[i + 2], 0, keep) end
 return 1
 """
 
@@ -471,5 +475,5 @@ return gen
 SCRIPTS = {
     "claim": CLAIM, "leave": LEAVE, "request": REQUEST, "accept": ACCEPT, "decline": DECLINE,
     "quit": QUIT, "expire": EXPIRE, "who": WHO, "reap": REAP, "relay": RELAY, "lease": LEASE,
-    "fate": FATE, "trim": TRIM, "token": TOKEN, "reclaim": RECLAIM, "take": TAKE,
+    "fate": FATE, "acked": ACKED, "token": TOKEN, "reclaim": RECLAIM, "take": TAKE,
 }

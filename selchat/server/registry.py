@@ -262,11 +262,14 @@ class Registry:
 
     @staticmethod
     def _ack(session: Session, upto: int) -> None:
-        """Forget the events up to ``upto``; their chat messages' senders hear DELIVERED."""
-        for sender, first, last in session.outbox.ack(upto):
-            sender.deliver(ev.Delivered(first, last))
+        """Forget the events up to ``upto``; their chat messages' senders hear
+        DELIVERED (in a cluster, through the session's journal)."""
+        receipts = session.outbox.ack(upto)
         if session.journal is not None:
-            session.journal.acked()
+            session.journal.acked(receipts)
+            return
+        for sender, first, last in receipts:
+            sender.deliver(ev.Delivered(first, last))
 
     def adopt(self, peer, name: str, epoch: str, secret: str, last_id: int, accepted: int) -> Session:
         """A RESUME here of a version 2 session that another node held (the
