@@ -12,8 +12,9 @@ how far the server got and the fates of its messages.
 
 May touch: the sessions (``sessions``, ``by_sid``) and their timers, the
 peers of those sessions (tokens, deadlines, sends and closes), the hub's
-``join``/``leave``, and from the ``Server`` only its config, reactor, MOTD,
-metrics, and ``logins`` (a refused RESUME counts as a failed login).
+``join``/``leave``/``let_go``, and from the ``Server`` only its config,
+reactor, MOTD, metrics, ``logins`` (a refused RESUME counts as a failed
+login) and ``cluster`` (a RESUME of a session it does not hold goes there).
 It knows no wire format beyond the events it sends: another front end (or
 a second node) attaches sessions through the same methods.
 """
