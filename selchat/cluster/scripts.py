@@ -75,14 +75,14 @@ end
 -- any of the session's (since..epoch): a resume elsewhere keeps the session.
 -- ``acc``: the fate's last seq if the message never went through RELAY.
 local function fate(k, epoch, line, acc, keep)
-  local r = rec(k)
-  if not r or tonumber(r.since) > tonumber(epoch) then return 0 end
-  if r.v2 == '1' then
+  local h = redis.call('HMGET', u(k), 'epoch', 'since', 'v2', 'acc', 'node')  -- only these: a hot path
+  if not h[1] or tonumber(h[2] or h[1]) > tonumber(epoch) then return 0 end
+  if h[3] == '1' then
     redis.call('RPUSH', P .. 'fa:' .. k, line)
     redis.call('LTRIM', P .. 'fa:' .. k, -keep, -1)
-    if acc > r.acc then redis.call('HSET', u(k), 'acc', acc) end
+    if acc > tonumber(h[4] or '0') then redis.call('HSET', u(k), 'acc', acc) end
   end
-  tell('E', k, r, line)
+  if h[5] ~= '' then pub(h[5], 'E ' .. k .. ' ' .. h[1] .. '\n' .. line) end
   return 1
 end
 -- The messages held for session k (its in: list) will never be delivered:
@@ -347,21 +347,22 @@ return n
 #: 3 (the receiver is not the sender's partner any more), 0 (fenced).
 RELAY = PRELUDE + r"""
 local k, epoch, dk, count, seq = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local s = current(k, epoch)
-if not s then return 0 end
+-- Only the fields needed (the hot path: one call per relayed block).
+local s = redis.call('HMGET', u(k), 'epoch', 'acc')
+if s[1] ~= epoch then return 0 end
 local n = count > 0 and count or 1
-if seq + n - 1 > s.acc then redis.call('HSET', u(k), 'acc', seq + n - 1) end
-local d = rec(dk)
-if not d or d.partner ~= k then return 3 end
+if seq + n - 1 > tonumber(s[2] or '0') then redis.call('HSET', u(k), 'acc', seq + n - 1) end
+local d = redis.call('HMGET', u(dk), 'partner', 'v2', 'node', 'epoch')
+if d[1] ~= k then return 3 end
 local pos, full = 0, false
 local head = ARGV[6] .. ' ' .. ARGV[7] .. ' ' .. epoch .. ' ' .. ARGV[8] .. ' ' .. seq
-if d.v2 == '1' then
+if d[2] == '1' then
   pos = redis.call('HINCRBY', u(dk), 'got', n) - n + 1
   full = redis.call('RPUSH', P .. 'in:' .. dk, pos .. ' ' .. n .. ' ' .. count .. ' ' .. head .. '\n' .. ARGV[10])
          >= tonumber(ARGV[9])
 end
-if d.node ~= '' then
-  pub(d.node, 'D ' .. dk .. ' ' .. d.epoch .. ' ' .. head .. ' ' .. count .. ' ' .. pos .. '\n' .. ARGV[10])
+if d[3] ~= '' then
+  pub(d[3], 'D ' .. dk .. ' ' .. d[4] .. ' ' .. head .. ' ' .. count .. ' ' .. pos .. '\n' .. ARGV[10])
 end
 if full then return 2 end
 return 1
@@ -379,8 +380,8 @@ return fate(ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
 #: and their senders get their receipts (as FATE), in one call.
 ACKED = PRELUDE + r"""
 local k, pos, keep = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
-local r = rec(k)
-if pos > 0 and r and tonumber(r.since) <= tonumber(ARGV[2]) then
+local since = pos > 0 and redis.call('HGET', u(k), 'since')
+if since and tonumber(since) <= tonumber(ARGV[2]) then
   local key = P .. 'in:' .. k
   while true do
     local e = redis.call('LINDEX', key, 0)
