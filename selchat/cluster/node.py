@@ -26,12 +26,20 @@ protocol lines)::
                                  STARTED: its partner is pkey on pnode
     K <key> <epoch>              taken over: end that session, answer R
     R <key> <epoch>              (to the new node) the old session is gone
-    D <key> <epoch> <sname> <snode> <sepoch> <sv2> <seq> <count>
+    D <key> <epoch> <sname> <snode> <sepoch> <sv2> <seq> <count> [<pos>]
                                  for a session: count > 0, that many chat
                                  messages from sname (the sender's MSG block,
-                                 first seq <seq>); -1, one event carrying
+                                 first seq <seq>, from RELAY: the first's
+                                 position among all relayed to the session,
+                                 0 for a version 1 one); -1, one event carrying
                                  message <seq>; 0, any other event
     F <key> <epoch> stop|go      slow down / go on: the partner cannot take more
+    M <key> <epoch>              (payload: a node) a RESUME there took the
+                                 session over: let go of it without ending
+                                 it, answer R
+    P <key> <epoch> <pkey> <pnode> <pepoch> <pv2>
+                                 the session's partner is on pnode now (it
+                                 resumed there); payload: BACK, or nothing
 """
 
 from __future__ import annotations
