@@ -268,10 +268,12 @@ class V2User:
         for s in (self.login, self.chat, self.check):
             s.abort()
 
-    def resume(self, last_id: int | None = None) -> int:
-        """RESUME on new sockets; returns the server's accepted seq."""
+    def resume(self, last_id: int | None = None, messages: int | None = None) -> int:
+        """RESUME on new sockets (saying how many chat messages arrived, if
+        ``messages`` is given); returns the server's accepted seq."""
         self.login = self.connect()
-        self.login.send(f"RESUME {self.token} {self.last_id if last_id is None else last_id}")
+        count = "" if messages is None else f" {messages}"
+        self.login.send(f"RESUME {self.token} {self.last_id if last_id is None else last_id}{count}")
         _, user, accepted, last, chat_token, check_token = self.login.expect("RESUMED ").split()
         assert user == self.name
         self.last_id = int(last)

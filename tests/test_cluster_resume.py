@@ -29,8 +29,13 @@ from tests.test_client_v2_e2e import Peer
 LEASE = 5.0
 
 
-def user_on(node, name: str | None = None, register: bool = True) -> V2User:
-    return V2User(node.connect, name=name, register=register)
+def chatting(c, first: int, second: int) -> tuple[V2User, V2User]:
+    """alice on node ``first`` and bob on ``second``, in a chat, all acknowledged."""
+    alice, bob = V2User(c.node(first).connect), V2User(c.node(second).connect)
+    start_v2_chat(alice, bob)
+    alice.ack()
+    bob.ack()
+    return alice, bob
 
 
 def expect_frames(user: V2User, prefix: str, count: int) -> list[str]:
@@ -46,10 +51,7 @@ def received_up_to(user: V2User, seq: int) -> None:
 def test_a_session_resumes_on_another_node_after_its_node_is_killed(make_cluster):
     require_cluster_mode()
     c = make_cluster(3)
-    alice, bob = user_on(c.node(0)), user_on(c.node(1))
-    start_v2_chat(alice, bob)
-    alice.ack()
-    bob.ack()
+    alice, bob = chatting(c, 0, 1)
     # alice's messages 1-3: bob's client shows all three, acknowledges only the first.
     alice.chat.send("MSG a1", "MSG a2", "MSG a3")
     assert [f.split(" ", 2)[2] for f in expect_frames(bob, f"MSG {alice.name} ", 3)] == ["a1", "a2", "a3"]
@@ -66,11 +68,8 @@ def test_a_session_resumes_on_another_node_after_its_node_is_killed(make_cluster
     received_up_to(bob, 3)
     # alice resumes on node 2: she has seen 1 message (b1); the server has her 3.
     alice.connect = c.node(2).connect
-    alice.login = alice.connect()
-    alice.login.send(f"RESUME {alice.token} {alice.last_id} 1")
-    _, user, accepted, last, chat_token, check_token = alice.login.expect("RESUMED ").split()
-    assert (user, int(accepted), int(last)) == (alice.name, 3, alice.last_id)
-    alice._attach(chat_token, check_token)
+    last_id = alice.last_id
+    assert alice.resume(messages=1) == 3 and alice.last_id == last_id  # numbered on from her last id
     # What she had not received follows, once (not b1 again), and bob hears BACK.
     got_by_alice += [f.split(" ", 2)[2] for f in expect_frames(alice, f"MSG {bob.name} ", 2)]
     assert got_by_alice == ["b1", "b2", "b3"]
@@ -99,10 +98,7 @@ def test_a_session_resumes_on_another_node_after_its_node_is_killed(make_cluster
 def test_a_session_moves_to_another_node_while_its_node_is_alive(make_cluster):
     require_cluster_mode()
     c = make_cluster(2)
-    alice, bob = user_on(c.node(0)), user_on(c.node(1))
-    start_v2_chat(alice, bob)
-    alice.ack()
-    bob.ack()
+    alice, bob = chatting(c, 0, 1)
     bob.chat.send("MSG before")
     assert alice.expect(f"MSG {bob.name} ") == f"MSG {bob.name} before"
     alice.ack()
@@ -111,11 +107,8 @@ def test_a_session_moves_to_another_node_while_its_node_is_alive(make_cluster):
     # reach for her); node 0 has not noticed anything.
     old = (alice.login, alice.chat, alice.check)
     alice.connect = c.node(1).connect
-    alice.login = alice.connect()
-    alice.login.send(f"RESUME {alice.token} {alice.last_id} 1")
-    _, _, accepted, last, chat_token, check_token = alice.login.expect("RESUMED ").split()
-    assert (int(accepted), int(last)) == (0, alice.last_id)
-    alice._attach(chat_token, check_token)
+    last_id = alice.last_id
+    assert alice.resume(messages=1) == 0 and alice.last_id == last_id
     for sock in old:  # node 0 let go of the session: its sockets close, without a word
         assert sock.expect_closed() == []
     bob.expect(f"AWAY {alice.name}")
@@ -129,16 +122,14 @@ def test_a_session_moves_to_another_node_while_its_node_is_alive(make_cluster):
     alice.ack()
     bob.expect("DELIVERED 2 2")
     # A second move, back to node 0 (the token stays the same for the session).
-    alice.login = c.node(0).connect()
-    alice.login.send(f"RESUME {alice.token} {alice.last_id} 2")
-    assert alice.login.expect("RESUMED ").split()[2] == "1"
+    alice.connect = c.node(0).connect
+    assert alice.resume(messages=2) == 1
 
 
 def test_a_detached_session_s_held_messages_are_reported_when_its_window_ends(make_cluster):
     require_cluster_mode()
     c = make_cluster(2, *CLUSTER_ARGS, "--resume-window", "2")
-    alice, bob = user_on(c.node(0)), user_on(c.node(1))
-    start_v2_chat(alice, bob)
+    alice, bob = chatting(c, 0, 1)
     c.kill(0)
     bob.expect(f"AWAY {alice.name}", timeout=LEASE + DEADLINE)
     bob.chat.send("MSG never read")
