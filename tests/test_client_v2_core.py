@@ -564,3 +564,7 @@ def test_a_server_that_takes_no_message_count_is_asked_again_without_it():
     assert sent(effects) == ["LOGIN: RESUME rtok 3"]
     effects = s.receive(LOGIN, frames("RESUMED alice 0 3 c2 k2"))
     assert not [k for k in kinds(effects) if k in ("error", "unconfirmed", "reconnected")]
+    s.receive(CHAT, frames(HELLO, "OK ATTACH CHAT"))
+    s.receive(CHECK, frames(HELLO, "OK ATTACH CHECK"))
+    drop(s)
+    assert sent(s.start()) == ["LOGIN: RESUME rtok 3"]  # the same server, the same session: no count again

@@ -540,7 +540,7 @@ class ClientSession:
         if self._token:
             self._resuming = True
             self._acked = self._seen_id   # RESUME acknowledges what it names
-            self._send(LOGIN, ev.Resume(self._token, self._seen_id, self._got))
+            self._send(LOGIN, ev.Resume(self._token, self._seen_id, -1 if self._resume_plain else self._got))
         else:
             self._log_in()
         self.phase = Phase.LOGGING_IN
