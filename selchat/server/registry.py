@@ -278,9 +278,8 @@ class Registry:
         event is ``last_id + 1``) and seq ``accepted``, without READY. Sends
         RESUMED; the caller replays what the cluster kept."""
         old = self.sessions.get(name.lower())
-        if old is not None:
-            self.end_session(old, "dropped", f"{name} lost connection",
-                             ev.Bye("replaced", "logged in from another client"), why="replaced")
+        if old is not None:  # a stale copy (the cluster's record is this one): drop it, no fates
+            self.let_go(old)
         session = Session(next(self._sids), name, {})
         session.epoch = epoch
         cfg = self.server.config
