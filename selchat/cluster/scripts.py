@@ -60,6 +60,15 @@ local function current(k, epoch)
   if r and r.epoch == epoch then return r end
   return nil
 end
+-- The session k (at epoch) and the source of the request it was sent: the
+-- answer to it (ACCEPT, DECLINE) may go ahead; else an error code and nil.
+local function request_for(k, epoch)
+  local s = current(k, epoch)
+  if not s then return 'fenced', nil end
+  local src = s.req_from ~= '' and rec(s.req_from) or nil
+  if not src or src.req_to ~= k then return 'no-request', nil end
+  return s, src
+end
 local function alive(node) return node ~= '' and redis.call('EXISTS', P .. 'node:' .. node) == 1 end
 local function now_ms()
   local t = redis.call('TIME')
@@ -204,11 +213,9 @@ return {'ok', d.name, id}
 
 #: ARGV: key, epoch. The target answers yes. Returns {code, source name, source node, source epoch, source v2}.
 ACCEPT = PRELUDE + r"""
-local k, epoch = ARGV[1], ARGV[2]
-local s = current(k, epoch)
-if not s then return {'fenced'} end
-local src = s.req_from ~= '' and rec(s.req_from) or nil
-if not src or src.req_to ~= k then return {'no-request'} end
+local k = ARGV[1]
+local s, src = request_for(k, ARGV[2])
+if not src then return {s} end
 local sk = s.req_from
 redis.call('HSET', u(k), 'req_from', '', 'req_id', '', 'partner', sk)
 redis.call('HSET', u(sk), 'req_to', '', 'req_id', '', 'partner', k)
@@ -223,11 +230,9 @@ return {'ok', src.name, src.node, src.epoch, src.v2, sk}
 
 #: ARGV: key, epoch. Returns {code, source name}.
 DECLINE = PRELUDE + r"""
-local k, epoch = ARGV[1], ARGV[2]
-local s = current(k, epoch)
-if not s then return {'fenced'} end
-local src = s.req_from ~= '' and rec(s.req_from) or nil
-if not src or src.req_to ~= k then return {'no-request'} end
+local k = ARGV[1]
+local s, src = request_for(k, ARGV[2])
+if not src then return {s} end
 redis.call('HSET', u(k), 'req_from', '', 'req_id', '')
 redis.call('HSET', u(s.req_from), 'req_to', '', 'req_id', '')
 tell('E', s.req_from, src, 'DECLINED ' .. s.name)
