@@ -8,13 +8,16 @@ foreign frames.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from selchat.bench import matrix, relay, report, servers, sysinfo
+import selchat
+from selchat.bench import BenchError, matrix, relay, report, servers, sysinfo
 from selchat.bench.command import bench
 from selchat.bench.flows import MIN_SIZE, Fleet, Flow, V2ChatConn, V2LoginConn
 from selchat.bench.stats import latency_summary, percentile
@@ -145,6 +148,34 @@ def test_cluster_takes_one_protocol_and_spawns_its_servers():
         result = CliRunner().invoke(bench, ["--cluster", "2", *args])
         assert result.exit_code == 2, result.output
         assert "--cluster" in result.output
+
+
+def test_against_runs_the_selchat_of_another_tree_beside_this_one(tmp_path):
+    """--against TREE: a second selchat, spawned from TREE's package (a copy
+    of this one here), interleaved, with the ratio this/against."""
+    tree = tmp_path / "tree"
+    shutil.copytree(Path(selchat.__file__).parent, tree / "selchat",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = servers.tree_env(str(tree))
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tree.resolve())
+    result = run_bench("--against", str(tree), "--protocol", "2", "--pairs", "2", "--window", "1",
+                       "--duration", "0.4", "--repeat", "1", "--warmup", "0.2", "--no-baseline")
+    assert result["correct"], result["failures"]
+    for kind in ("selchat_v2", "against"):
+        assert_relay_correct(result[kind]["summary"])
+    assert result["selchat"] is None and result["baseline"] is None
+    assert set(result["over_against"]) == set(relay.RATIO_KEYS)
+    text = report.relay_text(result)
+    assert "this/against" in text and "correct: yes" in text
+    assert_fits(text.splitlines())
+
+
+def test_against_refuses_a_tree_without_selchat_and_the_modes_it_cannot_join(tmp_path):
+    with pytest.raises(BenchError, match="no selchat package"):
+        servers.tree_env(str(tmp_path))
+    for args in (["--protocol", "both"], ["--cluster", "2"], ["--idle", "5"]):
+        result = CliRunner().invoke(bench, ["--against", str(tmp_path), *args])
+        assert result.exit_code == 2 and "--against" in result.output, result.output
 
 
 def test_relay_one_direction_one_in_flight_no_baseline():

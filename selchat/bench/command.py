@@ -43,6 +43,9 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
               help="Also a cluster: redis-server and N selchat nodes on it, each pair's users on different "
                    "nodes, interleaved beside the one-node selchat, and the ratio cluster/one node "
                    "(needs redis-server; with --protocol 1 or 2).")
+@click.option("--against", type=click.Path(exists=True, file_okay=False), metavar="TREE",
+              help="Also the selchat of source tree TREE (a git worktree of another commit), spawned the "
+                   "same way and interleaved, and the ratio this/against (with --protocol 1 or 2).")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also drive the asyncio baseline relay, interleaved, and show ratios.")
 @click.option("--baseline-script", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
@@ -82,7 +85,7 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
               help="Also write the result as JSON to PATH.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def bench(pairs, window, size, duration, direction, repeat, warmup, protocol, baseline, baseline_script, baseline_port,
-          baseline_pid, cluster_nodes, host, port, spawn,
+          baseline_pid, cluster_nodes, against, host, port, spawn,
           server_pid, ping_interval, pin, workers, idle_users, hold, storm_logins, storm_concurrency, storm_rate,
           matrix, as_json, save, quiet):
     """Measure selchat: relay throughput, latency and CPU per message beside
@@ -93,6 +96,7 @@ def bench(pairs, window, size, duration, direction, repeat, warmup, protocol, ba
     selchat bench --pin --pairs 100 --window 1 latency with one message in flight
     selchat bench --pin --protocol both        protocol version 2 beside version 1
     selchat bench --pin --cluster 2            users chatting across 2 nodes, beside one node
+    selchat bench --pin --against ../old       this tree's selchat beside another tree's
     selchat bench --pin --idle 10000           10,000 idle users, heartbeats on
     selchat bench --pin --login-storm 1000     logins with real hashing while a pair chats
     selchat bench --matrix standard            everything, as make bench runs it
@@ -112,6 +116,12 @@ def bench(pairs, window, size, duration, direction, repeat, warmup, protocol, ba
             raise click.UsageError("--cluster spawns its nodes and the one-node selchat: leave out --port")
         if protocol == "both":
             raise click.UsageError("--cluster runs one protocol version: --protocol 1 or --protocol 2")
+    if against:
+        if chosen or port or cluster_nodes:
+            raise click.UsageError("--against is a relay run of two spawned servers: leave out "
+                                   + (chosen[0] if chosen else "--port" if port else "--cluster"))
+        if protocol == "both":
+            raise click.UsageError("--against compares one protocol version: --protocol 1 or --protocol 2")
     from selchat.bench import report
     from selchat.bench.progress import Progress
 
@@ -145,7 +155,7 @@ def bench(pairs, window, size, duration, direction, repeat, warmup, protocol, ba
                                 host=host if port else None, port=port, server_pid=server_pid,
                                 baseline_script=baseline_script, baseline_port=baseline_port,
                                 baseline_pid=baseline_pid, ping_interval=ping_interval, protocol=protocol,
-                                cluster=cluster_nodes or 0)
+                                cluster=cluster_nodes or 0, against=against)
             result = run_relay(opts, progress)
             text = report.relay_text
     except (BenchError, RuntimeError) as exc:

@@ -6,7 +6,11 @@
    first CPU and the load generator on the others. With ``cluster=N``, also
    a cluster (kind ``cluster``): ``redis-server`` and N ``selchat serve
    --cluster`` nodes sharing one accounts database, each pair's two users on
-   different nodes, measured beside the one-node selchat.
+   different nodes, measured beside the one-node selchat. With
+   ``against=TREE``, also the selchat of another source tree (kind
+   ``against``: a worktree of an older commit, say), its users speaking the
+   same version, so that a change is measured side by side with the code
+   before it.
 2. Start the worker processes; each sets up its share of the pairs on every
    server (login, attach, chat request and accept) before any clock starts.
 3. Warm every server up the same way, unrecorded (``warm_up``), then run
@@ -51,17 +55,17 @@ WARMUP_BURST_BYTES = 1 << 20
 
 #: The selchat systems a relay run can drive, and the protocol version each one's users speak
 #: (a cluster's users speak the version --protocol names: ``kind_version``).
-SELCHAT_KINDS = {"selchat": 1, "selchat_v2": 2, "cluster": 1}
+SELCHAT_KINDS = {"selchat": 1, "selchat_v2": 2, "against": 1, "cluster": 1}
 #: Every system, in the order of a run (and of the report).
-KINDS = ("selchat", "selchat_v2", "cluster", "baseline")
+KINDS = ("selchat", "selchat_v2", "against", "cluster", "baseline")
 #: --protocol: which selchat systems run.
 PROTOCOLS = {"1": ("selchat",), "2": ("selchat_v2",), "both": ("selchat", "selchat_v2")}
 
 
 def display_name(kind: str, result: dict | None = None) -> str:
     """"selchat v2" for selchat_v2; "selchat v1" for selchat beside it."""
-    if kind == "cluster":
-        return "cluster"
+    if kind in ("cluster", "against"):
+        return kind
     if kind == "selchat_v2":
         return "selchat v2"
     if kind == "selchat" and result is not None and result.get("selchat_v2"):
@@ -91,17 +95,19 @@ class RelayOptions:
     sources: int = 4                  # loopback source addresses to spread sockets over
     protocol: str = "1"               # selchat protocol version: "1", "2" or "both" (side by side)
     cluster: int = 0                  # N >= 2: also a cluster of N nodes on one Redis, beside one node
+    against: str | None = None        # also the selchat of this source tree, beside this one
 
     def label(self) -> str:
         protocol = {"1": "", "2": ", protocol 2", "both": ", protocols 1 and 2"}[self.protocol]
         cluster = f", a cluster of {self.cluster} nodes beside one node" if self.cluster else ""
+        against = f", beside the selchat of {self.against}" if self.against else ""
         return (f"{self.pairs} pairs, {self.window} in flight, {self.size} B, "
-                f"{'both directions' if self.both else 'one direction'}{protocol}{cluster}")
+                f"{'both directions' if self.both else 'one direction'}{protocol}{cluster}{against}")
 
 
 def kind_version(kind: str, opts: RelayOptions) -> int:
     """The protocol version a system's users speak."""
-    if kind == "cluster":
+    if kind in ("cluster", "against"):
         return 2 if opts.protocol == "2" else 1
     return SELCHAT_KINDS.get(kind, 1)
 
@@ -131,7 +137,8 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
     # Fresh names for servers that outlive this run (REGISTER on a running selchat).
     tag = ("b" + secrets.token_hex(3)) if external or opts.baseline_port else "u"
     pairs = {kind: [(f"{tag}{i}{suffix}a", f"{tag}{i}{suffix}b") for i in range(opts.pairs)]
-             for kind, suffix in (("selchat", ""), ("selchat_v2", "v"), ("cluster", "c"), ("baseline", ""))}
+             for kind, suffix in (("selchat", ""), ("selchat_v2", "v"), ("against", "r"), ("cluster", "c"),
+                                   ("baseline", ""))}
     result = {"mode": "relay", "label": opts.label(), "options": asdict(opts),
               "server_cpus": server_cpus, "generator_cpus": gen_cpus, "workers": workers}
     if opts.cluster:
@@ -199,6 +206,7 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
     result["v2_over_v1"] = _ratios(result, "selchat_v2", "selchat")  # protocol 2 / protocol 1
     one = "selchat_v2" if opts.protocol == "2" else "selchat"
     result["cluster_over_one"] = _ratios(result, "cluster", one, CLUSTER_RATIO_KEYS)  # cluster / one node
+    result["over_against"] = _ratios(result, one, "against")  # this tree / the other one
     result["cluster_nodes"] = opts.cluster or None
     result["failures"] = correctness_failures(result)
     result["correct"] = not result["failures"]
@@ -232,6 +240,14 @@ def _start_servers(opts: RelayOptions, tmp: Path, pairs: dict, server_cpus, clea
             servers[kind] = srv.spawn_selchat(workdir, users, PASSWORD, cpus=server_cpus, nofile=nofile,
                                               ping_interval=opts.ping_interval)
             cleanup.callback(servers[kind].stop)
+    if opts.against:
+        users = [name for pair in pairs["against"] for name in pair]
+        workdir = tmp / "against"
+        workdir.mkdir()
+        servers["against"] = srv.spawn_selchat(workdir, users, PASSWORD, cpus=server_cpus,
+                                               nofile=len(users) * 3 + 1024, ping_interval=opts.ping_interval,
+                                               tree=opts.against)
+        cleanup.callback(servers["against"].stop)
     if opts.cluster:
         users = [name for pair in pairs["cluster"] for name in pair]
         workdir = tmp / "cluster"

@@ -82,11 +82,13 @@ class Server:
 class SpawnedServer(Server):
     """A server process we started; stopped with SIGTERM (then SIGKILL)."""
 
-    def __init__(self, kind: str, cmd: list[str], workdir: Path, cpus=None, nofile=None, name: str | None = None):
+    def __init__(self, kind: str, cmd: list[str], workdir: Path, cpus=None, nofile=None, name: str | None = None,
+                 env: dict | None = None, cwd: Path | None = None):
         self.log_path = workdir / f"{name or kind}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL,
-                                     text=True, preexec_fn=sysinfo.child_setup(cpus, nofile))
+                                     text=True, preexec_fn=sysinfo.child_setup(cpus, nofile), env=env,
+                                     cwd=cwd)
         line = _read_line(self.proc.stdout, START_TIMEOUT)
         if not line or "listening on " not in line:
             self.stop()
@@ -164,19 +166,35 @@ def limit_flags() -> list[str]:
 
 def spawn_selchat(workdir: Path, users: list[str], password: str, *, scrypt_n: int | None = 16,
                   ping_interval: float | None = None, cpus=None, nofile: int | None = None,
-                  extra: tuple[str, ...] = ()) -> SpawnedServer:
+                  extra: tuple[str, ...] = (), tree: str | None = None) -> SpawnedServer:
     """``selchat serve`` on a free loopback port with ``users`` pre-registered.
 
-    ``scrypt_n=None`` keeps the server's real default cost (for the login storm)."""
+    ``scrypt_n=None`` keeps the server's real default cost (for the login storm).
+    ``tree``: run the selchat of that source tree instead of this one (``--against``)."""
     from selchat.store.passwords import DEFAULT_SCRYPT_N
 
     db = workdir / "bench.db"
     started = time.monotonic()
     prepare_accounts(db, users, password, scrypt_n or DEFAULT_SCRYPT_N)
     cmd = selchat_command(db, scrypt_n, ping_interval) + list(extra)
-    server = SpawnedServer("selchat", cmd, workdir, cpus=cpus, nofile=nofile)
+    env = tree_env(tree) if tree else None  # run from workdir: python -m puts the cwd first on sys.path
+    server = SpawnedServer("selchat", cmd, workdir, cpus=cpus, nofile=nofile, env=env, cwd=workdir if tree else None)
     server.prepare_seconds = time.monotonic() - started
     return server
+
+
+def tree_env(tree: str) -> dict:
+    """The environment that makes ``python -m selchat.cli`` run the selchat
+    package of source tree ``tree`` (a git worktree of another commit, say):
+    it goes first on PYTHONPATH. Checked, since a tree without the package
+    would silently run this one."""
+    tree = str(Path(tree).resolve())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])))
+    found = subprocess.run([sys.executable, "-c", "import selchat, sys; sys.stdout.write(selchat.__file__)"],
+                           capture_output=True, text=True, env=env, timeout=60, cwd=tree).stdout
+    if not found.startswith(tree + os.sep):
+        raise BenchError(f"--against {tree}: no selchat package there (python imports {found or 'nothing'})")
+    return env
 
 
 def selchat_command(db: Path, scrypt_n: int | None, ping_interval: float | None) -> list[str]:
