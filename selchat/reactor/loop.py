@@ -32,6 +32,9 @@ from selchat.reactor.timerwheel import Timer, TimerWheel
 
 log = logging.getLogger("selchat.reactor")
 
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
 
 class Handler:
     """What the reactor expects in ``SelectorKey.data``."""
@@ -91,7 +94,11 @@ class Reactor:
         self.clock = clock
         self._ready: collections.deque = collections.deque()
         self._from_threads: collections.deque = collections.deque()
-        self._flush: list = []  # transports written to in this turn
+        #: Transports written to in this turn, flushed at its end. A transport
+        #: appends itself on its first write of a turn (``want_flush``, or this
+        #: list's ``append`` kept at hand: a C call, no Python frame). The list
+        #: is never replaced.
+        self.to_flush: list = []
         self._waker = _Waker()
         self.selector.register(self._waker.rsock, selectors.EVENT_READ, self._waker)
         self._workers = workers
@@ -136,16 +143,16 @@ class Reactor:
 
     def want_flush(self, transport) -> None:
         """Called by a transport on its first write of a turn."""
-        self._flush.append(transport)
+        self.to_flush.append(transport)
 
     # -- running ------------------------------------------------------------------
 
     def run(self) -> None:
         self._running = True
-        select, ready = self.selector.select, self._ready
+        select, ready, to_flush = self.selector.select, self._ready, self.to_flush
         try:
             while self._running:
-                if ready or self._flush or self._from_threads:
+                if ready or to_flush or self._from_threads:
                     timeout = 0
                 else:
                     timeout = self.timers.next_timeout()
@@ -153,10 +160,19 @@ class Reactor:
                 if self.wake_check is not None:
                     self.wake_check()
                 for key, mask in events:
-                    self._dispatch(key.data, mask)
+                    # The handler call inline, not through a method: this runs
+                    # once per ready socket, and a try costs nothing until it raises.
+                    handler = key.data
+                    try:
+                        if mask & EVENT_READ:
+                            handler.on_readable()
+                        if mask & EVENT_WRITE:
+                            handler.on_writable()
+                    except Exception as exc:  # one client's failure never stops the loop
+                        self._handler_failed(handler, exc)
                 self.timers.advance()
                 self._run_ready()
-                if self._flush:
+                if to_flush:
                     self._flush_all()
         finally:
             self._running = False
@@ -174,18 +190,12 @@ class Reactor:
     # -- internals ----------------------------------------------------------------
 
     @staticmethod
-    def _dispatch(handler: Handler, mask: int) -> None:
+    def _handler_failed(handler: Handler, exc: Exception) -> None:
+        log.exception("error in handler %r", handler, exc_info=exc)
         try:
-            if mask & selectors.EVENT_READ:
-                handler.on_readable()
-            if mask & selectors.EVENT_WRITE:
-                handler.on_writable()
-        except Exception as exc:  # one client's failure never stops the loop
-            log.exception("error in handler %r", handler)
-            try:
-                handler.on_error(exc)
-            except Exception:
-                log.exception("error in error handler of %r", handler)
+            handler.on_error(exc)
+        except Exception:
+            log.exception("error in error handler of %r", handler)
 
     def _run_ready(self) -> None:
         from_threads = self._from_threads
@@ -200,10 +210,15 @@ class Reactor:
                 log.exception("error in callback %r", callback)
 
     def _flush_all(self) -> None:
-        flush, self._flush = self._flush, []
-        for transport in flush:
+        # Only the transports written to so far: one that a flush writes to
+        # (a resumed writer, say) is flushed at the end of the next turn.
+        to_flush = self.to_flush
+        count = len(to_flush)
+        for i in range(count):
+            transport = to_flush[i]
             try:
                 transport.flush()
             except Exception as exc:
                 log.exception("error flushing %r", transport)
                 transport.on_error(exc)
+        del to_flush[:count]

@@ -45,7 +45,7 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 
 class Transport:
     __slots__ = (
-        "loop", "sock", "protocol", "peername", "_selector", "_mask", "_wbuf",
+        "loop", "sock", "protocol", "peername", "_selector", "_mask", "_wbuf", "_flush_later",
         "_want_read", "_flush_pending", "_closing", "_closed", "_writing_paused", "_eof", "_linger", "_fin_sent",
         "high_water", "low_water",
     )
@@ -60,6 +60,7 @@ class Transport:
         except OSError:
             self.peername = None
         self._selector = loop.selector
+        self._flush_later = loop.to_flush.append  # Reactor.want_flush without its Python frame
         self._wbuf = bytearray()
         self._want_read = True
         self._flush_pending = False
@@ -150,7 +151,7 @@ class Transport:
         self._wbuf += data
         if not self._flush_pending:
             self._flush_pending = True
-            self.loop.want_flush(self)
+            self._flush_later(self)
         if not self._writing_paused and len(self._wbuf) > self.high_water:
             self._writing_paused = True
             self.protocol.pause_writing()
@@ -158,10 +159,23 @@ class Transport:
     def flush(self) -> None:
         """Send what is buffered; called by the reactor at the end of a turn."""
         self._flush_pending = False
-        if self._closed or not self._wbuf:
+        wbuf = self._wbuf
+        if self._closed or not wbuf:
             return
-        if self._send_buffered():
-            self._after_send()
+        try:
+            sent = self.sock.send(wbuf)
+        except _WOULD_BLOCK:
+            sent = 0
+        except OSError as exc:
+            self._force_close(exc)
+            return
+        if sent == len(wbuf):
+            wbuf.clear()
+            if self._mask == EVENT_READ and not self._closing and not self._writing_paused:
+                return  # the usual case: all sent, still reading, nothing to change
+        elif sent:
+            del wbuf[:sent]
+        self._after_send()
 
     def _send_buffered(self) -> bool:
         """One ``send`` of the write buffer; False if the socket failed (it is closed)."""
