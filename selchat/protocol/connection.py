@@ -151,8 +151,8 @@ class Connection:
         a bare relay (docs/performance.md).
         """
         buf, pos = self._buf, self._pos
-        if self._state is not State.CHAT or self._discarding:
-            return None
+        if self._state is not State.CHAT or self._discarding or not buf.startswith(b"MSG ", pos):
+            return None  # (an ACK ahead of the messages, say: next_ack takes it, then this runs again)
         end = buf.rfind(b"\n", max(pos, self._fast_from))
         if end < 0:
             return None
@@ -168,8 +168,7 @@ class Connection:
             count = limit
         self._fast_from = end + 1  # win or lose, do not scan these bytes twice
         if (
-            not block.startswith(b"MSG ")
-            or block.count(b"\nMSG ") != count - 1
+            block.count(b"\nMSG ") != count - 1
             or not block.isascii()
             or len(block.translate(None, _CONTROLS_BUT_LF)) != len(block)
             or _has_empty_message(block)

@@ -401,9 +401,12 @@ class Server:
         partner.deliver_block(session, block, count, peer.conn.msg_seq - count + 1)
         self.metrics.messages_relayed += count
         partner.hold_back(peer)
-        if session.outbox is not None:
-            session.hold_back_own(peer)
-            peer.received_due()
+        outbox = session.outbox
+        if outbox is not None:  # version 2; the checks of hold_back_own and received_due, inline
+            if outbox.last_id - outbox.acked >= outbox.limit:
+                session.hold_back_own(peer)
+            if not peer.received_pending:
+                peer.received_due()
 
     @staticmethod
     def _refuse_message(peer: Peer, nack: ev.Nack) -> None:

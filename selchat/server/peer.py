@@ -64,7 +64,7 @@ class Peer(ReadPausing):
         "server", "transport", "conn", "session", "deadline", "failures",
         "paused", "congested", "feeders", "address", "host",
         "cmd_bucket", "msg_bucket", "prelogin_bytes", "prelogin_frames", "stuck", "version", "received",
-        "received_timer",
+        "received_timer", "received_pending",
     )
 
     def __init__(self, server, address, cmd_bucket):
@@ -87,6 +87,7 @@ class Peer(ReadPausing):
         self.version = 1           # protocol version asked for with VERSION (login socket)
         self.received = 0          # version 2 chat socket: the last seq said RECEIVED
         self.received_timer = None # version 2 chat socket: RECEIVED is due when it fires
+        self.received_pending = False  # ...and it is set to fire
 
     # -- from the transport ---------------------------------------------------------
 
@@ -126,10 +127,13 @@ class Peer(ReadPausing):
         """Version 2 chat socket: chat messages were taken (relayed or
         refused); ``RECEIVED <seq>`` for all of them goes out within
         ``RECEIVED_DELAY``, one for every read meanwhile."""
+        if self.received_pending:
+            return
+        self.received_pending = True
         timer = self.received_timer
         if timer is None:
             self.received_timer = self.server.reactor.call_later(ev.RECEIVED_DELAY, self.say_received)
-        elif not timer.active:
+        else:  # it fired: re-arm it
             timer.reset(ev.RECEIVED_DELAY)
 
     def say_received(self) -> None:
@@ -137,6 +141,7 @@ class Peer(ReadPausing):
         unless a fate (on the login socket) has already said it: the server
         takes messages in order, so a fate for seq n means it had them all up
         to n (docs/protocol.md)."""
+        self.received_pending = False
         seq = self.conn.msg_seq
         journal = self.session.journal
         if journal is not None and journal.durable < seq:
@@ -154,28 +159,19 @@ class Peer(ReadPausing):
         tokens come back, so a flood is slowed, not dropped.
         """
         conn = self.conn
-        next_event, handle = conn.next_event, self.server.handle
+        next_event, handle, clock = conn.next_event, self.server.handle, self.server.reactor.clock
         cmd, msg = self.cmd_bucket, self.msg_bucket
-        if cmd is not None or msg is not None:
-            now = self.server.reactor.clock()
-            if cmd is not None:
-                cmd.refill(now)
-            if msg is not None and msg is not cmd:
-                msg.refill(now)
+        if msg is not None:  # on a login or check socket, the same bucket as cmd
+            msg.refill(clock())
+        # A chat socket's command bucket is refilled on its first use: chat
+        # messages alone (the relay's fast path) never touch it.
+        cmd_fresh = cmd is None or cmd is msg
         try:
             while not self.paused and not self.transport.closing:
                 session = self.session
                 if session is not None and session.partner is not None and session.chat is self:
-                    outbox = session.outbox
-                    if outbox is not None:
-                        # Version 2: an ACK that rides ahead of the messages.
-                        ack = conn.next_ack(outbox.acked, outbox.last_id)
-                        if ack is not None:
-                            self.server.registry.acknowledge(self, session, ack)
-                            continue
                     # Fast path: a run of plain chat messages, relayed as one block.
-                    limit = int(msg.tokens) if msg is not None else 1 << 30
-                    batch = conn.next_messages(limit)
+                    batch = conn.next_messages(int(msg.tokens) if msg is not None else 1 << 30)
                     if batch is not None:
                         self.server.relay(self, session, *batch)
                         if msg is not None:
@@ -186,6 +182,13 @@ class Peer(ReadPausing):
                         if not conn.buffered:
                             return  # the usual case: the whole read was one block
                         continue
+                    outbox = session.outbox
+                    if outbox is not None:
+                        # Version 2: an ACK that rides ahead of the messages.
+                        ack = conn.next_ack(outbox.acked, outbox.last_id)
+                        if ack is not None:
+                            self.server.registry.acknowledge(self, session, ack)
+                            continue
                 elif session is not None and session.check is self and session.outbox is not None:
                     # Fast path: one ACK of new events (what a client sends on its own).
                     outbox = session.outbox
@@ -207,6 +210,9 @@ class Peer(ReadPausing):
                 handle(self, event)
                 bucket = msg if etype is ev.Message else cmd
                 if bucket is not None:
+                    if not cmd_fresh and bucket is cmd:
+                        cmd.refill(clock())
+                        cmd_fresh = True
                     bucket.tokens -= 1.0
                     if bucket.tokens < 1.0 and not self.refilled(bucket):
                         self.throttle(bucket)
@@ -270,6 +276,7 @@ class Peer(ReadPausing):
             if timer is not None:
                 timer.cancel()
         self.deadline = self.stuck = self.received_timer = None
+        self.received_pending = False
 
     def __repr__(self) -> str:
         who = self.session.name if self.session is not None else "-"
