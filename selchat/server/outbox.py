@@ -9,8 +9,8 @@ the senders and the end of a session into "not delivered" reports.
 
 One entry holds one frame, or a run of one sender's relayed messages (the
 relay's fast path writes many ``MSG`` frames with one call, and the blocks
-that follow on join the same entry); an ACK that falls inside a run splits
-it.
+that follow on join the same entry, as a list of blocks); an ACK that falls
+inside a run drops the blocks it covers and splits only the one it ends in.
 
 Pure bookkeeping: no socket, no clock, no session methods called. The caller
 (``Session``) writes the bytes and sends the receipts.
@@ -25,18 +25,20 @@ DEFAULT_LIMIT = 1000
 
 
 class Entry:
-    """``count`` consecutive frames (ids ``first_id``...), as the bytes sent.
+    """``count`` consecutive frames (ids ``first_id``...), as the bytes sent:
+    ``blocks``, as written, each of ``counts[i]`` frames.
 
     ``sender`` is the session whose chat messages they are (seqs
     ``first_seq``...), or None for anything else (a request, a receipt...).
     """
 
-    __slots__ = ("first_id", "count", "data", "sender", "first_seq")
+    __slots__ = ("first_id", "count", "blocks", "counts", "sender", "first_seq")
 
     def __init__(self, first_id: int, count: int, data: bytes, sender=None, first_seq: int = 0):
         self.first_id = first_id
         self.count = count
-        self.data = data
+        self.blocks = [data]
+        self.counts = [count]
         self.sender = sender
         self.first_seq = first_seq
 
@@ -44,10 +46,27 @@ class Entry:
     def last_id(self) -> int:
         return self.first_id + self.count - 1
 
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.blocks)
+
     def drop_first(self, n: int) -> None:
-        """Forget the first ``n`` frames (they were acknowledged)."""
-        lines = self.data.split(b"\n", n)
-        self.data = lines[n]
+        """Forget the first ``n`` frames (they were acknowledged; ``n`` <
+        ``count``): the whole blocks they cover, then the head of the block
+        the last of them is in. Splitting only that block, not the run, keeps
+        an ACK's cost to the blocks it covers (a split makes an object per
+        frame: 47 µs for 256 frames here)."""
+        blocks, counts = self.blocks, self.counts
+        whole, left = 0, n
+        while counts[whole] <= left:
+            left -= counts[whole]
+            whole += 1
+        if whole:
+            del blocks[:whole]
+            del counts[:whole]
+        if left:
+            blocks[0] = blocks[0].split(b"\n", left)[left]
+            counts[0] -= left
         self.first_id += n
         self.first_seq += n
         self.count -= n
@@ -83,17 +102,15 @@ class Outbox:
     def record(self, data: bytes, count: int = 1, sender=None, first_seq: int = 0) -> None:
         """``count`` frames (``data``, LF-terminated) were sent, or held for sending.
 
-        A sender's messages that follow on from the last entry's join it (its
-        bytes become a bytearray that grows): an ACK then walks one entry per
-        run of one sender's messages, not one per relayed block, and a block
-        costs no new entry."""
+        A sender's messages that follow on from the last entry's join it (as
+        one more block): an ACK then walks one entry per run of one sender's
+        messages, not one per relayed block, and a block costs no new entry."""
         entries = self.entries
         if sender is not None and entries:
             last = entries[-1]
             if last.sender is sender and last.first_seq + last.count == first_seq:
-                if type(last.data) is bytes:
-                    last.data = bytearray(last.data)
-                last.data += data
+                last.blocks.append(data)
+                last.counts.append(count)
                 last.count += count
                 self.last_id += count
                 return
