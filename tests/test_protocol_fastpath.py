@@ -56,25 +56,25 @@ def slow(chunks) -> list:
 
 
 def fast(chunks, limit, low=0, high=-1, state: State = State.CHAT) -> list:
-    """What the server's Peer.process does: a leading ACK of new events
-    (``low < n <= high``: version 2), the fast path (a chat socket's only),
-    then one event."""
+    """What the server's Peer.process does: the fast path (a chat socket's
+    only), else a leading ACK of new events (``low < n <= high``: version 2),
+    else one event."""
     conn = server_connection(state)
     out = []
     for chunk in chunks:
         conn.receive_data(chunk)
         while True:
-            n = conn.next_ack(low, high)
-            if n is not None:
-                assert low < n <= high
-                out.append(ev.Ack(n))
-                continue
             batch = conn.next_messages(limit)
             if batch is not None:
                 block, count = batch
                 lines = block.split(b"\n")
                 assert len(lines) == count
                 out.extend(ev.Message(line[4:].decode()) for line in lines)
+                continue
+            n = conn.next_ack(low, high)
+            if n is not None:
+                assert low < n <= high
+                out.append(ev.Ack(n))
                 continue
             event = conn.next_event()
             if event is ev.NEED_DATA:

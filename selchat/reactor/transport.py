@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import operator
 import selectors
 import socket
 
@@ -77,13 +78,11 @@ class Transport:
 
     # -- state --------------------------------------------------------------------
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def closing(self) -> bool:
-        return self._closing or self._closed
+    #: Closed, or closing (flushing and lingering). ``_force_close`` sets
+    #: ``_closing`` too, so it alone says both; read through a C getter (no
+    #: Python frame): the relay checks it on every read.
+    closing = property(operator.attrgetter("_closing"))
+    closed = property(operator.attrgetter("_closed"))
 
     @property
     def buffered(self) -> int:
