@@ -158,18 +158,21 @@ class Connection:
         if limit < 1:
             return None
         block = bytes(buf[pos:end])
-        count = block.count(b"\n") + 1
+        # The frames, if every one is a MSG (the first is; the others are checked below).
+        count = block.count(b"\nMSG ") + 1
         if count > limit:
             # Take only as many frames as allowed; the rest wait their turn.
             rest = block.split(b"\n", limit)[-1]
             block = block[: len(block) - len(rest) - 1]
             end = pos + len(block)
-            count = limit
+            count = block.count(b"\nMSG ") + 1
         self._fast_from = end + 1  # win or lose, do not scan these bytes twice
         if (
-            block.count(b"\nMSG ") != count - 1
-            or not block.isascii()
-            or len(block.translate(None, _CONTROLS_BUT_LF)) != len(block)
+            not block.isascii()
+            # Deleting every control character and every LF deletes exactly
+            # one byte per "\nMSG " only if there is no control character and
+            # every LF starts a MSG frame: both checks in one C pass.
+            or len(block) - len(block.translate(None, _CONTROLS)) != count - 1
             # An empty message ("MSG " alone): looser tests than the exact one
             # (a text that ends in "MSG " takes the general path too), and
             # two C calls instead of a Python function's four.
@@ -296,10 +299,11 @@ class Connection:
 _OVERLONG = object()
 _ACK_AT = re.compile(rb"ACK ([0-9]{1,20})\n").match
 
-# Control characters that a block of frames joined by LF must not hold (CR
-# included, so CRLF input takes the slow path). Deleting them with translate()
-# and comparing lengths is a single C pass, ten times faster than re.search.
-_CONTROLS_BUT_LF = bytes([c for c in range(32) if c not in (9, 10)] + [127])
+# The control characters (TAB is allowed), LF among them: a block of frames
+# joined by LF holds LFs and no other (CR included, so CRLF input takes the
+# slow path). Deleting them with translate() and comparing lengths is a single
+# C pass, ten times faster than re.search.
+_CONTROLS = bytes([c for c in range(32) if c != 9] + [127])
 
 
 def _is_msg(line: bytes) -> bool:
