@@ -164,16 +164,38 @@ def test_against_runs_the_selchat_of_another_tree_beside_this_one(tmp_path):
     for kind in ("selchat_v2", "against"):
         assert_relay_correct(result[kind]["summary"])
     assert result["selchat"] is None and result["baseline"] is None
-    assert set(result["over_against"]) == set(relay.RATIO_KEYS)
+    assert result["options"]["against"] == str(tree)
+    assert set(result["over_against"]) == set(relay.RATIO_KEYS) and result["v2_over_against"] is None
     text = report.relay_text(result)
     assert "this/against" in text and "correct: yes" in text
+    assert_fits(text.splitlines())
+
+
+def test_against_with_both_versions_measures_version_2_over_the_other_trees_version_1(tmp_path):
+    """--protocol both --against TREE: TREE's users speak version 1, so
+    v2/against is this tree's version 2 over TREE's version 1 (what \"within
+    10% of the relay cost of the day\" asks, with TREE a worktree of that day)."""
+    tree = tmp_path / "tree"
+    shutil.copytree(Path(selchat.__file__).parent, tree / "selchat",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    result = run_bench("--against", str(tree), "--protocol", "both", "--pairs", "2", "--window", "1",
+                       "--duration", "0.4", "--repeat", "1", "--warmup", "0.2", "--no-baseline")
+    assert result["correct"], result["failures"]
+    for kind in ("selchat", "selchat_v2", "against"):
+        assert_relay_correct(result[kind]["summary"])
+    assert result["selchat_v2"]["summary"]["unconfirmed"] == 0
+    for key in ("over_against", "v2_over_against", "v2_over_v1"):
+        assert set(result[key]) == set(relay.RATIO_KEYS)
+    text = report.relay_text(result)
+    for column in ("this v1", "this v2", "against", "v1/against", "v2/against", "v2/v1"):
+        assert column in text
     assert_fits(text.splitlines())
 
 
 def test_against_refuses_a_tree_without_selchat_and_the_modes_it_cannot_join(tmp_path):
     with pytest.raises(BenchError, match="no selchat package"):
         servers.tree_env(str(tmp_path))
-    for args in (["--protocol", "both"], ["--cluster", "2"], ["--idle", "5"]):
+    for args in (["--cluster", "2"], ["--idle", "5"], ["--port", "7117"]):
         result = CliRunner().invoke(bench, ["--against", str(tmp_path), *args])
         assert result.exit_code == 2 and "--against" in result.output, result.output
 

@@ -45,7 +45,8 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
                    "(needs redis-server; with --protocol 1 or 2).")
 @click.option("--against", type=click.Path(exists=True, file_okay=False), metavar="TREE",
               help="Also the selchat of source tree TREE (a git worktree of another commit), spawned the "
-                   "same way and interleaved, and the ratio this/against (with --protocol 1 or 2).")
+                   "same way and interleaved, and the ratio this/against; its users speak the version "
+                   "--protocol names (version 1 with both: v2/against is then version 2 over TREE's version 1).")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also drive the asyncio baseline relay, interleaved, and show ratios.")
 @click.option("--baseline-script", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
@@ -118,10 +119,8 @@ def bench(pairs, window, size, duration, direction, repeat, warmup, protocol, ba
             raise click.UsageError("--cluster runs one protocol version: --protocol 1 or --protocol 2")
     if against:
         if chosen or port or cluster_nodes:
-            raise click.UsageError("--against is a relay run of two spawned servers: leave out "
+            raise click.UsageError("--against is a relay run that spawns every server: leave out "
                                    + (chosen[0] if chosen else "--port" if port else "--cluster"))
-        if protocol == "both":
-            raise click.UsageError("--against compares one protocol version: --protocol 1 or --protocol 2")
     from selchat.bench import report
     from selchat.bench.progress import Progress
 

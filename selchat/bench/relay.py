@@ -9,8 +9,9 @@
    different nodes, measured beside the one-node selchat. With
    ``against=TREE``, also the selchat of another source tree (kind
    ``against``: a worktree of an older commit, say), its users speaking the
-   same version, so that a change is measured side by side with the code
-   before it.
+   same version (version 1 with ``protocol="both"``, so that version 2 can be
+   measured against an older version 1), so that a change is measured side
+   by side with the code before it.
 2. Start the worker processes; each sets up its share of the pairs on every
    server (login, attach, chat request and accept) before any clock starts.
 3. Warm every server up the same way, unrecorded (``warm_up``), then run
@@ -207,6 +208,7 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
     one = "selchat_v2" if opts.protocol == "2" else "selchat"
     result["cluster_over_one"] = _ratios(result, "cluster", one, CLUSTER_RATIO_KEYS)  # cluster / one node
     result["over_against"] = _ratios(result, one, "against")  # this tree / the other one
+    result["v2_over_against"] = _ratios(result, "selchat_v2", "against") if opts.protocol == "both" else None
     result["cluster_nodes"] = opts.cluster or None
     result["failures"] = correctness_failures(result)
     result["correct"] = not result["failures"]

@@ -89,14 +89,17 @@ CLUSTER_ROWS = ("redis_us_per_msg", "total_us_per_msg", "busiest_cpu_pct", "redi
 SYSTEMS = ("selchat", "selchat_v2", "against", "cluster", "baseline")
 #: Ratio columns: (header, result key); only those the result has are shown.
 RATIO_COLUMNS = (("ratio", "ratios"), ("v2/base", "ratios_v2"), ("v2/v1", "v2_over_v1"),
-                 ("cluster/one node", "cluster_over_one"), ("this/against", "over_against"))
+                 ("cluster/one node", "cluster_over_one"), ("this/against", "over_against"),
+                 ("v2/against", "v2_over_against"))
 
 
 def system_name(kind: str, result: dict) -> str:
     """How a system is shown: "selchat v1" beside "selchat v2"; "one node"
     beside a cluster; else its kind."""
     if result.get("against") and kind in ("selchat", "selchat_v2"):
-        return "this"
+        if not (result.get("selchat") and result.get("selchat_v2")):
+            return "this"
+        return "this v2" if kind == "selchat_v2" else "this v1"
     if result.get("cluster") and kind in ("selchat", "selchat_v2"):
         return "one node"
     if kind == "selchat_v2":
@@ -111,7 +114,10 @@ def ratio_columns(result: dict) -> list[tuple[str, dict]]:
     if result.get("cluster"):  # one node (either version) over the baseline
         cols = [("node/base" if title in ("ratio", "v2/base") else title, r) for title, r in cols]
     elif len(cols) > 1 and cols[0][0] == "ratio":
-        cols[0] = ("this/base" if result.get("against") else "v1/base", cols[0][1])
+        both = result.get("selchat_v2")
+        cols[0] = ("this/base" if result.get("against") and not both else "v1/base", cols[0][1])
+    if result.get("v2_over_against"):  # both versions: this/against is version 1's
+        cols = [("v1/against" if title == "this/against" else title, r) for title, r in cols]
     return cols
 
 

@@ -190,8 +190,9 @@ def tree_env(tree: str) -> dict:
     would silently run this one."""
     tree = str(Path(tree).resolve())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])))
+    # From "/", as the server runs from its own directory: python puts the cwd first on sys.path.
     found = subprocess.run([sys.executable, "-c", "import selchat, sys; sys.stdout.write(selchat.__file__)"],
-                           capture_output=True, text=True, env=env, timeout=60, cwd=tree).stdout
+                           capture_output=True, text=True, env=env, timeout=60, cwd="/").stdout
     if not found.startswith(tree + os.sep):
         raise BenchError(f"--against {tree}: no selchat package there (python imports {found or 'nothing'})")
     return env
