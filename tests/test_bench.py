@@ -7,6 +7,7 @@ foreign frames.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -339,6 +340,34 @@ def test_help_names_no_issue():
 def test_modes_are_exclusive():
     result = CliRunner().invoke(bench, ["--idle", "5", "--login-storm", "5"])
     assert result.exit_code == 2 and "choose one" in result.output
+
+
+def test_perf_syscalls_puts_each_sample_under_its_outermost_system_call():
+    """bench/perf_syscalls.py (docs/performance.md): samples of the pids
+    asked for, by the outermost __x64_sys_ frame of their stack, else "user"."""
+    spec = importlib.util.spec_from_file_location("perf_syscalls", RESULTS.parent / "perf_syscalls.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    script = """\
+100
+\tffffffff81000001 tcp_sendmsg
+\tffffffff81000002 __x64_sys_sendto
+\tffffffff81000003 do_syscall_64
+\t7f0000000001 sock_send
+
+100
+\t7f0000000002 _PyEval_EvalFrameDefault
+
+200
+\tffffffff81000004 tcp_recvmsg
+\tffffffff81000005 __x64_sys_recvfrom
+
+100
+\tffffffff81000006 tcp_recvmsg
+\tffffffff81000007 __x64_sys_recvfrom
+"""
+    shares = module.shares(script.splitlines(True), {"100"})
+    assert shares == {"100": {"sendto": 1, "user": 1, "recvfrom": 1}}
 
 
 # -- the receive path, fed by hand ------------------------------------------------------
