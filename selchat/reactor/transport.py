@@ -177,7 +177,8 @@ class Transport:
         self._after_send()
 
     def _send_buffered(self) -> bool:
-        """One ``send`` of the write buffer; False if the socket failed (it is closed)."""
+        """One ``send`` of the write buffer; False if the socket failed (it is closed).
+        (``flush`` does the same inline: it runs once per relayed block.)"""
         try:
             sent = self.sock.send(self._wbuf)
         except _WOULD_BLOCK:
