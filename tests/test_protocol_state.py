@@ -123,7 +123,7 @@ def client_spec(state: State, event: ev.Event) -> State | None:
     t = type(event)
     if state is S.FRESH:
         return {ev.Version: S.FRESH, ev.Login: S.AUTHENTICATING, ev.Register: S.AUTHENTICATING,
-                ev.Resume: S.AUTHENTICATING, ev.Attach: S.ATTACHING}.get(t)
+                ev.Resume: S.AUTHENTICATING, ev.Attach: S.ATTACHING, ev.Help: S.FRESH}.get(t)
     if state is S.CHAT and (t in _COMMANDS or t is ev.Ack):  # ACK: v2, ahead of a MSG
         return S.CHAT
     if state is S.CHECK and t in (ev.Ping, ev.Pong, ev.Ack):

@@ -108,6 +108,22 @@ def test_wrong_password_and_unknown_user_look_the_same(server):
                                     "BYE auth-failed too many failed logins"]
 
 
+def test_help_before_login_lists_the_login_commands(server):
+    """A user typing at a raw socket is told to send HELP: it must answer there
+    too, with what can be sent first, and leave the socket ready to log in."""
+    name = unique()
+    sock = server.connect()
+    sock.send("FROB", "HELP")
+    assert sock.line() == "ERR FROB unknown-command unknown command FROB; send HELP for the list"
+    help_line = sock.line()
+    assert help_line.startswith("OK HELP LOGIN <user> <password> | REGISTER <user> <password> ")
+    assert "ATTACH CHAT|CHECK <token>" in help_line
+    sock.send(f"REGISTER {name} pw")
+    sock.expect(f"WELCOME {name} ")
+    sock.send("HELP")  # the login socket only receives
+    assert sock.line().startswith("ERR HELP wrong-socket ")
+
+
 def test_registration_refusals(server):
     name = unique()
     sock = server.connect()

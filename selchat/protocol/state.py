@@ -36,6 +36,7 @@ CLIENT_FRAMES: dict[State, dict[type, State]] = {
     S.FRESH: {
         ev.Version: S.FRESH, ev.Login: S.AUTHENTICATING, ev.Register: S.AUTHENTICATING,
         ev.Resume: S.AUTHENTICATING, ev.Attach: S.ATTACHING,
+        ev.Help: S.FRESH,  # what to send first (the unknown-command error points here)
     },
     S.AUTHENTICATING: {},
     S.ATTACHING: {},

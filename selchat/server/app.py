@@ -28,7 +28,7 @@ from selchat.server import audit, systemd
 from selchat.server.accounts import Accounts
 from selchat.server.config import ServerConfig
 from selchat.server.control import ControlSocket
-from selchat.server.hub import COMMANDS_HELP, Hub
+from selchat.server.hub import COMMANDS_HELP, FRESH_HELP, Hub
 from selchat.server.admission import Admission
 from selchat.server.limits import bucket
 from selchat.server.logins import SHUTTING_DOWN, Logins
@@ -507,7 +507,7 @@ class Server:
         self._answer(peer, self.hub.who)
 
     def on_help(self, peer: Peer, event) -> None:
-        peer.send(ev.Ok("HELP", COMMANDS_HELP))
+        peer.send(ev.Ok("HELP", COMMANDS_HELP if peer.session is not None else FRESH_HELP))
 
     def on_exit(self, peer: Peer, event) -> None:
         session = peer.session
