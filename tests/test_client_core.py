@@ -286,6 +286,14 @@ def test_refused_chat_request_goes_back_to_idle():
     assert s.phase is Phase.IDLE and s.partner is None
 
 
+def test_chat_request_while_chatting_names_the_clients_command():
+    s = chatting("bob")
+    s.typed("/chat carol")
+    assert shown(s.receive(CHAT, frames("ERR CHAT in-chat you are already chatting with bob; QUIT first"))) \
+        == ["error: you are already chatting with bob; /quit first"]
+    assert s.phase is Phase.CHATTING and s.partner == "bob"
+
+
 @pytest.mark.parametrize("frame, line", [
     ("DECLINED bob", "bob declined your chat request"),
     ("EXPIRED bob", "chat request with bob expired"),

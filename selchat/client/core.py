@@ -947,7 +947,10 @@ class ClientSession:
             self._who, self._who_more = [], 0
             if not self._whos.popleft():
                 return  # a background WHO: nobody asked to see its fate
-        self._show("error", text=event.text)
+        text = event.text
+        if verb == "CHAT" and event.code == "in-chat" and self.partner:
+            text = f"you are already chatting with {self.partner}; /quit first"  # the server names its verb, QUIT
+        self._show("error", text=text)
 
     def _resume_refused(self, event: ev.Error) -> None:
         """ERR RESUME: "not now" waits and tries again; anything else (above all
