@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,13 @@ def v2_result():
     """Protocol version 2 beside version 1 (and the baseline), interleaved."""
     return run_bench("--pairs", "2", "--duration", "0.5", "--repeat", "1", "--warmup", "0.4", "--workers", "1",
                      "--protocol", "both")
+
+
+@pytest.fixture(scope="module")
+def paced_result():
+    """v2_result's row once more, both versions paced at one rate (--rate)."""
+    return run_bench("--pairs", "2", "--duration", "1", "--repeat", "1", "--warmup", "0", "--workers", "1",
+                     "--protocol", "both", "--rate", "4000", "--no-baseline")
 
 
 @pytest.fixture(scope="module")
@@ -307,14 +315,18 @@ def assert_fits(lines: list[str]) -> None:
     assert not [line for line in lines if "issue" in line.lower()]
 
 
-def test_every_report_line_fits_in_100_columns(relay_result, v2_result, idle_result, storm_result):
+def test_every_report_line_fits_in_100_columns(relay_result, v2_result, paced_result, idle_result,
+                                               storm_result):
     """The text reports of real runs (these, a matrix made of them, and the
     committed standard matrices), a failure included."""
     m = {"mode": "matrix", "matrix": "quick", "date": "2026-01-01", "commit": sysinfo.git_commit(),
-         "machine": sysinfo.machine(), "pin": False, "relay": [relay_result, v2_result], "idle": idle_result,
-         "storm": storm_result, "correct": True}
+         "machine": sysinfo.machine(), "pin": False, "relay": [relay_result, v2_result, paced_result],
+         "idle": idle_result, "storm": storm_result, "correct": True}
     m["targets"] = matrix.targets(m)
-    assert any("protocol 2 over 1" in t["target"] for t in m["targets"])
+    v2_targets = [t for t in m["targets"] if "protocol 2 over 1" in t["target"]]
+    # The unpaced ratio is shown, the paced twin's is the target.
+    assert [t["ok"] is None for t in v2_targets] == [True, False]
+    assert v2_targets[1]["target"].endswith("@4k/s") and v2_targets[1]["limit"] == "<= 1.1x"
     texts = [report.relay_text(relay_result), report.relay_text(v2_result), report.idle_text(idle_result),
              report.storm_text(storm_result), report.matrix_text(m)]
     for path in sorted(RESULTS.glob("*.json")):
@@ -330,6 +342,13 @@ def test_every_report_line_fits_in_100_columns(relay_result, v2_result, idle_res
     assert "selchat v2" in report.matrix_text(m) and "v2/v1" in report.matrix_text(m)
     assert len(lines) > 60
     assert_fits(lines)
+
+
+def test_a_paced_row_runs_at_a_share_of_the_slower_versions_rate():
+    row = {"selchat": {"summary": {"msgs_per_s": 712_345.0}}, "selchat_v2": {"summary": {"msgs_per_s": 598_765.0}}}
+    assert matrix.paced_rate(row) == 300_000.0  # half of 598,765, in tens of thousands
+    row["selchat_v2"]["summary"]["msgs_per_s"] = 900.0
+    assert matrix.paced_rate(row) == 10_000.0
 
 
 def test_help_names_no_issue():
@@ -403,6 +422,36 @@ def test_flow_sends_the_window_with_fixed_size_numbered_frames():
     assert all(len(line) == len(b"MSG ") + 40 for line in lines)
     flow.top_up()  # window full: nothing more
     assert flow.sent == 5
+
+
+def test_paced_flow_waits_for_its_slot_then_sends_its_window():
+    """--rate: a flow tops up at most once per period, whatever room it has."""
+    fleet, flow, tx = make_flow()
+    flow.window, flow.sending = 4, True
+    flow.pace = 10**9
+    flow.next_ns = time.monotonic_ns() + 60 * 10**9  # its slot is a minute away
+    flow.top_up()
+    flow.top_up()
+    assert flow.sent == 0 and tx.written == b""
+    assert [entry[2] for entry in fleet.paced] == [flow]  # queued once
+    slot = fleet.paced[0][0]
+    fleet.send_paced(slot - 1)  # not yet
+    assert flow.sent == 0 and len(fleet.paced) == 1
+    flow.next_ns = time.monotonic_ns()  # (top_up reads the clock itself: bring the slot to now)
+    fleet.send_paced(slot)
+    assert flow.sent == 4 and len(tx.written.split(b"\n")[:-1]) == 4 and not fleet.paced
+    assert flow.next_ns >= time.monotonic_ns() + 10**9 // 2  # the next slot is a period on
+
+
+def test_relay_at_a_fixed_rate_offers_both_versions_no_more_than_it(paced_result):
+    result = paced_result
+    assert result["correct"], result["failures"]
+    assert "paced at 4,000 msgs/s" in result["label"]
+    for kind in ("selchat", "selchat_v2"):
+        summary = result[kind]["summary"]
+        assert_relay_correct(summary)
+        # Unpaced, two pairs of a local server relay tens of thousands a second.
+        assert 2000 <= summary["msgs_per_s"] <= 4400, (kind, summary["msgs_per_s"])
 
 
 def test_flow_counts_in_order_delivery_split_anywhere():

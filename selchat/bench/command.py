@@ -31,6 +31,10 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
               help="Length of each timed window.")
 @click.option("--direction", type=click.Choice(["both", "one"]), default="both", show_default=True,
               help="Both partners send, or only the one who asked for the chat.")
+@click.option("--rate", default=0.0, type=click.FloatRange(0), metavar="MSGS_PER_S",
+              help="Offer at most this many messages a second per server (each flow sends its window once "
+                   "per period), so that systems compare at the same load rather than each at its own "
+                   "limit; 0: as fast as the window allows.")
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1), metavar="N",
               help="Timed windows per server; the report shows medians.")
 @click.option("--warmup", default=1.0, show_default=True, type=click.FloatRange(0), metavar="SECONDS",
@@ -85,8 +89,8 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
 @click.option("--save", type=click.Path(dir_okay=False, writable=True), metavar="PATH",
               help="Also write the result as JSON to PATH.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def bench(pairs, window, size, duration, direction, repeat, warmup, protocol, baseline, baseline_script, baseline_port,
-          baseline_pid, cluster_nodes, against, host, port, spawn,
+def bench(pairs, window, size, duration, direction, rate, repeat, warmup, protocol, baseline, baseline_script,
+          baseline_port, baseline_pid, cluster_nodes, against, host, port, spawn,
           server_pid, ping_interval, pin, workers, idle_users, hold, storm_logins, storm_concurrency, storm_rate,
           matrix, as_json, save, quiet):
     """Measure selchat: relay throughput, latency and CPU per message beside
@@ -96,6 +100,7 @@ def bench(pairs, window, size, duration, direction, repeat, warmup, protocol, ba
     selchat bench --pin                        100 pairs, 32 in flight, vs baseline
     selchat bench --pin --pairs 100 --window 1 latency with one message in flight
     selchat bench --pin --protocol both        protocol version 2 beside version 1
+    selchat bench --pin --protocol both --rate 400000   ... both offered one load
     selchat bench --pin --cluster 2            users chatting across 2 nodes, beside one node
     selchat bench --pin --against ../old       this tree's selchat beside another tree's
     selchat bench --pin --idle 10000           10,000 idle users, heartbeats on
@@ -154,7 +159,7 @@ def bench(pairs, window, size, duration, direction, repeat, warmup, protocol, ba
                                 host=host if port else None, port=port, server_pid=server_pid,
                                 baseline_script=baseline_script, baseline_port=baseline_port,
                                 baseline_pid=baseline_pid, ping_interval=ping_interval, protocol=protocol,
-                                cluster=cluster_nodes or 0, against=against)
+                                cluster=cluster_nodes or 0, against=against, rate=rate)
             result = run_relay(opts, progress)
             text = report.relay_text
     except (BenchError, RuntimeError) as exc:

@@ -34,6 +34,7 @@ Python side, at 32 in flight).
 
 from __future__ import annotations
 
+import heapq
 import os
 import re
 import selectors
@@ -94,6 +95,8 @@ class Fleet:
         # Version 2: login sockets with an ACK due, and when (monotonic ns);
         # acknowledgements are batched as the selchat client batches them.
         self.acks_due: dict["V2LoginConn", int] = {}
+        # --rate: flows whose next top-up waits for its time, (monotonic ns, n, flow).
+        self.paced: list[tuple[int, int, "Flow"]] = []
 
     def send_due_acks(self, now: int) -> None:
         due = self.acks_due
@@ -127,21 +130,29 @@ class Fleet:
     # -- the timed window ------------------------------------------------------------
 
     def run(self, window: int, duration: float, start_ns: int, drain_timeout: float = 10.0,
-            progress=None, slot: int = 0, burst: int = 0) -> dict:
+            progress=None, slot: int = 0, burst: int = 0, pace_ns: int = 0) -> dict:
         """One timed window: start at ``start_ns``, keep ``window`` messages in
         flight per flow for ``duration`` seconds, then stop sending and wait for
         everything in flight. Returns counts, latencies and our own CPU time.
 
         ``burst`` (warm-up only): the first flow keeps that many in flight
-        instead, so the server gets reads as large as its buffer."""
+        instead, so the server gets reads as large as its buffer.
+
+        ``pace_ns`` (``--rate``): a flow tops up at most once per ``pace_ns``
+        (the flows' first sends spread over one period), so the offered load
+        is at most flows x window / period whatever the server's speed."""
         flows = self.flows
         lat = array("q")
         base = [(f.sent, f.received) for f in flows]
         reads0 = sum(f.reads for f in flows)
         late0, gaps0, problems0 = self.late_gaps() + (self.problem_count,)
         samples0 = len(self.problems)
-        for f in flows:
-            f.window, f.lat = window, lat
+        paced = self.paced
+        paced.clear()
+        for i, f in enumerate(flows):
+            f.window, f.lat, f.pace = window, lat, pace_ns
+            f.next_ns = start_ns + pace_ns * i // len(flows)
+            f.queued = False
         if burst and flows:
             flows[0].window = max(window, burst)
         wait = (start_ns - monotonic_ns()) / 1e9
@@ -166,6 +177,10 @@ class Fleet:
                 timeout = ACK_POLL
             else:
                 timeout = (end - now) / 1e9 if drain_until is None else 0.05
+            if paced:
+                self.send_paced(now)
+                if paced:
+                    timeout = min(timeout, (paced[0][0] - now) / 1e9)
             got = 0
             for key, mask in select(timeout if timeout > 0 else 0):
                 conn = key.data
@@ -202,6 +217,15 @@ class Fleet:
             "gen_user": cpu.user - cpu0.user, "gen_sys": cpu.system - cpu0.system,
             "machine_busy": busy, "lat": lat.tobytes(),
         }
+
+    def send_paced(self, now: int) -> None:
+        """Top up the flows whose pacing slot has come."""
+        paced = self.paced
+        while paced and paced[0][0] <= now:
+            flow = heapq.heappop(paced)[2]
+            flow.queued = False
+            if flow.sending:
+                flow.top_up()
 
     def late_gaps(self) -> tuple[int, int]:
         return sum(f.late for f in self.flows), sum(f.gaps for f in self.flows)
@@ -321,7 +345,8 @@ class Flow:
     """One direction of one pair: what was sent, what arrived, in what order."""
 
     __slots__ = ("tx", "fleet", "head", "tail", "window", "sent", "received", "expected",
-                 "late", "gaps", "rxbuf", "lat", "sending", "delivered", "accepted", "reads", "acker")
+                 "late", "gaps", "rxbuf", "lat", "sending", "delivered", "accepted", "reads", "acker",
+                 "pace", "next_ns", "queued")
 
     def __init__(self, fleet: Fleet, tx: Conn, prefix: bytes, size: int):
         if size < MIN_SIZE:
@@ -342,15 +367,30 @@ class Flow:
         self.accepted = 0      # version 2: the last seq the server said RECEIVED
         self.reads = 0         # reads of the receiving socket that brought messages
         self.acker = None      # version 2: the sender's login socket, whose ripe ACK rides with our messages
+        self.pace = 0          # --rate: at most one top-up per this many ns (0: whenever there is room)
+        self.next_ns = 0       # --rate: the earliest time of the next top-up
+        self.queued = False    # --rate: waiting in Fleet.paced for that time
 
     def top_up(self) -> None:
-        """Send enough to have ``window`` in flight, in one send()."""
+        """Send enough to have ``window`` in flight, in one send(); when paced,
+        not before the flow's next slot (it waits in ``Fleet.paced``)."""
         k = self.window - (self.sent - self.received)
         if k <= 0:
             return
+        now = monotonic_ns()
+        if self.pace:
+            if now < self.next_ns:
+                if not self.queued:
+                    self.queued = True
+                    heapq.heappush(self.fleet.paced, (self.next_ns, id(self), self))
+                return
+            # The next slot one period on. A flow that fell behind (the
+            # server cannot take the rate) makes up at most one period: it
+            # then sends whenever it has room, and the report shows the rate
+            # it got.
+            self.next_ns = max(self.next_ns + self.pace, now - self.pace)
         first = self.sent + 1
         self.sent += k
-        now = monotonic_ns()
         template = self.head + b"%019d" % now + self.tail
         ack = self.acker.ripe_ack(now) if self.acker is not None else b""
         if k == 1:

@@ -97,13 +97,22 @@ class RelayOptions:
     protocol: str = "1"               # selchat protocol version: "1", "2" or "both" (side by side)
     cluster: int = 0                  # N >= 2: also a cluster of N nodes on one Redis, beside one node
     against: str | None = None        # also the selchat of this source tree, beside this one
+    rate: float = 0.0                 # offered messages per second per server (0: as fast as the window allows)
 
     def label(self) -> str:
         protocol = {"1": "", "2": ", protocol 2", "both": ", protocols 1 and 2"}[self.protocol]
         cluster = f", a cluster of {self.cluster} nodes beside one node" if self.cluster else ""
         against = f", beside the selchat of {self.against}" if self.against else ""
+        rate = f", paced at {self.rate:,.0f} msgs/s" if self.rate else ""
         return (f"{self.pairs} pairs, {self.window} in flight, {self.size} B, "
-                f"{'both directions' if self.both else 'one direction'}{protocol}{cluster}{against}")
+                f"{'both directions' if self.both else 'one direction'}{rate}{protocol}{cluster}{against}")
+
+    def pace_ns(self) -> int:
+        """``--rate``: how often each flow may top up its window, in ns (0: unpaced)."""
+        if not self.rate:
+            return 0
+        flows = self.pairs * (2 if self.both else 1)
+        return int(self.window * flows / self.rate * 1e9)
 
 
 def kind_version(kind: str, opts: RelayOptions) -> int:
@@ -309,7 +318,7 @@ def _window(pool: WorkerPool, server, kind: str, opts: RelayOptions, duration: f
     """One timed window on ``server``; its figures."""
     start_ns = time.monotonic_ns() + int(START_DELAY * 1e9)
     pool.broadcast("run", {"kind": kind, "window": opts.window, "duration": duration, "start_ns": start_ns,
-                           "burst": burst})
+                           "burst": burst, "pace_ns": 0 if burst else opts.pace_ns()})
     before = server.cpu_sample() if server.pid else None  # the server is idle until start_ns
     meter = RateMeter(progress, f"{kind} {label}", pool.progress, duration + START_DELAY)
     reports = pool.gather(timeout=duration + 120, tick=meter)

@@ -254,6 +254,10 @@ MATRIX_LEGEND = ("pairs x N: N messages in flight per sender; us/msg: server CPU
 V2_LEGEND = ("selchat v1/v2: users speaking protocol version 1/2 (v2 users batch their ACKs as the\n"
              "selchat client does); v1/base, v2/base, v2/v1: ratios of the medians")
 
+#: Added when a row was paced (--rate).
+PACED_LEGEND = ("@Nk/s: the row above once more, both versions offered the same N thousand msgs/s (each flow\n"
+                "sends its window once per period), so v2/v1 compares the servers at one load")
+
 
 def _ms(us):
     return None if us is None else us / 1000
@@ -270,6 +274,8 @@ def matrix_text(m: dict) -> str:
     for row in m["relay"]:
         opts = row["options"]
         name = f"{opts['pairs']} x {opts['window']}"
+        if opts.get("rate"):
+            name += f" @{opts['rate'] / 1000:,.0f}k/s"  # paced (--rate)
         for kind in SYSTEMS:
             if not row.get(kind):
                 continue
@@ -290,6 +296,8 @@ def matrix_text(m: dict) -> str:
     lines += [table(rows, header, right_from=2), MATRIX_LEGEND]
     if any(row.get("selchat_v2") for row in m["relay"]):
         lines.append(V2_LEGEND)
+    if any(row["options"].get("rate") for row in m["relay"]):
+        lines.append(PACED_LEGEND)
     warning = noise_warning(m["relay"])
     if warning:
         lines.append(warning)

@@ -117,7 +117,7 @@ def relay_worker(pipe, index, progress, spec) -> None:
     "protocol", "version", "address", "verb", "pairs"}``; a cluster also has
     ``"addresses"``, its nodes', and ``"nodes"``, the node of each pair's two
     users), then run timed
-    windows on command: ``("run", {"kind", "window", "duration", "start_ns", "burst"})``."""
+    windows on command: ``("run", {"kind", "window", "duration", "start_ns", "burst", "pace_ns"})``."""
     fleets: dict[str, Fleet] = {}
     setup_seconds = {}
     for server in spec["servers"]:
@@ -144,7 +144,8 @@ def relay_worker(pipe, index, progress, spec) -> None:
         if command == "run":
             progress[index] = 0
             result = fleets[arg["kind"]].run(arg["window"], arg["duration"], arg["start_ns"],
-                                             progress=progress, slot=index, burst=arg.get("burst", 0))
+                                             progress=progress, slot=index, burst=arg.get("burst", 0),
+                                             pace_ns=arg.get("pace_ns", 0))
             pipe.send(("ok", result))
     for fleet in fleets.values():
         fleet.close()
