@@ -543,6 +543,25 @@ def test_v2_login_socket_counts_frames_batches_acks_and_checks_receipts():
         server.close()
 
 
+def test_due_acks_go_in_due_order_and_only_when_due():
+    class Acker:
+        def __init__(self, name):
+            self.name = name
+
+        def ack(self):
+            sent.append(self.name)
+
+    fleet, sent = Fleet("test", version=2), []
+    a, b, c = Acker("a"), Acker("b"), Acker("c")
+    fleet.acks_due.update({a: 100, b: 200, c: 300})  # as V2LoginConn adds them: in due order
+    fleet.send_due_acks(99)
+    assert sent == []
+    fleet.send_due_acks(250)
+    assert sent == ["a", "b"] and list(fleet.acks_due) == [c]
+    fleet.send_due_acks(10**12)
+    assert sent == ["a", "b", "c"] and not fleet.acks_due
+
+
 def test_v2_chat_socket_takes_received_and_nothing_else():
     fleet, flow, tx = make_flow()
     flow.window = 4

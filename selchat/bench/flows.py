@@ -94,17 +94,24 @@ class Fleet:
         self.pings = 0
         # Version 2: login sockets with an ACK due, and when (monotonic ns);
         # acknowledgements are batched as the selchat client batches them.
+        # Every entry is its insertion time + ACK_DELAY_NS, so the dict's
+        # order is the order they fall due.
         self.acks_due: dict["V2LoginConn", int] = {}
         # --rate: flows whose next top-up waits for its time, (monotonic ns, n, flow).
         self.paced: list[tuple[int, int, "Flow"]] = []
 
     def send_due_acks(self, now: int) -> None:
+        """The ACKs due by ``now``: the head of ``acks_due`` (in due order), so
+        a loop turn costs the ACKs it sends, not one look per login socket."""
         due = self.acks_due
-        if due:
-            for conn, when in list(due.items()):
-                if when <= now:
-                    del due[conn]
-                    conn.ack()
+        ready = []
+        for conn, when in due.items():
+            if when > now:
+                break
+            ready.append(conn)
+        for conn in ready:
+            del due[conn]
+            conn.ack()
 
     def add(self, conn: "Conn") -> "Conn":
         conn.sock.setblocking(False)
