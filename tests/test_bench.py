@@ -356,6 +356,11 @@ def test_help_names_no_issue():
     assert result.exit_code == 0 and "issue" not in result.output.lower()
 
 
+def test_rate_is_for_relay_runs_only():
+    result = CliRunner().invoke(bench, ["--idle", "10", "--rate", "1000"])
+    assert result.exit_code == 2 and "--rate" in result.output, result.output
+
+
 def test_modes_are_exclusive():
     result = CliRunner().invoke(bench, ["--idle", "5", "--login-storm", "5"])
     assert result.exit_code == 2 and "choose one" in result.output

@@ -113,6 +113,8 @@ def bench(pairs, window, size, duration, direction, rate, repeat, warmup, protoc
         raise click.UsageError(f"choose one of {', '.join(chosen)}")
     if spawn and port:
         raise click.UsageError("--spawn starts its own server: leave out --port")
+    if rate and chosen:
+        raise click.UsageError(f"--rate paces a relay run: leave out {chosen[0]}")
     if chosen and (port or baseline_port):
         raise click.UsageError(f"{chosen[0]} always spawns its servers: leave out --port and --baseline-port")
     if cluster_nodes:
