@@ -28,7 +28,7 @@ from selchat.server import audit, systemd
 from selchat.server.accounts import Accounts
 from selchat.server.config import ServerConfig
 from selchat.server.control import ControlSocket
-from selchat.server.hub import COMMANDS_HELP, FRESH_HELP, Hub
+from selchat.server.hub import COMMANDS_HELP, Hub
 from selchat.server.admission import Admission
 from selchat.server.limits import bucket
 from selchat.server.logins import SHUTTING_DOWN, Logins
@@ -58,6 +58,14 @@ def read_motd(path: str | None) -> list[str]:
         log.warning("MOTD %s: only the first %d lines of at most %d characters are sent",
                     path, MOTD_MAX_LINES, MOTD_MAX_CHARS)
     return ["".join(c for c in line[:MOTD_MAX_CHARS] if c.isprintable()) for line in lines[:MOTD_MAX_LINES]]
+
+
+#: HELP on a socket that has not logged in or attached yet.
+FRESH_HELP = (
+    "LOGIN <user> <password> | REGISTER <user> <password> | VERSION 2 | RESUME <token> <last-id> [<messages>]"
+    " | ATTACH CHAT|CHECK <token> (log in on this socket, then attach two more with the"
+    " tokens of WELCOME; see docs/protocol.md)"
+)
 
 
 class Server:

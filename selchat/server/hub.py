@@ -17,12 +17,6 @@ COMMANDS_HELP = (
     "CHAT <user> | ACCEPT | DECLINE | QUIT | EXIT | WHO | HELP | MSG <text>"
     " (commands on the chat socket; see docs/protocol.md)"
 )
-#: HELP on a socket that has not logged in or attached yet.
-FRESH_HELP = (
-    "LOGIN <user> <password> | REGISTER <user> <password> | VERSION 2 | RESUME <token> <last-id> [<messages>]"
-    " | ATTACH CHAT|CHECK <token> (log in on this socket, then attach two more with the"
-    " tokens of WELCOME; see docs/protocol.md)"
-)
 
 
 class Hub:
