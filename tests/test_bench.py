@@ -19,9 +19,9 @@ import pytest
 from click.testing import CliRunner
 
 import selchat
-from selchat.bench import BenchError, matrix, relay, report, servers, sysinfo
+from selchat.bench import BenchError, flows, matrix, relay, report, servers, sysinfo
 from selchat.bench.command import bench
-from selchat.bench.flows import MIN_SIZE, Fleet, Flow, V2ChatConn, V2LoginConn
+from selchat.bench.flows import ACK_DELAY_NS, ACK_REST_NS, MIN_SIZE, Fleet, Flow, V2ChatConn, V2LoginConn
 from selchat.bench.stats import latency_summary, percentile
 from selchat.bench.vusers import Setup, VUser
 from selchat.protocol.events import ACK_EVERY
@@ -529,7 +529,7 @@ def test_v2_login_socket_counts_frames_batches_acks_and_checks_receipts():
         assert conn.on_read() == 1
         assert outgoing.delivered == 3
         fleet.send_due_acks(fleet.acks_due[conn])  # its time comes: one ACK for both reads
-        assert check.written == b"ACK 6\n" and not fleet.acks_due
+        assert check.written == b"ACK 6\n" and not fleet.acks_due and conn.resting
         assert (incoming.received, incoming.late, incoming.gaps, fleet.problem_count) == (2, 0, 0, 0)
         server.sendall(b"DELIVERED 5 5\n")  # 4 skipped, and never sent
         conn.on_read()
@@ -537,6 +537,9 @@ def test_v2_login_socket_counts_frames_batches_acks_and_checks_receipts():
         server.sendall(b"UNDELIVERED 6 6 away bob was away\n")
         conn.on_read()
         assert fleet.problem_count == 2 and "UNDELIVERED" in fleet.problems[1]
+        assert conn not in fleet.acks_due  # read while resting after the last ACK
+        fleet.send_due_acks(fleet.resting[0][0])  # the rest is over: the delay starts
+        assert check.written == b"ACK 6\n" and conn in fleet.acks_due
         fleet.send_due_acks(fleet.acks_due[conn])
         assert check.written.endswith(b"ACK 8\n")  # every frame counted, foreign ones too
         server.sendall(b"".join(b"DELIVERED 4 4\n" for _ in range(ACK_EVERY)))
@@ -548,13 +551,18 @@ def test_v2_login_socket_counts_frames_batches_acks_and_checks_receipts():
         server.close()
 
 
-def test_due_acks_go_in_due_order_and_only_when_due():
+def test_due_acks_go_in_due_order_and_only_when_due(monkeypatch):
+    monkeypatch.setattr(flows, "rest_ns", lambda: ACK_REST_NS)  # the nominal rest, not a drawn one
+
     class Acker:
         def __init__(self, name):
             self.name = name
+            self.wire_id = self.acked = 1
+            self.resting = False
 
         def ack(self):
             sent.append(self.name)
+            self.acked = self.wire_id
 
     fleet, sent = Fleet("test", version=2), []
     a, b, c = Acker("a"), Acker("b"), Acker("c")
@@ -563,8 +571,17 @@ def test_due_acks_go_in_due_order_and_only_when_due():
     assert sent == []
     fleet.send_due_acks(250)
     assert sent == ["a", "b"] and list(fleet.acks_due) == [c]
+    # Each rests ACK_SPACING - ACK_DELAY from its due time; a frame came for a meanwhile.
+    assert [(when, conn) for when, _, conn in sorted(fleet.resting)] == [(100 + ACK_REST_NS, a), (200 + ACK_REST_NS, b)]
+    assert a.resting and b.resting and not c.resting
+    a.wire_id = 2
+    fleet.send_due_acks(150 + ACK_REST_NS)
+    assert not a.resting and fleet.acks_due == {a: 150 + ACK_REST_NS + ACK_DELAY_NS}
+    assert sorted(conn.name for _, _, conn in fleet.resting) == ["b", "c"]
+    assert sent == ["a", "b", "c"]
     fleet.send_due_acks(10**12)
-    assert sent == ["a", "b", "c"] and not fleet.acks_due
+    assert sent == ["a", "b", "c", "a"]  # b and c rested with nothing new: not due again
+    assert not fleet.acks_due and not fleet.resting
 
 
 def test_v2_chat_socket_takes_received_and_nothing_else():

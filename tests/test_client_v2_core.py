@@ -13,7 +13,7 @@ from selchat.client.core import (
     CHAT, CHECK, FORMATS, JSON_FIELDS, LOGIN, RECEIPT_KINDS, RESUME_CAP, Backoff, ClientSession, Close,
     ACK_CONFIRM, AckLater, Connect, Notice, Phase, Reconnect, Send,
 )
-from selchat.protocol.events import ACK_EVERY, ACK_GRACE
+from selchat.protocol.events import ACK_EVERY, ACK_GRACE, ACK_SPACING
 from tests.test_client_core import closed, frames, kinds, sent, shown
 
 HELLO = "HELLO 2 selchat/0.2.0"
@@ -28,6 +28,7 @@ def v2_online(user: str = "alice", **kwargs) -> ClientSession:
     kwargs.setdefault("backoff", Backoff(rng=lambda: 0.0))
     kwargs.setdefault("version", 2)
     kwargs.setdefault("ack_delay", 0)  # every read acknowledged at once (batching: its own test)
+    kwargs.setdefault("rng", lambda: 0.5)  # the rest after an ACK: its nominal length
     s = ClientSession(user, "secret", **kwargs)
     assert sent(s.start()) == ["LOGIN: VERSION 2", f"LOGIN: LOGIN {user} secret"]
     s.receive(LOGIN, frames(HELLO, "OK VERSION 2", f"WELCOME {user} ctok ktok rtok"))
@@ -37,7 +38,9 @@ def v2_online(user: str = "alice", **kwargs) -> ClientSession:
     if s.ack_delay > 0:
         assert AckLater(s.ack_delay - ACK_GRACE) in effects
         assert AckLater(ACK_GRACE) in s.ack_now()  # the loop's timer: the ACK is ripe
-        effects = s.ack_now()  # and then due
+        effects = s.ack_now()  # and then due, and the rest of ACK_SPACING follows
+        assert AckLater((ACK_SPACING - s.ack_delay) * (0.5 + s.rng())) in effects
+        assert sent(s.ack_now()) == []  # the rest is over; nothing came meanwhile
     assert sent(effects, CHECK) == ["ACK 1"]
     assert s.online and s.phase is Phase.IDLE
     return s
@@ -481,6 +484,41 @@ def test_acks_are_batched_within_the_delay_or_at_once_when_many_wait():
     # ACK_EVERY events waiting: acknowledged with the read that brought them.
     many = [f"MSG bob m{i}" for i in range(ACK_EVERY)]
     assert sent(s.receive(LOGIN, frames(*many)), CHECK) == [f"ACK {4 + ACK_EVERY}"]
+
+
+def test_a_stream_is_acknowledged_about_once_a_second_a_quiet_spell_in_a_quarter():
+    s = v2_online(ack_delay=0.25)
+    acks_ripen(s, ["STARTED bob"])
+    effects = s.ack_now()
+    assert sent(effects, CHECK) == ["ACK 2"] and AckLater(ACK_SPACING - 0.25) in effects
+    # Events during the rest after an ACK start no timer and send nothing,
+    # and a message of ours carries no ACK (none is ripe).
+    effects = s.receive(LOGIN, frames("MSG bob one"))
+    assert sent(effects) == [] and not [e for e in effects if isinstance(e, AckLater)]
+    assert sent(s.typed("hi")) == ["CHAT: MSG hi"]
+    # The rest ends: the usual delay starts for what came meanwhile.
+    effects = s.ack_now()
+    assert sent(effects) == [] and AckLater(0.25 - ACK_GRACE) in effects
+    s.ack_now()  # ripe
+    assert sent(s.ack_now(), CHECK) == ["ACK 3"]
+    # A rest with nothing new ends quietly; the next event gets the plain delay.
+    assert sent(s.ack_now()) == []
+    assert AckLater(0.25 - ACK_GRACE) in s.receive(LOGIN, frames("MSG bob two"))
+    # ACK_EVERY waiting is acknowledged at once, rest or not.
+    s.ack_now()
+    s.ack_now()
+    many = [f"MSG bob m{i}" for i in range(ACK_EVERY)]
+    assert sent(s.receive(LOGIN, frames(*many)), CHECK) == [f"ACK {4 + ACK_EVERY}"]
+
+
+def test_the_rest_after_an_ack_is_spread_so_that_clients_fall_out_of_step():
+    rests = []
+    for draw in (0.0, 0.5, 0.99):
+        s = v2_online(ack_delay=0.25, rng=lambda: draw)
+        acks_ripen(s, ["STARTED bob"])
+        rests += [e.delay for e in s.ack_now() if isinstance(e, AckLater)]
+    nominal = ACK_SPACING - 0.25
+    assert rests == [nominal * 0.5, nominal, nominal * 1.49]
 
 
 def acks_ripen(s: ClientSession, events: list[str]) -> None:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from selchat.protocol.events import RECEIVED_DELAY
+from selchat.protocol.events import RECEIVED_DELAY, RECEIVED_SPACING
 
 from tests.support import LineSocket, RawUser, V2User, start_chat, start_v2_chat
 
@@ -22,8 +22,9 @@ def v2server(tmp_path_factory):
     srv.stop()
 
 
-#: Long enough for the RECEIVED the server owes to come (it batches them).
-QUIET = RECEIVED_DELAY * 3
+#: Long enough for the RECEIVED the server owes to come (it batches them,
+#: and spaces them).
+QUIET = RECEIVED_SPACING + RECEIVED_DELAY
 
 
 def quiet_line(sock: LineSocket, wait: float) -> str | None:
@@ -129,6 +130,18 @@ def test_drop_away_held_resume_back_and_replay(v2server):
     # The chat goes on, both ways.
     bob.chat.send("MSG hello again")
     alice.expect(f"MSG {bob.name} hello again")
+
+
+def test_received_is_spaced_while_messages_keep_coming_without_fates(v2server):
+    alice, bob = pair(v2server)
+    alice.chat.send("MSG one")
+    assert alice.chat.expect("RECEIVED ") == "RECEIVED 1"  # bob has not acknowledged: no fate
+    alice.chat.send("MSG two")
+    # Not RECEIVED_DELAY after this read, but (0.75 to 1.25 times)
+    # RECEIVED_SPACING after the last one.
+    assert quiet_line(alice.chat, RECEIVED_SPACING * 0.75 - 0.3) is None
+    assert alice.chat.expect("RECEIVED ") == "RECEIVED 2"
+    assert bob.expect(f"MSG {alice.name} one") and bob.expect(f"MSG {alice.name} two")
 
 
 def test_resume_after_the_sender_lost_a_message_in_flight(v2server):

@@ -18,7 +18,8 @@ batch that arrives frees room that is refilled at once with one ``send()``
 With protocol version 2 the receiver's login socket also counts its frames
 and acknowledges them as the selchat client does, batched: one ``ACK <last
 id>`` on its check socket ``ACK_DELAY`` after the first frame not yet
-acknowledged, or at once when ``ACK_EVERY`` wait; the sender's login socket gets ``DELIVERED <first> <last>``
+acknowledged (but no sooner than ``ACK_SPACING`` after its previous timed
+one), or at once when ``ACK_EVERY`` wait; the sender's login socket gets ``DELIVERED <first> <last>``
 receipts (numbered and acknowledged too), which must cover every message
 exactly once, in order; the sender's chat socket gets ``RECEIVED <seq>``,
 which is checked and otherwise ignored (``V2LoginConn``, ``V2ChatConn``).
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import random
 import re
 import selectors
 import time
@@ -43,14 +45,23 @@ from array import array
 from itertools import repeat
 
 from selchat.bench.sysinfo import machine_busy_seconds
-from selchat.protocol.events import ACK_DELAY, ACK_EVERY, ACK_GRACE
+from selchat.protocol.events import ACK_DELAY, ACK_EVERY, ACK_GRACE, ACK_SPACING
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 RECV_SIZE = 256 * 1024
 ACK_DELAY_NS = int(ACK_DELAY * 1e9)
 ACK_GRACE_NS = int(ACK_GRACE * 1e9)
+ACK_REST_NS = int((ACK_SPACING - ACK_DELAY) * 1e9)  # after a timed ACK, before the next delay starts (nominal)
 ACK_POLL = 0.005       # seconds: how often a window looks for ACKs due (while any are)
+
+
+def rest_ns() -> int:
+    """A rest after a timed ACK, drawn as the selchat client draws it: half
+    to one and a half times ``ACK_REST_NS``."""
+    return int(ACK_REST_NS * (0.5 + random.random()))
+
+
 HEADER = 31            # "<seq:10> <stamp:19> " before the padding
 MIN_SIZE = HEADER + 1  # at least one byte of padding
 
@@ -97,21 +108,38 @@ class Fleet:
         # Every entry is its insertion time + ACK_DELAY_NS, so the dict's
         # order is the order they fall due.
         self.acks_due: dict["V2LoginConn", int] = {}
+        # Login sockets resting after a timed ACK: a heap of (until when,
+        # id, conn), the rest drawn as the client draws it (``rest_ns``).
+        self.resting: list[tuple[int, int, "V2LoginConn"]] = []
         # --rate: flows whose next top-up waits for its time, (monotonic ns, n, flow).
         self.paced: list[tuple[int, int, "Flow"]] = []
 
     def send_due_acks(self, now: int) -> None:
-        """The ACKs due by ``now``: the head of ``acks_due`` (in due order), so
-        a loop turn costs the ACKs it sends, not one look per login socket."""
-        due = self.acks_due
+        """The ACKs due by ``now``, and the rests over by then: the heads of
+        ``acks_due`` (in due order) and ``resting`` (a heap), so a loop turn
+        costs the ACKs it sends, not one look per login socket. A rest that
+        ends with frames unacknowledged starts the delay for them."""
+        due, resting = self.acks_due, self.resting
         ready = []
         for conn, when in due.items():
             if when > now:
                 break
-            ready.append(conn)
-        for conn in ready:
+            ready.append((conn, when))
+        for conn, when in ready:
             del due[conn]
             conn.ack()
+            self.rest(conn, when)
+        while resting and resting[0][0] <= now:
+            conn = heapq.heappop(resting)[2]
+            conn.resting = False
+            if conn.wire_id > conn.acked:
+                due[conn] = now + ACK_DELAY_NS
+
+    def rest(self, conn: "V2LoginConn", start: int) -> None:
+        """``conn`` sent its timed ACK at ``start``: no delay starts for it
+        until the rest is over."""
+        conn.resting = True
+        heapq.heappush(self.resting, (start + rest_ns(), id(conn), conn))
 
     def add(self, conn: "Conn") -> "Conn":
         conn.sock.setblocking(False)
@@ -179,7 +207,7 @@ class Fleet:
         acks_due = self.acks_due
         while True:
             now = monotonic_ns()
-            if acks_due:
+            if acks_due or self.resting:
                 self.send_due_acks(now)
                 timeout = ACK_POLL
             else:
@@ -486,9 +514,11 @@ class V2LoginConn(Conn):
     handled): one ``ACK <last id>`` on the check socket ``ACK_DELAY`` after
     the first frame not acknowledged, or at once when ``ACK_EVERY`` wait;
     in the last ``ACK_GRACE`` of the delay, ahead of this user's next chat
-    message instead (``ripe_ack``)."""
+    message instead (``ripe_ack``). After a timed ACK the socket rests
+    (``Fleet.resting``): frames that come then start the delay only once
+    the rest is over (about ``ACK_SPACING`` after the previous delay began)."""
 
-    __slots__ = ("flow", "out", "check", "wire_id", "acked", "buf")
+    __slots__ = ("flow", "out", "check", "wire_id", "acked", "buf", "resting")
 
     def __init__(self, sock, fleet: Fleet, label: str, flow: "Flow | None", out: "Flow | None",
                  check: Conn, wire_id: int):
@@ -497,6 +527,7 @@ class V2LoginConn(Conn):
         self.wire_id = wire_id  # the id of the last frame read (setup's READY, STARTED... included)
         self.acked = wire_id
         self.buf = b""
+        self.resting = False  # in Fleet.resting, after a timed ACK
 
     def ack(self) -> None:
         if self.wire_id > self.acked:
@@ -510,6 +541,7 @@ class V2LoginConn(Conn):
         if due is None or now < due - ACK_GRACE_NS or self.wire_id <= self.acked:
             return b""
         del self.fleet.acks_due[self]
+        self.fleet.rest(self, due)
         self.acked = self.wire_id
         return b"ACK %d\n" % self.wire_id
 
@@ -535,7 +567,7 @@ class V2LoginConn(Conn):
         if self.wire_id - self.acked >= ACK_EVERY:
             self.fleet.acks_due.pop(self, None)
             self.ack()
-        elif self not in self.fleet.acks_due:
+        elif not self.resting and self not in self.fleet.acks_due:
             self.fleet.acks_due[self] = now + ACK_DELAY_NS
         return n
 

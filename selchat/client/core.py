@@ -16,7 +16,8 @@ out, in order:
 - ``Roster(users)``: a fresh list of who is online (for tab completion);
 - ``AckLater(delay)``: call ``ack_now()`` in ``delay`` seconds (version 2
   acknowledgements are batched: see ``ev.ACK_DELAY``; the last
-  ``ev.ACK_GRACE`` of the delay, a chat message we send carries the ACK);
+  ``ev.ACK_GRACE`` of the delay, a chat message we send carries the ACK;
+  after an ACK, the rest of ``ev.ACK_SPACING`` passes before the next);
   ``AckLater(delay, confirm=True)``: call ``ack_confirm()`` (did the server
   read the ACK that rode with a message?).
 
@@ -52,8 +53,9 @@ With reconnecting on, ``start()`` pipelines ``VERSION 2`` before ``LOGIN``
 ``WELCOME`` with a resume token makes the session version 2: every frame the
 login socket brings after it (``BYE`` excepted) has the next id, and each read
 that brought any is acknowledged on the check socket, batched: one ``ACK <id>``
-within ``ev.ACK_DELAY`` of the first event not yet acknowledged, or at once
-when ``ev.ACK_EVERY`` wait (and before EXIT).
+within ``ev.ACK_DELAY`` of the first event not yet acknowledged but no sooner
+than ``ev.ACK_SPACING`` after the previous timed one, or at once when
+``ev.ACK_EVERY`` wait (and before EXIT).
 Every ``MSG`` we send gets the next seq of the session and is kept (``_mine``)
 until ``DELIVERED`` or ``UNDELIVERED`` names it; ``RECEIVED`` on the chat
 socket says which of them the server has (``_received``).
@@ -368,7 +370,8 @@ class AckLater:
 #: Version 2: an ACK that rode with a chat message is sent again on the check
 #: socket if that message has neither RECEIVED nor a fate this long after (the
 #: server was not reading the chat socket, so it has not read the ACK either).
-ACK_CONFIRM = ev.RECEIVED_DELAY + 0.5
+#: A RECEIVED can wait up to 1.25 ``RECEIVED_SPACING`` after the previous one.
+ACK_CONFIRM = ev.RECEIVED_SPACING * 1.25 + 0.5
 
 
 Effect = Send | Connect | Close | Notice | Reconnect | Roster | AckLater
@@ -459,7 +462,7 @@ class ClientSession:
 
     def __init__(self, user: str, password: str, register: bool = False, reconnect: bool = False,
                  backoff: Backoff | None = None, version: int | None = None, ack_delay: float = ev.ACK_DELAY,
-                 servers: Failover | None = None):
+                 servers: Failover | None = None, rng: Callable[[], float] = random.random):
         self.user = user
         self.phase = Phase.CONNECTING
         self.partner: str | None = None   # whom the request or chat is with
@@ -477,6 +480,7 @@ class ClientSession:
         self.version = version if version is not None else (ASK_VERSION if reconnect else 1)
         self.partner_away = False          # AWAY read for the partner, and no BACK yet
         self.ack_delay = ack_delay         # 0: acknowledge every read at once (tests)
+        self.rng = rng                     # [0, 1): spreads the rest after an ACK (tests pass their own)
         self._password = password
         self._register = register
         self._was_online = False           # READY has been seen once: reconnecting makes sense
@@ -508,6 +512,7 @@ class ClientSession:
         self._chat_base = 0                # the seq before the first MSG on this chat socket
         self._ack_scheduled = False        # an AckLater is out (its timer goes with the connection)
         self._ack_ripe = False             # its last ACK_GRACE: a chat message of ours may carry the ACK
+        self._ack_resting = False          # the AckLater out ends the ACK_SPACING after an ACK
         self._piggy_first = 0              # seq of the oldest message that carried an ACK, not confirmed
         self._piggy_last = 0               # seq of the newest such message
         self._confirm_scheduled = False    # an AckLater(confirm=True) is out
@@ -609,16 +614,31 @@ class ClientSession:
         return self._flush()
 
     def ack_now(self) -> list[Effect]:
-        """The ACK asked for with ``AckLater`` is due. Two stages: the first
-        makes it ripe (for ``ACK_GRACE`` seconds a chat message we send
-        carries it, in the same write); the second sends what is still
-        unacknowledged on the check socket."""
+        """The timer asked for with ``AckLater`` is up. Three stages: the
+        first makes the ACK ripe (for ``ACK_GRACE`` seconds a chat message we
+        send carries it, in the same write); the second sends what is still
+        unacknowledged on the check socket, and rests; the third ends the
+        rest (on average ``ACK_SPACING`` after the first stage began, so that
+        a stream is acknowledged about once a second) and starts the delay
+        again for whatever came meanwhile. The rest is drawn between half
+        and one and a half times its nominal length: clients that started
+        together (the sessions a restarted server resumes, say) do not stay
+        in step and acknowledge in the same instant every second."""
+        if self._ack_resting:
+            self._ack_scheduled = self._ack_resting = False
+            self._ack_soon()
+            return self._flush()
         if not self._ack_ripe and self.ack_delay > ev.ACK_GRACE and self._wire_id > self._acked:
             self._ack_ripe = True
             self._out.append(AckLater(ev.ACK_GRACE))
             return self._flush()
-        self._ack_scheduled = self._ack_ripe = False
+        self._ack_ripe = False
         self._acknowledge()
+        if self._counting and ev.ACK_SPACING > self.ack_delay > 0:
+            self._ack_resting = True
+            self._out.append(AckLater((ev.ACK_SPACING - self.ack_delay) * (0.5 + self.rng())))
+        else:
+            self._ack_scheduled = False
         return self._flush()
 
     def ack_confirm(self) -> list[Effect]:

@@ -19,13 +19,19 @@ PROTOCOL_VERSION = 2
 
 #: Version 2 acknowledgements are batched both ways (docs/protocol.md): a
 #: client sends ``ACK`` within ``ACK_DELAY`` seconds of the first event it has
-#: not acknowledged, or at once when ``ACK_EVERY`` are waiting; the server
-#: sends ``RECEIVED`` within ``RECEIVED_DELAY`` seconds of a read that brought
-#: chat messages. One frame per batch instead of per read keeps a relayed
-#: message's cost near version 1's (docs/performance.md).
+#: not acknowledged, but no sooner than ``ACK_SPACING`` after its previous
+#: timed ACK, or at once when ``ACK_EVERY`` are waiting; the server sends
+#: ``RECEIVED`` within ``RECEIVED_DELAY`` seconds of a read that brought chat
+#: messages, but no sooner than ``RECEIVED_SPACING`` after its previous one.
+#: One frame per batch instead of per read keeps a relayed message's cost near
+#: version 1's; the spacing keeps a stream's receipts to about one a second
+#: while a message after a quiet spell is acknowledged in a quarter of one
+#: (docs/performance.md).
 ACK_DELAY = 0.25
+ACK_SPACING = 1.0
 ACK_EVERY = 256
 RECEIVED_DELAY = 0.5
+RECEIVED_SPACING = 2.0
 #: The last ``ACK_GRACE`` seconds of ``ACK_DELAY`` the client waits for a
 #: chat message of its own to carry its ``ACK`` (on the chat socket, in the
 #: same write) before it sends it alone on the check socket.

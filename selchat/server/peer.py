@@ -10,6 +10,7 @@ events already buffered are handled then, so nothing that arrived is lost.
 from __future__ import annotations
 
 import logging
+import random
 
 from selchat.protocol import events as ev
 from selchat.protocol.connection import SERVER, Connection
@@ -64,7 +65,7 @@ class Peer(ReadPausing):
         "server", "transport", "conn", "session", "deadline", "failures",
         "paused", "congested", "feeders", "address", "host",
         "cmd_bucket", "msg_bucket", "prelogin_bytes", "prelogin_frames", "stuck", "version", "received",
-        "received_timer", "received_pending",
+        "received_timer", "received_pending", "received_after",
     )
 
     def __init__(self, server, address, cmd_bucket):
@@ -88,6 +89,7 @@ class Peer(ReadPausing):
         self.received = 0          # version 2 chat socket: the last seq said RECEIVED
         self.received_timer = None # version 2 chat socket: RECEIVED is due when it fires
         self.received_pending = False  # ...and it is set to fire
+        self.received_after = None # ...and not before this (reactor clock; set by the last one sent)
 
     # -- from the transport ---------------------------------------------------------
 
@@ -126,15 +128,20 @@ class Peer(ReadPausing):
     def received_due(self) -> None:
         """Version 2 chat socket: chat messages were taken (relayed or
         refused); ``RECEIVED <seq>`` for all of them goes out within
-        ``RECEIVED_DELAY``, one for every read meanwhile."""
+        ``RECEIVED_DELAY``, one for every read meanwhile, but no sooner than
+        about ``RECEIVED_SPACING`` after the previous one (a stream gets one
+        every two seconds or so, and its fates usually say it first)."""
         if self.received_pending:
             return
         self.received_pending = True
+        delay = ev.RECEIVED_DELAY
+        if self.received_after is not None:
+            delay = max(delay, self.received_after - self.server.reactor.clock())
         timer = self.received_timer
         if timer is None:
-            self.received_timer = self.server.reactor.call_later(ev.RECEIVED_DELAY, self.say_received)
+            self.received_timer = self.server.reactor.call_later(delay, self.say_received)
         else:  # it fired: re-arm it
-            timer.reset(ev.RECEIVED_DELAY)
+            timer.reset(delay)
 
     def say_received(self) -> None:
         """``RECEIVED`` for every chat message read since the last one,
@@ -150,6 +157,9 @@ class Peer(ReadPausing):
             self.received = seq
             if seq > self.session.fated:
                 self.send(ev.Received(seq))
+                # 0.75 to 1.25 times the spacing: sessions that started
+                # together (a resume storm) do not stay in step.
+                self.received_after = self.server.reactor.clock() + ev.RECEIVED_SPACING * (0.75 + random.random() / 2)
 
     def process(self) -> None:
         """Hand every buffered event to the server, unless reading is paused.
