@@ -449,6 +449,12 @@ def test_timestamps_on_request_in_scripted_mode(fake, clients):
     assert re.fullmatch(r"<\d\d:\d\d:\d\d> logged in as alice", line), line
 
 
+def test_timestamps_can_show_fractions_of_a_second(fake, clients):
+    client = clients(fake.port, "--timestamps", "--timestamp-format", "%H:%M:%S.%f")
+    line = client.line()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{6} logged in as alice", line), line
+
+
 # --- against the real server ------------------------------------------------------------
 
 

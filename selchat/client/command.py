@@ -172,7 +172,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--timestamps/--no-timestamps", default=None,
               help="Start each line with the time. Default: on in interactive mode, off in scripted mode.")
 @click.option("--timestamp-format", default="%H:%M", show_default=True, metavar="FORMAT",
-              help="strftime format of the timestamps, e.g. '%H:%M:%S'.")
+              help="strftime format of the timestamps, e.g. '%H:%M:%S' (%f: microseconds).")
 def connect(host, port, tls, ca, user, register, retry, reconnect, ping_interval, ping_timeout, json_mode,
             color, bell, timestamps, timestamp_format):
     """Log in to a selchat server and chat.

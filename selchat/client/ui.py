@@ -43,10 +43,11 @@ def prompt_text(session: ClientSession) -> str:
 
 
 def stamp(fmt: str | None, when: float | None = None) -> str:
-    """``when`` (now by default) in local time by ``fmt``, and a space; "" without a format."""
+    """``when`` (now by default) in local time by ``fmt``, and a space; "" without a format.
+    A ``datetime``'s strftime, so ``%f`` (microseconds) works too."""
     if not fmt:
         return ""
-    return time.strftime(fmt, time.localtime(when)) + " "
+    return datetime.fromtimestamp(time.time() if when is None else when).astimezone().strftime(fmt) + " "
 
 
 def json_event(notice: Notice, when: float | None = None) -> str:
