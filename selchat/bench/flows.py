@@ -18,7 +18,7 @@ batch that arrives frees room that is refilled at once with one ``send()``
 With protocol version 2 the receiver's login socket also counts its frames
 and acknowledges them as the selchat client does, batched: one ``ACK <last
 id>`` on its check socket ``ACK_DELAY`` after the first frame not yet
-acknowledged (but no sooner than ``ACK_SPACING`` after its previous timed
+acknowledged (but not before about ``ACK_SPACING`` after its previous timed
 one), or at once when ``ACK_EVERY`` wait; the sender's login socket gets ``DELIVERED <first> <last>``
 receipts (numbered and acknowledged too), which must cover every message
 exactly once, in order; the sender's chat socket gets ``RECEIVED <seq>``,

@@ -17,7 +17,8 @@ out, in order:
 - ``AckLater(delay)``: call ``ack_now()`` in ``delay`` seconds (version 2
   acknowledgements are batched: see ``ev.ACK_DELAY``; the last
   ``ev.ACK_GRACE`` of the delay, a chat message we send carries the ACK;
-  after an ACK, the rest of ``ev.ACK_SPACING`` passes before the next);
+  after an ACK, a rest of about ``ev.ACK_SPACING`` less the delay before
+  the next delay starts);
   ``AckLater(delay, confirm=True)``: call ``ack_confirm()`` (did the server
   read the ACK that rode with a message?).
 
@@ -53,8 +54,8 @@ With reconnecting on, ``start()`` pipelines ``VERSION 2`` before ``LOGIN``
 ``WELCOME`` with a resume token makes the session version 2: every frame the
 login socket brings after it (``BYE`` excepted) has the next id, and each read
 that brought any is acknowledged on the check socket, batched: one ``ACK <id>``
-within ``ev.ACK_DELAY`` of the first event not yet acknowledged but no sooner
-than ``ev.ACK_SPACING`` after the previous timed one, or at once when
+within ``ev.ACK_DELAY`` of the first event not yet acknowledged but not
+before about ``ev.ACK_SPACING`` after the previous timed one, or at once when
 ``ev.ACK_EVERY`` wait (and before EXIT).
 Every ``MSG`` we send gets the next seq of the session and is kept (``_mine``)
 until ``DELIVERED`` or ``UNDELIVERED`` names it; ``RECEIVED`` on the chat

@@ -19,10 +19,11 @@ PROTOCOL_VERSION = 2
 
 #: Version 2 acknowledgements are batched both ways (docs/protocol.md): a
 #: client sends ``ACK`` within ``ACK_DELAY`` seconds of the first event it has
-#: not acknowledged, but no sooner than ``ACK_SPACING`` after its previous
-#: timed ACK, or at once when ``ACK_EVERY`` are waiting; the server sends
-#: ``RECEIVED`` within ``RECEIVED_DELAY`` seconds of a read that brought chat
-#: messages, but no sooner than ``RECEIVED_SPACING`` after its previous one.
+#: not acknowledged, but not before about ``ACK_SPACING`` after its previous
+#: timed ACK (drawn: see ``ClientSession.ack_now``), or at once when
+#: ``ACK_EVERY`` are waiting; the server sends ``RECEIVED`` within
+#: ``RECEIVED_DELAY`` seconds of a read that brought chat messages, but not
+#: before about ``RECEIVED_SPACING`` after its previous one (drawn too).
 #: One frame per batch instead of per read keeps a relayed message's cost near
 #: version 1's; the spacing keeps a stream's receipts to about one a second
 #: while a message after a quiet spell is acknowledged in a quarter of one
