@@ -37,7 +37,7 @@ test-random: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --run-slow tests
 
-# The standard matrix of docs/performance.md (about 4-5 minutes), with the
+# The standard matrix of docs/performance.md (about 6 minutes), with the
 # asyncio baseline measured in the same run.
 bench: $(STAMP)
 	$(BIN)/selchat bench --matrix standard --save bench-results.json

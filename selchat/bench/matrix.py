@@ -5,7 +5,7 @@ interleaved runs: 100 and 1000 pairs with 32 messages in flight per sender,
 and 100 pairs with one in flight; 64-byte messages, both directions; each
 row also with a second selchat whose users speak protocol version 2 (and
 acknowledge every event, as the selchat client does), for the ratio of
-version 2's relay cost to version 1's; the 100 x 32 row once more with
+version 2's relay cost to version 1's; the 32-in-flight rows once more with
 both versions paced at one rate (``--rate``, half what the slower of the
 two reached unpaced), so that the ratio compares the servers at the same
 load (unpaced, each runs at its load generator's limit, and version 2's
@@ -42,7 +42,7 @@ class Matrix:
 
 
 MATRICES = {
-    "standard": Matrix("standard", ((100, 32, "both"), (1000, 32, "both"), (100, 1, "both")), ((100, 32),),
+    "standard": Matrix("standard", ((100, 32, "both"), (1000, 32, "both"), (100, 1, "both")), ((100, 32), (1000, 32)),
                        duration=5.0, repeat=3, idle_users=10_000, idle_ping_interval=5.0, storm_logins=1000),
     "quick": Matrix("quick", ((10, 32, "1"), (100, 32, "both"), (10, 1, "both")), ((100, 32),), duration=2.0,
                     repeat=1, idle_users=500, idle_ping_interval=1.0, storm_logins=50),
