@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -392,6 +394,29 @@ def test_perf_syscalls_puts_each_sample_under_its_outermost_system_call():
 """
     shares = module.shares(script.splitlines(True), {"100"})
     assert shares == {"100": {"sendto": 1, "user": 1, "recvfrom": 1}}
+
+
+def test_select_log_records_every_select_and_bursts_lists_the_big_ones(tmp_path):
+    """bench/selectlog (docs/performance.md): a process with it on PYTHONPATH
+    logs each select(); bench/select_bursts.py finds the ones with many ready."""
+    program = """\
+import selectors, socket
+selector = selectors.DefaultSelector()
+pairs = [socket.socketpair() for _ in range(3)]
+for a, b in pairs:
+    b.send(b"x")
+    selector.register(a, selectors.EVENT_READ)
+for _ in range(1200):
+    assert len(selector.select(0)) == 3
+"""
+    env = dict(os.environ, PYTHONPATH=str(RESULTS.parent / "selectlog"), SELECTLOG_DIR=str(tmp_path))
+    subprocess.run([sys.executable, "-c", program], env=env, check=True, timeout=60)
+    logs = sorted(tmp_path.glob("selectlog.*"))
+    assert len(logs) == 1
+    out = subprocess.run([sys.executable, str(RESULTS.parent / "select_bursts.py"), "--burst", "2",
+                          "--seconds", "60", str(logs[0])], capture_output=True, text=True, check=True).stdout
+    assert "1200 selects, sockets ready per select median 3, p99 3, max 3" in out, out
+    assert out.count(": 3 ready after waiting") == 1200, out
 
 
 # -- the receive path, fed by hand ------------------------------------------------------
