@@ -2,13 +2,14 @@
 """Bursts in ``select()`` logs written by ``bench/selectlog/sitecustomize.py``.
 
 For each log named (one per process with at least ``MIN_SELECTS``), over
-the last ``--seconds`` that all of them cover: how many selects, sockets ready per select (median, p99,
-max), and every select that found more than ``--burst`` sockets ready, by
-time, so that the server's and the load generator's bursts line up.
+the last ``--seconds`` that all of them cover: how many selects, sockets
+ready per select (median, p99, max), and every select that found more than
+``--burst`` sockets ready, by time, so that the server's and the load
+generator's bursts line up.
 docs/performance.md ("Receipts spaced while a stream lasts") uses it:
 
     rm -f /tmp/selectlog.*
-    PYTHONPATH=bench/selectlog selchat bench --pin --pairs 1000 --window 32 --protocol 2 \\
+    PYTHONPATH=$PWD/bench/selectlog selchat bench --pin --pairs 1000 --window 32 --protocol 2 \\
         --rate 200000 --repeat 1 --duration 10 --no-baseline
     python3 bench/select_bursts.py /tmp/selectlog.*
 """

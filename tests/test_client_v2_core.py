@@ -13,7 +13,7 @@ from selchat.client.core import (
     CHAT, CHECK, FORMATS, JSON_FIELDS, LOGIN, RECEIPT_KINDS, RESUME_CAP, Backoff, ClientSession, Close,
     ACK_CONFIRM, AckLater, Connect, Notice, Phase, Reconnect, Send,
 )
-from selchat.protocol.events import ACK_EVERY, ACK_GRACE, ACK_SPACING
+from selchat.protocol.events import ACK_EVERY, ACK_GRACE, ACK_SPACING, ack_rest
 from tests.test_client_core import closed, frames, kinds, sent, shown
 
 HELLO = "HELLO 2 selchat/0.2.0"
@@ -39,7 +39,7 @@ def v2_online(user: str = "alice", **kwargs) -> ClientSession:
         assert AckLater(s.ack_delay - ACK_GRACE) in effects
         assert AckLater(ACK_GRACE) in s.ack_now()  # the loop's timer: the ACK is ripe
         effects = s.ack_now()  # and then due, and the rest of ACK_SPACING follows
-        assert AckLater((ACK_SPACING - s.ack_delay) * (0.5 + s.rng())) in effects
+        assert AckLater(ack_rest(s.ack_delay, s.rng())) in effects
         assert sent(s.ack_now()) == []  # the rest is over; nothing came meanwhile
     assert sent(effects, CHECK) == ["ACK 1"]
     assert s.online and s.phase is Phase.IDLE

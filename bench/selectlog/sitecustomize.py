@@ -3,7 +3,7 @@ on ``PYTHONPATH``: when it returned, how long it waited and how many sockets
 were ready. For seeing bursts (many sockets ready at once) in the server and
 the load generator side by side; ``bench/select_bursts.py`` reads the logs.
 
-    PYTHONPATH=bench/selectlog selchat bench --pin --pairs 1000 --window 32 --protocol 2 --rate 200000
+    PYTHONPATH=$PWD/bench/selectlog selchat bench --pin --pairs 1000 --window 32 --protocol 2 --rate 200000
     python3 bench/select_bursts.py /tmp/selectlog.*        # each process's log
 
 Records go to ``$SELECTLOG_DIR/selectlog.<pid>`` (default /tmp) as float64

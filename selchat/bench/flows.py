@@ -45,7 +45,7 @@ from array import array
 from itertools import repeat
 
 from selchat.bench.sysinfo import machine_busy_seconds
-from selchat.protocol.events import ACK_DELAY, ACK_EVERY, ACK_GRACE, ACK_SPACING
+from selchat.protocol.events import ACK_DELAY, ACK_EVERY, ACK_GRACE, ACK_SPACING, ack_rest
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
@@ -57,9 +57,9 @@ ACK_POLL = 0.005       # seconds: how often a window looks for ACKs due (while a
 
 
 def rest_ns() -> int:
-    """A rest after a timed ACK, drawn as the selchat client draws it: half
-    to one and a half times ``ACK_REST_NS``."""
-    return int(ACK_REST_NS * (0.5 + random.random()))
+    """A rest after a timed ACK, drawn as the selchat client draws it
+    (``ack_rest``)."""
+    return int(ack_rest(ACK_DELAY, random.random()) * 1e9)
 
 
 HEADER = 31            # "<seq:10> <stamp:19> " before the padding

@@ -637,7 +637,7 @@ class ClientSession:
         self._acknowledge()
         if self._counting and ev.ACK_SPACING > self.ack_delay > 0:
             self._ack_resting = True
-            self._out.append(AckLater((ev.ACK_SPACING - self.ack_delay) * (0.5 + self.rng())))
+            self._out.append(AckLater(ev.ack_rest(self.ack_delay, self.rng())))
         else:
             self._ack_scheduled = False
         return self._flush()
