@@ -144,6 +144,25 @@ def test_received_is_spaced_while_messages_keep_coming_without_fates(v2server):
     assert bob.expect(f"MSG {alice.name} one") and bob.expect(f"MSG {alice.name} two")
 
 
+def test_no_received_while_fates_keep_coming_and_one_once_they_stop(v2server):
+    """A stream whose partner acknowledges gets its fates and no RECEIVED
+    (the next fate says it too); once the fates stop, RECEIVED comes."""
+    alice, bob = pair(v2server)
+    alice.chat.send("MSG 1")
+    assert bob.expect(f"MSG {alice.name} 1")
+    # Each round: one more message in flight, then bob acknowledges the one
+    # before it, so that a message without a fate is always there.
+    rounds = int((RECEIVED_DELAY + RECEIVED_SPACING * 1.25) / 0.2) + 2
+    for n in range(2, rounds + 2):
+        alice.chat.send(f"MSG {n}")
+        bob.ack()  # up to message n - 1: n is not read yet
+        assert alice.expect("DELIVERED ") == f"DELIVERED {n - 1} {n - 1}"
+        assert bob.expect(f"MSG {alice.name} {n}")
+        assert quiet_line(alice.chat, 0.2) is None  # no RECEIVED, over about 3 s in all
+    # bob stops acknowledging: the last message has no fate, and RECEIVED says the server has it.
+    assert alice.chat.expect("RECEIVED ", timeout=QUIET + 1) == f"RECEIVED {rounds + 1}"
+
+
 def test_resume_after_the_sender_lost_a_message_in_flight(v2server):
     """The client resends what the server never RECEIVED; the server never
     relays a seq twice."""

@@ -65,7 +65,7 @@ class Peer(ReadPausing):
         "server", "transport", "conn", "session", "deadline", "failures",
         "paused", "congested", "feeders", "address", "host",
         "cmd_bucket", "msg_bucket", "prelogin_bytes", "prelogin_frames", "stuck", "version", "received",
-        "received_timer", "received_pending", "received_after",
+        "received_timer", "received_pending", "received_after", "fated_seen",
     )
 
     def __init__(self, server, address, cmd_bucket):
@@ -90,6 +90,7 @@ class Peer(ReadPausing):
         self.received_timer = None # version 2 chat socket: RECEIVED is due when it fires
         self.received_pending = False  # ...and it is set to fire
         self.received_after = None # ...and not before this (reactor clock; set by the last one sent)
+        self.fated_seen = 0        # ...the session's last fate when that timer was set
 
     # -- from the transport ---------------------------------------------------------
 
@@ -129,11 +130,12 @@ class Peer(ReadPausing):
         """Version 2 chat socket: chat messages were taken (relayed or
         refused); ``RECEIVED <seq>`` for all of them goes out within
         ``RECEIVED_DELAY``, one for every read meanwhile, but no sooner than
-        about ``RECEIVED_SPACING`` after the previous one (a stream gets one
-        every two seconds or so, and its fates usually say it first)."""
+        about ``RECEIVED_SPACING`` after the previous one (a stream whose
+        fates do not come gets one every two seconds or so)."""
         if self.received_pending:
             return
         self.received_pending = True
+        self.fated_seen = self.session.fated
         delay = ev.RECEIVED_DELAY
         if self.received_after is not None:
             delay = max(delay, self.received_after - self.server.reactor.clock())
@@ -147,19 +149,27 @@ class Peer(ReadPausing):
         """``RECEIVED`` for every chat message read since the last one,
         unless a fate (on the login socket) has already said it: the server
         takes messages in order, so a fate for seq n means it had them all up
-        to n (docs/protocol.md)."""
+        to n (docs/protocol.md). If a fate went out while the timer ran, the
+        partner's client is acknowledging and the next fate will say it
+        too: look again a spacing later instead, so that a stream between
+        two users who are both there costs no ``RECEIVED`` at all."""
         self.received_pending = False
         seq = self.conn.msg_seq
-        journal = self.session.journal
+        session = self.session
+        journal = session.journal
         if journal is not None and journal.durable < seq:
             seq = journal.durable  # a cluster says RECEIVED only for what Redis has
-        if seq > self.received:
-            self.received = seq
-            if seq > self.session.fated:
-                self.send(ev.Received(seq))
-                # 0.75 to 1.25 times the spacing: sessions that started
-                # together (a resume storm) do not stay in step.
-                self.received_after = self.server.reactor.clock() + ev.RECEIVED_SPACING * (0.75 + random.random() / 2)
+        fated = session.fated
+        if seq <= self.received or seq <= fated:
+            return
+        # 0.75 to 1.25 times the spacing: sessions that started together
+        # (a resume storm) do not stay in step.
+        self.received_after = self.server.reactor.clock() + ev.RECEIVED_SPACING * (0.75 + random.random() / 2)
+        if fated > self.fated_seen:
+            self.received_due()  # a fate went out meanwhile, and more are coming: look again then
+            return
+        self.received = seq
+        self.send(ev.Received(seq))
 
     def process(self) -> None:
         """Hand every buffered event to the server, unless reading is paused.
