@@ -187,6 +187,38 @@ def test_cancel_prevents_firing_and_is_idempotent():
     assert wheel.next_timeout() is None
 
 
+def test_the_tick_in_progress_fires_its_timers_one_by_one_whatever_happens_to_them():
+    """A busy loop advances many times within one tick: each advance fires
+    exactly what is due by then, also for timers scheduled, reset and
+    cancelled after the first of that tick came due (when the slot is kept
+    in a heap), and for one of a later rotation sharing the slot."""
+    clock, wheel = make(tick=1.0, slots=8)
+    fired = []
+    at = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4, "e": 0.5, "later rotation": 8.3}
+    timers = {name: wheel.call_at(when, fired.append, name) for name, when in at.items()}
+    clock.now = 0.1
+    assert wheel.advance() == 1 and fired == ["a"]
+    timers["b"].reset(0.25)                  # later, in the same tick (lazy)
+    timers["c"].cancel()
+    timers["d"].reset(0.05)                  # earlier (moved)
+    wheel.call_at(0.3, fired.append, "new")  # into the tick in progress
+    timers["e"].reset(1.4)                   # later, into the next tick
+    clock.now = 0.2
+    assert wheel.advance() == 1 and fired == ["a", "d"]
+    clock.now = 0.3
+    assert wheel.advance() == 1 and fired == ["a", "d", "new"]
+    clock.now = 0.35
+    assert wheel.advance() == 1 and fired == ["a", "d", "new", "b"]
+    drive(clock, wheel, 1.49, 0.05)
+    assert fired == ["a", "d", "new", "b"]
+    clock.now = 1.5
+    assert wheel.advance() == 1 and fired[-1] == "e"
+    drive(clock, wheel, 8.29, 0.5)
+    assert fired[-1] == "e" and len(wheel) == 1
+    clock.now = 8.3
+    assert wheel.advance() == 1 and fired[-1] == "later rotation" and len(wheel) == 0
+
+
 # --- reset ------------------------------------------------------------------
 
 

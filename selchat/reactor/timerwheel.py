@@ -37,6 +37,18 @@ The cost of ``advance()`` is one cheap check per elapsed tick (capped at
 fires (they are run in deadline order). ``next_timeout()`` looks at no more
 than one rotation of slots.
 
+The slot of the tick in progress is the exception. A busy loop calls
+``advance()`` many times per tick, and the timers of that tick come due one
+by one; scanning the whole slot each time one does would cost every turn
+the slot's size (hundreds, with thousands of sessions). So the first time
+a timer in it comes due before its tick ends, the slot is indexed by
+deadline in a heap (``_near``: an entry for every timer in it, and for every
+timer filed into it until the tick ends), and later turns pop only what is
+due. An entry keeps the deadline the timer had when it was pushed; a lazy
+reset only raises it, so the heap's minimum stays a lower bound. A popped
+entry whose timer left the slot (cancelled, fired, moved) is skipped, and
+one whose timer was reset to later is pushed again or re-filed.
+
 Due timers are first moved to a "ready" dict and only then run, so a callback
 may schedule, cancel or reset any timer, itself included, at any point. Timers
 armed by a callback fire on a later ``advance()``, never the current one.
@@ -47,6 +59,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from heapq import heapify, heappop, heappush
+from itertools import count
 from operator import attrgetter
 from typing import Any, Callable
 
@@ -137,6 +151,14 @@ class TimerWheel:
         # next_timeout() need not look at them again (it would otherwise
         # walk the same empty slots at every turn of the loop).
         self._hint = self._tick
+        # The slot of the tick in progress, indexed by deadline once one of
+        # its timers came due before the tick ended (module docstring):
+        # _near holds (deadline, n, timer) for every timer in _near_slot,
+        # the slot of tick _near_tick; None and [] when there is none.
+        self._near_slot: dict[Timer, None] | None = None
+        self._near_tick = 0
+        self._near: list[tuple[float, int, Timer]] = []
+        self._pushes = count()  # tie-breaker: timers do not compare
 
     def _tick_of(self, t: float) -> int:
         return int(t // self.tick)
@@ -152,6 +174,8 @@ class TimerWheel:
         slot = self._wheel[i]
         slot[timer] = None
         timer._slot = slot
+        if slot is self._near_slot:
+            heappush(self._near, (deadline, next(self._pushes), timer))
         if deadline < self._bounds[i]:
             self._bounds[i] = deadline
         # The first tick from _tick on that this slot stands for.
@@ -233,11 +257,17 @@ class TimerWheel:
         target = self._tick_of(now)
         if target > first:
             self._tick = target
+            if self._near_slot is not None:  # that tick is over: its slot is scanned as any other
+                self._near_slot = None
+                self._near = []
         # Ticks first..target, the current (unfinished) one included; past
         # one rotation each slot has been seen once.
         for k in range(first, first + min(max(target - first, 0) + 1, mask + 1)):
             i = k & mask
             if bounds[i] > now:
+                continue
+            if k == target:
+                self._collect_near(i, k, now)
                 continue
             slot = wheel[i]
             low = math.inf
@@ -253,6 +283,46 @@ class TimerWheel:
                 elif deadline < low:
                     low = deadline
             bounds[i] = low
+
+    def _collect_near(self, i: int, tick: int, now: float) -> None:
+        """``_collect`` for slot ``i``, that of ``tick``, the tick in
+        progress: pop what is due from its heap, built on the first call."""
+        slot = self._wheel[i]
+        ready, mask, pushes = self._ready, self._mask, self._pushes
+        near = self._near
+        if self._near_slot is not slot or self._near_tick != tick:
+            # The first time in this tick: the full scan, the rest into the heap.
+            near = []
+            for timer in list(slot):
+                deadline = timer.deadline
+                if deadline <= now:
+                    del slot[timer]
+                    ready[timer] = None
+                    timer._slot = ready
+                elif self._tick_of(deadline) & mask != i:
+                    del slot[timer]
+                    self._file(timer)
+                else:
+                    near.append((deadline, next(pushes), timer))
+            heapify(near)
+            self._near = near
+            self._near_slot = slot
+            self._near_tick = tick
+        while near and near[0][0] <= now:
+            timer = heappop(near)[2]
+            if timer._slot is not slot:
+                continue  # cancelled, fired or moved since it was pushed
+            deadline = timer.deadline
+            if deadline <= now:
+                del slot[timer]
+                ready[timer] = None
+                timer._slot = ready
+            elif self._tick_of(deadline) & mask != i:
+                del slot[timer]
+                self._file(timer)
+            else:  # reset to later, within this slot: its entry moves
+                heappush(near, (deadline, next(pushes), timer))
+        self._bounds[i] = near[0][0] if near else math.inf
 
     def __len__(self) -> int:
         """Number of active timers."""
