@@ -27,7 +27,7 @@ from selchat.bench.flows import ACK_DELAY_NS, ACK_REST_NS, MIN_SIZE, Fleet, Flow
 from selchat.bench.stats import latency_summary, percentile
 from selchat.bench.vusers import Setup, VUser
 from selchat.protocol.events import ACK_EVERY
-from tests.support import ServerProcess
+from tests.support import RawUser, ServerProcess, start_chat
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
@@ -417,6 +417,28 @@ for _ in range(1200):
                           "--seconds", "60", str(logs[0])], capture_output=True, text=True, check=True).stdout
     assert "1200 selects, sockets ready per select median 3, p99 3, max 3" in out, out
     assert out.count(": 3 ready after waiting") == 1200, out
+
+
+def test_serverprofile_profiles_a_server_and_profile_compare_reads_it(tmp_path, monkeypatch):
+    """bench/serverprofile (docs/performance.md): a ``selchat serve`` with it
+    on PYTHONPATH leaves a cProfile of itself when it stops;
+    bench/profile_compare.py puts two side by side, per relayed block."""
+    monkeypatch.setenv("PYTHONPATH", str(RESULTS.parent / "serverprofile"))
+    monkeypatch.setenv("SERVERPROFILE_DIR", str(tmp_path))
+    srv = ServerProcess(tmp_path)
+    try:
+        alice, bob = RawUser(srv), RawUser(srv)
+        start_chat(alice, bob)
+        for i in range(5):  # one at a time: five reads, five relayed blocks
+            alice.chat.send(f"MSG {i}")
+            assert bob.login.line() == f"MSG {alice.name} {i}"
+    finally:
+        assert srv.stop() == 0
+    [profile] = tmp_path.glob("serverprofile.*")
+    out = subprocess.run([sys.executable, str(RESULTS.parent / "profile_compare.py"), str(profile), str(profile)],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "per relayed block (5 in a, 5 in b)" in out, out
+    assert "busy: " in out and "(1.00x); calls" in out, out  # a profile against itself
 
 
 # -- the receive path, fed by hand ------------------------------------------------------
