@@ -13,7 +13,7 @@ The servers' pids are on the bench's "servers up" line. Profiles go to
 exits (the bench stops it with SIGTERM, which exits cleanly). cProfile makes
 a server about 30% slower, and more so where it makes many small calls; use
 it for counts and for comparing two servers profiled alike, not for absolute
-costs. (On this machine sampling profilers saw only ``select`` at 1000
+costs (two servers of one commit, so profiled, differed by 5% in busy time). (On this machine sampling profilers saw only ``select`` at 1000
 pairs: docs/performance.md.)
 """
 
