@@ -158,7 +158,10 @@ def test_no_received_while_fates_keep_coming_and_one_once_they_stop(v2server):
         bob.ack()  # up to message n - 1: n is not read yet
         assert alice.expect("DELIVERED ") == f"DELIVERED {n - 1} {n - 1}"
         assert bob.expect(f"MSG {alice.name} {n}")
-        assert quiet_line(alice.chat, 0.2) is None  # no RECEIVED, over about 3 s in all
+        seen = quiet_line(alice.chat, 0.2)
+        if n == 2 and seen == "RECEIVED 1":
+            continue  # a machine stalled for RECEIVED_DELAY before the first fate: it was due then
+        assert seen is None  # no RECEIVED, over about 3 s in all
     # bob stops acknowledging: the last message has no fate, and RECEIVED says the server has it.
     assert alice.chat.expect("RECEIVED ", timeout=QUIET + 1) == f"RECEIVED {rounds + 1}"
 
