@@ -252,7 +252,7 @@ class TimerWheel:
     def _collect(self, now: float) -> None:
         """Move the due timers of the elapsed ticks into the ready set,
         re-filing timers that were lazily reset to a later deadline."""
-        wheel, bounds, mask, ready = self._wheel, self._bounds, self._mask, self._ready
+        wheel, bounds, mask = self._wheel, self._bounds, self._mask
         first = self._tick
         target = self._tick_of(now)
         if target > first:
@@ -272,56 +272,47 @@ class TimerWheel:
             slot = wheel[i]
             low = math.inf
             for timer in list(slot):
-                deadline = timer.deadline
-                if deadline <= now:
-                    del slot[timer]
-                    ready[timer] = None
-                    timer._slot = ready
-                elif self._tick_of(deadline) & mask != i:
-                    del slot[timer]
-                    self._file(timer)
-                elif deadline < low:
-                    low = deadline
+                if self._settle(slot, i, timer, now) and timer.deadline < low:
+                    low = timer.deadline
             bounds[i] = low
+
+    def _settle(self, slot: dict, i: int, timer: Timer, now: float) -> bool:
+        """A timer of slot ``i`` looked at: if due, it moves to the ready
+        set; if lazily reset to a deadline of another slot, it is re-filed
+        there; else it stays, and the answer is True."""
+        deadline = timer.deadline
+        if deadline <= now:
+            del slot[timer]
+            ready = self._ready
+            ready[timer] = None
+            timer._slot = ready
+            return False
+        if self._tick_of(deadline) & self._mask != i:
+            del slot[timer]
+            self._file(timer)
+            return False
+        return True
 
     def _collect_near(self, i: int, tick: int, now: float) -> None:
         """``_collect`` for slot ``i``, that of ``tick``, the tick in
         progress: pop what is due from its heap, built on the first call."""
         slot = self._wheel[i]
-        ready, mask, pushes = self._ready, self._mask, self._pushes
+        pushes = self._pushes
         near = self._near
         if self._near_slot is not slot or self._near_tick != tick:
             # The first time in this tick: the full scan, the rest into the heap.
-            near = []
-            for timer in list(slot):
-                deadline = timer.deadline
-                if deadline <= now:
-                    del slot[timer]
-                    ready[timer] = None
-                    timer._slot = ready
-                elif self._tick_of(deadline) & mask != i:
-                    del slot[timer]
-                    self._file(timer)
-                else:
-                    near.append((deadline, next(pushes), timer))
+            near = [(timer.deadline, next(pushes), timer) for timer in list(slot)
+                    if self._settle(slot, i, timer, now)]
             heapify(near)
             self._near = near
             self._near_slot = slot
             self._near_tick = tick
         while near and near[0][0] <= now:
             timer = heappop(near)[2]
-            if timer._slot is not slot:
-                continue  # cancelled, fired or moved since it was pushed
-            deadline = timer.deadline
-            if deadline <= now:
-                del slot[timer]
-                ready[timer] = None
-                timer._slot = ready
-            elif self._tick_of(deadline) & mask != i:
-                del slot[timer]
-                self._file(timer)
-            else:  # reset to later, within this slot: its entry moves
-                heappush(near, (deadline, next(pushes), timer))
+            # Skipped if cancelled, fired or moved since it was pushed; pushed
+            # again if reset to later within this slot.
+            if timer._slot is slot and self._settle(slot, i, timer, now):
+                heappush(near, (timer.deadline, next(pushes), timer))
         self._bounds[i] = near[0][0] if near else math.inf
 
     def __len__(self) -> int:
