@@ -23,13 +23,14 @@ from click.testing import CliRunner
 import selchat
 from selchat.bench import BenchError, flows, matrix, relay, report, servers, sysinfo
 from selchat.bench.command import bench
-from selchat.bench.flows import ACK_DELAY_NS, ACK_REST_NS, MIN_SIZE, Fleet, Flow, V2ChatConn, V2LoginConn
+from selchat.bench.flows import ACK_DELAY_NS, MIN_SIZE, Fleet, Flow, V2ChatConn, V2LoginConn
 from selchat.bench.stats import latency_summary, percentile
 from selchat.bench.vusers import Setup, VUser
-from selchat.protocol.events import ACK_EVERY
+from selchat.protocol.events import ACK_DELAY, ACK_EVERY, ack_rest
 from tests.support import RawUser, ServerProcess, start_chat
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+ACK_REST_NS = int(ack_rest(ACK_DELAY, 0.5) * 1e9)  # the rest after a timed ACK, undrawn (the middle of its range)
 
 SUMMARY_KEYS = {"msgs_per_s", "cpu_us_per_msg", "server_user_us_per_msg", "server_sys_us_per_msg", "p50_us",
                 "p99_us", "p999_us", "max_us", "server_cpu_pct", "generator_cpu_pct", "generator_us_per_msg", "other_cpu_pct", "rss_mib",
@@ -439,6 +440,42 @@ def test_serverprofile_profiles_a_server_and_profile_compare_reads_it(tmp_path, 
                          capture_output=True, text=True, check=True, timeout=60).stdout
     assert "per relayed block (5 in a, 5 in b)" in out, out
     assert "busy: " in out and "(1.00x); calls" in out, out  # a profile against itself
+
+
+def test_servercount_counts_a_servers_calls_between_two_snapshots(tmp_path, monkeypatch):
+    """bench/servercount (docs/performance.md): a ``selchat serve`` with it on
+    PYTHONPATH writes its call counts on SIGRTMIN+3; bench/servercount/rates.py
+    turns two snapshots into rates."""
+    import signal
+
+    monkeypatch.setenv("PYTHONPATH", str(RESULTS.parent / "servercount"))
+    monkeypatch.setenv("SERVERCOUNT_DIR", str(tmp_path))
+
+    def snapshot(n: int) -> Path:
+        srv.proc.send_signal(signal.SIGRTMIN + 3)
+        path = tmp_path / f"servercount.{srv.proc.pid}.{n}"
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            assert time.monotonic() < deadline, "no snapshot"
+            time.sleep(0.02)  # polling interval; the condition ends the wait
+        return path
+
+    srv = ServerProcess(tmp_path)
+    try:
+        alice, bob = RawUser(srv), RawUser(srv)
+        start_chat(alice, bob)
+        first = snapshot(1)
+        for i in range(5):  # one at a time: five reads, five relayed blocks
+            alice.chat.send(f"MSG {i}")
+            assert bob.login.line() == f"MSG {alice.name} {i}"
+        second = snapshot(2)
+    finally:
+        srv.stop()
+    out = subprocess.run([sys.executable, str(RESULTS.parent / "servercount" / "rates.py"), str(first), str(second)],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert lines["Server.relay"].endswith("1.000 per block"), out
+    assert lines["messages"].endswith("1.000 per block"), out  # "messages relayed": one a block
 
 
 # -- the receive path, fed by hand ------------------------------------------------------

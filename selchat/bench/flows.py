@@ -45,14 +45,13 @@ from array import array
 from itertools import repeat
 
 from selchat.bench.sysinfo import machine_busy_seconds
-from selchat.protocol.events import ACK_DELAY, ACK_EVERY, ACK_GRACE, ACK_SPACING, ack_rest
+from selchat.protocol.events import ACK_DELAY, ACK_EVERY, ACK_GRACE, ack_rest
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 RECV_SIZE = 256 * 1024
 ACK_DELAY_NS = int(ACK_DELAY * 1e9)
 ACK_GRACE_NS = int(ACK_GRACE * 1e9)
-ACK_REST_NS = int((ACK_SPACING - ACK_DELAY) * 1e9)  # after a timed ACK, before the next delay starts (nominal)
 ACK_POLL = 0.005       # seconds: how often a window looks for ACKs due (while any are)
 
 

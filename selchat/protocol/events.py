@@ -40,6 +40,8 @@ def ack_rest(delay: float, draw: float) -> float:
     ``draw`` in [0, 1): half to one and a half times ``ACK_SPACING - delay``,
     so that clients that started together fall out of step."""
     return (ACK_SPACING - delay) * (0.5 + draw)
+
+
 #: The last ``ACK_GRACE`` seconds of ``ACK_DELAY`` the client waits for a
 #: chat message of its own to carry its ``ACK`` (on the chat socket, in the
 #: same write) before it sends it alone on the check socket.

@@ -89,7 +89,7 @@ class Peer(ReadPausing):
         self.received = 0          # version 2 chat socket: the last seq said RECEIVED
         self.received_timer = None # version 2 chat socket: RECEIVED is due when it fires
         self.received_pending = False  # ...and it is set to fire
-        self.received_after = None # ...and not before this (reactor clock; set by the last one sent)
+        self.received_after = None # ...and not before this (reactor clock; set by the last look that found one owed)
         self.fated_seen = 0        # ...the session's last fate when that timer was set
 
     # -- from the transport ---------------------------------------------------------
