@@ -124,6 +124,18 @@ def test_relay_protocol_2_alone_one_direction_one_in_flight():
     assert result["ratios"] is None and result["v2_over_v1"] is None
     assert_relay_correct(result["selchat_v2"]["summary"])
     assert "selchat v2" in report.relay_text(result)
+    # One in flight: one generator process per generator CPU (latency is the measure).
+    assert result["workers"] == min(2, relay.default_workers(result["generator_cpus"]))
+
+
+def test_more_than_one_in_flight_is_driven_by_at_least_two_generator_processes():
+    """One process near its CPU's limit slows the server it measures
+    (docs/performance.md, "Two load-generator processes")."""
+    result = run_bench("--pairs", "2", "--duration", "0.3", "--repeat", "1", "--warmup", "0", "--no-baseline",
+                       "--protocol", "1")
+    assert result["correct"], result["failures"]
+    assert result["workers"] == 2  # at least two, and at most one per pair
+    assert "load generator 2 processes" in " ".join(report.relay_text(result).replace("(", "").split())
 
 
 @pytest.mark.skipif(servers.redis_binary() is None,
@@ -420,6 +432,22 @@ for _ in range(1200):
     assert out.count(": 3 ready after waiting") == 1200, out
 
 
+def relay_one_at_a_time(alice: RawUser, bob: RawUser, count: int) -> None:
+    """``count`` messages from alice to bob, each read by bob before the
+    next is sent: one relayed block each."""
+    for i in range(count):
+        alice.chat.send(f"MSG {i}")
+        assert bob.login.line() == f"MSG {alice.name} {i}"
+
+
+def wait_for_file(path: Path, what: str) -> Path:
+    deadline = time.monotonic() + 10
+    while not path.exists():
+        assert time.monotonic() < deadline, f"no {what}"
+        time.sleep(0.02)  # polling interval; the condition ends the wait
+    return path
+
+
 def test_serverprofile_profiles_a_server_and_profile_compare_reads_it(tmp_path, monkeypatch):
     """bench/serverprofile (docs/performance.md): a ``selchat serve`` with it
     on PYTHONPATH leaves a cProfile of itself when it stops;
@@ -430,9 +458,7 @@ def test_serverprofile_profiles_a_server_and_profile_compare_reads_it(tmp_path, 
     try:
         alice, bob = RawUser(srv), RawUser(srv)
         start_chat(alice, bob)
-        for i in range(5):  # one at a time: five reads, five relayed blocks
-            alice.chat.send(f"MSG {i}")
-            assert bob.login.line() == f"MSG {alice.name} {i}"
+        relay_one_at_a_time(alice, bob, 5)
     finally:
         assert srv.stop() == 0
     [profile] = tmp_path.glob("serverprofile.*")
@@ -440,6 +466,32 @@ def test_serverprofile_profiles_a_server_and_profile_compare_reads_it(tmp_path, 
                          capture_output=True, text=True, check=True, timeout=60).stdout
     assert "per relayed block (5 in a, 5 in b)" in out, out
     assert "busy: " in out and "(1.00x); calls" in out, out  # a profile against itself
+
+
+def test_serverprofile_window_profiles_only_between_two_signals(tmp_path, monkeypatch):
+    """bench/serverprofile with SERVERPROFILE_WINDOW=1: the profile holds
+    only what the server did between the first and the second SIGRTMIN+3,
+    and is written at the second."""
+    import signal
+
+    monkeypatch.setenv("PYTHONPATH", str(RESULTS.parent / "serverprofile"))
+    monkeypatch.setenv("SERVERPROFILE_DIR", str(tmp_path))
+    monkeypatch.setenv("SERVERPROFILE_WINDOW", "1")
+    srv = ServerProcess(tmp_path)
+    try:
+        alice, bob = RawUser(srv), RawUser(srv)
+        start_chat(alice, bob)
+        relay_one_at_a_time(alice, bob, 2)  # before the window
+        srv.proc.send_signal(signal.SIGRTMIN + 3)
+        relay_one_at_a_time(alice, bob, 3)  # in it: the signal is handled before the next read
+        srv.proc.send_signal(signal.SIGRTMIN + 3)
+        profile = wait_for_file(tmp_path / f"serverprofile.{srv.proc.pid}", "profile after the second signal")
+        relay_one_at_a_time(alice, bob, 4)  # after it
+    finally:
+        assert srv.stop() == 0
+    out = subprocess.run([sys.executable, str(RESULTS.parent / "profile_compare.py"), str(profile), str(profile)],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "per relayed block (3 in a, 3 in b)" in out, out
 
 
 def test_servercount_counts_a_servers_calls_between_two_snapshots(tmp_path, monkeypatch):
@@ -453,21 +505,14 @@ def test_servercount_counts_a_servers_calls_between_two_snapshots(tmp_path, monk
 
     def snapshot(n: int) -> Path:
         srv.proc.send_signal(signal.SIGRTMIN + 3)
-        path = tmp_path / f"servercount.{srv.proc.pid}.{n}"
-        deadline = time.monotonic() + 10
-        while not path.exists():
-            assert time.monotonic() < deadline, "no snapshot"
-            time.sleep(0.02)  # polling interval; the condition ends the wait
-        return path
+        return wait_for_file(tmp_path / f"servercount.{srv.proc.pid}.{n}", "snapshot")
 
     srv = ServerProcess(tmp_path)
     try:
         alice, bob = RawUser(srv), RawUser(srv)
         start_chat(alice, bob)
         first = snapshot(1)
-        for i in range(5):  # one at a time: five reads, five relayed blocks
-            alice.chat.send(f"MSG {i}")
-            assert bob.login.line() == f"MSG {alice.name} {i}"
+        relay_one_at_a_time(alice, bob, 5)
         second = snapshot(2)
     finally:
         srv.stop()

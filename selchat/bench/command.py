@@ -72,7 +72,8 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
 @click.option("--pin/--no-pin", default=False, show_default=True,
               help="Pin the server to the first CPU and the load generator to the others.")
 @click.option("--workers", type=click.IntRange(1, 64), metavar="N",
-              help="Load-generator processes (default: one per CPU the generator has).")
+              help="Load-generator processes (default: one per generator CPU; at least two for a relay "
+                   "with more than one message in flight).")
 @click.option("--idle", "idle_users", type=click.IntRange(1), metavar="USERS",
               help="Idle mode: hold USERS logged-in users through two ping periods.")
 @click.option("--hold", type=click.FloatRange(0.1), metavar="SECONDS",

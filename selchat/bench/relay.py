@@ -135,6 +135,21 @@ def default_workers(gen_cpus: list[int] | None) -> int:
     return max(1, len(sysinfo.usable_cpus()) - 1)
 
 
+#: With more than one message in flight, a relay run's load generator is at
+#: least this many processes, even on one CPU: one Python process driving
+#: 6,000 sockets at 280,000 msgs/s runs at 70-98% of its CPU and slows the
+#: server it measures, version 1 by a fifth. At one in flight, where latency
+#: is measured, processes that share a CPU wait for each other's time slices
+#: (p50 2.47x the baseline's with two, 1.47x with one): one per CPU there.
+#: docs/performance.md, "Two load-generator processes".
+RELAY_MIN_WORKERS = 2
+
+
+def relay_workers(gen_cpus: list[int] | None, window: int) -> int:
+    workers = default_workers(gen_cpus)
+    return max(RELAY_MIN_WORKERS, workers) if window > 1 else workers
+
+
 def generator_capacity(gen_cpus: list[int] | None) -> float:
     return float(len(gen_cpus)) if gen_cpus else max(1.0, len(sysinfo.usable_cpus()) - 1.0)
 
@@ -142,7 +157,7 @@ def generator_capacity(gen_cpus: list[int] | None) -> float:
 def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
     progress = progress or Progress(False)
     server_cpus, gen_cpus = sysinfo.split_cpus(opts.pin)
-    workers = min(opts.workers or default_workers(gen_cpus), opts.pairs)
+    workers = min(opts.workers or relay_workers(gen_cpus, opts.window), opts.pairs)
     external = opts.host is not None
     # Fresh names for servers that outlive this run (REGISTER on a running selchat).
     tag = ("b" + secrets.token_hex(3)) if external or opts.baseline_port else "u"
