@@ -154,9 +154,9 @@ class TimerWheel:
         # The slot of the tick in progress, indexed by deadline once one of
         # its timers came due before the tick ended (module docstring):
         # _near holds (deadline, n, timer) for every timer in _near_slot,
-        # the slot of tick _near_tick; None and [] when there is none.
+        # the slot of tick _tick; None and [] when there is none (dropped
+        # whenever _tick moves on).
         self._near_slot: dict[Timer, None] | None = None
-        self._near_tick = 0
         self._near: list[tuple[float, int, Timer]] = []
         self._pushes = count()  # tie-breaker: timers do not compare
 
@@ -267,7 +267,7 @@ class TimerWheel:
             if bounds[i] > now:
                 continue
             if k == target:
-                self._collect_near(i, k, now)
+                self._collect_near(i, now)
                 continue
             slot = wheel[i]
             low = math.inf
@@ -293,20 +293,19 @@ class TimerWheel:
             return False
         return True
 
-    def _collect_near(self, i: int, tick: int, now: float) -> None:
-        """``_collect`` for slot ``i``, that of ``tick``, the tick in
-        progress: pop what is due from its heap, built on the first call."""
+    def _collect_near(self, i: int, now: float) -> None:
+        """``_collect`` for slot ``i``, that of the tick in progress: pop
+        what is due from its heap, built on the first call of the tick."""
         slot = self._wheel[i]
         pushes = self._pushes
         near = self._near
-        if self._near_slot is not slot or self._near_tick != tick:
+        if self._near_slot is not slot:
             # The first time in this tick: the full scan, the rest into the heap.
             near = [(timer.deadline, next(pushes), timer) for timer in list(slot)
                     if self._settle(slot, i, timer, now)]
             heapify(near)
             self._near = near
             self._near_slot = slot
-            self._near_tick = tick
         while near and near[0][0] <= now:
             timer = heappop(near)[2]
             # Skipped if cancelled, fired or moved since it was pushed; pushed
