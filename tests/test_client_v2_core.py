@@ -196,8 +196,8 @@ def test_resume_sends_again_what_the_server_lacks_and_shows_nothing_twice():
     effects = resume(s, 2, 3, "MSG bob unacked", "MSG bob new", "DELIVERED 1 1")
     assert sent(effects, CHAT) == ["ATTACH CHAT c2", "MSG three", "MSG typed while away"]
     assert shown(effects, echoes=True) == [
+        "reconnected: still chatting with bob; 2 kept messages sent now",   # first, then what came meanwhile
         "[bob] new", "delivered: 'one'",
-        "reconnected: still chatting with bob; 2 kept messages sent now",
         "[alice] typed while away",   # echoed when it is really sent; 'three' was echoed before
     ]
     assert sent(effects, CHECK) == ["ATTACH CHECK k2", "ACK 6"]
@@ -218,9 +218,9 @@ def test_no_ready_after_resume_and_the_chat_state_follows_replayed_events():
     s = v2_chatting(reconnect=True)
     drop(s)
     effects = resume(s, 0, 2, "ENDED bob quit bob ended the chat", "REQUEST carol")
-    assert shown(effects) == ["chat with bob ended (quit): bob ended the chat",
-                              "chat request from carol (answer yes or no)",
-                              "reconnected: carol asks for a chat: answer yes or no"]
+    assert shown(effects) == ["reconnected: still chatting with bob",   # where it stood, then what happened
+                              "chat with bob ended (quit): bob ended the chat",
+                              "chat request from carol (answer yes or no)"]
     assert s.phase is Phase.REQUEST_IN and s.partner == "carol"
     assert sent(s.typed("yes"), CHAT) == ["ACCEPT"]
 
@@ -230,7 +230,7 @@ def test_events_read_before_the_sockets_attach_and_input_waits_for_them():
     drop(s)
     s.start()
     effects = s.receive(LOGIN, frames(HELLO, "RESUMED alice 0 2 c2 k2", "MSG bob early"))
-    assert shown(effects) == ["[bob] early"] and not s.online
+    assert shown(effects) == ["reconnected: still chatting with bob", "[bob] early"] and not s.online
     effects = s.typed("quick")   # the chat socket is not attached yet: kept
     assert kinds(effects) == ["queued"] and sent(effects) == []
     assert shown(s.typed("/who")) == ["error: not connected (reconnecting); not sent"]
@@ -420,7 +420,7 @@ def test_a_whole_resume_gives_the_same_result_whatever_the_reads():
         "the chat with bob is kept while reconnecting; what you type is sent once it is back",
         "reconnecting in 0.5 s (attempt 1): the server closed the login socket",
         "not connected: 'd' will be sent once the connection is back",
-        "[bob] two", "delivered: 'b'", "reconnected: still chatting with bob; 2 kept messages sent now",
+        "reconnected: still chatting with bob; 2 kept messages sent now", "[bob] two", "delivered: 'b'",
         "[alice] d", "not delivered: 'c' (bob did not come back)", "not delivered: 'd' (bob did not come back)",
     ]
     bytewise = _scripted_run(lambda data: [data[i:i + 1] for i in range(len(data))])

@@ -63,9 +63,9 @@ socket says which of them the server has (``_received``).
 
 A drop does not end the chat: its state is kept (``_standing``) and the next
 ``start()`` sends ``RESUME <token> <last id>``. ``RESUMED`` sets the id count
-back to the server's, restores the chat state (replayed events then move it
-on as usual; an id already handled is skipped, so nothing is shown twice),
-and attaches new chat and check sockets; once both are attached, every kept
+back to the server's, restores the chat state and says so (``resumed``);
+replayed events then move it on as usual (an id already handled is skipped,
+so nothing is shown twice). It attaches new chat and check sockets; once both are attached, every kept
 message after ``accepted`` is sent again, in order, on the new chat socket.
 Lines typed in a chat meanwhile are kept the same way (``queued``). If the
 server no longer has the session (``ERR RESUME``, or ``UNRESUMED`` with the
@@ -209,7 +209,7 @@ FORMATS: dict[str, str] = {
     "back":              "{user} is back",                              # BACK
     "chat-kept":         "the chat with {user} is kept while reconnecting; what you type is sent once it is back",
     "queued":            "not connected: '{text}' will be sent once the connection is back",
-    "resumed":           "reconnected: {text}",                         # RESUMED and both sockets attached
+    "resumed":           "reconnected: {text}",                         # RESUMED (before the events it replays)
     # Before there is a session: scripted mode prints these on stderr.
     "login-failed":      "login failed: {text}",                        # ERR LOGIN, BYE auth-failed
     "register-failed":   "registration failed: {text}",                 # ERR REGISTER
@@ -814,7 +814,23 @@ class ClientSession:
         self._counting = True
         self.phase, self.partner = self._standing
         self._attaching = True
+        self._show_resumed()
         self._attach(event.chat_token, event.check_token)
+
+    def _show_resumed(self) -> None:
+        """``reconnected: <where you stand>``, as soon as RESUMED says the
+        session is there: before the events it replays, which say what
+        happened meanwhile (the chat may have ended, a request come)."""
+        again = sum(1 for seq in self._mine if seq > self._received)
+        partner = self.partner
+        where = {
+            Phase.CHATTING: f"still chatting with {partner}",
+            Phase.REQUEST_OUT: f"still waiting for {partner} to answer your chat request",
+            Phase.REQUEST_IN: f"{partner} asks for a chat: answer yes or no",
+        }.get(self.phase, "not in a chat")
+        if again:
+            where += f"; {again} kept message{'s' if again > 1 else ''} sent now"
+        self._show("resumed", user=self.user, text=where, count=again)
 
     def _accepted_problem(self, accepted: int) -> str | None:
         """Why ``accepted`` (a RESUMED's) cannot be right for the messages we kept, or None."""
@@ -851,15 +867,6 @@ class ClientSession:
             self.servers.online()
         self._back_online()
         again = [(seq, text) for seq, text in self._mine.items() if seq > self._received]
-        phase, partner = self.phase, self.partner
-        where = {
-            Phase.CHATTING: f"still chatting with {partner}",
-            Phase.REQUEST_OUT: f"still waiting for {partner} to answer your chat request",
-            Phase.REQUEST_IN: f"{partner} asks for a chat: answer yes or no",
-        }.get(phase, "not in a chat")
-        if again:
-            where += f"; {len(again)} kept message{'s' if len(again) > 1 else ''} sent now"
-        self._show("resumed", user=self.user, text=where, count=len(again))
         for seq, text in again:
             self._send(CHAT, ev.Message(text))
             if seq in self._unshown:  # typed while offline: echoed now that it is sent
