@@ -126,6 +126,19 @@ def test_a_session_moves_to_another_node_while_its_node_is_alive(make_cluster):
     assert alice.resume(messages=2) == 1
 
 
+def test_a_drop_seen_by_its_node_then_a_resume_on_another_says_away_once(make_cluster):
+    require_cluster_mode()
+    c = make_cluster(2)
+    alice, bob = chatting(c, 0, 1)
+    alice.cut()  # node 0 sees it: AWAY; the resume on node 1 would say it again
+    bob.expect(f"AWAY {alice.name}")
+    alice.connect = c.node(1).connect
+    alice.resume()
+    assert bob.expect("") == f"BACK {alice.name}"
+    alice.cut()  # and a second drop in the same chat is told again
+    assert bob.expect("") == f"AWAY {alice.name}"
+
+
 def test_a_detached_session_s_held_messages_are_reported_when_its_window_ends(make_cluster):
     require_cluster_mode()
     c = make_cluster(2, *CLUSTER_ARGS, "--resume-window", "2")

@@ -12,7 +12,7 @@ import trustme
 
 from selchat.irc.protocol import parse
 from tests.ircsupport import IrcClient, IrcServer, make_account
-from tests.support import RawUser, start_chat, unique
+from tests.support import RawUser, V2User, start_chat, unique
 
 MOTD = ["welcome to the test server", "", "be nice"]
 
@@ -307,6 +307,27 @@ def test_irc_user_asks_selchat_user_and_quits_the_chat(srv):
     client.send("PRIVMSG selchat :no")
     assert client.notice() == f"you declined {raw.name}'s chat request"
     raw.login.expect(f"DECLINED {client.nick}")
+
+
+def test_irc_user_hears_a_version_2_partner_go_away_and_come_back(srv):
+    client = irc_user(srv)
+    alice = V2User(srv.connect)
+    for line in MOTD:
+        alice.expect(f"MOTD {line}".rstrip())
+    alice.chat.send(f"CHAT {client.nick}")
+    client.notice()  # the request
+    client.send("PRIVMSG selchat :yes")
+    alice.expect(f"STARTED {client.nick}")
+    assert client.notice().startswith(f"chat with {alice.name} started")
+    alice.cut()
+    assert client.notice() == (f"{alice.name} is away (reconnecting): what you send is held for them "
+                               "until they are back")
+    client.send(f"PRIVMSG {alice.name} :sent while you were away")
+    alice.resume()
+    assert client.notice() == f"{alice.name} is back"
+    assert alice.expect(f"MSG {client.nick} ") == f"MSG {client.nick} sent while you were away"
+    alice.chat.send("MSG and here I am")
+    assert client.expect("PRIVMSG").params == (client.nick, "and here I am")
 
 
 def test_two_irc_users_chat_and_quit_ends_it(srv):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tests.clusterharness import CLUSTER_ARGS, make_cluster  # noqa: F401 (fixture)
 from tests.ircsupport import IrcClient, make_account, next_stdout_line
-from tests.support import RawUser
+from tests.support import RawUser, V2User
 
 
 def irc_port(node) -> int:
@@ -51,3 +51,29 @@ def test_irc_user_and_selchat_user_on_two_nodes(make_cluster):
     assert client.msg() is None
     bob.login.expect(f"ENDED {name} dropped")
     assert again.name == name
+
+
+def test_irc_user_hears_a_partner_on_another_node_go_away_and_come_back_on_the_other(make_cluster):
+    cluster = make_cluster(2, *CLUSTER_ARGS, "--irc-port", "0")
+    cluster.require_cluster()
+    a, b = cluster.node(0), cluster.node(1)
+    port = irc_port(a)
+    name = make_account(a)
+    client = IrcClient(a.host, port)
+    client.register(name)
+    alice = V2User(b.connect)
+    alice.chat.send(f"CHAT {name}")
+    assert client.notice() == f"{alice.name} wants to chat: /msg selchat yes (or no)"
+    client.send("PRIVMSG selchat :yes")
+    alice.expect(f"STARTED {name}")
+    assert client.notice().startswith(f"chat with {alice.name} started")
+
+    alice.cut()  # node b sees the drop: the IRC user's node is told through Redis
+    assert client.notice().startswith(f"{alice.name} is away (reconnecting)")
+    client.send(f"PRIVMSG {alice.name} :held for you")
+    alice.connect = a.connect  # and resumes on node a: TAKE says BACK
+    alice.resume()
+    assert client.notice() == f"{alice.name} is back"
+    assert alice.expect(f"MSG {name} ") == f"MSG {name} held for you"
+    alice.chat.send("MSG from node a now")
+    assert client.expect("PRIVMSG").params == (name, "from node a now")

@@ -273,6 +273,24 @@ def test_a_version_1_partner_acknowledges_nothing_so_writing_is_delivering(v2ser
     assert alice.expect(f"ENDED {old.name} dropped")
 
 
+def test_a_version_1_partner_hears_no_away_or_back_and_its_messages_wait(v2server):
+    alice = V2User(v2server.connect)
+    old = RawUser(v2server)
+    alice.chat.send(f"CHAT {old.name}")
+    old.login.expect(f"REQUEST {alice.name}")
+    old.chat.send("ACCEPT")
+    alice.expect(f"STARTED {old.name}")
+    old.login.expect(f"STARTED {alice.name}")
+    alice.cut()
+    old.chat.send("MSG while you were away")  # held for alice: the chat is kept
+    old.chat.expect("OK ACCEPT")
+    alice.resume()
+    assert alice.expect(f"MSG {old.name} ") == f"MSG {old.name} while you were away"
+    alice.chat.send("MSG back")
+    # The login socket's next frame: no AWAY, no BACK (version 1 has no such frames).
+    assert old.login.line() == f"MSG {alice.name} back"
+
+
 def test_a_new_login_ends_a_detached_session_and_its_held_messages_are_gone(v2server):
     alice, bob = pair(v2server)
     bob.cut()

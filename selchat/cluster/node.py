@@ -39,7 +39,8 @@ protocol lines)::
                                  it, answer R
     P <key> <epoch> <pkey> <pnode> <pepoch> <pv2>
                                  the session's partner is on pnode now (it
-                                 resumed there); payload: BACK, or nothing
+                                 resumed there); payload: BACK (a version 1
+                                 client's node drops it)
 """
 
 from __future__ import annotations
@@ -678,7 +679,8 @@ class ClusterNode:
 
     def _on_partner_moved(self, key, epoch, fields, payload) -> None:
         """P: our partner resumed on another node (fields: its key, node,
-        epoch, v2); a version 2 session also hears BACK."""
+        epoch, v2); the session hears BACK (Session.deliver drops it for a
+        version 1 client)."""
         session = self._local(key, epoch)
         if session is None:
             return

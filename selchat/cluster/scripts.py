@@ -145,7 +145,7 @@ local function detach(k, r, window)
   part(k, r, 'dropped', '')
   if chat ~= '' then
     local p = rec(chat)
-    if p and p.partner == k and p.v2 == '1' then tell('E', chat, p, 'AWAY ' .. r.name) end
+    if p and p.partner == k then tell('E', chat, p, 'AWAY ' .. r.name) end  -- its node drops it for version 1
   end
 end
 """
@@ -426,7 +426,7 @@ local epoch = redis.call('INCR', P .. 'fence:' .. k)
 local old_alive = 0
 if r.node ~= '' then  -- not detached: the partner has not heard AWAY yet (BACK follows, from TAKE)
   local p = r.partner ~= '' and rec(r.partner) or nil
-  if p and p.partner == k and p.v2 == '1' then tell('E', r.partner, p, 'AWAY ' .. r.name) end
+  if p and p.partner == k then tell('E', r.partner, p, 'AWAY ' .. r.name) end
   redis.call('SREM', P .. 'nu:' .. r.node, k)
   if alive(r.node) then
     old_alive = 1
@@ -442,8 +442,8 @@ return {'ok', k, r.name, epoch, r.node, old_alive, r.epoch}
 
 #: ARGV: key, epoch. After RECLAIM (and the old holder's R): what the new
 #: holder needs, {acc, partner key, name, node, epoch, v2, {fates}, {held
-#: messages}}; the partner's node hears where the session is now (P), and a
-#: version 2 partner ``BACK``.
+#: messages}}; the partner's node hears where the session is now (P), and the
+#: partner ``BACK`` (its node drops it for a version 1 client).
 TAKE = PRELUDE + r"""
 local k, epoch = ARGV[1], ARGV[2]
 local r = current(k, epoch)
@@ -453,7 +453,7 @@ if pk ~= '' then p = rec(pk) end
 if p and p.partner ~= k then p, pk = nil, '' end
 if p and p.node ~= '' then
   pub(p.node, 'P ' .. pk .. ' ' .. p.epoch .. ' ' .. k .. ' ' .. r.node .. ' ' .. r.epoch .. ' ' .. r.v2 .. '\n' ..
-      (p.v2 == '1' and ('BACK ' .. r.name) or ''))
+      'BACK ' .. r.name)
 end
 local fates = redis.call('LRANGE', P .. 'fa:' .. k, 0, -1)
 local held = redis.call('LRANGE', P .. 'in:' .. k, 0, -1)

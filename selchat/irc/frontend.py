@@ -208,6 +208,8 @@ class IrcConnection(ReadPausing):
     """One IRC client: the transport's protocol, and the login, chat and
     check "peer" of its session (see the module's docstring)."""
 
+    hears_presence = True  # a partner's AWAY and BACK, as notices
+
     def __init__(self, frontend: IrcFrontend, address):
         self.frontend = frontend
         self.server = frontend.server
@@ -490,6 +492,12 @@ class IrcConnection(ReadPausing):
 
     def _on_ended(self, event: ev.Ended) -> None:
         self.notice(f"chat with {event.user} ended ({event.reason}): {event.text}")
+
+    def _on_away(self, event: ev.Away) -> None:
+        self.notice(f"{event.user} is away (reconnecting): what you send is held for them until they are back")
+
+    def _on_back(self, event: ev.Back) -> None:
+        self.notice(f"{event.user} is back")
 
     def _on_incoming(self, event: ev.Incoming) -> None:
         self.privmsg_from(event.user, event.text)
@@ -948,6 +956,8 @@ _EVENTS = {
     ev.Expired: IrcConnection._on_expired,
     ev.Cancelled: IrcConnection._on_cancelled,
     ev.Ended: IrcConnection._on_ended,
+    ev.Away: IrcConnection._on_away,
+    ev.Back: IrcConnection._on_back,
     ev.Incoming: IrcConnection._on_incoming,
     ev.Ok: IrcConnection._on_ok,
     ev.UserEntry: IrcConnection._on_user_entry,
@@ -956,5 +966,5 @@ _EVENTS = {
     ev.Notice: IrcConnection._on_server_notice,
     ev.Shutdown: IrcConnection._on_server_notice,
     ev.Bye: IrcConnection._on_bye,
-    # Attached, and version 2's events (never sent to a version 1 session): nothing to say.
+    # Attached, and version 2's fates (never sent to a version 1 session): nothing to say.
 }

@@ -61,6 +61,11 @@ class ReadPausing:
 
 
 class Peer(ReadPausing):
+    # AWAY and BACK (a partner's connection lost, then back) are version 2
+    # frames: a version 2 session gets them through its outbox, and a version
+    # 1 client would not know them (Session.deliver).
+    hears_presence = False
+
     __slots__ = (
         "server", "transport", "conn", "session", "deadline", "failures",
         "paused", "congested", "feeders", "address", "host",

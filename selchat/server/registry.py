@@ -164,7 +164,7 @@ class Registry:
         session.phase = Phase.DETACHED
         session.resume_timer = self.reactor.call_later(self.server.config.resume_window, self._window_over, session)
         partner = session.partner
-        if partner is not None and partner.outbox is not None:  # version 1 has no AWAY
+        if partner is not None:  # Session.deliver drops it for a version 1 client
             partner.deliver(ev.Away(session.name))
         audit.emit("session-detach", user=session.name, session=session.sid, reason=why)
 
@@ -228,7 +228,7 @@ class Registry:
             session.resume_timer.cancel()
             session.resume_timer = None
             partner = session.partner
-            if partner is not None and partner.outbox is not None:
+            if partner is not None:
                 partner.deliver(ev.Back(session.name))
         else:
             self._drop_sockets(session)  # it comes back before the server noticed the drop

@@ -12,6 +12,8 @@ from selchat.server.peer import PARTNER
 
 #: Events a session that has ended still keeps for a late RESUME (its tombstone).
 _FATES = (ev.Delivered, ev.Undelivered)
+# The partner's connection lost, then back; and the chat's start and end, which forget it.
+_PRESENCE = (ev.Away, ev.Back, ev.Started, ev.Ended)
 
 
 class Phase(enum.Enum):
@@ -55,7 +57,7 @@ class Session:
         "sid", "name", "name_bytes", "key", "phase", "login", "chat", "check", "tokens",
         "partner", "request", "requests", "attach_timer", "heartbeat", "awaiting_pong", "ping_seq",
         "since", "outbox", "resume_secret", "seq_base", "waiting", "resume_timer", "was_online", "fated",
-        "epoch", "journal",
+        "epoch", "journal", "away",
         "__weakref__",
     )
 
@@ -86,6 +88,7 @@ class Session:
         self.fated = 0             # version 2: the highest seq of ours a fate was sent for
         self.epoch = "0"           # cluster: the account's fencing counter when this session claimed it
         self.journal = None        # cluster, version 2: what Redis keeps of it (selchat.cluster.node.Journal)
+        self.away = ""             # the partner this user was told is AWAY (lower case), until BACK or the chat's end
 
     @property
     def busy(self) -> bool:
@@ -107,6 +110,8 @@ class Session:
         keeps the event (also while detached: it is replayed on RESUME); an
         ended one keeps only fates, for a late RESUME to hear.
         """
+        if type(event) in _PRESENCE and not self._presence(event):
+            return
         outbox = self.outbox
         login = self.login
         if outbox is None:
@@ -128,6 +133,24 @@ class Session:
             if event.last > self.fated:
                 self.fated = event.last  # no RECEIVED needed up to here (Peer.say_received)
         self._keep(codec.encode(event), sender if sender is not None and sender.outbox is not None else None, seq)
+
+    def _presence(self, event) -> bool:
+        """Whether to tell ``event`` (``AWAY``, ``BACK``, ``STARTED`` or
+        ``ENDED``). ``AWAY`` is told once, until ``BACK`` or the chat's end:
+        in a cluster both the node that saw the drop and the one the session
+        resumes on may say it. ``AWAY`` and ``BACK`` go only to users whose
+        client knows them: version 2, or IRC (as notices)."""
+        kind = type(event)
+        if kind is ev.Away:
+            who = event.user.lower()
+            if self.away == who:
+                return False
+            self.away = who
+        else:
+            self.away = ""
+            if kind is not ev.Back:
+                return True
+        return self.outbox is not None or (self.login is not None and self.login.hears_presence)
 
     def record(self, event) -> None:
         """A version 2 event that the cluster has already kept (a fate that
