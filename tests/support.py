@@ -291,6 +291,17 @@ def start_v2_chat(a: V2User, b: V2User) -> None:
     b.expect(f"STARTED {a.name}")
 
 
+def start_mixed_chat(alice: V2User, old: RawUser) -> None:
+    """A version 2 user asks a version 1 user for a chat, which accepts."""
+    alice.chat.send(f"CHAT {old.name}")
+    alice.chat.expect(f"OK CHAT {old.name}")
+    old.login.expect(f"REQUEST {alice.name}")
+    old.chat.send("ACCEPT")
+    old.chat.expect(f"OK ACCEPT {alice.name}")
+    alice.expect(f"STARTED {old.name}")
+    old.login.expect(f"STARTED {alice.name}")
+
+
 class Canary:
     """Two users chatting; ``check()`` proves the chat still works, in order."""
 

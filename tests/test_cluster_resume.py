@@ -20,7 +20,7 @@ import time
 import pytest
 
 from tests.clusterharness import CLUSTER_ARGS, make_cluster, require_cluster_mode  # noqa: F401
-from tests.support import DEADLINE, V2User, start_v2_chat, unique
+from tests.support import DEADLINE, RawUser, V2User, start_mixed_chat, start_v2_chat, unique
 from tests.test_client_v2_e2e import Peer
 
 #: The spec's failover bound for a client (seconds from the SIGKILL to chatting
@@ -155,6 +155,29 @@ def test_a_detached_session_s_held_messages_are_reported_when_its_window_ends(ma
     while not (line := who.line()).startswith("OK WHO"):
         listed.append(line.split()[1])
     assert alice.name not in listed
+
+
+@pytest.mark.parametrize("drop", ["node-killed", "connection-cut"])
+def test_a_version_1_sender_hears_a_nack_for_each_message_held_for_a_partner_that_never_came_back(make_cluster, drop):
+    """Its partner's node died (the cluster reports the held messages) or
+    saw the drop itself (that node does)."""
+    require_cluster_mode()
+    c = make_cluster(2, *CLUSTER_ARGS, "--resume-window", "2")
+    alice, old = V2User(c.node(0).connect), RawUser(c.node(1))
+    start_mixed_chat(alice, old)
+    old.chat.send("MSG read")
+    assert alice.expect(f"MSG {old.name} ") == f"MSG {old.name} read"
+    alice.ack()
+    alice.check.send("PING sync")  # a round trip: node 0 has handled the ACK (and told Redis)
+    alice.check.expect("PONG sync")
+    if drop == "node-killed":
+        c.kill(0)  # alice is detached once node 0's lease runs out
+    else:
+        alice.cut()
+    old.chat.send("MSG held 2", "MSG held 3")
+    old.login.expect(f"ENDED {alice.name} dropped", timeout=LEASE + 2 + DEADLINE)
+    why = f"{alice.name} lost connection and did not come back"
+    assert [old.chat.line(), old.chat.line()] == [f"NACK 2 away {why}", f"NACK 3 away {why}"]
 
 
 class Exchange:

@@ -330,6 +330,24 @@ def test_irc_user_hears_a_version_2_partner_go_away_and_come_back(srv):
     assert client.expect("PRIVMSG").params == (client.nick, "and here I am")
 
 
+def test_irc_user_is_told_which_lines_a_partner_that_never_came_back_missed(make_irc_server):
+    srv = make_irc_server("--conn-rate", "0", "--max-per-address", "0", "--resume-window", "1")
+    client = irc_user(srv)
+    alice = V2User(srv.connect)
+    alice.chat.send(f"CHAT {client.nick}")
+    client.notice()
+    client.send("PRIVMSG selchat :yes")
+    alice.expect(f"STARTED {client.nick}")
+    client.notice()
+    alice.cut()
+    assert client.notice().startswith(f"{alice.name} is away")
+    client.send(f"PRIVMSG {alice.name} :one", f"PRIVMSG {alice.name} :two")
+    # The window ends: the chat ends, and each held line is named as not delivered.
+    assert client.notice(timeout=10).startswith(f"chat with {alice.name} ended (dropped)")
+    why = f"{alice.name} lost connection and did not come back"
+    assert [client.notice(), client.notice()] == [f"not delivered: 'one' ({why})", f"not delivered: 'two' ({why})"]
+
+
 def test_two_irc_users_chat_and_quit_ends_it(srv):
     alice, bob = irc_user(srv), irc_user(srv, sasl=True)
     alice.send(f"PRIVMSG selchat :chat {bob.nick}")

@@ -9,7 +9,7 @@ import pytest
 
 from selchat.protocol.events import RECEIVED_DELAY, RECEIVED_SPACING
 
-from tests.support import LineSocket, RawUser, V2User, start_chat, start_v2_chat
+from tests.support import LineSocket, RawUser, V2User, start_chat, start_mixed_chat, start_v2_chat
 
 
 @pytest.fixture(scope="module")
@@ -257,12 +257,7 @@ def test_window_end_reports_held_messages_and_a_late_resume_says_how_far(make_se
 def test_a_version_1_partner_acknowledges_nothing_so_writing_is_delivering(v2server):
     alice = V2User(v2server.connect)
     old = RawUser(v2server)
-    alice.chat.send(f"CHAT {old.name}")
-    alice.chat.expect(f"OK CHAT {old.name}")
-    old.login.expect(f"REQUEST {alice.name}")
-    old.chat.send("ACCEPT")
-    alice.expect(f"STARTED {old.name}")
-    old.login.expect(f"STARTED {alice.name}")
+    start_mixed_chat(alice, old)
     alice.chat.send("MSG to an old client", "MSG and another")
     assert old.login.line() == f"MSG {alice.name} to an old client"
     got = []
@@ -276,19 +271,39 @@ def test_a_version_1_partner_acknowledges_nothing_so_writing_is_delivering(v2ser
 def test_a_version_1_partner_hears_no_away_or_back_and_its_messages_wait(v2server):
     alice = V2User(v2server.connect)
     old = RawUser(v2server)
-    alice.chat.send(f"CHAT {old.name}")
-    old.login.expect(f"REQUEST {alice.name}")
-    old.chat.send("ACCEPT")
-    alice.expect(f"STARTED {old.name}")
-    old.login.expect(f"STARTED {alice.name}")
+    start_mixed_chat(alice, old)
     alice.cut()
     old.chat.send("MSG while you were away")  # held for alice: the chat is kept
-    old.chat.expect("OK ACCEPT")
     alice.resume()
     assert alice.expect(f"MSG {old.name} ") == f"MSG {old.name} while you were away"
     alice.chat.send("MSG back")
     # The login socket's next frame: no AWAY, no BACK (version 1 has no such frames).
     assert old.login.line() == f"MSG {alice.name} back"
+
+
+def test_a_version_1_sender_hears_a_nack_for_each_message_held_for_a_partner_that_never_came_back(make_server):
+    srv = make_server("--conn-rate", "0", "--max-per-address", "0", "--resume-window", "1")
+    alice = V2User(srv.connect)
+    old = RawUser(srv)
+    start_mixed_chat(alice, old)
+    old.chat.send("MSG read", "MSG read too")
+    assert alice.expect(f"MSG {old.name} ") == f"MSG {old.name} read"
+    alice.expect(f"MSG {old.name} read too")
+    alice.ack()  # acknowledged: delivered, and version 1 hears nothing of it
+    alice.check.send("PING sync")
+    alice.check.expect("PONG sync")
+    alice.cut()
+    old.chat.send("MSG held 3", "MSG held 4")
+    # The window ends: the chat ends, and the chat socket refuses messages 3 and 4, by their number.
+    old.login.expect(f"ENDED {alice.name} dropped", timeout=10)
+    why = f"{alice.name} lost connection and did not come back"
+    assert [old.chat.line(), old.chat.line()] == [f"NACK 3 away {why}", f"NACK 4 away {why}"]
+    old.chat.send("WHO")
+    assert old.chat.line() == f"USER {old.name} idle"  # nothing else came on the chat socket...
+    old.chat.expect("OK WHO ")
+    carol = RawUser(srv)  # ...nor on the login socket (no DELIVERED, no UNDELIVERED) before this
+    carol.chat.send(f"CHAT {old.name}")
+    assert old.login.line() == f"REQUEST {carol.name}"
 
 
 def test_a_new_login_ends_a_detached_session_and_its_held_messages_are_gone(v2server):

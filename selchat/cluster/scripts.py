@@ -95,15 +95,13 @@ local function fate(k, epoch, line, acc, keep)
   return 1
 end
 -- The messages held for session k (its in: list) will never be delivered:
--- each version 2 sender hears so.
+-- each sender hears so (a version 1 sender's node makes it a NACK for each).
 local function bury(k, code, text)
   for _, e in ipairs(redis.call('LRANGE', P .. 'in:' .. k, 0, -1)) do
-    local n, sname, sepoch, sv2, seq = e:match('^%d+ (%d+) %-?%d+ (%S+) %S+ (%S+) (%d) (%d+)\n')
-    if sv2 == '1' then
-      local first = tonumber(seq)
-      fate(string.lower(sname), sepoch,
-           'UNDELIVERED ' .. first .. ' ' .. (first + tonumber(n) - 1) .. ' ' .. code .. ' ' .. text, 0, 1000)
-    end
+    local n, sname, sepoch, seq = e:match('^%d+ (%d+) %-?%d+ (%S+) %S+ (%S+) %d (%d+)\n')
+    local first = tonumber(seq)
+    fate(string.lower(sname), sepoch,
+         'UNDELIVERED ' .. first .. ' ' .. (first + tonumber(n) - 1) .. ' ' .. code .. ' ' .. text, 0, 1000)
   end
 end
 -- The session k (record r) goes away: end its chat and its request.

@@ -37,6 +37,7 @@ import base64
 import fnmatch
 import logging
 import re
+from collections import deque
 
 from selchat import __version__
 from selchat.irc import protocol as irc
@@ -248,6 +249,10 @@ class IrcConnection(ReadPausing):
         self.who_waiting: list = []    # callbacks for WHO answers, in order
         self.who_entries: list = []
         self.quitting_chat = False     # the service's quit ends a chat (not a request)
+        # The last lines relayed (conn.msg_seq is the last one's seq): a NACK
+        # names one by seq, and can come as late as the partner's resume
+        # window's end, for as many as it holds.
+        self.relayed: deque[str] = deque(maxlen=frontend.server.config.resume_buffer)
 
     def __repr__(self) -> str:
         return f"<IrcConnection {self.address} {self.name or self.nick or '-'}>"
@@ -518,7 +523,11 @@ class IrcConnection(ReadPausing):
         self.who_entries.append(event)
 
     def _on_nack(self, event: ev.Nack) -> None:
-        self.notice(f"not delivered: {event.text}")
+        """A relayed line that will never be delivered (its partner did not
+        come back in time)."""
+        back = self.conn.msg_seq - event.seq  # 0: the last line relayed
+        line = f"'{self.relayed[-1 - back]}' " if 0 <= back < len(self.relayed) else ""
+        self.notice(f"not delivered: {line}({event.text})")
 
     def _on_ping(self, event: ev.Ping) -> None:
         self.write(Message("PING", (event.data or SERVER_NAME,)))
@@ -752,6 +761,7 @@ class IrcConnection(ReadPausing):
                 self.notice(f"not sent to {partner.name}: nothing left once formatting and CTCP are removed")
             return False
         self.conn.msg_seq += 1
+        self.relayed.append(text)
         nack = self.server.hub.message(session, text, self.conn.msg_seq)
         if nack is not None:
             if not notice:

@@ -115,6 +115,9 @@ class Session:
         outbox = self.outbox
         login = self.login
         if outbox is None:
+            if type(event) in _FATES:
+                self._refused(event)
+                return
             if login is not None and login.conn.can_send(type(event)):
                 login.send(event)
                 if sender is not None and sender.outbox is not None:
@@ -132,7 +135,17 @@ class Session:
                 return
             if event.last > self.fated:
                 self.fated = event.last  # no RECEIVED needed up to here (Peer.say_received)
-        self._keep(codec.encode(event), sender if sender is not None and sender.outbox is not None else None, seq)
+        self._keep(codec.encode(event), sender, seq)
+
+    def _refused(self, fate) -> None:
+        """A fate of this version 1 session's messages: version 1 has no
+        receipts, so ``DELIVERED`` says nothing; ``UNDELIVERED`` (the
+        partner never came back to read them) is a ``NACK`` for each message
+        on the chat socket, which numbers them as the fate does."""
+        chat = self.chat
+        if type(fate) is ev.Undelivered and chat is not None and self.phase is not Phase.CLOSED:
+            for seq in range(fate.first, fate.last + 1):
+                chat.send(ev.Nack(seq, fate.code, fate.text))
 
     def _presence(self, event) -> bool:
         """Whether to tell ``event`` (``AWAY``, ``BACK``, ``STARTED`` or
@@ -179,7 +192,7 @@ class Session:
         outbox = self.outbox
         login = self.login
         if outbox is not None:
-            outbox.record(data, count, sender if sender.outbox is not None else None, first_seq)
+            outbox.record(data, count, sender, first_seq)  # a version 1 sender too: see Session._refused
             if login is not None and login.conn.state is State.LOGIN:
                 login.transport.write(data)
             return
