@@ -351,6 +351,7 @@ class ClientProcess:
     def _pump(stream, q) -> None:
         for line in stream:
             q.put(line.rstrip("\n"))
+        stream.close()  # here, not in kill(): closing it under this loop makes it fail
         q.put(None)
 
     def line(self, which: str = "out") -> str | None:
@@ -397,9 +398,8 @@ class ClientProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
+        if self.proc.stdin:  # stdout and stderr are closed by their pumps, at EOF
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
