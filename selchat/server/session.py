@@ -139,9 +139,9 @@ class Session:
 
     def _refused(self, fate) -> None:
         """A fate of this version 1 session's messages: version 1 has no
-        receipts, so ``DELIVERED`` says nothing; ``UNDELIVERED`` (the
-        partner never came back to read them) is a ``NACK`` for each message
-        on the chat socket, which numbers them as the fate does."""
+        receipts, so ``DELIVERED`` says nothing; ``UNDELIVERED`` (held for
+        a partner that did not come back, or left) is a ``NACK`` for each
+        message on the chat socket, which numbers them as the fate does."""
         chat = self.chat
         if type(fate) is ev.Undelivered and chat is not None and self.phase is not Phase.CLOSED:
             for seq in range(fate.first, fate.last + 1):
