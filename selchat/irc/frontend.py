@@ -205,6 +205,11 @@ class _State:
         return State.CLOSED if self.closed else State.LOGIN
 
 
+#: Lines an IRC user sent that a NACK can still quote (one that names an
+#: older line says only why): up to 128 KiB per user at 512-byte IRC lines.
+RELAYED_KEPT = 256
+
+
 class IrcConnection(ReadPausing):
     """One IRC client: the transport's protocol, and the login, chat and
     check "peer" of its session (see the module's docstring)."""
@@ -250,9 +255,8 @@ class IrcConnection(ReadPausing):
         self.who_entries: list = []
         self.quitting_chat = False     # the service's quit ends a chat (not a request)
         # The last lines relayed (conn.msg_seq is the last one's seq): a NACK
-        # names one by seq, and can come as late as the partner's resume
-        # window's end, for as many as it holds.
-        self.relayed: deque[str] = deque(maxlen=frontend.server.config.resume_buffer)
+        # names one by seq, as late as the partner's resume window's end.
+        self.relayed: deque[str] = deque(maxlen=RELAYED_KEPT)
 
     def __repr__(self) -> str:
         return f"<IrcConnection {self.address} {self.name or self.nick or '-'}>"
