@@ -16,14 +16,24 @@ def irc_port(node) -> int:
     return int(line.split()[2].rsplit(":", 1)[1])
 
 
-def test_irc_user_and_selchat_user_on_two_nodes(make_cluster):
+def irc_user_on_the_first_of_two_nodes(make_cluster, sasl: bool = False):
+    """Two nodes with IRC on, and an IRC user logged in on the first:
+    (first node, second node, the IRC user's name, its IrcClient)."""
     cluster = make_cluster(2, *CLUSTER_ARGS, "--irc-port", "0")
     cluster.require_cluster()
     a, b = cluster.node(0), cluster.node(1)
     port = irc_port(a)
     name = make_account(a)
     client = IrcClient(a.host, port)
-    client.register_sasl(name)
+    if sasl:
+        client.register_sasl(name)
+    else:
+        client.register(name)
+    return a, b, name, client
+
+
+def test_irc_user_and_selchat_user_on_two_nodes(make_cluster):
+    a, b, name, client = irc_user_on_the_first_of_two_nodes(make_cluster, sasl=True)
     bob = RawUser(b)
 
     client.send(f"PRIVMSG selchat :chat {bob.name}")  # the hub's answer comes from Redis
@@ -54,13 +64,7 @@ def test_irc_user_and_selchat_user_on_two_nodes(make_cluster):
 
 
 def test_irc_user_hears_a_partner_on_another_node_go_away_and_come_back_on_the_other(make_cluster):
-    cluster = make_cluster(2, *CLUSTER_ARGS, "--irc-port", "0")
-    cluster.require_cluster()
-    a, b = cluster.node(0), cluster.node(1)
-    port = irc_port(a)
-    name = make_account(a)
-    client = IrcClient(a.host, port)
-    client.register(name)
+    a, b, name, client = irc_user_on_the_first_of_two_nodes(make_cluster)
     alice = V2User(b.connect)
     alice.chat.send(f"CHAT {name}")
     assert client.notice() == f"{alice.name} wants to chat: /msg selchat yes (or no)"

@@ -223,7 +223,8 @@ class Journal:
             return
         args = []
         for sender, first, last in receipts:
-            args += (sender.key, sender.epoch, f"DELIVERED {first} {last}")
+            if sender.outbox is not None:  # version 1 has no receipts
+                args += (sender.key, sender.epoch, f"DELIVERED {first} {last}")
         self.node.eval("acked", session.key, session.epoch, pos, self.node.keep, *args)
 
 

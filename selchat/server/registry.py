@@ -265,12 +265,12 @@ class Registry:
     def _ack(session: Session, upto: int) -> None:
         """Forget the events up to ``upto``; their chat messages' senders hear
         DELIVERED (in a cluster, through the session's journal)."""
-        receipts = [r for r in session.outbox.ack(upto) if r[0].outbox is not None]  # version 1 has no receipts
+        receipts = session.outbox.ack(upto)
         if session.journal is not None:
             session.journal.acked(receipts)
             return
         for sender, first, last in receipts:
-            sender.deliver(ev.Delivered(first, last))
+            sender.deliver(ev.Delivered(first, last))  # Session.deliver drops it for version 1
 
     def adopt(self, peer, name: str, epoch: str, secret: str, last_id: int, accepted: int) -> Session:
         """A RESUME here of a version 2 session that another node held (the

@@ -116,7 +116,7 @@ class Session:
         login = self.login
         if outbox is None:
             if type(event) in _FATES:
-                self._refused(event)
+                self._version_1_fate(event)
                 return
             if login is not None and login.conn.can_send(type(event)):
                 login.send(event)
@@ -137,7 +137,7 @@ class Session:
                 self.fated = event.last  # no RECEIVED needed up to here (Peer.say_received)
         self._keep(codec.encode(event), sender, seq)
 
-    def _refused(self, fate) -> None:
+    def _version_1_fate(self, fate) -> None:
         """A fate of this version 1 session's messages: version 1 has no
         receipts, so ``DELIVERED`` says nothing; ``UNDELIVERED`` (held for
         a partner that did not come back, or left) is a ``NACK`` for each
@@ -192,7 +192,7 @@ class Session:
         outbox = self.outbox
         login = self.login
         if outbox is not None:
-            outbox.record(data, count, sender, first_seq)  # a version 1 sender too: see Session._refused
+            outbox.record(data, count, sender, first_seq)  # a version 1 sender too: see Session._version_1_fate
             if login is not None and login.conn.state is State.LOGIN:
                 login.transport.write(data)
             return
