@@ -12,7 +12,7 @@ import trustme
 
 from selchat.irc.protocol import parse
 from tests.ircsupport import IrcClient, IrcServer, make_account
-from tests.support import RawUser, V2User, start_chat, unique
+from tests.support import DEADLINE, RawUser, V2User, start_chat, unique
 
 MOTD = ["welcome to the test server", "", "be nice"]
 
@@ -346,6 +346,35 @@ def test_irc_user_is_told_which_lines_a_partner_that_never_came_back_missed(make
     assert client.notice(timeout=10).startswith(f"chat with {alice.name} ended (dropped)")
     why = f"{alice.name} lost connection and did not come back"
     assert [client.notice(), client.notice()] == [f"not delivered: 'one' ({why})", f"not delivered: 'two' ({why})"]
+
+
+def test_an_irc_user_slowed_for_an_away_partner_is_not_dropped_for_its_unread_pongs(make_irc_server):
+    """Past the partner's held-message bound the server stops reading the
+    IRC user, PONGs included: that silence is the server's, not the
+    client's, so it is not a ping timeout."""
+    srv = make_irc_server("--conn-rate", "0", "--max-per-address", "0", "--resume-window", "2",
+                          "--resume-buffer", "4", "--ping-interval", "0.5", "--ping-timeout", "0.5")
+    client = irc_user(srv)
+    alice = V2User(srv.connect)
+    alice.chat.send(f"CHAT {client.nick}")
+    client.notice()
+    client.send("PRIVMSG selchat :yes")
+    alice.expect(f"STARTED {client.nick}")
+    client.notice()
+    alice.cut()
+    client.until("NOTICE", client.nick, timeout=DEADLINE)  # (answering PINGs until) the away notice
+    client.send(*[f"PRIVMSG {alice.name} :line {i}" for i in range(10)])
+    # The window ends; until then the client answers every PING, as IRC clients do.
+    seen = []
+    while not any(text.startswith(f"chat with {alice.name} ended") for text in seen):
+        msg = client.msg()
+        assert msg is not None and msg.command != "ERROR", f"dropped: {msg}; saw {seen}"
+        if msg.command == "PING":
+            client.send(f"PONG :{msg.params[-1]}")
+        elif msg.command == "NOTICE":
+            seen.append(msg.params[1])
+    client.send("PING :still here")
+    assert client.until("PONG")[0].params[-1] == "still here"
 
 
 def test_two_irc_users_chat_and_quit_ends_it(srv):

@@ -396,6 +396,12 @@ class Registry:
         if session.phase is not Phase.ONLINE:
             return
         cfg = self.server.config
+        if session.check.paused:
+            # We are not reading it (its partner cannot take more, a flood
+            # being slowed...): its silence is ours. Look again later.
+            session.awaiting_pong = False
+            session.heartbeat.reset(cfg.ping_interval)
+            return
         if session.awaiting_pong:
             self.lost(session, "dropped", f"{session.name} stopped answering heartbeats",
                              ev.Bye("ping-timeout", "no answer to PING within %g seconds" % cfg.ping_timeout),
