@@ -309,16 +309,22 @@ def test_irc_user_asks_selchat_user_and_quits_the_chat(srv):
     raw.login.expect(f"DECLINED {client.nick}")
 
 
-def test_irc_user_hears_a_version_2_partner_go_away_and_come_back(srv):
-    client = irc_user(srv)
+def v2_user_chatting_with(srv, client: IrcClient, motd=()) -> V2User:
+    """A version 2 selchat user who asked the IRC user for a chat, accepted."""
     alice = V2User(srv.connect)
-    for line in MOTD:
+    for line in motd:
         alice.expect(f"MOTD {line}".rstrip())
     alice.chat.send(f"CHAT {client.nick}")
-    client.notice()  # the request
+    assert client.notice() == f"{alice.name} wants to chat: /msg selchat yes (or no)"
     client.send("PRIVMSG selchat :yes")
     alice.expect(f"STARTED {client.nick}")
     assert client.notice().startswith(f"chat with {alice.name} started")
+    return alice
+
+
+def test_irc_user_hears_a_version_2_partner_go_away_and_come_back(srv):
+    client = irc_user(srv)
+    alice = v2_user_chatting_with(srv, client, MOTD)
     alice.cut()
     assert client.notice() == (f"{alice.name} is away (reconnecting): what you send is held for them "
                                "until they are back")
@@ -333,12 +339,7 @@ def test_irc_user_hears_a_version_2_partner_go_away_and_come_back(srv):
 def test_irc_user_is_told_which_lines_a_partner_that_never_came_back_missed(make_irc_server):
     srv = make_irc_server("--conn-rate", "0", "--max-per-address", "0", "--resume-window", "1")
     client = irc_user(srv)
-    alice = V2User(srv.connect)
-    alice.chat.send(f"CHAT {client.nick}")
-    client.notice()
-    client.send("PRIVMSG selchat :yes")
-    alice.expect(f"STARTED {client.nick}")
-    client.notice()
+    alice = v2_user_chatting_with(srv, client)
     alice.cut()
     assert client.notice().startswith(f"{alice.name} is away")
     client.send(f"PRIVMSG {alice.name} :one", f"PRIVMSG {alice.name} :two")
@@ -355,12 +356,7 @@ def test_an_irc_user_slowed_for_an_away_partner_is_not_dropped_for_its_unread_po
     srv = make_irc_server("--conn-rate", "0", "--max-per-address", "0", "--resume-window", "2",
                           "--resume-buffer", "4", "--ping-interval", "0.5", "--ping-timeout", "0.5")
     client = irc_user(srv)
-    alice = V2User(srv.connect)
-    alice.chat.send(f"CHAT {client.nick}")
-    client.notice()
-    client.send("PRIVMSG selchat :yes")
-    alice.expect(f"STARTED {client.nick}")
-    client.notice()
+    alice = v2_user_chatting_with(srv, client)
     alice.cut()
     client.until("NOTICE", client.nick, timeout=DEADLINE)  # (answering PINGs until) the away notice
     client.send(*[f"PRIVMSG {alice.name} :line {i}" for i in range(10)])
