@@ -202,6 +202,10 @@ class RawUser:
             self.check.expect("OK ATTACH CHECK")
             self.login.expect(f"READY {self.name}")
 
+    def expect(self, prefix: str, timeout: float = DEADLINE) -> str:
+        """The next login-socket frame, which must start with ``prefix`` (as ``V2User.expect``)."""
+        return self.login.expect(prefix, timeout)
+
     def sockets(self):
         return [s for s in (self.login, self.chat, self.check) if s is not None]
 
@@ -210,14 +214,15 @@ class RawUser:
             s.close()
 
 
-def start_chat(a: RawUser, b: RawUser) -> None:
+def start_chat(a: "RawUser | V2User", b: "RawUser | V2User") -> None:
+    """``a`` asks ``b`` for a chat, which accepts (either may speak version 1 or 2)."""
     a.chat.send(f"CHAT {b.name}")
     a.chat.expect(f"OK CHAT {b.name}")
-    b.login.expect(f"REQUEST {a.name}")
+    b.expect(f"REQUEST {a.name}")
     b.chat.send("ACCEPT")
     b.chat.expect(f"OK ACCEPT {a.name}")
-    a.login.expect(f"STARTED {b.name}")
-    b.login.expect(f"STARTED {a.name}")
+    a.expect(f"STARTED {b.name}")
+    b.expect(f"STARTED {a.name}")
 
 
 class V2User:
@@ -279,27 +284,6 @@ class V2User:
         self.last_id = int(last)
         self._attach(chat_token, check_token)
         return int(accepted)
-
-
-def start_v2_chat(a: V2User, b: V2User) -> None:
-    a.chat.send(f"CHAT {b.name}")
-    a.chat.expect(f"OK CHAT {b.name}")
-    b.expect(f"REQUEST {a.name}")
-    b.chat.send("ACCEPT")
-    b.chat.expect(f"OK ACCEPT {a.name}")
-    a.expect(f"STARTED {b.name}")
-    b.expect(f"STARTED {a.name}")
-
-
-def start_mixed_chat(alice: V2User, old: RawUser) -> None:
-    """A version 2 user asks a version 1 user for a chat, which accepts."""
-    alice.chat.send(f"CHAT {old.name}")
-    alice.chat.expect(f"OK CHAT {old.name}")
-    old.login.expect(f"REQUEST {alice.name}")
-    old.chat.send("ACCEPT")
-    old.chat.expect(f"OK ACCEPT {alice.name}")
-    alice.expect(f"STARTED {old.name}")
-    old.login.expect(f"STARTED {alice.name}")
 
 
 class Canary:

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from tests.clusterharness import CLUSTER_ARGS, make_cluster, require_cluster_mode  # noqa: F401
-from tests.support import DEADLINE, RawUser, V2User, start_mixed_chat, start_v2_chat, unique
+from tests.support import DEADLINE, RawUser, V2User, start_chat, unique
 from tests.test_client_v2_e2e import Peer
 
 #: The spec's failover bound for a client (seconds from the SIGKILL to chatting
@@ -32,7 +32,7 @@ LEASE = 5.0
 def chatting(c, first: int, second: int) -> tuple[V2User, V2User]:
     """alice on node ``first`` and bob on ``second``, in a chat, all acknowledged."""
     alice, bob = V2User(c.node(first).connect), V2User(c.node(second).connect)
-    start_v2_chat(alice, bob)
+    start_chat(alice, bob)
     alice.ack()
     bob.ack()
     return alice, bob
@@ -164,7 +164,7 @@ def test_a_version_1_sender_hears_a_nack_for_each_message_held_for_a_partner_tha
     require_cluster_mode()
     c = make_cluster(2, *CLUSTER_ARGS, "--resume-window", "2")
     alice, old = V2User(c.node(0).connect), RawUser(c.node(1))
-    start_mixed_chat(alice, old)
+    start_chat(alice, old)
     old.chat.send("MSG read")
     assert alice.expect(f"MSG {old.name} ") == f"MSG {old.name} read"
     alice.ack()

@@ -476,10 +476,10 @@ def test_loop_lag_is_how_late_the_probe_timer_ran():
 
 
 def test_a_detached_session_and_its_resume_show_up_in_the_metrics(srv):
-    from tests.support import V2User, start_v2_chat
+    from tests.support import V2User, start_chat
 
     alice, bob = V2User(srv.connect), V2User(srv.connect)
-    start_v2_chat(alice, bob)
+    start_chat(alice, bob)
     bob.cut()
     alice.expect(f"AWAY {bob.name}")
     m = scrape(srv.metrics)

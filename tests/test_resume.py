@@ -9,7 +9,7 @@ import pytest
 
 from selchat.protocol.events import RECEIVED_DELAY, RECEIVED_SPACING
 
-from tests.support import LineSocket, RawUser, V2User, start_chat, start_mixed_chat, start_v2_chat
+from tests.support import LineSocket, RawUser, V2User, start_chat
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def quiet_line(sock: LineSocket, wait: float) -> str | None:
 
 def pair(server):
     a, b = V2User(server.connect), V2User(server.connect)
-    start_v2_chat(a, b)
+    start_chat(a, b)
     return a, b
 
 
@@ -257,7 +257,7 @@ def test_window_end_reports_held_messages_and_a_late_resume_says_how_far(make_se
 def test_a_version_1_partner_acknowledges_nothing_so_writing_is_delivering(v2server):
     alice = V2User(v2server.connect)
     old = RawUser(v2server)
-    start_mixed_chat(alice, old)
+    start_chat(alice, old)
     alice.chat.send("MSG to an old client", "MSG and another")
     assert old.login.line() == f"MSG {alice.name} to an old client"
     got = []
@@ -271,7 +271,7 @@ def test_a_version_1_partner_acknowledges_nothing_so_writing_is_delivering(v2ser
 def test_a_version_1_partner_hears_no_away_or_back_and_its_messages_wait(v2server):
     alice = V2User(v2server.connect)
     old = RawUser(v2server)
-    start_mixed_chat(alice, old)
+    start_chat(alice, old)
     alice.cut()
     old.chat.send("MSG while you were away")  # held for alice: the chat is kept
     alice.resume()
@@ -285,7 +285,7 @@ def test_a_version_1_sender_hears_a_nack_for_each_message_held_for_a_partner_tha
     srv = make_server("--conn-rate", "0", "--max-per-address", "0", "--resume-window", "1")
     alice = V2User(srv.connect)
     old = RawUser(srv)
-    start_mixed_chat(alice, old)
+    start_chat(alice, old)
     old.chat.send("MSG read", "MSG read too")
     assert alice.expect(f"MSG {old.name} ") == f"MSG {old.name} read"
     alice.expect(f"MSG {old.name} read too")
