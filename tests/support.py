@@ -28,6 +28,16 @@ def unique(prefix: str = "u") -> str:
     return f"{prefix}{os.getpid() % 10000}x{next(_names)}"
 
 
+def wait_for(condition, what: str, timeout: float = DEADLINE):
+    """Poll ``condition`` until it returns something true (for state without
+    an event to wait on), within the deadline; returns what it returned."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.01)  # polling interval; the condition ends the wait
+    return result
+
+
 def read_line_from(stream, timeout: float) -> str | None:
     """One line from a pipe, or None at EOF; AssertionError past the deadline."""
     sel = selectors.DefaultSelector()

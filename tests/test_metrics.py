@@ -20,7 +20,7 @@ from selchat.reactor.loop import Reactor
 from selchat.server.app import Server
 from selchat.server.config import ServerConfig
 from selchat.server.metrics import CONTENT_TYPE, LagProbe, Metrics
-from tests.support import DEADLINE, Canary, LineSocket, RawUser, start_chat
+from tests.support import DEADLINE, Canary, LineSocket, RawUser, start_chat, wait_for
 
 
 class InProcessServer:
@@ -79,16 +79,6 @@ def scrape(address) -> dict:
 
 def value(samples: dict, name: str, **labels) -> float:
     return samples[name, frozenset(labels.items())]
-
-
-def wait_for(condition, what: str):
-    """Poll ``condition`` until it returns something true, within the deadline."""
-    deadline = time.monotonic() + DEADLINE
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {DEADLINE} s: {what}")
-        time.sleep(0.01)
-    return result
 
 
 class HTTPClient:

@@ -28,7 +28,7 @@ from selchat.cluster.redislink import (  # noqa: E402
 )
 from selchat.cluster.resp import RedisConfig, encode, encode_py, parse_url  # noqa: E402
 from tests.redisserver import Events, loop, make_redis, module_redis, redis_server  # noqa: E402,F401
-from tests.support import DEADLINE  # noqa: E402
+from tests.support import DEADLINE, wait_for  # noqa: E402
 
 FAST = dict(backoff=0.05, backoff_max=0.2)  # reconnect quickly in tests
 
@@ -279,14 +279,6 @@ def links(loop):
     opened = Links(loop)
     yield opened
     opened.close_all()
-
-
-def wait_for(condition, what: str, timeout: float = DEADLINE):
-    """Poll ``condition`` (for state without a callback to wait on)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.01)  # polling interval; the condition ends the wait
 
 
 def test_set_get_round_trip(module_redis, links):
