@@ -138,10 +138,49 @@ def test_refusals_come_as_undelivered_and_show_the_text():
     s.typed("fine")
     s.typed("x" * 10)
     # The fate on the login socket can be read before RECEIVED on the chat socket.
-    effects = s.receive(LOGIN, frames("UNDELIVERED 2 2 not-in-chat you are not in a chat"))
-    assert shown(effects) == [f"not delivered: '{'x' * 10}' (you are not in a chat)"]
+    effects = s.receive(LOGIN, frames("UNDELIVERED 2 2 too-long message too long"))
+    assert shown(effects) == [f"not delivered: '{'x' * 10}' (message too long)"]
     s.receive(CHAT, frames("RECEIVED 2"))
     assert shown(s.receive(LOGIN, frames("DELIVERED 1 2"))) == ["delivered: 'fine'"]
+
+
+def test_a_message_refused_as_not_in_a_chat_ends_a_chat_whose_end_never_came():
+    """The ENDED was lost (with a node of a cluster that died): the server's
+    answer to the next message says where the user stands."""
+    s = v2_chatting()
+    s.typed("still there?")
+    effects = s.receive(LOGIN, frames("UNDELIVERED 1 1 not-in-chat you are not in a chat"))
+    assert shown(effects) == ["not delivered: 'still there?' (you are not in a chat)",
+                              "chat with bob is over (the server has no chat for you)"]
+    assert s.phase is Phase.IDLE and s.partner is None
+    # Not in a chat already (the ENDED came first, as it does): nothing more.
+    s.receive(LOGIN, frames("STARTED carol"))
+    s.receive(LOGIN, frames("ENDED carol quit carol ended the chat"))
+    assert shown(s.receive(LOGIN, frames("UNDELIVERED 2 2 not-in-chat you are not in a chat"))) == []
+
+
+def test_where_the_session_stands_said_again_after_a_move_shows_nothing_twice():
+    """A cluster node that takes the session over says STARTED, AWAY or
+    REQUEST again (the client may have missed them from the old node)."""
+    s = v2_chatting(reconnect=True)
+    drop(s)
+    effects = resume(s, 0, 2, "STARTED bob", "AWAY bob")
+    assert shown(effects) == ["reconnected: still chatting with bob", "bob is away (reconnecting)"]
+    drop(s)
+    resume(s, 0, 4)
+    assert s.partner_away  # a drop of ours does not make bob present (its node does not say AWAY again)
+    drop(s)
+    effects = resume(s, 0, 4, "STARTED bob", "AWAY bob", "BACK bob")
+    assert shown(effects) == ["reconnected: still chatting with bob", "bob is back"] and not s.partner_away
+    s.receive(LOGIN, frames("ENDED bob quit bob ended the chat", "REQUEST carol"))
+    drop(s)
+    effects = resume(s, 0, 9, "REQUEST carol")
+    assert shown(effects) == ["reconnected: carol asks for a chat: answer yes or no"]
+    # Missed while the old node died: shown once, and the state follows.
+    drop(s)
+    effects = resume(s, 0, 10, "STARTED dave")
+    assert shown(effects) == ["reconnected: carol asks for a chat: answer yes or no", "chat with dave started"]
+    assert s.phase is Phase.CHATTING and s.partner == "dave"
 
 
 def test_a_huge_or_bogus_range_costs_nothing_and_shows_only_our_messages():

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from tests.clusterharness import CLUSTER_ARGS, make_cluster, require_cluster_mode  # noqa: F401
-from tests.support import DEADLINE, RawUser, V2User, start_chat, unique
+from tests.support import DEADLINE, RawUser, V2User, start_chat, unique, wait_for
 from tests.test_client_v2_e2e import Peer
 
 #: The spec's failover bound for a client (seconds from the SIGKILL to chatting
@@ -40,6 +40,16 @@ def chatting(c, first: int, second: int) -> tuple[V2User, V2User]:
 
 def expect_frames(user: V2User, prefix: str, count: int) -> list[str]:
     return [user.expect(prefix) for _ in range(count)]
+
+
+def resume_on(user: V2User, node, partner: V2User | None = None, **kwargs) -> int:
+    """RESUME through ``node`` (not the session's): the node that takes it over
+    says where it stands first (``STARTED`` with its partner), then the rest."""
+    user.connect = node.connect
+    accepted = user.resume(**kwargs)
+    if partner is not None:
+        assert user.expect("") == f"STARTED {partner.name}"
+    return accepted
 
 
 def received_up_to(user: V2User, seq: int) -> None:
@@ -67,9 +77,8 @@ def test_a_session_resumes_on_another_node_after_its_node_is_killed(make_cluster
     bob.chat.send("MSG b2", "MSG b3")  # held in Redis for alice
     received_up_to(bob, 3)
     # alice resumes on node 2: she has seen 1 message (b1); the server has her 3.
-    alice.connect = c.node(2).connect
     last_id = alice.last_id
-    assert alice.resume(messages=1) == 3 and alice.last_id == last_id  # numbered on from her last id
+    assert resume_on(alice, c.node(2), bob, messages=1) == 3 and alice.last_id == last_id + 1  # numbered on
     # What she had not received follows, once (not b1 again), and bob hears BACK.
     got_by_alice += [f.split(" ", 2)[2] for f in expect_frames(alice, f"MSG {bob.name} ", 2)]
     assert got_by_alice == ["b1", "b2", "b3"]
@@ -106,9 +115,8 @@ def test_a_session_moves_to_another_node_while_its_node_is_alive(make_cluster):
     # alice's client comes back through node 1 (say her first node is out of
     # reach for her); node 0 has not noticed anything.
     old = (alice.login, alice.chat, alice.check)
-    alice.connect = c.node(1).connect
     last_id = alice.last_id
-    assert alice.resume(messages=1) == 0 and alice.last_id == last_id
+    assert resume_on(alice, c.node(1), bob, messages=1) == 0 and alice.last_id == last_id + 1
     for sock in old:  # node 0 let go of the session: its sockets close, without a word
         assert sock.expect_closed() == []
     bob.expect(f"AWAY {alice.name}")
@@ -122,8 +130,62 @@ def test_a_session_moves_to_another_node_while_its_node_is_alive(make_cluster):
     alice.ack()
     bob.expect("DELIVERED 2 2")
     # A second move, back to node 0 (the token stays the same for the session).
-    alice.connect = c.node(0).connect
-    assert alice.resume(messages=2) == 1
+    assert resume_on(alice, c.node(0), bob, messages=2) == 1
+
+
+@pytest.mark.parametrize("missed", ["STARTED", "REQUEST"])
+def test_a_session_moved_to_another_node_is_told_where_it_stands(make_cluster, missed):
+    """The old node's events are not replayed after a move: the new node says
+    the chat or the request again (the frame may have been lost with the old
+    connection; here the RESUME says it was)."""
+    require_cluster_mode()
+    c = make_cluster(2)
+    alice, bob = V2User(c.node(0).connect), V2User(c.node(1).connect)
+    before = alice.last_id
+    if missed == "STARTED":
+        start_chat(alice, bob)
+    else:
+        bob.chat.send(f"CHAT {alice.name}")
+        bob.chat.expect(f"OK CHAT {alice.name}")
+        alice.expect(f"REQUEST {bob.name}")
+    alice.connect = c.node(1).connect
+    alice.resume(last_id=before)
+    assert alice.expect("") == f"{missed} {bob.name}"
+    if missed == "REQUEST":
+        alice.chat.send("ACCEPT")
+        alice.chat.expect(f"OK ACCEPT {bob.name}")
+        assert alice.expect("") == f"STARTED {bob.name}"
+        bob.expect(f"STARTED {alice.name}")
+    bob.chat.send("MSG after the move")
+    assert alice.expect("") == f"MSG {bob.name} after the move"
+
+
+@pytest.mark.parametrize("when", ["before-its-lease-ran-out", "while-detached"])
+def test_a_chat_that_ended_while_its_node_was_dead_ends_after_the_resume(make_cluster, when):
+    """bob says a last word and leaves the chat while alice's node is dead:
+    resumed on another node, she reads the word, then the chat's end."""
+    require_cluster_mode()
+    c = make_cluster(2)
+    alice, bob = chatting(c, 0, 1)
+    dead = f"selchat:n:{c.node_id(0)}"
+    c.kill(0)
+    if when == "while-detached":
+        bob.expect(f"AWAY {alice.name}", timeout=LEASE + DEADLINE)
+    else:  # Redis has seen node 0's connections go, and its lease still runs
+        wait_for(lambda: c.redis.call("PUBSUB", "NUMSUB", dead)[1] == 0, "node 0's subscription gone")
+    bob.chat.send("MSG last word", "QUIT")
+    bob.chat.expect("OK QUIT")
+    bob.expect(f"ENDED {alice.name} quit")
+    alice.connect = c.node(1).connect
+    alice.resume(messages=0)
+    assert alice.expect("", timeout=LEASE + DEADLINE) == f"MSG {bob.name} last word"
+    assert alice.expect("").startswith(f"ENDED {bob.name} quit")
+    alice.ack()
+    assert bob.expect("DELIVERED ") == "DELIVERED 1 1"
+    # Over for both: alice may ask again.
+    alice.chat.send(f"CHAT {bob.name}")
+    alice.chat.expect(f"OK CHAT {bob.name}")
+    bob.expect(f"REQUEST {alice.name}")
 
 
 def test_a_drop_seen_by_its_node_then_a_resume_on_another_says_away_once(make_cluster):

@@ -78,6 +78,7 @@ def test_irc_user_hears_a_partner_on_another_node_go_away_and_come_back_on_the_o
     alice.connect = a.connect  # and resumes on node a: TAKE says BACK
     alice.resume()
     assert client.notice() == f"{alice.name} is back"
+    alice.expect(f"STARTED {name}")  # node a says where her session stands
     assert alice.expect(f"MSG {name} ") == f"MSG {name} held for you"
     alice.chat.send("MSG from node a now")
     assert client.expect("PRIVMSG").params == (name, "from node a now")

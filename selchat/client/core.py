@@ -210,6 +210,7 @@ FORMATS: dict[str, str] = {
     "chat-kept":         "the chat with {user} is kept while reconnecting; what you type is sent once it is back",
     "queued":            "not connected: '{text}' will be sent once the connection is back",
     "resumed":           "reconnected: {text}",                         # RESUMED (before the events it replays)
+    "chat-gone":         "chat with {user} is over (the server has no chat for you)",  # UNDELIVERED not-in-chat
     # Before there is a session: scripted mode prints these on stderr.
     "login-failed":      "login failed: {text}",                        # ERR LOGIN, BYE auth-failed
     "register-failed":   "registration failed: {text}",                 # ERR REGISTER
@@ -275,6 +276,7 @@ JSON_FIELDS: dict[str, dict[str, tuple[str, type]]] = {
     "chat-kept": {"user": ("user", str)},
     "queued": {"seq": ("count", int), "text": ("text", str)},
     "resumed": {"user": ("user", str), "text": ("text", str), "resent": ("count", int)},
+    "chat-gone": {"user": ("user", str)},
     "login-failed": {"text": ("text", str)},
     "register-failed": {"text": ("text", str)},
     "unreachable": {"address": ("text", str), "error": ("detail", str)},
@@ -504,6 +506,7 @@ class ClientSession:
         self._resume_plain = False         # the server wants RESUME without the message count (before 0.4)
         self._unshown: set[int] = set()    # kept while offline, not yet echoed as sent
         self._standing: tuple[Phase, str | None] = (Phase.IDLE, None)  # the chat state while offline
+        self._standing_away = False        # and whether the partner was away
 
     def _new_connection(self) -> None:
         """Forget everything about the current sockets (a reconnect starts afresh)."""
@@ -813,6 +816,7 @@ class ClientSession:
         self._seen_id = max(self._seen_id, event.last_id)
         self._counting = True
         self.phase, self.partner = self._standing
+        self.partner_away = self._standing_away and self.phase is Phase.CHATTING  # no AWAY again from its node
         self._attaching = True
         self._show_resumed()
         self._attach(event.chat_token, event.check_token)
@@ -890,11 +894,15 @@ class ClientSession:
             self._show("ready", user=event.user)
 
     def _on_request(self, role: Role, event: ev.Request) -> None:
+        if self._is_with(Phase.REQUEST_IN, event.user):
+            return  # said again by a node the session moved to: known
         self._enter(Phase.REQUEST_IN, event.user)
         self._learn(event.user)
         self._show("request-in", user=event.user)
 
     def _on_started(self, role: Role, event: ev.Started) -> None:
+        if self._is_with(Phase.CHATTING, event.user):
+            return  # said again by a node the session moved to: known
         self._enter(Phase.CHATTING, event.user)
         self._learn(event.user)
         self._show("started", user=event.user)
@@ -1054,9 +1062,16 @@ class ClientSession:
         self._had_up_to(event.last)
         for seq, text in self._fated(event.first, event.last):
             self._show("not-delivered", text=text, detail=event.text)
+        if event.code == "not-in-chat" and self.phase is Phase.CHATTING:
+            # Its ENDED never came (lost with a node that died): the server knows best.
+            partner = self.partner or ""
+            self._enter(Phase.IDLE)
+            self._show("chat-gone", user=partner)
 
     def _on_away(self, role: Role, event: ev.Away) -> None:
         if (self.partner or "").lower() == event.user.lower():
+            if self.partner_away:
+                return  # said again by a node the session moved to: known
             self.partner_away = True
         self._show("away", user=event.user)
 
@@ -1410,6 +1425,8 @@ class ClientSession:
             phase, partner = Phase.IDLE, None
         elif phase is Phase.CHATTING and self.phase in ONLINE:
             self._show("chat-kept", user=partner)
+        if self.phase in ONLINE:
+            self._standing_away = self.partner_away
         self._standing = (phase, partner)
 
     def _next_attempt(self, why: str, failed: bool) -> None:

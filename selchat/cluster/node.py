@@ -252,7 +252,7 @@ class ClusterNode:
         self.released: dict[tuple[str, str], float] = {}    # R that came before its claim's reply: when
         self.claiming: dict[str, int] = {}                  # key -> claims of it in flight here
         self.superseded: dict[str, int] = {}                # key -> highest epoch K said is over (while claiming)
-        self.arriving: dict[str, list] = {}                 # key -> D messages for a session being moved here
+        self.arriving: dict[str, list] = {}                 # key -> mail for a session being moved here
         self.moved: dict[tuple[str, str], float] = {}       # (key, epoch) moved away (M): when
         self.keep = server.config.resume_buffer             # fates kept in Redis per session
         self._renew = None
@@ -623,22 +623,36 @@ class ClusterNode:
 
     def _took(self, peer, event: ev.Resume, secret: str, key: str, name: str, epoch: str, reply) -> None:
         """TAKE's answer: the session is this node's now. Send RESUMED, then
-        every fate Redis kept (the client drops those it has) and the chat
-        messages its client had not received (``event.messages``: how many it
-        had); those it had but had not acknowledged are DELIVERED now."""
+        where the session stands (``STARTED``, ``AWAY``, ``REQUEST``: the old
+        node's events are not replayed, so the client may have missed them;
+        it drops what it knows), every fate Redis kept (the client drops
+        those it has), and the chat messages its client had not received
+        (``event.messages``: how many it had), with the ``ENDED`` no node
+        could tell it in their place among them. Messages it had but had not
+        acknowledged are DELIVERED now."""
         waiting = self.arriving.pop(key, [])
         if not isinstance(reply, list) or _s(reply[0]) != "ok" or not self.up:
             self._resume_failed(peer, "unavailable", UNAVAILABLE)
             return
         acc = int(reply[1])
         pkey, pname, pnode, pepoch, pv2 = (_s(v) for v in reply[2:7])
-        fates, held = reply[7], reply[8]
+        fates, held, untold, asker = reply[7], reply[8], reply[9], _s(reply[10])
         session = self.server.registry.adopt(peer, name, epoch, secret, event.last_id, acc)
         journal = session.journal = Journal(self, session, durable=acc)
         if pkey:
             session.partner = self.remote(pkey, pname, pnode, pepoch, pv2 == "1")
+            session.deliver(ev.Started(pname))
+            if not pnode:  # its node died and its lease ran out: detached
+                session.deliver(ev.Away(pname))
+        elif asker:
+            session.deliver(ev.Request(asker))
         for line in fates:
             session.record(_event(line))
+        ended = []  # (messages relayed before it, ENDED line), in order
+        for entry in untold:
+            got, _, line = entry.partition(b"\n")
+            ended.append((int(got), line))
+        ended.reverse()
         seen = max(event.messages, 0)
         journal.got = seen
         journal.marks.append((event.last_id, seen))  # acknowledged by the RESUME itself
@@ -648,6 +662,8 @@ class ClusterNode:
             pos, n, count, sname, snode, sepoch, sv2, seq = head.decode().split(" ")
             pos, n, count, seq = int(pos), int(n), int(count), int(seq)
             sender = self.remote(sname.lower(), sname, snode, sepoch, sv2 == "1")
+            while ended and ended[-1][0] < pos:
+                session.deliver(_event(ended.pop()[1]))
             had = min(seen - pos + 1, n)
             if had > 0 and sender.outbox is not None:
                 if shown and shown[-1][0] is sender and shown[-1][2] + 1 == seq:
@@ -655,9 +671,11 @@ class ClusterNode:
                 else:
                     shown.append([sender, seq, seq + had - 1])
             self._write_relayed(session, sender, pos, count, seq, payload)
+        while ended:
+            session.deliver(_event(ended.pop()[1]))
         journal.acked([tuple(r) for r in shown])  # also trims what the client had (trimmed < seen)
-        for _key, fields, payload in waiting:  # relayed to it while it was moving
-            self._on_delivery(key, epoch, fields[:2] + [epoch] + fields[3:], payload)
+        for handler, fields, payload in waiting:  # told or relayed to it while it was moving
+            handler(self, key, epoch, fields, payload)
         peer.resume(WAITING)
         log.info("cluster: %s resumed here (moved from another node): %d fates, %d held blocks",
                  name, len(fates), len(held))
@@ -708,6 +726,9 @@ class ClusterNode:
             handler = self._HANDLERS[kind]
         except KeyError:
             log.warning("cluster: unknown message %r", head[:80])
+            return
+        if kind in self._WAIT_FOR_ARRIVAL and key in self.arriving and self._local(key, epoch) is None:
+            self.arriving[key].append((handler, fields, payload))  # being moved here: handled once it is
             return
         handler(self, key, epoch, fields, payload)
 
@@ -783,9 +804,6 @@ class ClusterNode:
         seq, count = int(fields[7]), int(fields[8])
         session = self._local(key, epoch)
         if session is None:
-            if key in self.arriving:  # being moved here: replayed once it is
-                self.arriving[key].append((key, fields, payload))
-                return
             if (key, epoch) in self.moved:  # moved away: its new node replays it from Redis
                 return
         sender = self.remote(sname.lower(), sname, snode, sepoch, sv2) if sname != "-" else None
@@ -840,6 +858,8 @@ class ClusterNode:
             else:
                 session.chat.pause(PARTNER)  # and RemoteUser.hold_back keeps it so
 
+    #: What a session being moved here (RESUME) is told or sent before it is.
+    _WAIT_FOR_ARRIVAL = frozenset("EXSD")
     _HANDLERS = {
         "E": _on_event, "X": _on_ended, "S": _on_started, "K": _on_kick, "R": _on_release,
         "D": _on_delivery, "F": _on_flow, "M": _on_move, "P": _on_partner_moved,

@@ -26,6 +26,9 @@ Keys (``selchat:`` prefixed):
                    <seq>\n<payload>`` (pos: the position of its first message
                    among all relayed to the session).
 ``fa:<key>``       version 2: the fates of its messages, the last ``keep``.
+``ended:<key>``    version 2: the ENDED lines no node could tell it (it was
+                   detached, or its node had just died), each as ``<got>\n<line>``
+                   (got: the chat messages relayed to it before), the last 16.
 ``rt:<hash>``      a resume token's SHA-256 -> the account key.
 ``detached``       keys of version 2 sessions whose node died (resumable).
 ``online``         key -> node ('' while detached), for WHO.
@@ -74,10 +77,18 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
--- tell: an event line for a session ('E'), or one that also ends its chat ('X');
--- a detached session (node '') hears nothing
+-- tell: an event line for a session ('E'), or one that also ends its chat ('X').
+-- A version 2 session that no node heard it for (detached, or its node just
+-- died) keeps an ENDED in its ended: list, at its position among the chat
+-- messages relayed to it, for the node that resumes it; the rest of where it
+-- stands is in its record (TAKE says it again).
 local function tell(kind, k, r, line)
-  if r.node ~= '' then pub(r.node, kind .. ' ' .. k .. ' ' .. r.epoch .. '\n' .. line) end
+  if r.node ~= '' and redis.call('PUBLISH', P .. 'n:' .. r.node,
+                                 kind .. ' ' .. k .. ' ' .. r.epoch .. '\n' .. line) > 0 then return end
+  if kind == 'X' and r.v2 == '1' then
+    redis.call('RPUSH', P .. 'ended:' .. k, r.got .. '\n' .. line)
+    redis.call('LTRIM', P .. 'ended:' .. k, -16, -1)
+  end
 end
 -- A fate of session k's messages (a DELIVERED or UNDELIVERED line), kept in
 -- fa:k for a resume on another node, then told to its node. ``epoch`` may be
@@ -126,7 +137,7 @@ local function part(k, r, reason, text)
   end
 end
 local function forget(k, r)
-  redis.call('DEL', u(k), P .. 'in:' .. k, P .. 'fa:' .. k)
+  redis.call('DEL', u(k), P .. 'in:' .. k, P .. 'fa:' .. k, P .. 'ended:' .. k)
   if r.rt ~= '' then redis.call('DEL', P .. 'rt:' .. r.rt) end
   redis.call('HDEL', P .. 'online', k)
   redis.call('SREM', P .. 'nu:' .. r.node, k)
@@ -440,8 +451,10 @@ return {'ok', k, r.name, epoch, r.node, old_alive, r.epoch}
 
 #: ARGV: key, epoch. After RECLAIM (and the old holder's R): what the new
 #: holder needs, {acc, partner key, name, node, epoch, v2, {fates}, {held
-#: messages}}; the partner's node hears where the session is now (P), and the
-#: partner ``BACK`` (its node drops it for a version 1 client).
+#: messages}, {ENDED lines not told}, the name of a user whose request waits
+#: for its answer or ''}; the partner's node hears where the session is now
+#: (P), and the partner ``BACK`` (its node drops it for a version 1 client).
+#: A partner node '' is away.
 TAKE = PRELUDE + r"""
 local k, epoch = ARGV[1], ARGV[2]
 local r = current(k, epoch)
@@ -455,10 +468,17 @@ if p and p.node ~= '' then
 end
 local fates = redis.call('LRANGE', P .. 'fa:' .. k, 0, -1)
 local held = redis.call('LRANGE', P .. 'in:' .. k, 0, -1)
-if p then
-  return {'ok', r.acc, pk, p.name, p.node, p.epoch, p.v2, fates, held}
+local ended = redis.call('LRANGE', P .. 'ended:' .. k, 0, -1)
+redis.call('DEL', P .. 'ended:' .. k)
+local asker = ''
+if r.req_from ~= '' then
+  local src = rec(r.req_from)
+  if src and src.req_to == k then asker = src.name end
 end
-return {'ok', r.acc, '', '', '', '', '', fates, held}
+if p then
+  return {'ok', r.acc, pk, p.name, p.node, p.epoch, p.v2, fates, held, ended, asker}
+end
+return {'ok', r.acc, '', '', '', '', '', fates, held, ended, asker}
 """
 
 #: ARGV: node id, lease ms, generation. Renews the lease; returns the
