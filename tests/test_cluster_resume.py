@@ -42,14 +42,15 @@ def expect_frames(user: V2User, prefix: str, count: int) -> list[str]:
     return [user.expect(prefix) for _ in range(count)]
 
 
-def resume_on(user: V2User, node, partner: V2User | None = None, **kwargs) -> int:
-    """RESUME through ``node`` (not the session's): the node that takes it over
-    says where it stands first (``STARTED`` with its partner), then the rest."""
+#: CLUSTER_ARGS with requests that do not expire while a test resumes.
+PATIENT = (*CLUSTER_ARGS[:-2], "--request-timeout", "60")
+assert CLUSTER_ARGS[-2] == "--request-timeout"
+
+
+def resume_on(user: V2User, node, **kwargs) -> int:
+    """RESUME through ``node`` (not the session's node)."""
     user.connect = node.connect
-    accepted = user.resume(**kwargs)
-    if partner is not None:
-        assert user.expect("") == f"STARTED {partner.name}"
-    return accepted
+    return user.resume(**kwargs)
 
 
 def received_up_to(user: V2User, seq: int) -> None:
@@ -78,8 +79,9 @@ def test_a_session_resumes_on_another_node_after_its_node_is_killed(make_cluster
     received_up_to(bob, 3)
     # alice resumes on node 2: she has seen 1 message (b1); the server has her 3.
     last_id = alice.last_id
-    assert resume_on(alice, c.node(2), bob, messages=1) == 3 and alice.last_id == last_id + 1  # numbered on
-    # What she had not received follows, once (not b1 again), and bob hears BACK.
+    assert resume_on(alice, c.node(2), messages=1) == 3 and alice.last_id == last_id  # numbered on
+    # Where she stands (the chat), then what she had not received, once (not b1 again); bob hears BACK.
+    alice.expect(f"STARTED {bob.name}")
     got_by_alice += [f.split(" ", 2)[2] for f in expect_frames(alice, f"MSG {bob.name} ", 2)]
     assert got_by_alice == ["b1", "b2", "b3"]
     bob.expect(f"BACK {alice.name}")
@@ -116,7 +118,8 @@ def test_a_session_moves_to_another_node_while_its_node_is_alive(make_cluster):
     # reach for her); node 0 has not noticed anything.
     old = (alice.login, alice.chat, alice.check)
     last_id = alice.last_id
-    assert resume_on(alice, c.node(1), bob, messages=1) == 0 and alice.last_id == last_id + 1
+    assert resume_on(alice, c.node(1), messages=1) == 0 and alice.last_id == last_id
+    alice.expect(f"STARTED {bob.name}")  # where she stands
     for sock in old:  # node 0 let go of the session: its sockets close, without a word
         assert sock.expect_closed() == []
     bob.expect(f"AWAY {alice.name}")
@@ -130,7 +133,7 @@ def test_a_session_moves_to_another_node_while_its_node_is_alive(make_cluster):
     alice.ack()
     bob.expect("DELIVERED 2 2")
     # A second move, back to node 0 (the token stays the same for the session).
-    assert resume_on(alice, c.node(0), bob, messages=2) == 1
+    assert resume_on(alice, c.node(0), messages=2) == 1
 
 
 @pytest.mark.parametrize("missed", ["STARTED", "REQUEST"])
@@ -139,7 +142,7 @@ def test_a_session_moved_to_another_node_is_told_where_it_stands(make_cluster, m
     the chat or the request again (the frame may have been lost with the old
     connection; here the RESUME says it was)."""
     require_cluster_mode()
-    c = make_cluster(2)
+    c = make_cluster(2, *PATIENT)
     alice, bob = V2User(c.node(0).connect), V2User(c.node(1).connect)
     before = alice.last_id
     if missed == "STARTED":
@@ -148,8 +151,7 @@ def test_a_session_moved_to_another_node_is_told_where_it_stands(make_cluster, m
         bob.chat.send(f"CHAT {alice.name}")
         bob.chat.expect(f"OK CHAT {alice.name}")
         alice.expect(f"REQUEST {bob.name}")
-    alice.connect = c.node(1).connect
-    alice.resume(last_id=before)
+    resume_on(alice, c.node(1), last_id=before)
     assert alice.expect("") == f"{missed} {bob.name}"
     if missed == "REQUEST":
         alice.chat.send("ACCEPT")
@@ -176,8 +178,7 @@ def test_a_chat_that_ended_while_its_node_was_dead_ends_after_the_resume(make_cl
     bob.chat.send("MSG last word", "QUIT")
     bob.chat.expect("OK QUIT")
     bob.expect(f"ENDED {alice.name} quit")
-    alice.connect = c.node(1).connect
-    alice.resume(messages=0)
+    resume_on(alice, c.node(1), messages=0)
     assert alice.expect("", timeout=LEASE + DEADLINE) == f"MSG {bob.name} last word"
     assert alice.expect("").startswith(f"ENDED {bob.name} quit")
     alice.ack()
@@ -188,14 +189,38 @@ def test_a_chat_that_ended_while_its_node_was_dead_ends_after_the_resume(make_cl
     bob.expect(f"REQUEST {alice.name}")
 
 
+def test_what_happened_while_its_node_was_dead_comes_in_the_order_it_happened(make_cluster):
+    """carol ends her chat with alice, then bob asks alice for one, while
+    alice's node is dead but its lease runs: after the resume, the ENDED
+    (kept in Redis) and the REQUEST (said again from the record) come in that
+    order, after carol's last message."""
+    require_cluster_mode()
+    c = make_cluster(3, *PATIENT)
+    alice, carol = chatting(c, 0, 1)
+    bob = V2User(c.node(2).connect)
+    dead = f"selchat:n:{c.node_id(0)}"
+    c.kill(0)
+    wait_for(lambda: c.redis.call("PUBSUB", "NUMSUB", dead)[1] == 0, "node 0's subscription gone")
+    carol.chat.send("MSG bye now", "QUIT")
+    carol.chat.expect("OK QUIT")
+    bob.chat.send(f"CHAT {alice.name}")
+    bob.chat.expect(f"OK CHAT {alice.name}")  # her node's lease still runs: she is not away yet
+    resume_on(alice, c.node(1), messages=0)
+    assert alice.expect("") == f"MSG {carol.name} bye now"
+    assert alice.expect("").startswith(f"ENDED {carol.name} quit")
+    assert alice.expect("") == f"REQUEST {bob.name}"
+    alice.chat.send("ACCEPT")
+    alice.chat.expect(f"OK ACCEPT {bob.name}")
+    bob.expect(f"STARTED {alice.name}")
+
+
 def test_a_drop_seen_by_its_node_then_a_resume_on_another_says_away_once(make_cluster):
     require_cluster_mode()
     c = make_cluster(2)
     alice, bob = chatting(c, 0, 1)
     alice.cut()  # node 0 sees it: AWAY; the resume on node 1 would say it again
     bob.expect(f"AWAY {alice.name}")
-    alice.connect = c.node(1).connect
-    alice.resume()
+    resume_on(alice, c.node(1))
     assert bob.expect("") == f"BACK {alice.name}"
     alice.cut()  # and a second drop in the same chat is told again
     assert bob.expect("") == f"AWAY {alice.name}"

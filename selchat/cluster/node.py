@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import time
 from collections import deque
@@ -623,13 +624,13 @@ class ClusterNode:
 
     def _took(self, peer, event: ev.Resume, secret: str, key: str, name: str, epoch: str, reply) -> None:
         """TAKE's answer: the session is this node's now. Send RESUMED, then
-        where the session stands (``STARTED``, ``AWAY``, ``REQUEST``: the old
-        node's events are not replayed, so the client may have missed them;
-        it drops what it knows), every fate Redis kept (the client drops
-        those it has), and the chat messages its client had not received
-        (``event.messages``: how many it had), with the ``ENDED`` no node
-        could tell it in their place among them. Messages it had but had not
-        acknowledged are DELIVERED now."""
+        every fate Redis kept (the client drops those it has), and the chat
+        messages its client had not received (``event.messages``: how many it
+        had), with in their place among them the ``ENDED`` no node could tell
+        it and where the session stands (``STARTED``, ``REQUEST``, then
+        ``AWAY``: the old node's events are not replayed, so the client may
+        have missed them; it drops what it knows). Messages it had but had
+        not acknowledged are DELIVERED now."""
         waiting = self.arriving.pop(key, [])
         if not isinstance(reply, list) or _s(reply[0]) != "ok" or not self.up:
             self._resume_failed(peer, "unavailable", UNAVAILABLE)
@@ -639,20 +640,22 @@ class ClusterNode:
         fates, held, untold, asker = reply[7], reply[8], reply[9], _s(reply[10])
         session = self.server.registry.adopt(peer, name, epoch, secret, event.last_id, acc)
         journal = session.journal = Journal(self, session, durable=acc)
-        if pkey:
-            session.partner = self.remote(pkey, pname, pnode, pepoch, pv2 == "1")
-            session.deliver(ev.Started(pname))
-            if not pnode:  # its node died and its lease ran out: detached
-                session.deliver(ev.Away(pname))
-        elif asker:
-            session.deliver(ev.Request(asker))
         for line in fates:
             session.record(_event(line))
-        ended = []  # (messages relayed before it, ENDED line), in order
+        # Events to put among the messages: (messages relayed before it, event).
+        said = []
         for entry in untold:
             got, _, line = entry.partition(b"\n")
-            ended.append((int(got), line))
-        ended.reverse()
+            said.append((int(got), _event(line)))
+        if pkey:
+            session.partner = self.remote(pkey, pname, pnode, pepoch, pv2 == "1")
+            said.append((int(reply[11]), ev.Started(pname)))
+        elif asker:
+            said.append((int(reply[12]), ev.Request(asker)))
+        said.sort(key=lambda pair: pair[0])  # stable: an ENDED before the STARTED of the next chat
+        if pkey and not pnode:  # its node died and its lease ran out: detached
+            said.append((math.inf, ev.Away(pname)))
+        said.reverse()
         seen = max(event.messages, 0)
         journal.got = seen
         journal.marks.append((event.last_id, seen))  # acknowledged by the RESUME itself
@@ -662,8 +665,8 @@ class ClusterNode:
             pos, n, count, sname, snode, sepoch, sv2, seq = head.decode().split(" ")
             pos, n, count, seq = int(pos), int(n), int(count), int(seq)
             sender = self.remote(sname.lower(), sname, snode, sepoch, sv2 == "1")
-            while ended and ended[-1][0] < pos:
-                session.deliver(_event(ended.pop()[1]))
+            while said and said[-1][0] < pos:
+                session.deliver(said.pop()[1])
             had = min(seen - pos + 1, n)
             if had > 0 and sender.outbox is not None:
                 if shown and shown[-1][0] is sender and shown[-1][2] + 1 == seq:
@@ -671,8 +674,8 @@ class ClusterNode:
                 else:
                     shown.append([sender, seq, seq + had - 1])
             self._write_relayed(session, sender, pos, count, seq, payload)
-        while ended:
-            session.deliver(_event(ended.pop()[1]))
+        while said:
+            session.deliver(said.pop()[1])
         journal.acked([tuple(r) for r in shown])  # also trims what the client had (trimmed < seen)
         for handler, fields, payload in waiting:  # told or relayed to it while it was moving
             handler(self, key, epoch, fields, payload)

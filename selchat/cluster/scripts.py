@@ -17,9 +17,10 @@ Keys (``selchat:`` prefixed):
                    since (the epoch it began with: a resume elsewhere keeps
                    the session under a new epoch), acc (the seq of its last
                    message that reached Redis), got (how many chat messages
-                   were relayed to it), rt (its resume token's hash) and,
-                   while its node is dead, until (end of its resume window,
-                   ms) with node ''.
+                   were relayed to it), cpos and rpos (``got`` when its
+                   chat started, when the request to it came), rt (its
+                   resume token's hash) and, while its node is dead, until
+                   (end of its resume window, ms) with node ''.
 ``in:<key>``       version 2: the chat messages relayed to the session that
                    its client has not acknowledged, one entry per relayed
                    block: ``<pos> <n> <count> <sname> <snode> <sepoch> <sv2>
@@ -215,7 +216,7 @@ if not d or not alive(d.node) then return {'offline', ''} end
 if d.partner ~= '' or d.req_to ~= '' or d.req_from ~= '' then return {'busy', d.name} end
 local id = tostring(redis.call('INCR', P .. 'reqid'))
 redis.call('HSET', u(k), 'req_to', dk, 'req_id', id)
-redis.call('HSET', u(dk), 'req_from', k, 'req_id', id)
+redis.call('HSET', u(dk), 'req_from', k, 'req_id', id, 'rpos', d.got)
 tell('E', dk, d, 'REQUEST ' .. s.name)
 return {'ok', d.name, id}
 """
@@ -226,8 +227,8 @@ local k = ARGV[1]
 local s, src = request_for(k, ARGV[2])
 if not src then return {s} end
 local sk = s.req_from
-redis.call('HSET', u(k), 'req_from', '', 'req_id', '', 'partner', sk)
-redis.call('HSET', u(sk), 'req_to', '', 'req_id', '', 'partner', k)
+redis.call('HSET', u(k), 'req_from', '', 'req_id', '', 'partner', sk, 'cpos', s.got)
+redis.call('HSET', u(sk), 'req_to', '', 'req_id', '', 'partner', k, 'cpos', src.got)
 -- The source's node learns who its partner is from the header:
 -- S <key> <epoch> <partner key> <partner node> <partner epoch> <partner v2>
 pub(src.node, 'S ' .. sk .. ' ' .. src.epoch .. ' ' .. k .. ' ' .. s.node .. ' ' .. s.epoch .. ' ' .. s.v2 ..
@@ -452,9 +453,11 @@ return {'ok', k, r.name, epoch, r.node, old_alive, r.epoch}
 #: ARGV: key, epoch. After RECLAIM (and the old holder's R): what the new
 #: holder needs, {acc, partner key, name, node, epoch, v2, {fates}, {held
 #: messages}, {ENDED lines not told}, the name of a user whose request waits
-#: for its answer or ''}; the partner's node hears where the session is now
-#: (P), and the partner ``BACK`` (its node drops it for a version 1 client).
-#: A partner node '' is away.
+#: for its answer or '', the chat's and the request's positions among the
+#: messages relayed to the session (cpos, rpos: how many came before)}; the
+#: partner's node hears where the session is now (P), and the partner
+#: ``BACK`` (its node drops it for a version 1 client). A partner node '' is
+#: away.
 TAKE = PRELUDE + r"""
 local k, epoch = ARGV[1], ARGV[2]
 local r = current(k, epoch)
@@ -475,10 +478,12 @@ if r.req_from ~= '' then
   local src = rec(r.req_from)
   if src and src.req_to == k then asker = src.name end
 end
+local at = redis.call('HMGET', u(k), 'cpos', 'rpos')
+local cpos, rpos = tonumber(at[1] or '0'), tonumber(at[2] or '0')
 if p then
-  return {'ok', r.acc, pk, p.name, p.node, p.epoch, p.v2, fates, held, ended, asker}
+  return {'ok', r.acc, pk, p.name, p.node, p.epoch, p.v2, fates, held, ended, asker, cpos, rpos}
 end
-return {'ok', r.acc, '', '', '', '', '', fates, held, ended, asker}
+return {'ok', r.acc, '', '', '', '', '', fates, held, ended, asker, cpos, rpos}
 """
 
 #: ARGV: node id, lease ms, generation. Renews the lease; returns the
