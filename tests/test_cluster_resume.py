@@ -214,6 +214,31 @@ def test_what_happened_while_its_node_was_dead_comes_in_the_order_it_happened(ma
     bob.expect(f"STARTED {alice.name}")
 
 
+def test_what_its_live_node_held_for_it_is_handed_over_in_order(make_cluster):
+    """alice's connection drops (node 0 sees it and holds her events), bob
+    says a last word and ends the chat, carol asks alice for one; alice
+    comes back through node 1: node 0 hands over what it held that Redis
+    does not keep, and she gets each event once, in order."""
+    require_cluster_mode()
+    c = make_cluster(3, *PATIENT)
+    alice, bob = chatting(c, 0, 1)
+    carol = V2User(c.node(2).connect)
+    alice.cut()
+    bob.expect(f"AWAY {alice.name}")
+    bob.chat.send("MSG while you were away", "QUIT")
+    bob.chat.expect("OK QUIT")
+    carol.chat.send(f"CHAT {alice.name}")
+    carol.chat.expect(f"OK CHAT {alice.name}")
+    resume_on(alice, c.node(1), messages=0)
+    assert alice.expect("") == f"MSG {bob.name} while you were away"
+    assert alice.expect("").startswith(f"ENDED {bob.name} quit")
+    assert alice.expect("") == f"REQUEST {carol.name}"
+    alice.chat.send("ACCEPT")
+    alice.chat.expect(f"OK ACCEPT {carol.name}")
+    assert alice.expect("") == f"STARTED {carol.name}"  # nothing else came in between
+    carol.expect(f"STARTED {alice.name}")
+
+
 def test_a_drop_seen_by_its_node_then_a_resume_on_another_says_away_once(make_cluster):
     require_cluster_mode()
     c = make_cluster(2)

@@ -250,7 +250,7 @@ class ClusterNode:
         self.users: dict[tuple[str, str], RemoteUser] = {}  # (key, epoch) -> proxy
         self.feeders: dict[tuple[str, str], RemoteFeeder] = {}
         self.releases: dict[tuple[str, str], list] = {}     # (key, old epoch) -> callbacks waiting for R
-        self.released: dict[tuple[str, str], float] = {}    # R that came before its claim's reply: when
+        self.released: dict[tuple[str, str], tuple] = {}    # R that came before its claim's reply: (when, payload)
         self.claiming: dict[str, int] = {}                  # key -> claims of it in flight here
         self.superseded: dict[str, int] = {}                # key -> highest epoch K said is over (while claiming)
         self.arriving: dict[str, list] = {}                 # key -> mail for a session being moved here
@@ -508,7 +508,7 @@ class ClusterNode:
                 return
             epoch, old_node, old_alive, old_epoch = _s(reply[0]), _s(reply[1]), reply[2], _s(reply[3])
             if old_node and old_node != self.node_id and old_alive:
-                self._await_release(key, old_node, old_epoch, lambda ok: finish(epoch if ok else None))
+                self._await_release(key, old_node, old_epoch, lambda ok, _: finish(epoch if ok else None))
             else:
                 finish(epoch)
 
@@ -516,21 +516,24 @@ class ClusterNode:
 
     def _await_release(self, key: str, old_node: str, old_epoch: str, done) -> None:
         """Wait for ``R`` from the node that held the account, or for it to
-        be gone, whichever first; ``done(ok)``. Gone: its lease ran out, or
-        its subscription is (``PUBSUB NUMSUB``: a killed node's connections
-        close at once). A node without its subscription hears nothing more,
-        and the new epoch fences whatever it still tries to relay."""
-        if self.released.pop((key, old_epoch), None) is not None:  # R came first
-            self.reactor.call_soon(done, True)
+        be gone, whichever first; ``done(ok, handed)`` (``handed``: the
+        events the old holder handed over with its ``R``, see ``_on_move``).
+        Gone: its lease ran out, or its subscription is (``PUBSUB NUMSUB``: a
+        killed node's connections close at once). A node without its
+        subscription hears nothing more, and the new epoch fences whatever it
+        still tries to relay."""
+        early = self.released.pop((key, old_epoch), None)
+        if early is not None:  # R came first
+            self.reactor.call_soon(done, True, early[1])
             return
         waiters = self.releases.setdefault((key, old_epoch), [])
         deadline = time.monotonic() + RELEASE_WAIT
         finished = []
 
-        def finish(ok: bool) -> None:
+        def finish(ok: bool, handed: bytes = b"") -> None:
             if not finished:
                 finished.append(ok)
-                done(ok)
+                done(ok, handed)
 
         waiters.append(finish)
 
@@ -600,13 +603,13 @@ class ClusterNode:
                 old_node, old_alive, old_epoch = _s(reply[4]), reply[5], _s(reply[6])
                 self.arriving[key] = []
 
-                def take(ok: bool = True) -> None:
+                def take(ok: bool = True, handed: bytes = b"") -> None:
                     if not ok:  # the old node neither let go nor died in time
                         self.arriving.pop(key, None)
                         self._resume_failed(peer, "unavailable", UNAVAILABLE)
                         return
-                    self.eval("take", key, epoch,
-                              callback=lambda reply: self._took(peer, event, secret, key, name, epoch, reply))
+                    self.eval("take", key, epoch, callback=lambda reply: self._took(
+                        peer, event, secret, key, name, epoch, reply, handed))
 
                 if old_alive:
                     self._await_release(key, old_node, old_epoch, take)
@@ -615,22 +618,24 @@ class ClusterNode:
             else:
                 self._resume_failed(peer, "unavailable", UNAVAILABLE)
 
-        self.eval("reclaim", _token_hash(event.token), self.node_id, callback=reclaimed)
+        self.eval("reclaim", _token_hash(event.token), self.node_id, event.last_id, callback=reclaimed)
 
     def _resume_failed(self, peer, code: str, text: str) -> None:
         if not peer.transport.closing:
             peer.send(ev.Error("RESUME", code, text))
             peer.resume(WAITING)
 
-    def _took(self, peer, event: ev.Resume, secret: str, key: str, name: str, epoch: str, reply) -> None:
+    def _took(self, peer, event: ev.Resume, secret: str, key: str, name: str, epoch: str, reply,
+              handed: bytes = b"") -> None:
         """TAKE's answer: the session is this node's now. Send RESUMED, then
         every fate Redis kept (the client drops those it has), and the chat
         messages its client had not received (``event.messages``: how many it
-        had), with in their place among them the ``ENDED`` no node could tell
-        it and where the session stands (``STARTED``, ``REQUEST``, then
-        ``AWAY``: the old node's events are not replayed, so the client may
-        have missed them; it drops what it knows). Messages it had but had
-        not acknowledged are DELIVERED now."""
+        had), with in their place among them the other events: those the old
+        node handed over (``handed``, if it was alive), the ``ENDED`` no node
+        could tell it, and where the session stands (``STARTED``,
+        ``REQUEST``, then ``AWAY``: the client may have missed them from a
+        node that died; it drops what it knows). Messages it had but had not
+        acknowledged are DELIVERED now."""
         waiting = self.arriving.pop(key, [])
         if not isinstance(reply, list) or _s(reply[0]) != "ok" or not self.up:
             self._resume_failed(peer, "unavailable", UNAVAILABLE)
@@ -644,14 +649,20 @@ class ClusterNode:
             session.record(_event(line))
         # Events to put among the messages: (messages relayed before it, event).
         said = []
+        for line in handed.splitlines():
+            got, _, frame = line.partition(b" ")
+            said.append((int(got), _event(frame)))
         for entry in untold:
             got, _, line = entry.partition(b"\n")
             said.append((int(got), _event(line)))
+        stands = None
         if pkey:
             session.partner = self.remote(pkey, pname, pnode, pepoch, pv2 == "1")
-            said.append((int(reply[11]), ev.Started(pname)))
+            stands = (int(reply[11]), ev.Started(pname))
         elif asker:
-            said.append((int(reply[12]), ev.Request(asker)))
+            stands = (int(reply[12]), ev.Request(asker))
+        if stands is not None and all(e != stands[1] for _, e in said):  # not if the old node handed it over
+            said.append(stands)
         said.sort(key=lambda pair: pair[0])  # stable: an ENDED before the STARTED of the next chat
         if pkey and not pnode:  # its node died and its lease ran out: detached
             said.append((math.inf, ev.Away(pname)))
@@ -686,18 +697,45 @@ class ClusterNode:
             self.server.registry.lost(session, "dropped", f"{name} lost connection")
 
     def _on_move(self, key, epoch, fields, payload) -> None:
-        """M: a RESUME on another node took this session over: let go of it
-        without ending it, and say so (R)."""
+        """M: a RESUME on another node took this session over (payload: that
+        node and the client's last event id): let go of it without ending it,
+        and say so (R), handing over the events the client may not have had."""
+        new_node, _, last_id = payload.decode().partition(" ")
         session = self._local(key, epoch)
+        handed = b""
         if session is not None:
+            handed = self._hand_over(session, int(last_id or 0))
             self.server.registry.let_go(session)
         now = time.monotonic()
         self.moved[(key, epoch)] = now
         if len(self.moved) > 1000:
             self.moved = {k: t for k, t in self.moved.items() if now - t < 60}
-        new_node = payload.decode()
         if new_node:
-            self.post(new_node, f"R {key} {epoch}", b"")
+            self.post(new_node, f"R {key} {epoch}", handed)
+
+    @staticmethod
+    def _hand_over(session, last_id: int) -> bytes:
+        """The events after ``last_id`` in the session's outbox that Redis
+        does not keep (not chat messages, not fates: a chat's start or end,
+        a request, AWAY...), each as ``<pos> <frame>``: pos, how many chat
+        messages were relayed to the session before it (``Journal.marks``)."""
+        outbox, journal = session.outbox, session.journal
+        if outbox is None or journal is None:
+            return b""
+        out = []
+        for entry in outbox.entries:
+            if entry.sender is not None or entry.count != 1 or entry.first_id <= last_id:
+                continue
+            frame = entry.data
+            if frame.startswith((b"DELIVERED ", b"UNDELIVERED ")):
+                continue
+            pos = journal.trimmed
+            for mark_id, mark_pos in journal.marks:
+                if mark_id >= entry.first_id:
+                    break
+                pos = mark_pos
+            out.append(b"%d %s" % (pos, frame))
+        return b"".join(out)
 
     def _on_partner_moved(self, key, epoch, fields, payload) -> None:
         """P: our partner resumed on another node (fields: its key, node,
@@ -789,18 +827,20 @@ class ClusterNode:
         if new_node and new_node != self.node_id:
             self.post(new_node, f"R {key} {epoch}", b"")
         elif new_node == self.node_id:
-            self._on_release(key, epoch, fields, payload)
+            self._on_release(key, epoch, fields, b"")
 
     def _on_release(self, key, epoch, fields, payload) -> None:
+        """R: the old holder let go of the session (payload: the events it
+        handed over, after an M)."""
         callbacks = self.releases.pop((key, epoch), None)
         if callbacks is None:  # before the reply to our claim: remember it a while
             now = time.monotonic()
-            self.released[(key, epoch)] = now
+            self.released[(key, epoch)] = (now, payload)
             if len(self.released) > 1000:
-                self.released = {k: t for k, t in self.released.items() if now - t < RELEASE_WAIT}
+                self.released = {k: v for k, v in self.released.items() if now - v[0] < RELEASE_WAIT}
             return
         for callback in callbacks:
-            callback(True)
+            callback(True, payload)
 
     def _on_delivery(self, key, epoch, fields, payload) -> None:
         sname, snode, sepoch, sv2 = fields[3], fields[4], fields[5], fields[6] == "1"

@@ -420,12 +420,13 @@ redis.call('HSET', u(k), 'rt', hash)
 return 1
 """
 
-#: ARGV: token hash, node. A RESUME on ``node`` of the session with that
-#: token: the node becomes its holder under a new epoch (the old holder, if
-#: alive, is told ``M``: let go of it without ending it). Returns {'unknown'},
+#: ARGV: token hash, node, the client's last event id. A RESUME on ``node``
+#: of the session with that token: the node becomes its holder under a new
+#: epoch (the old holder, if alive, is told ``M``: let go of it without ending
+#: it, and hand over the events after that id). Returns {'unknown'},
 #: {'here', key}, or {'ok', key, name, epoch, old node, old alive, old epoch}.
 RECLAIM = PRELUDE + r"""
-local hash, node = ARGV[1], ARGV[2]
+local hash, node, last_id = ARGV[1], ARGV[2], ARGV[3]
 if not alive(node) then return {'down'} end
 local k = redis.call('GET', P .. 'rt:' .. hash)
 if not k then return {'unknown'} end
@@ -440,7 +441,7 @@ if r.node ~= '' then  -- not detached: the partner has not heard AWAY yet (BACK 
   redis.call('SREM', P .. 'nu:' .. r.node, k)
   if alive(r.node) then
     old_alive = 1
-    pub(r.node, 'M ' .. k .. ' ' .. r.epoch .. '\n' .. node)
+    pub(r.node, 'M ' .. k .. ' ' .. r.epoch .. '\n' .. node .. ' ' .. last_id)
   end
 end
 redis.call('SREM', P .. 'detached', k)
