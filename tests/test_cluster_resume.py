@@ -189,48 +189,31 @@ def test_a_chat_that_ended_while_its_node_was_dead_ends_after_the_resume(make_cl
     bob.expect(f"REQUEST {alice.name}")
 
 
-def test_what_happened_while_its_node_was_dead_comes_in_the_order_it_happened(make_cluster):
-    """carol ends her chat with alice, then bob asks alice for one, while
-    alice's node is dead but its lease runs: after the resume, the ENDED
-    (kept in Redis) and the REQUEST (said again from the record) come in that
-    order, after carol's last message."""
-    require_cluster_mode()
-    c = make_cluster(3, *PATIENT)
-    alice, carol = chatting(c, 0, 1)
-    bob = V2User(c.node(2).connect)
-    dead = f"selchat:n:{c.node_id(0)}"
-    c.kill(0)
-    wait_for(lambda: c.redis.call("PUBSUB", "NUMSUB", dead)[1] == 0, "node 0's subscription gone")
-    carol.chat.send("MSG bye now", "QUIT")
-    carol.chat.expect("OK QUIT")
-    bob.chat.send(f"CHAT {alice.name}")
-    bob.chat.expect(f"OK CHAT {alice.name}")  # her node's lease still runs: she is not away yet
-    resume_on(alice, c.node(1), messages=0)
-    assert alice.expect("") == f"MSG {carol.name} bye now"
-    assert alice.expect("").startswith(f"ENDED {carol.name} quit")
-    assert alice.expect("") == f"REQUEST {bob.name}"
-    alice.chat.send("ACCEPT")
-    alice.chat.expect(f"OK ACCEPT {bob.name}")
-    bob.expect(f"STARTED {alice.name}")
-
-
-def test_what_its_live_node_held_for_it_is_handed_over_in_order(make_cluster):
-    """alice's connection drops (node 0 sees it and holds her events), bob
-    says a last word and ends the chat, carol asks alice for one; alice
-    comes back through node 1: node 0 hands over what it held that Redis
-    does not keep, and she gets each event once, in order."""
+@pytest.mark.parametrize("drop", ["node-killed", "connection-cut"])
+def test_what_happened_while_she_was_gone_comes_after_the_resume_in_order(make_cluster, drop):
+    """bob says a last word and ends his chat with alice, then carol asks
+    alice for one, while alice is gone: her node is dead (its lease still
+    runs: the ENDED is kept in Redis, the REQUEST said again from the
+    record), or her connection dropped and her node holds her events (it
+    hands them over). Resumed through node 1, she gets each event once, in
+    the order it happened."""
     require_cluster_mode()
     c = make_cluster(3, *PATIENT)
     alice, bob = chatting(c, 0, 1)
     carol = V2User(c.node(2).connect)
-    alice.cut()
-    bob.expect(f"AWAY {alice.name}")
-    bob.chat.send("MSG while you were away", "QUIT")
+    if drop == "node-killed":
+        dead = f"selchat:n:{c.node_id(0)}"
+        c.kill(0)
+        wait_for(lambda: c.redis.call("PUBSUB", "NUMSUB", dead)[1] == 0, "node 0's subscription gone")
+    else:
+        alice.cut()
+        bob.expect(f"AWAY {alice.name}")
+    bob.chat.send("MSG last word", "QUIT")
     bob.chat.expect("OK QUIT")
     carol.chat.send(f"CHAT {alice.name}")
-    carol.chat.expect(f"OK CHAT {alice.name}")
+    carol.chat.expect(f"OK CHAT {alice.name}")  # not away to the cluster yet: the request is made
     resume_on(alice, c.node(1), messages=0)
-    assert alice.expect("") == f"MSG {bob.name} while you were away"
+    assert alice.expect("") == f"MSG {bob.name} last word"
     assert alice.expect("").startswith(f"ENDED {bob.name} quit")
     assert alice.expect("") == f"REQUEST {carol.name}"
     alice.chat.send("ACCEPT")
