@@ -266,6 +266,29 @@ def _new_password(from_stdin: bool) -> str:
     return click.prompt("Password", hide_input=True, confirmation_prompt=True)
 
 
+@user.command("passwd")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the new password from the first line of stdin (else $SELCHAT_PASSWORD, else a hidden prompt).")
+@click.pass_context
+def user_passwd(ctx, name, password_stdin):
+    """Set a new password for account NAME (an operator's reset: the old one
+    is not asked for; a user changes their own with /password in selchat
+    connect). A logged-in user stays online; the new password is for their
+    next login."""
+    from selchat.store.accounts import StoreError
+
+    password = _new_password(password_stdin)
+    with _open_store(ctx) as store:
+        try:
+            found = store.set_password(name, password)
+        except StoreError as exc:
+            raise click.ClickException(str(exc))
+    if not found:
+        raise click.ClickException(f"no user {name}")
+    click.echo(f"password set for {name}")
+
+
 @user.command("del")
 @click.argument("name")
 @click.pass_context

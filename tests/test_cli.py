@@ -158,3 +158,17 @@ def test_user_add_takes_no_password_argument(tmp_path):
     result = run("user", "--db", str(tmp_path / "u.db"), "add", "gina", "--password", "hunter2")
     assert result.exit_code == 2 and "--password was removed" in result.output
     assert "--password " not in run("user", "add", "--help").output.replace("--password-stdin", "")
+
+
+def test_user_passwd_sets_a_new_password_without_the_old_one(tmp_path):
+    db = str(tmp_path / "u.db")
+    run("user", "--db", db, "add", "hana", env={"SELCHAT_PASSWORD": "forgotten"})
+    prompted = run("user", "--db", db, "passwd", "HANA", input="fresh one\nfresh one\n",
+                   env={"SELCHAT_PASSWORD": None})
+    assert prompted.exit_code == 0 and "password set for HANA" in prompted.output
+    piped = run("user", "--db", db, "passwd", "hana", "--password-stdin", input="from stdin\n")
+    assert piped.exit_code == 0
+    with AccountStore(db) as store:
+        assert store.verify("hana", "forgotten") is None and store.verify("hana", "from stdin") == "hana"
+    missing = run("user", "--db", db, "passwd", "nobody", env={"SELCHAT_PASSWORD": "pw"})
+    assert missing.exit_code == 1 and "no user nobody" in missing.output

@@ -920,3 +920,31 @@ def test_leaving_ends_once_whatever_arrives(steps):
         effects = s.receive(role, data)
         codes += [e.code for e in effects if isinstance(e, Close)]
     assert s.phase is Phase.CLOSED and codes == [0]
+
+
+# --- changing the password ---------------------------------------------------------------
+
+
+def test_a_changed_password_is_the_one_the_next_login_uses():
+    s = online(reconnect=True, backoff=Backoff(rng=steady(0.0)))
+    assert sent(s.change_password("secret", "x" * 1025)) == []   # refused here, not sent
+    effects = s.change_password("my secret", "new one")
+    assert sent(effects) == ["CHAT: PASSWORD my\\ secret new one"]
+    effects = s.receive(CHAT, frames("ERR PASSWORD auth-failed that is not your current password"))
+    assert shown(effects) == ["error: password not changed: that is not your current password"]
+    s.change_password("secret", "new one")
+    assert shown(s.receive(CHAT, frames("OK PASSWORD"))) == ["your password is changed"]
+    s.not_responding()
+    s.reconnect_failed("refused")
+    assert sent(s.start()) == ["LOGIN: VERSION 2", "LOGIN: LOGIN alice new one"]
+
+
+def test_password_is_not_read_from_a_typed_line_and_a_lost_answer_is_said():
+    s = online(reconnect=True)
+    effects = s.typed("/password")
+    assert sent(effects) == [] and "asks for your passwords at a terminal" in shown(effects)[0]
+    assert sent(s.typed("/password old new")) == []   # never sent as typed: usage
+    s.change_password("secret", "new one")
+    effects = s.lost("chat socket: reset")
+    assert "error: the connection was lost before the server answered /password: your password may or " \
+           "may not be changed" in shown(effects)

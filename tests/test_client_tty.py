@@ -208,6 +208,24 @@ def test_history_recalls_a_line_and_ctrl_w_deletes_a_word(server, tty):
     assert alice.finish() == 0
 
 
+def test_password_is_asked_unechoed_kept_out_of_the_history_and_then_logs_in(server, tty):
+    name = unique("alice")
+    alice = tty(server.port, name).login()
+    alice.send("/password\r")
+    for question, answer in (("current password: ", "pw tty"), ("new password: ", "s3cret new"),
+                             ("repeat the new password: ", "s3cret new")):
+        alice.expect(question)
+        alice.send(answer + "\r")
+    alice.expect("your password is changed")
+    alice.expect(f"{name}> ")
+    alice.send("\x1b[A")   # Up: the line before is /password, no password
+    alice.expect("/password")
+    alice.send("\x15/exit\r")   # Ctrl-U, then /exit
+    assert alice.finish() == 0
+    assert "s3cret" not in alice.out.getvalue() and "pw tty" not in alice.out.getvalue()
+    assert RawUser(server, name, password="s3cret new", register=False).name == name
+
+
 def test_ctrl_c_leaves_the_chat_and_a_second_ctrl_c_exits(server, tty):
     alice = tty(server.port, unique("alice")).login()
     bob = RawUser(server, unique("bob"))

@@ -236,7 +236,7 @@ def test_service_help_who_and_unknown(srv):
     client = irc_user(srv)
     client.send("PRIVMSG selchat :help")
     assert "direct chats" in client.notice()
-    for _ in range(6):
+    for _ in range(7):
         client.notice()
     client.send("PRIVMSG selchat :who")
     assert client.notice().startswith("online: ")
@@ -246,6 +246,20 @@ def test_service_help_who_and_unknown(srv):
     assert client.notice() == "chat: there is no user nobody-has-this-name"
     client.send("PRIVMSG selchat :yes")
     assert client.notice() == "accept: no chat request to answer"
+
+
+def test_an_irc_user_changes_their_password_through_the_service(srv):
+    client = irc_user(srv)
+    name = client.nick
+    client.send("PRIVMSG selchat :password wrong new one")
+    assert client.notice() == "password: that is not your current password"
+    client.send("PRIVMSG selchat :password")
+    assert client.notice().startswith("usage: /msg selchat password OLD NEW")
+    client.send("PRIVMSG selchat :password pw\\ secret new one")
+    assert client.notice() == "your password is changed"
+    login = srv.connect()
+    login.send(f"LOGIN {name} new one")
+    login.expect(f"WELCOME {name} ")
 
 
 # -- chats --------------------------------------------------------------------------------

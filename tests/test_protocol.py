@@ -86,6 +86,7 @@ chat_commands = st.one_of(
     st.builds(ev.ChatRequest, NAME),
     st.sampled_from(NULLARY_CLIENT),
     st.builds(ev.Message, TEXT),
+    st.builds(ev.Password, TEXT, TEXT),   # <old> escaped: any text, spaces and backslashes too
 )
 heartbeats = st.one_of(st.builds(ev.Ping, OPT_TEXT), st.builds(ev.Pong, OPT_TEXT))
 
@@ -189,6 +190,7 @@ def test_server_event_roundtrip(event):
     [
         (ev.Login("alice", "two words "), b"LOGIN alice two words \n"),
         (ev.Register("bob", " lead"), b"REGISTER bob  lead\n"),
+        (ev.Password("my old\\one", " new pass"), b"PASSWORD my\\ old\\\\one  new pass\n"),
         (ev.Attach(ev.Role.CHECK, "tok-1_x"), b"ATTACH CHECK tok-1_x\n"),
         (ev.ChatRequest("bob"), b"CHAT bob\n"),
         (ev.Message("h\u00e9 there\t!"), "MSG h\u00e9 there\t!\n".encode()),
@@ -616,6 +618,11 @@ def test_invalid_msg_outside_chat_is_an_error_not_a_nack():
         (b"ATTACH SOMETHING tok", ev.Error("ATTACH", "bad-syntax", "usage: ATTACH CHAT|CHECK <token>")),
         (b"ATTACH CHAT to k", ev.Error("ATTACH", "bad-syntax", "usage: ATTACH CHAT|CHECK <token>")),
         (b"WHO now", ev.Error("WHO", "bad-syntax", "usage: WHO")),
+        (b"PASSWORD onlyone", ev.Error("PASSWORD", "bad-syntax", "usage: PASSWORD <old> <new>")),
+        (b"PASSWORD old\\ ", ev.Error("PASSWORD", "bad-syntax", "usage: PASSWORD <old> <new>")),
+        (b"PASSWORD  new", ev.Error("PASSWORD", "bad-syntax", "usage: PASSWORD <old> <new>")),
+        (b"PASSWORD o\\ld new", ev.Error("PASSWORD", "bad-syntax", "usage: PASSWORD <old> <new> (in <old>, "
+                                        "write a space as '\\ ' and a backslash as '\\\\')")),
     ],
 )
 def test_syntax_errors(line, reply):

@@ -36,6 +36,7 @@ CLIENT_EVENTS = [
     ev.Who(),
     ev.Help(),
     ev.Message("hello there"),
+    ev.Password("old one", "new one"),
     ev.Ping("1"),
     ev.Ping(""),
     ev.Pong("1"),
@@ -86,7 +87,7 @@ SERVER_EVENTS = [
 VERB = {
     ev.Login: "LOGIN", ev.Register: "REGISTER", ev.Attach: "ATTACH", ev.ChatRequest: "CHAT",
     ev.Accept: "ACCEPT", ev.Decline: "DECLINE", ev.Quit: "QUIT", ev.Exit: "EXIT", ev.Who: "WHO",
-    ev.Help: "HELP", ev.Message: "MSG", ev.Ping: "PING", ev.Pong: "PONG",
+    ev.Help: "HELP", ev.Password: "PASSWORD", ev.Message: "MSG", ev.Ping: "PING", ev.Pong: "PONG",
     ev.Hello: "HELLO", ev.Welcome: "WELCOME", ev.Attached: "OK", ev.Ready: "READY", ev.Ok: "OK",
     ev.Error: "ERR", ev.UserEntry: "USER", ev.Request: "REQUEST", ev.Started: "STARTED",
     ev.Declined: "DECLINED", ev.Expired: "EXPIRED", ev.Cancelled: "CANCELLED", ev.Ended: "ENDED",
@@ -109,7 +110,7 @@ WHERE = {
 
 # --- the specification, from docs/protocol.md ----------------------------------------
 
-_COMMANDS = {ev.ChatRequest, ev.Accept, ev.Decline, ev.Quit, ev.Exit, ev.Who, ev.Help, ev.Message}
+_COMMANDS = {ev.ChatRequest, ev.Accept, ev.Decline, ev.Quit, ev.Exit, ev.Who, ev.Help, ev.Password, ev.Message}
 _LOGIN_SOCKET = {
     ev.Ready, ev.Request, ev.Started, ev.Declined, ev.Expired, ev.Cancelled,
     ev.Ended, ev.Incoming, ev.Error, ev.Shutdown,

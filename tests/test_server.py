@@ -323,3 +323,39 @@ def test_sigkill_restart_keeps_accounts(tmp_path):
         assert again.name == alice.name
     finally:
         srv2.stop()
+
+
+def test_a_user_changes_their_password_with_the_one_they_have(server):
+    """PASSWORD <old> <new> on the chat socket (a space in <old> written
+    '\\ '): refused with a wrong old password or an unacceptable new one,
+    and nothing changes; then the new one logs in and the old one no longer
+    does. The session goes on meanwhile."""
+    alice = RawUser(server, password="old pass")
+    alice.chat.send("PASSWORD wrong new pass")
+    alice.chat.expect("ERR PASSWORD auth-failed")
+    alice.chat.send("PASSWORD old\\ pass " + "x" * 1025)
+    alice.chat.expect("ERR PASSWORD bad-password")
+    alice.chat.send("PASSWORD old pass new pass")  # the space ends <old>: "old" is not her password
+    alice.chat.expect("ERR PASSWORD auth-failed")
+    alice.chat.send("PASSWORD old\\ pass new pass", "WHO")
+    alice.chat.expect("OK PASSWORD")
+    alice.chat.expect("USER ")  # and the session goes on, in order
+    old = server.connect()
+    old.send(f"LOGIN {alice.name} old pass")
+    old.expect("ERR LOGIN auth-failed")
+    again = RawUser(server, alice.name, password="new pass", register=False)
+    assert again.name == alice.name
+
+
+def test_wrong_current_passwords_are_throttled_as_failed_logins_are(server):
+    bob = RawUser(server)
+    for _ in range(3):
+        bob.chat.send("PASSWORD guess new")
+        bob.chat.expect("ERR PASSWORD auth-failed")
+    bob.chat.send("PASSWORD pw\\ secret new")  # the right one, but too late: not even checked
+    bob.chat.expect("ERR PASSWORD throttled ")
+    login = server.connect()
+    login.send(f"LOGIN {bob.name} pw secret")
+    login.expect("ERR LOGIN throttled ")  # the same count as LOGIN's, for this account from here
+    bob.chat.send("WHO")
+    bob.chat.expect("USER ")

@@ -448,3 +448,20 @@ def test_serve_never_prints_the_password(pg):
         proc.wait(DEADLINE)
         proc.stdout.close()
     assert "listening on" in banner and pg.password not in banner, banner
+
+
+def test_a_password_is_changed_only_with_the_one_it_has_now(any_store):
+    store = any_store
+    store.add_user("Alice", "old pass")
+    assert store.change_password("alice", "wrong", "new pass") is None
+    assert store.verify("alice", "old pass") == "Alice"          # unchanged
+    with pytest.raises(InvalidPassword):
+        store.change_password("alice", "old pass", "x" * 1025)   # refused before any hashing
+    assert store.change_password("ALICE", "old pass", "new pass") == "Alice"
+    assert store.verify("alice", "old pass") is None
+    assert store.verify("alice", "new pass") == "Alice"
+    assert store.change_password("nobody", "pw", "new pass") is None
+    # An operator's reset needs no old password.
+    assert store.set_password("alice", "reset") is True
+    assert store.verify("Alice", "reset") == "Alice"
+    assert store.set_password("nobody", "reset") is False and not store.exists("nobody")

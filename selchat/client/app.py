@@ -374,6 +374,9 @@ class Client:
     def typed(self, line: str) -> None:
         self.apply(self.session.typed(line))
 
+    def change_password(self, old: str, new: str) -> None:
+        self.apply(self.session.change_password(old, new))
+
     def end_of_input(self) -> None:
         self.apply(self.session.exit())
 

@@ -210,6 +210,7 @@ FORMATS: dict[str, str] = {
     "chat-kept":         "the chat with {user} is kept while reconnecting; what you type is sent once it is back",
     "queued":            "not connected: '{text}' will be sent once the connection is back",
     "resumed":           "reconnected: {text}",                         # RESUMED (before the events it replays)
+    "password-changed":  "your password is changed",                    # OK PASSWORD
     "chat-gone":         "chat with {user} is over (the server has no chat for you)",  # UNDELIVERED not-in-chat
     # Before there is a session: scripted mode prints these on stderr.
     "login-failed":      "login failed: {text}",                        # ERR LOGIN, BYE auth-failed
@@ -277,6 +278,7 @@ JSON_FIELDS: dict[str, dict[str, tuple[str, type]]] = {
     "queued": {"seq": ("count", int), "text": ("text", str)},
     "resumed": {"user": ("user", str), "text": ("text", str), "resent": ("count", int)},
     "chat-gone": {"user": ("user", str)},
+    "password-changed": {},
     "login-failed": {"text": ("text", str)},
     "register-failed": {"text": ("text", str)},
     "unreachable": {"address": ("text", str), "error": ("detail", str)},
@@ -527,6 +529,7 @@ class ClientSession:
         self._asks: deque[tuple[str, bool]] = deque()  # CHAT sent, reply pending: (user, optimistic)
         self._quits: deque[str] = deque()  # QUIT sent, reply pending: the chat partner then, or ""
         self._whos: deque[bool] = deque()  # WHO sent, reply pending: True if the user asked
+        self._new_passwords: deque[str] = deque()  # PASSWORD sent, reply pending: the new password
         self._held_end: ev.Ended | None = None  # ENDED that may be the echo of our own QUIT
         self._finished: set[Role] = set()  # while leaving: sockets that said their last
         self._eof: set[Role] = set()       # sockets the server has closed
@@ -697,6 +700,20 @@ class ClientSession:
             self._cmd_decline()
         else:
             self._say(line)
+
+    def change_password(self, old: str, new: str) -> list[Effect]:
+        """Ask the server to change our password (``/password``: the UI asks
+        for both at a terminal, so that neither goes through ``typed`` or its
+        history). Once the server says OK, a later login uses the new one."""
+        problem = check_password(new)
+        if problem:
+            self._show("error", text=f"password not changed: {problem}")
+        elif not self.online:
+            self._show("error", text="password not changed: not connected")
+        else:
+            self._new_passwords.append(new)
+            self._send(CHAT, ev.Password(old, new))
+        return self._flush()
 
     def exit(self) -> list[Effect]:
         """Log out (``/exit``, end of input): send EXIT; the reply or the close ends it."""
@@ -942,6 +959,9 @@ class ClientSession:
             self._socket_done(CHAT)
         elif verb == "HELP":
             self._show("help")
+        elif verb == "PASSWORD" and self._new_passwords:
+            self._password = self._new_passwords.popleft()
+            self._show("password-changed")
         # OK ACCEPT: STARTED on the login socket says it. OK VERSION 2: the
         # resume token in WELCOME says it too.
 
@@ -979,6 +999,10 @@ class ClientSession:
             return
         if verb in ("ACCEPT", "DECLINE"):
             self._answering = False
+        if verb == "PASSWORD" and role is CHAT and self._new_passwords:
+            self._new_passwords.popleft()
+            self._show("error", text=f"password not changed: {event.text}")
+            return
         if verb == "WHO" and role is CHAT and self._whos:
             self._who, self._who_more = [], 0
             if not self._whos.popleft():
@@ -1189,6 +1213,10 @@ class ClientSession:
     def _cmd_who(self) -> None:
         self._whos.append(True)
         self._send(CHAT, ev.Who())
+
+    def _cmd_password(self) -> None:
+        self._show("error", text="/password asks for your passwords at a terminal; "
+                                 "it cannot read them from a line (or a script)")
 
     def _cmd_help(self, name: str = "") -> None:
         if not name:
@@ -1408,6 +1436,9 @@ class ClientSession:
             self._show("request-dropped", user=self.partner)
         self._enter(Phase.RECONNECTING)
         self._offline = True
+        if self._new_passwords:
+            self._show("error", text="the connection was lost before the server answered /password: "
+                                     "your password may or may not be changed")
         self._new_connection()
         self._next_attempt(why, failed)
 
@@ -1516,6 +1547,8 @@ COMMANDS: dict[str, Command] = {
     "/quit": Command(ClientSession._cmd_quit, "/quit",
                      "leave the chat, or withdraw your chat request (also Ctrl-C)"),
     "/who": Command(ClientSession._cmd_who, "/who", "list who is online, and who is busy"),
+    "/password": Command(ClientSession._cmd_password, "/password",
+                         "change your password (asks for the one you have, then the new one twice)"),
     "/help": Command(ClientSession._cmd_help, "/help [COMMAND]", "list the commands, or explain one", (0, 1)),
     "/exit": Command(ClientSession._cmd_exit, "/exit", "log out and leave (also Ctrl-D)"),
 }

@@ -79,6 +79,7 @@ STYLE = Style.from_dict({
 })
 
 _CHAT_NAME = re.compile(r"\s*/chat\s+(\S*)$", re.IGNORECASE)
+_PASSWORD = re.compile(r"\s*/password\s*", re.IGNORECASE)
 _HELP_NAME = re.compile(r"\s*/help\s+(\S*)$", re.IGNORECASE)
 
 
@@ -421,7 +422,27 @@ class InteractiveUI:
                 self.client.interrupt()
             else:
                 self._echo(line)
-                self.client.typed(line)
+                if _PASSWORD.fullmatch(line):
+                    await self._change_password()
+                else:
+                    self.client.typed(line)
+
+    async def _change_password(self) -> None:
+        """/password: the passwords are read here, unechoed and kept out of
+        the history, and handed to the session (never as a typed line)."""
+        secret = PromptSession(is_password=True, erase_when_done=True)  # its own: no history kept
+        asked = []
+        for question in ("current password: ", "new password: ", "repeat the new password: "):
+            try:
+                asked.append(await secret.prompt_async(question, handle_sigint=False))
+            except (EOFError, KeyboardInterrupt):
+                self.show(Notice("error", text="password not changed"))
+                return
+        old, new, again = asked
+        if new != again:
+            self.show(Notice("error", text="password not changed: the two new passwords differ"))
+            return
+        self.client.change_password(old, new)
 
     def _echo(self, line: str) -> None:
         """Put the entered line back above the prompt (a message is echoed by

@@ -42,7 +42,9 @@ from collections import deque
 from selchat import __version__
 from selchat.irc import protocol as irc
 from selchat.irc.protocol import Message
+from selchat.protocol import codec
 from selchat.protocol import events as ev
+from selchat.protocol.errors import FrameError
 from selchat.protocol.events import Role
 from selchat.protocol.state import State
 from selchat.reactor.listener import Listener, bind
@@ -82,6 +84,7 @@ SERVICE_HELP = (
     "  yes | no    answer the chat request you were sent",
     "  quit        end your chat (or withdraw your request)",
     "  who         who is online, idle or busy",
+    "  password OLD NEW   change your password (a space in OLD is written '\\ ')",
     "  help        this list",
     "While chatting, /msg NAME (or /query NAME) talks to your partner. /quit logs out.",
 )
@@ -522,6 +525,8 @@ class IrcConnection(ReadPausing):
         elif verb == "WHO":
             entries, self.who_entries = self.who_entries, []
             self._who_answered(entries)
+        elif verb == "PASSWORD":
+            self.notice("your password is changed")
 
     def _on_user_entry(self, event: ev.UserEntry) -> None:
         self.who_entries.append(event)
@@ -795,6 +800,14 @@ class IrcConnection(ReadPausing):
             server.on_quit(self, ev.Quit())
         elif verb == "who":
             self._who(self._who_notice)
+        elif verb == "password":  # the text as sent: a password may have spaces (and formatting codes)
+            try:
+                old, new = codec.split_escaped("PASSWORD", text.strip().partition(" ")[2], "password OLD NEW")
+            except FrameError:
+                self.notice(f"usage: /msg {SERVICE} password OLD NEW (in OLD, write a space as '\\ ' "
+                            "and a backslash as '\\\\')")
+            else:
+                server.logins.on_password(self, ev.Password(old, new))
         elif verb == "help":
             for line in SERVICE_HELP:
                 self.notice(line)

@@ -105,6 +105,8 @@ def decode_client(line: bytes) -> ev.Event:
     if verb in ("LOGIN", "REGISTER"):
         user, password = _args(verb, rest, 2, f"{verb} <user> <password>")
         return (ev.Login if verb == "LOGIN" else ev.Register)(user, password)
+    if verb == "PASSWORD":
+        return ev.Password(*split_escaped(verb, rest, "PASSWORD <old> <new>"))
     if verb == "ACK":
         (ident,) = _args(verb, rest, 1, "ACK <id>")
         return ev.Ack(_number(verb, ident, "ACK <id>"))
@@ -126,6 +128,32 @@ def decode_client(line: bytes) -> ev.Event:
             raise FrameError("bad-syntax", "usage: ATTACH CHAT|CHECK <token>", verb)
         return ev.Attach(ev.Role(role), token)
     raise FrameError("unknown-command", f"unknown command {verb}; send HELP for the list", verb)
+
+
+def escape_word(text: str) -> str:
+    """``text`` as one argument that may contain spaces: a backslash before
+    each space and each backslash (``PASSWORD``'s ``<old>``)."""
+    return text.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
+def split_escaped(verb: str, rest: str, usage: str) -> tuple[str, str]:
+    """``<first> <rest of the line>``, the first written with ``escape_word``."""
+    first: list[str] = []
+    i, size = 0, len(rest)
+    while i < size and rest[i] != " ":
+        char = rest[i]
+        if char == "\\":
+            if i + 1 == size or rest[i + 1] not in "\\ ":
+                raise FrameError("bad-syntax", f"usage: {usage} (in <old>, write a space as '\\ ' "
+                                               "and a backslash as '\\\\')", verb)
+            char = rest[i + 1]
+            i += 1
+        first.append(char)
+        i += 1
+    second = rest[i + 1:]
+    if not first or not second:
+        raise FrameError("bad-syntax", f"usage: {usage}", verb)
+    return "".join(first), second
 
 
 #: Numbers on the wire (ids, seqs, versions): decimal ASCII, at most 20 digits
@@ -249,6 +277,7 @@ _ENCODERS = {
     ev.Exit: lambda e: b"EXIT\n",
     ev.Who: lambda e: b"WHO\n",
     ev.Help: lambda e: b"HELP\n",
+    ev.Password: lambda e: _frame("PASSWORD", escape_word(e.old), e.new),
     ev.Message: lambda e: f"MSG {e.text}\n".encode("utf-8"),
     ev.Version: lambda e: _frame("VERSION", e.version),
     ev.Resume: lambda e: (_frame("RESUME", e.token, e.last_id, e.messages) if e.messages >= 0

@@ -148,6 +148,18 @@ class Help(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Password(Event):
+    """``PASSWORD <old> <new>`` (chat socket): change your password; ``old``
+    is the one you have now (docs/protocol.md, "Changing your password")."""
+
+    old: str
+    new: str
+
+    def __repr__(self) -> str:  # never in a log or a test report
+        return "Password(old=..., new=...)"
+
+
+@dataclass(frozen=True, slots=True)
 class Message(Event):
     """A chat line from the client; relayed to the partner as ``Incoming``."""
 

@@ -120,6 +120,7 @@ class Server:
             ev.Quit: self.on_quit,
             ev.Exit: self.on_exit,
             ev.Who: self.on_who,
+            ev.Password: self.logins.on_password,
             ev.Help: self.on_help,
             ev.Ping: self.on_ping,
             ev.Pong: self.on_pong,

@@ -14,7 +14,7 @@ from selchat.protocol import events as ev
 from selchat.server.session import PendingRequest
 
 COMMANDS_HELP = (
-    "CHAT <user> | ACCEPT | DECLINE | QUIT | EXIT | WHO | HELP | MSG <text>"
+    "CHAT <user> | ACCEPT | DECLINE | QUIT | EXIT | WHO | HELP | MSG <text> | PASSWORD <old> <new>"
     " (commands on the chat socket; see docs/protocol.md)"
 )
 

@@ -1,4 +1,4 @@
-"""Logging in: LOGIN and REGISTER, from the frame to the session.
+"""Logging in: LOGIN and REGISTER, from the frame to the session; and PASSWORD.
 
 Throttling of failed logins (per account and address, and per address),
 the fair queue of password checks waiting for a worker thread, and the
@@ -20,11 +20,12 @@ from selchat.protocol import events as ev
 from selchat.server import audit
 from selchat.server.limits import FailureTracker, FairQueue
 from selchat.server.peer import WAITING
-from selchat.store.accounts import MAX_PASSWORD_BYTES, StorageUnavailable, StoreError
+from selchat.store.accounts import MAX_PASSWORD_BYTES, StorageUnavailable, StoreError, check_password
 
 log = logging.getLogger("selchat.server")
 
 AUTH_FAILED = "invalid username or password"
+WRONG_PASSWORD = "that is not your current password"
 SHUTTING_DOWN = "the server is shutting down"
 #: A login or command that needs the cluster (``--cluster``) while it is unreachable.
 UNAVAILABLE = "the cluster is unreachable; try again shortly"
@@ -91,16 +92,83 @@ class Logins:
         self.queue.push(host, (peer, event, verb, pair))
         self._run_hashes()
 
+    def on_password(self, peer, event) -> None:
+        """PASSWORD <old> <new> on a chat socket: the old password is checked
+        and the new one hashed and stored on a worker, in the same queue as
+        logins; reading the socket waits meanwhile. A wrong old password
+        counts as a failed login for the account from that address (so it
+        is throttled as guesses at LOGIN are), without closing anything."""
+        name = peer.session.name
+        try:
+            check_password(event.new)
+        except StoreError as exc:
+            peer.send(ev.Error("PASSWORD", "bad-password", str(exc)))
+            return
+        if len(event.old.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
+            peer.send(ev.Error("PASSWORD", "auth-failed", WRONG_PASSWORD))
+            return
+        host = peer.host
+        pair = (name.lower(), host)
+        now = self.reactor.clock()
+        wait = max(self.pair_failures.delay(pair, now), self.addr_failures.delay(host, now))
+        if wait > 0:
+            seconds = math.ceil(wait)
+            audit.emit("throttled", logging.WARNING, user=name, addr=host, wait=seconds)
+            peer.send(ev.Error("PASSWORD", "throttled",
+                               f"{seconds} too many wrong passwords; try again in {seconds} s"))
+            return
+        if len(self.queue) >= self.server.config.max_hash_queue or self.queue.queued(host) >= HASHES_PER_ADDRESS:
+            peer.send(ev.Error("PASSWORD", "busy", "the server is busy; try again in a moment"))
+            return
+        self.pair_failures.failed(pair, now)
+        peer.pause(WAITING)
+        self.queue.push(host, (peer, event, "PASSWORD", pair))
+        self._run_hashes()
+
     def _run_hashes(self) -> None:
         """Keep every worker busy with the next password check, fairly by address."""
+        accounts = self.server.accounts
         while self.hashing < self.server.config.workers and self.queue:
             peer, event, verb, pair = self.queue.pop()
             if peer.transport.closing:
                 continue  # gave up waiting; its charge stands (it never proved the password)
             self.hashing += 1
-            call = self.server.accounts.register if verb == "REGISTER" else self.server.accounts.verify
+            if verb == "PASSWORD":
+                accounts.change_password(pair[0], event.old, event.new,
+                                         done=lambda fut, p=peer, k=pair: self._password_done(p, k, fut))
+                continue
+            call = accounts.register if verb == "REGISTER" else accounts.verify
             call(event.user, event.password,
                  done=lambda fut, p=peer, e=event, v=verb, k=pair: self._login_done(p, e, v, k, fut))
+
+    def _password_done(self, peer, pair, future) -> None:
+        self.hashing -= 1
+        self._run_hashes()
+        host = peer.host
+        try:
+            name = future.result()
+        except StoreError as exc:
+            self.pair_failures.refund(pair)
+            if isinstance(exc, StorageUnavailable):
+                audit.emit("storage-error", logging.ERROR, user=pair[0], addr=host, error=str(exc))
+            reply = ev.Error("PASSWORD", exc.code, str(exc))
+        except Exception as exc:
+            log.exception("account store failed")
+            self.pair_failures.refund(pair)
+            audit.emit("storage-error", logging.ERROR, user=pair[0], addr=host, error=repr(exc))
+            reply = ev.Error("PASSWORD", "storage", "the account store failed; try again later")
+        else:
+            if name is None:
+                self.addr_failures.failed(host, self.reactor.clock())
+                audit.emit("password-failed", logging.WARNING, user=pair[0], addr=host)
+                reply = ev.Error("PASSWORD", "auth-failed", WRONG_PASSWORD)
+            else:
+                self.pair_failures.succeeded(pair)
+                audit.emit("password-changed", user=name, addr=host)
+                reply = ev.Ok("PASSWORD")
+        if not peer.transport.closing:
+            peer.send(reply)
+            peer.resume(WAITING)
 
     def _login_done(self, peer, event, verb: str, pair, future) -> None:
         self.hashing -= 1

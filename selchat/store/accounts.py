@@ -176,6 +176,24 @@ class LookupMethods:
             return canonical
         return None
 
+    def set_password(self, name: str, password: str) -> bool:  # pragma: no cover - interface
+        """Replace *name*'s password hash (hashing *password* first); True if the account exists."""
+        raise NotImplementedError
+
+    def change_password(self, name: str, old: str, new: str) -> str | None:
+        """Set *new* as *name*'s password if *old* is its password now.
+
+        Returns the canonical name, or None (wrong password, no such
+        account) after the same hashing work as ``verify``. Raises
+        :class:`InvalidPassword` for an unacceptable *new* before any
+        hashing, and :class:`StorageUnavailable` as the other calls do.
+        """
+        check_password(new)
+        canonical = self.verify(name, old)
+        if canonical is None or not self.set_password(canonical, new):
+            return None
+        return canonical
+
     def exists(self, name: str) -> bool:
         """True if an account *name* exists (case-insensitive)."""
         try:
@@ -322,6 +340,23 @@ class AccountStore(LookupMethods):
         except sqlite3.Error as exc:
             raise _storage_error("write", exc) from exc
         return name
+
+    def set_password(self, name: str, password: str) -> bool:
+        """Replace *name*'s (any case) password; True if the account exists.
+        Raises :class:`InvalidPassword` or :class:`StorageUnavailable`."""
+        check_password(password)
+        try:
+            check_username(name)
+        except InvalidUsername:
+            return False
+        encoded = hash_password(password, self.scrypt_n)  # outside any transaction, as in add_user
+        try:
+            cur = self._db.execute("UPDATE users SET pwhash = ? WHERE name = ?", (encoded, name))
+        except sqlite3.ProgrammingError:
+            raise  # misuse (wrong thread...), not a storage failure
+        except sqlite3.Error as exc:
+            raise _storage_error("write", exc) from exc
+        return cur.rowcount > 0
 
     def delete_user(self, name: str) -> bool:
         """Delete *name* (any case); True if it existed."""
