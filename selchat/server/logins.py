@@ -114,8 +114,7 @@ class Logins:
         if wait > 0:
             seconds = math.ceil(wait)
             audit.emit("throttled", logging.WARNING, user=name, addr=host, wait=seconds)
-            peer.send(ev.Error("PASSWORD", "throttled",
-                               f"{seconds} too many wrong passwords; try again in {seconds} s"))
+            peer.send(ev.Error("PASSWORD", "throttled", f"too many wrong passwords; try again in {seconds} s"))
             return
         if len(self.queue) >= self.server.config.max_hash_queue or self.queue.queued(host) >= HASHES_PER_ADDRESS:
             peer.send(ev.Error("PASSWORD", "busy", "the server is busy; try again in a moment"))
