@@ -206,6 +206,16 @@ class Journal:
         self.got = last_pos
         self.marks.append((self.session.outbox.last_id, last_pos))
 
+    def got_before(self, event_id: int) -> int:
+        """How many chat messages were relayed to the session before its event
+        ``event_id`` (one not acknowledged yet)."""
+        pos = self.trimmed
+        for mark_id, mark_pos in self.marks:
+            if mark_id >= event_id:
+                break
+            pos = mark_pos
+        return pos
+
     def acked(self, receipts) -> None:
         """The client acknowledged events (``Outbox.ack``'s ``receipts``): the
         chat messages among them leave Redis, and their senders get their
@@ -718,7 +728,7 @@ class ClusterNode:
         """The events after ``last_id`` in the session's outbox that Redis
         does not keep (not chat messages, not fates: a chat's start or end,
         a request, AWAY...), each as ``<pos> <frame>``: pos, how many chat
-        messages were relayed to the session before it (``Journal.marks``)."""
+        messages were relayed to the session before it."""
         outbox, journal = session.outbox, session.journal
         if outbox is None or journal is None:
             return b""
@@ -729,12 +739,7 @@ class ClusterNode:
             frame = entry.data
             if frame.startswith((b"DELIVERED ", b"UNDELIVERED ")):
                 continue
-            pos = journal.trimmed
-            for mark_id, mark_pos in journal.marks:
-                if mark_id >= entry.first_id:
-                    break
-                pos = mark_pos
-            out.append(b"%d %s" % (pos, frame))
+            out.append(b"%d %s" % (journal.got_before(entry.first_id), frame))
         return b"".join(out)
 
     def _on_partner_moved(self, key, epoch, fields, payload) -> None:
