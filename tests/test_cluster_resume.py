@@ -14,6 +14,7 @@ is killed while they exchange numbered messages both ways.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -273,6 +274,40 @@ def test_a_version_1_sender_hears_a_nack_for_each_message_held_for_a_partner_tha
     old.login.expect(f"ENDED {alice.name} dropped", timeout=LEASE + 2 + DEADLINE)
     why = f"{alice.name} lost connection and did not come back"
     assert [old.chat.line(), old.chat.line()] == [f"NACK 2 away {why}", f"NACK 3 away {why}"]
+
+
+def test_a_client_shows_what_happened_while_its_node_was_dead_after_it_resumes(make_cluster, clients):
+    """alice's selchat client (nodes 0, then 1) chats with bob (node 1). Node 0
+    is killed while her client is stopped; bob says a last word and ends the
+    chat. Resumed on node 1, her client shows the word, then the chat's end,
+    and she is idle."""
+    require_cluster_mode()
+    c = make_cluster(2)
+    n0, n1 = c.node(0).port, c.node(1).port
+    alice = Peer(clients, n0, unique("ka"), "--host", f"127.0.0.1:{n0},127.0.0.1:{n1}")
+    alice.expect("ready")
+    bob = V2User(c.node(1).connect)
+    alice.write(f"/chat {bob.name}")
+    bob.expect(f"REQUEST {alice.name}")
+    bob.chat.send("ACCEPT")
+    bob.chat.expect("OK ACCEPT")
+    alice.expect("started", user=bob.name)
+    alice.process.proc.send_signal(signal.SIGSTOP)  # she cannot come back before bob has left
+    try:
+        c.kill(0)
+        bob.chat.send("MSG last word", "QUIT")
+        bob.chat.expect("OK QUIT")
+    finally:
+        alice.process.proc.send_signal(signal.SIGCONT)
+    alice.expect("resumed", timeout=LEASE + 2 * DEADLINE)
+    alice.expect("message", user=bob.name, text="last word")
+    ended = alice.read_until(lambda e: e["type"] in ("ended", "started", "message"), what="the chat's end")
+    assert (ended["type"], ended.get("user"), ended.get("reason")) == ("ended", bob.name, "quit"), ended
+    bob.chat.send("WHO")  # and the cluster has her back, idle
+    listed = []
+    while not (line := bob.chat.line()).startswith("OK WHO"):
+        listed.append(line)
+    assert f"USER {alice.name} idle" in listed, listed
 
 
 class Exchange:
