@@ -389,10 +389,24 @@ def test_messages_the_server_would_refuse_are_not_sent():
     s = chatting()
     effects = s.typed("bell\x07")
     assert sent(effects) == [] and shown(effects) == ["error: the message contains control characters; not sent"]
-    effects = s.typed("x" * (MAX_FRAME - 3))
-    assert sent(effects) == [] and shown(effects)[0].startswith("error: the message is longer than")
     assert sent(s.typed("x" * (MAX_FRAME - 4)), CHAT) == ["MSG " + "x" * (MAX_FRAME - 4)]
     assert sent(s.typed("tab\tok"), CHAT) == ["MSG tab\tok"]
+
+
+def test_a_line_too_long_for_one_frame_is_sent_as_several_messages():
+    """Cut after a space near the end of each piece where there is one, else
+    at a character boundary; each piece is a message of its own (and echo)."""
+    s = chatting()
+    words = " ".join(f"w{i:04}" for i in range(1500))   # 8999 characters
+    effects = s.typed(words)
+    frames_ = sent(effects, CHAT)
+    assert len(frames_) == 3 and all(len(f.encode()) <= MAX_FRAME for f in frames_)
+    texts = [f.removeprefix("MSG ") for f in frames_]
+    assert "".join(texts) == words and all(t.endswith(" ") for t in texts[:-1])
+    assert [n.text for n in effects if getattr(n, "kind", "") == "sent"] == texts
+    wide = "é" * MAX_FRAME   # no space: cut between characters, never inside one
+    texts = [f.removeprefix("MSG ") for f in sent(s.typed(wide), CHAT)]
+    assert "".join(texts) == wide and len(texts) == 3
 
 
 def test_partner_ending_the_chat():

@@ -410,6 +410,8 @@ def test_plain_lines_while_offline_are_kept_only_in_a_chat():
     assert kinds(t.typed("//slash")) == ["queued"] and t._mine == {1: "/slash"}
     assert shown(t.typed("bad\x1b")) == ["error: the message contains control characters; not sent"]
     assert t.typed("") == []
+    long = "y" * 5000   # too long for one frame: kept as two messages, numbered on
+    assert kinds(t.typed(long)) == ["queued", "queued"] and "".join([t._mine[2], t._mine[3]]) == long
 
 
 # --- robustness ------------------------------------------------------------------------------------

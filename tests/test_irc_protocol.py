@@ -144,11 +144,6 @@ def test_encode_split_at_512_and_character_boundaries():
     assert len(lines[0]) + 2 >= 509  # full lines, cut at most a character short
 
 
-def test_split_utf8():
-    assert irc.split_utf8(b"", 10) == [b""]
-    assert irc.split_utf8("ééé".encode(), 5) == ["éé".encode(), "é".encode()]
-    with pytest.raises(ValueError):
-        irc.split_utf8(b"abc", 3)
 
 
 # -- properties -------------------------------------------------------------------------

@@ -844,3 +844,23 @@ def test_error_reply_fits_in_a_frame():
     client = connection(CLIENT, State.CHAT)
     client.receive_data(codec.encode(event.reply))
     assert client.next_event() == event.reply
+
+
+def test_split_utf8_cuts_at_characters_and_after_a_space_when_asked():
+    assert codec.split_utf8(b"", 10) == [b""]
+    assert codec.split_utf8("ééé".encode(), 5) == ["éé".encode(), "é".encode()]
+    with pytest.raises(ValueError):
+        codec.split_utf8(b"abc", 3)
+    assert codec.split_utf8(b"one two three", 10, b" ", 5) == [b"one two ", b"three"]
+    assert codec.split_utf8(b"onetwothree four", 10, b" ", 5) == [b"onetwothre", b"e four"]  # none near the end
+
+
+@given(st.text(_CHAR, max_size=300), st.integers(min_value=4, max_value=40), st.integers(min_value=0, max_value=40))
+def test_split_utf8_pieces_fit_and_join_to_the_whole(text, size, within):
+    data = text.encode()
+    pieces = codec.split_utf8(data, size, b" ", within)
+    assert b"".join(pieces) == data
+    assert all(len(p) <= size for p in pieces)
+    for piece in pieces:
+        piece.decode()  # each one valid UTF-8 by itself
+    assert all(pieces[:-1])  # no empty piece but a lone last one (of an empty text)

@@ -400,6 +400,20 @@ ONLINE = frozenset({Phase.IDLE, Phase.REQUEST_OUT, Phase.REQUEST_IN, Phase.CHATT
 YES, NO = frozenset({"yes", "y"}), frozenset({"no", "n"})
 
 
+#: The longest message one MSG frame carries, in bytes; a longer line is sent
+#: as several messages, cut after a space within its last PIECE_SPACE bytes
+#: if there is one, else at a character boundary.
+MAX_TEXT = codec.MAX_FRAME - len("MSG ")
+PIECE_SPACE = 200
+
+
+def _pieces(text: str) -> list[str]:
+    data = text.encode("utf-8")
+    if len(data) <= MAX_TEXT:
+        return [text]
+    return [piece.decode("utf-8") for piece in codec.split_utf8(data, MAX_TEXT, b" ", PIECE_SPACE)]
+
+
 def check_username(user: str) -> str | None:
     """None if ``user`` is a valid user name, else why not."""
     if USERNAME.fullmatch(user):
@@ -1236,6 +1250,10 @@ class ClientSession:
             return
         if self._refused_locally(text):
             return
+        for piece in _pieces(text):
+            self._say_one(piece)
+
+    def _say_one(self, text: str) -> None:
         piggyback = self._ack_ripe and self._wire_id > self._acked and self._conns[CHAT].state is State.CHAT
         if piggyback:  # in the same write as the message: one read for the server
             self._acked = self._wire_id
@@ -1256,10 +1274,9 @@ class ClientSession:
         self._show("sent", user=self.user, text=text)
 
     def _refused_locally(self, text: str) -> bool:
-        """A message the server would refuse is not sent: say why (True)."""
+        """A message the server would refuse is not sent: say why (True).
+        (One too long for a frame is sent as several: ``_pieces``.)"""
         problem = _control_error(text, "the message")
-        if problem is None and len(text.encode("utf-8")) + 4 > codec.MAX_FRAME:  # 4: "MSG "
-            problem = f"the message is longer than {codec.MAX_FRAME - 4} bytes"
         if problem:
             self._show("error", text=f"{problem}; not sent")
         return problem is not None
@@ -1273,10 +1290,11 @@ class ClientSession:
         echoed) once the session is resumed."""
         if self._refused_locally(text):
             return
-        self._seq += 1
-        self._mine[self._seq] = text
-        self._unshown.add(self._seq)
-        self._show("queued", text=text, count=self._seq)
+        for piece in _pieces(text):
+            self._seq += 1
+            self._mine[self._seq] = piece
+            self._unshown.add(self._seq)
+            self._show("queued", text=piece, count=self._seq)
 
     # -- helpers -------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from selchat.protocol.codec import split_utf8
+
 #: Longest line, CR LF included, not counting message tags (RFC 1459 2.3).
 MAX_LINE = 512
 #: Longest tags section, its '@' and the space after it included (IRCv3 message-tags).
@@ -269,25 +271,6 @@ def encode(msg: Message, limit: int = MAX_LINE) -> bytes:
     if len(line) - _tags_len(msg, head) > limit:
         raise ValueError(f"line of {len(line)} bytes is over {limit}")
     return line
-
-
-def split_utf8(data: bytes, size: int) -> list[bytes]:
-    """``data`` (valid UTF-8) in pieces of at most ``size`` bytes, each cut
-    at a character boundary (so each is valid UTF-8 too); [b""] for b""."""
-    if size < 4:
-        raise ValueError("pieces must have room for one character (4 bytes)")
-    pieces = []
-    start = 0
-    n = len(data)
-    while True:
-        end = start + size
-        if end >= n:
-            pieces.append(data[start:])
-            return pieces
-        while data[end] & 0xC0 == 0x80:  # a continuation byte: cut before its character
-            end -= 1
-        pieces.append(data[start:end])
-        start = end
 
 
 def encode_split(msg: Message, limit: int = MAX_LINE) -> bytes:

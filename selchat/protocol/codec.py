@@ -331,6 +331,31 @@ def fit_text(verb: str, text: str) -> str:
     return data[:room].decode("utf-8", "ignore")  # "ignore": a character cut in two
 
 
+def split_utf8(data: bytes, size: int, after: bytes = b"", within: int = 0) -> list[bytes]:
+    """``data`` (valid UTF-8) in pieces of at most ``size`` bytes, each cut
+    at a character boundary (so each is valid UTF-8 too); [b""] for b"".
+    With ``after`` (one byte, say a space), a piece ends just after the
+    last such byte among its last ``within`` bytes, if there is one."""
+    if size < 4:
+        raise ValueError("pieces must have room for one character (4 bytes)")
+    pieces = []
+    start = 0
+    n = len(data)
+    while True:
+        end = start + size
+        if end >= n:
+            pieces.append(data[start:])
+            return pieces
+        while data[end] & 0xC0 == 0x80:  # a continuation byte: cut before its character
+            end -= 1
+        if after:
+            found = data.rfind(after, max(start, end - within), end)
+            if found >= 0:
+                end = found + 1
+        pieces.append(data[start:end])
+        start = end
+
+
 def relay_block(sender: bytes, block: bytes) -> bytes:
     """``MSG <text>`` frames joined by LF (from ``Connection.next_messages``)
     -> the ``MSG <sender> <text>`` frames the partner receives, LF-terminated.
