@@ -229,6 +229,17 @@ def _open_store(ctx):
         raise click.ClickException(str(exc))
 
 
+def _with_store(ctx, action):
+    """``action(store)`` on the account database; a StoreError is the command's error."""
+    from selchat.store.accounts import StoreError
+
+    with _open_store(ctx) as store:
+        try:
+            return action(store)
+        except StoreError as exc:
+            raise click.ClickException(str(exc))
+
+
 @user.command("add")
 @click.argument("name")
 @click.option("--password-stdin", is_flag=True,
@@ -239,17 +250,11 @@ def _open_store(ctx):
 def user_add(ctx, name, password_stdin, old_password):
     """Create account NAME. The password comes from --password-stdin,
     $SELCHAT_PASSWORD or a hidden prompt (asked twice), never from an argument."""
-    from selchat.store.accounts import StoreError
-
     if old_password is not None:
         raise click.UsageError("--password was removed (the password would show in ps): "
                                "use --password-stdin, SELCHAT_PASSWORD or the prompt")
     password = _new_password(password_stdin)
-    with _open_store(ctx) as store:
-        try:
-            canonical = store.add_user(name, password)
-        except StoreError as exc:
-            raise click.ClickException(str(exc))
+    canonical = _with_store(ctx, lambda store: store.add_user(name, password))
     click.echo(f"added {canonical}")
 
 
@@ -276,15 +281,8 @@ def user_passwd(ctx, name, password_stdin):
     is not asked for; a user changes their own with /password in selchat
     connect). A logged-in user stays online; the new password is for their
     next login."""
-    from selchat.store.accounts import StoreError
-
     password = _new_password(password_stdin)
-    with _open_store(ctx) as store:
-        try:
-            found = store.set_password(name, password)
-        except StoreError as exc:
-            raise click.ClickException(str(exc))
-    if not found:
+    if not _with_store(ctx, lambda store: store.set_password(name, password)):
         raise click.ClickException(f"no user {name}")
     click.echo(f"password set for {name}")
 
@@ -294,14 +292,7 @@ def user_passwd(ctx, name, password_stdin):
 @click.pass_context
 def user_del(ctx, name):
     """Delete account NAME (a logged-in user stays online until they leave)."""
-    from selchat.store.accounts import StoreError
-
-    with _open_store(ctx) as store:
-        try:
-            existed = store.delete_user(name)
-        except StoreError as exc:
-            raise click.ClickException(str(exc))
-    if not existed:
+    if not _with_store(ctx, lambda store: store.delete_user(name)):
         raise click.ClickException(f"no user {name}")
     click.echo(f"deleted {name}")
 

@@ -145,9 +145,10 @@ CREATE TABLE IF NOT EXISTS users (
 
 class LookupMethods:
     """What every account store does with its own ``_lookup(name) ->
-    (canonical name, encoded hash) | None`` and ``scrypt_n``: check a
-    password, say whether a name exists and how it is spelled (the SQLite
-    store here, ``postgres.PostgresAccountStore``)."""
+    (canonical name, encoded hash) | None``, ``_replace_hash(name, encoded)
+    -> bool`` and ``scrypt_n``: check a password, set or change one, say
+    whether a name exists and how it is spelled (the SQLite store here,
+    ``postgres.PostgresAccountStore``)."""
 
     scrypt_n: int
 
@@ -176,9 +177,19 @@ class LookupMethods:
             return canonical
         return None
 
-    def set_password(self, name: str, password: str) -> bool:  # pragma: no cover - interface
-        """Replace *name*'s password hash (hashing *password* first); True if the account exists."""
+    def _replace_hash(self, name: str, encoded: str) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def set_password(self, name: str, password: str) -> bool:
+        """Replace *name*'s (any case) password; True if the account exists.
+        Raises :class:`InvalidPassword` or :class:`StorageUnavailable`."""
+        check_password(password)
+        try:
+            check_username(name)
+        except InvalidUsername:
+            return False
+        # Hashed outside any transaction: it is slow and must hold nothing.
+        return self._replace_hash(name, hash_password(password, self.scrypt_n))
 
     def change_password(self, name: str, old: str, new: str) -> str | None:
         """Set *new* as *name*'s password if *old* is its password now.
@@ -341,15 +352,7 @@ class AccountStore(LookupMethods):
             raise _storage_error("write", exc) from exc
         return name
 
-    def set_password(self, name: str, password: str) -> bool:
-        """Replace *name*'s (any case) password; True if the account exists.
-        Raises :class:`InvalidPassword` or :class:`StorageUnavailable`."""
-        check_password(password)
-        try:
-            check_username(name)
-        except InvalidUsername:
-            return False
-        encoded = hash_password(password, self.scrypt_n)  # outside any transaction, as in add_user
+    def _replace_hash(self, name: str, encoded: str) -> bool:
         try:
             cur = self._db.execute("UPDATE users SET pwhash = ? WHERE name = ?", (encoded, name))
         except sqlite3.ProgrammingError:

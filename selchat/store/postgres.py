@@ -320,16 +320,7 @@ class PostgresAccountStore(LookupMethods):
             raise UserExists(f"username {taken!r} is already taken")
         return name
 
-    def set_password(self, name: str, password: str) -> bool:
-        """Replace *name*'s (any case) password; True if the account exists.
-        Raises :class:`InvalidPassword` or :class:`StorageUnavailable`."""
-        check_password(password)
-        try:
-            check_username(name)
-        except StoreError:
-            return False
-        encoded = hash_password(password, self.scrypt_n)  # outside any transaction
-
+    def _replace_hash(self, name: str, encoded: str) -> bool:
         def update(conn):
             return conn.execute(
                 "UPDATE selchat_users SET pwhash = %s WHERE lower(name) = lower(%s)", (encoded, name)
