@@ -157,43 +157,47 @@ def test_a_message_gets_its_receipt_and_a_cut_connection_is_resumed(v2server, cl
     assert not alice.of("not-delivered") and not alice.of("unconfirmed") and not bob.of("unconfirmed")
 
 
-def test_messages_both_ways_through_random_faults_each_get_exactly_one_fate(v2server, clients, proxies):
-    count = 200
-    alice, bob, pa, pb = pair(clients, v2server, proxies)
-    texts = {alice.name: [f"{alice.name} says {i}" for i in range(count)],
-             bob.name: [f"{bob.name} says {i}" for i in range(count)]}
-    rng = random.Random(SEED)
-    pa.chaos(random.Random(rng.random()), every=0.3)
-    pb.chaos(random.Random(rng.random()), every=0.3)
-    # The lines go in over the chaos, in bursts (pacing the load, not waiting
-    # for anything); a client keeps what is typed while it is offline.
-    start = time.monotonic()
-    order = [alice] * (count // 10) + [bob] * (count // 10)
-    rng.shuffle(order)   # who writes next is random; each one's lines stay in order
+def write_in_bursts(alice: Peer, bob: Peer, texts: dict[str, list[str]], rng: random.Random, seconds: float,
+                    after_burst=None) -> None:
+    """Each peer's ``texts`` go in over ``seconds``, ten lines at a time, the
+    writer of each burst drawn at random (each one's lines stay in order).
+    This paces the load over the faults; nothing is waited for (a client
+    keeps what is typed while it is offline). ``after_burst(i, n)`` runs
+    after burst ``i`` of ``n``."""
+    order = [alice] * (len(texts[alice.name]) // 10) + [bob] * (len(texts[bob.name]) // 10)
+    rng.shuffle(order)
     sent = {alice.name: 0, bob.name: 0}
-    batches = []
+    bursts = []
     for peer in order:
-        batches.append((peer, texts[peer.name][sent[peer.name]:sent[peer.name] + 10]))
+        bursts.append((peer, texts[peer.name][sent[peer.name]:sent[peer.name] + 10]))
         sent[peer.name] += 10
-    for i, (peer, lines) in enumerate(batches):
+    start = time.monotonic()
+    for i, (peer, lines) in enumerate(bursts):
         peer.write(*lines)
-        pause = start + CHAOS_SECONDS * (i + 1) / len(batches) - time.monotonic()
+        if after_burst is not None:
+            after_burst(i, len(bursts))
+        pause = start + seconds * (i + 1) / len(bursts) - time.monotonic()
         if pause > 0:
-            time.sleep(pause)   # spreads the load over the chaos; no condition is awaited
+            time.sleep(pause)   # spreads the load over the faults; no condition is awaited
         alice.drain()
         bob.drain()
-    pa.stop_chaos()
-    pb.stop_chaos()
+
+
+def each_message_had_exactly_one_fate(alice: Peer, bob: Peer, texts: dict[str, list[str]], story: str) -> None:
+    """After a run of ``texts`` (each peer's lines, by name) sent both ways
+    through faults: wait for a fate for every message, send a last one each
+    way (both are online again, and the order holds to the end), end both
+    clients, and check that every message was shown exactly once, in order,
+    to its receiver, and had exactly one fate for its sender: delivered, or
+    not delivered (never both, never neither, never unconfirmed)."""
+    count = max(len(lines) for lines in texts.values())
 
     def settled(peer: Peer) -> bool:
         return len(peer.of("delivered")) + len(peer.of("not-delivered")) + len(peer.of("unconfirmed")) >= count
 
-    story = f"faults: {pa.faults + pb.faults}"
     for peer in (alice, bob):
         if not settled(peer):
             peer.read_until(lambda e, p=peer: settled(p), SETTLE_SECONDS, f"a fate for every message; {story}")
-    # A last message each way: both are online again (a fault at the end of
-    # the chaos may still have them resuming), and the order holds to the end.
     for sender, receiver in ((alice, bob), (bob, alice)):
         sender.write(f"{sender.name} is done")
         receiver.expect("message", timeout=SETTLE_SECONDS, text=f"{sender.name} is done")
@@ -229,6 +233,21 @@ def test_messages_both_ways_through_random_faults_each_get_exactly_one_fate(v2se
         # seqs: one receipt per seq, each the message sent as that seq
         seqs = [e["seq"] for e in sender.of("delivered")]
         assert len(set(seqs)) == len(seqs)
+
+
+def test_messages_both_ways_through_random_faults_each_get_exactly_one_fate(v2server, clients, proxies):
+    count = 200
+    alice, bob, pa, pb = pair(clients, v2server, proxies)
+    texts = {alice.name: [f"{alice.name} says {i}" for i in range(count)],
+             bob.name: [f"{bob.name} says {i}" for i in range(count)]}
+    rng = random.Random(SEED)
+    pa.chaos(random.Random(rng.random()), every=0.3)
+    pb.chaos(random.Random(rng.random()), every=0.3)
+    write_in_bursts(alice, bob, texts, rng, CHAOS_SECONDS)
+    pa.stop_chaos()
+    pb.stop_chaos()
+    story = f"faults: {pa.faults + pb.faults}"
+    each_message_had_exactly_one_fate(alice, bob, texts, story)
     assert len(alice.of("resumed")) + len(bob.of("resumed")) >= 3, story   # the faults did bite
 
 

@@ -14,6 +14,7 @@ is killed while they exchange numbered messages both ways.
 
 from __future__ import annotations
 
+import random
 import signal
 import threading
 import time
@@ -22,7 +23,9 @@ import pytest
 
 from tests.clusterharness import CLUSTER_ARGS, make_cluster, require_cluster_mode  # noqa: F401
 from tests.support import DEADLINE, RawUser, V2User, start_chat, unique, wait_for
-from tests.test_client_v2_e2e import Peer
+from tests.faultproxy import FaultProxy
+from tests.test_client_v2_e2e import SEED, Peer, each_message_had_exactly_one_fate, write_in_bursts
+from tests.test_client_v2_e2e import start_chat as e2e_start_chat
 
 #: The spec's failover bound for a client (seconds from the SIGKILL to chatting
 #: again) does not count the dead node's lease, which the cluster must wait
@@ -378,3 +381,61 @@ def test_a_chat_goes_on_when_either_user_s_node_is_killed_mid_stream(make_cluste
         assert not sender.of("not-delivered") and not sender.of("unconfirmed")
         assert not receiver.of("chat-dropped") and not receiver.of("ended")
     assert any(e["type"] == "away" for e in bob.events) and any(e["type"] == "back" for e in bob.events)
+
+
+@pytest.mark.slow
+def test_across_moves_a_node_death_and_faults_every_message_gets_exactly_one_fate(make_cluster, clients):
+    """alice (nodes 0 and 1) and bob (nodes 1 and 2), each through fault
+    proxies that cut, stall and half-close their connections at random,
+    send each other 200 numbered lines. Meanwhile each is made to move to
+    their other node while the first is alive (its proxy refuses new
+    connections), and then node 1 dies. Every line is shown once, in order,
+    and has exactly one fate for its sender."""
+    require_cluster_mode()
+    c = make_cluster(3)
+    proxies = {}
+    try:
+        for who, node in (("a", 0), ("a", 1), ("b", 1), ("b", 2)):
+            proxies[who, node] = FaultProxy(c.node(node).host, c.node(node).port).start()
+
+        def hosts(who: str, first: int, second: int) -> str:
+            return f"127.0.0.1:{proxies[who, first].port},127.0.0.1:{proxies[who, second].port}"
+
+        alice = Peer(clients, proxies["a", 0].port, unique("ca"), "--host", hosts("a", 0, 1))
+        bob = Peer(clients, proxies["b", 1].port, unique("cb"), "--host", hosts("b", 1, 2))
+        alice.expect("ready")
+        bob.expect("ready")
+        e2e_start_chat(alice, bob)
+        count = 200
+        texts = {peer.name: [f"{peer.name} says {i}" for i in range(count)] for peer in (alice, bob)}
+        rng = random.Random(SEED)
+        for proxy in proxies.values():
+            proxy.chaos(random.Random(rng.random()), every=0.5)
+        moves = []
+
+        def after_burst(i: int, n: int) -> None:
+            if i == n // 4:    # alice to node 1, node 0 alive
+                proxies["a", 0].refuse_new()
+                proxies["a", 0].cut_all()
+                moves.append("alice 0->1")
+            elif i == n // 2:  # bob to node 2, node 1 alive
+                proxies["a", 0].refuse_new(False)
+                proxies["b", 1].refuse_new()
+                proxies["b", 1].cut_all()
+                moves.append("bob 1->2")
+            elif i == 3 * n // 4:  # alice's node dies: back to node 0
+                proxies["b", 1].refuse_new(False)
+                c.kill(1)
+                moves.append("node 1 killed")
+
+        write_in_bursts(alice, bob, texts, rng, 8.0, after_burst)
+        for proxy in proxies.values():
+            proxy.stop_chaos()
+        story = f"moves: {moves}; faults: {[f for p in proxies.values() for f in p.faults]}"
+        each_message_had_exactly_one_fate(alice, bob, texts, story)
+        servers = {peer.name: {e["server"] for e in peer.of("connected")} for peer in (alice, bob)}
+        assert servers[alice.name] == set(hosts("a", 0, 1).split(",")), story  # she did move, and back
+        assert servers[bob.name] == set(hosts("b", 1, 2).split(",")), story
+    finally:
+        for proxy in proxies.values():
+            proxy.close()
