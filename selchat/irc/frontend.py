@@ -800,9 +800,10 @@ class IrcConnection(ReadPausing):
             server.on_quit(self, ev.Quit())
         elif verb == "who":
             self._who(self._who_notice)
-        elif verb == "password":  # the text as sent: a password may have spaces (and formatting codes)
+        elif verb == "password":  # not split into words: a password may have spaces, a trailing one too
             try:
-                old, new = codec.split_escaped("PASSWORD", text.strip().partition(" ")[2], "password OLD NEW")
+                old, new = codec.split_escaped("PASSWORD", clean_text(text).lstrip().partition(" ")[2],
+                                               "password OLD NEW")
             except FrameError:
                 self.notice(f"usage: /msg {SERVICE} password OLD NEW (in OLD, write a space as '\\ ' "
                             "and a backslash as '\\\\')")
