@@ -430,6 +430,9 @@ class InteractiveUI:
     async def _change_password(self) -> None:
         """/password: the passwords are read here, unechoed and kept out of
         the history, and handed to the session (never as a typed line)."""
+        if not self.session.online:
+            self.show(Notice("error", text="password not changed: not connected"))
+            return
         secret = PromptSession(is_password=True, erase_when_done=True)  # its own: no history kept
         asked = []
         for question in ("current password: ", "new password: ", "repeat the new password: "):
