@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from selchat.client.core import (
-    CHAT, CHECK, COMMANDS, ECHO_KINDS, FORMATS, JSON_FIELDS, LOGIN, SENT_KEPT, STDERR_KINDS, Backoff,
-    ClientSession, Close, Connect, Heartbeat, Notice, Phase, Reconnect, Roster, Send, check_password,
-    check_username,
+    CHAT, CHECK, COMMANDS, LOGIN, SENT_KEPT, Backoff, ClientSession, Close, Connect, Heartbeat, Phase, Reconnect,
+    Roster, Send, check_password, check_username,
 )
+from selchat.client.notices import ECHO_KINDS, FORMATS, JSON_FIELDS, STDERR_KINDS, Notice
 from selchat.protocol.codec import MAX_FRAME
 
 

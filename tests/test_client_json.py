@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from selchat.client.core import JSON_FIELDS
+from selchat.client.notices import JSON_FIELDS
 from tests.support import REPO_ROOT, ClientProcess, RawUser, unique
 from tests.test_client_scripted import FakeServer
 

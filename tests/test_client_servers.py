@@ -11,9 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from selchat.client import app, command
-from selchat.client.core import (
-    CHAT, CHECK, JSON_FIELDS, LOGIN, STDERR_KINDS, Backoff, ClientSession, Notice, Phase, Reconnect,
-)
+from selchat.client.core import CHAT, CHECK, LOGIN, Backoff, ClientSession, Phase, Reconnect
+from selchat.client.notices import JSON_FIELDS, STDERR_KINDS, Notice
 from selchat.client.servers import STABLE_AFTER, Failover, Server, ServerListError, address, parse
 from tests.test_client_core import frames, kinds, shown
 

@@ -24,7 +24,8 @@ import sys
 import pexpect
 import pytest
 
-from selchat.client.core import COMMANDS, FORMATS, Notice
+from selchat.client.core import COMMANDS
+from selchat.client.notices import FORMATS, Notice
 from selchat.client.interactive import common_prefix, completions, render
 from tests.support import DEADLINE, REPO_ROOT, RawUser, unique
 from tests.test_client_scripted import FakeServer

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from selchat.client.core import (
-    CHAT, CHECK, FORMATS, JSON_FIELDS, LOGIN, RECEIPT_KINDS, RESUME_CAP, Backoff, ClientSession, Close,
-    ACK_CONFIRM, AckLater, Connect, Notice, Phase, Reconnect, Send,
+    CHAT, CHECK, LOGIN, RESUME_CAP, Backoff, ClientSession, Close, ACK_CONFIRM, AckLater, Connect, Phase,
+    Reconnect, Send,
 )
+from selchat.client.notices import FORMATS, JSON_FIELDS, RECEIPT_KINDS, Notice
 from selchat.protocol.events import ACK_EVERY, ACK_GRACE, ACK_SPACING, ack_rest
 from tests.test_client_core import closed, frames, kinds, sent, shown
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from selchat.client.core import ClientSession, Notice, Phase
+from selchat.client.core import ClientSession, Phase
+from selchat.client.notices import Notice
 from selchat.client.interactive import receipt_line, status_text
 from selchat.client.ui import ScriptedUI
 

@@ -66,9 +66,9 @@ from selchat.client import core
 from selchat.client import servers as serverlist
 from selchat.client import tls as clienttls
 from selchat.client.core import (
-    CHECK, LOGIN, AckLater, ClientSession, Close, Connect, Heartbeat, Notice, Phase, Reconnect, Role, Roster,
-    Send,
+    CHECK, LOGIN, AckLater, ClientSession, Close, Connect, Heartbeat, Phase, Reconnect, Role, Roster, Send,
 )
+from selchat.client.notices import Notice
 
 CONNECT_TIMEOUT = 10.0   # seconds for one TCP connect
 EXIT_GRACE = 2.0         # seconds to wait for the server to confirm EXIT

@@ -39,7 +39,8 @@ from prompt_toolkit.output import ColorDepth
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
 
-from selchat.client.core import COMMANDS, ClientSession, Notice, Phase
+from selchat.client.core import COMMANDS, ClientSession, Phase
+from selchat.client.notices import Notice
 from selchat.client.servers import address
 from selchat.client.ui import prompt_text, stamp
 

@@ -6,7 +6,7 @@ Every UI implements what ``app.Client`` expects: ``show(notice)``,
 ``aclose()``. The interactive one, on prompt_toolkit, is in ``interactive.py``
 (imported only on a terminal, so scripts do not pay for loading it).
 
-Scripted mode prints every notice as one line (``core.FORMATS``) and flushes,
+Scripted mode prints every notice as one line (``notices.FORMATS``) and flushes,
 so another program can follow along; it reads commands from stdin. ``--json``
 reads the same way and prints one JSON object per notice instead.
 """
@@ -22,7 +22,8 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from selchat.client.core import ECHO_KINDS, RECEIPT_KINDS, ClientSession, Notice, Phase
+from selchat.client.core import ClientSession, Phase
+from selchat.client.notices import ECHO_KINDS, RECEIPT_KINDS, Notice
 
 MAX_INPUT_LINE = 64 * 1024   # a longer run without a newline is handed on as one line
 READ_SIZE = 65536
