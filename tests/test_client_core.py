@@ -110,9 +110,17 @@ def test_wrong_password_is_a_login_failure_with_exit_1():
     s = ClientSession("alice", "wrong")
     s.start()
     effects = s.receive(LOGIN, frames("HELLO 1 x", "ERR LOGIN auth-failed invalid username or password"))
-    assert shown(effects) == ["login failed: invalid username or password"]
+    assert shown(effects) == ["login failed: invalid username or password",
+                              "no account yet? connect with --register to create one"]  # the name may be new
     assert all(n.to_stderr for n in effects if isinstance(n, Notice))
     assert closed(effects) == 1 and s.phase is Phase.CLOSED
+    # Not after --register, nor for a refusal that is not about the password.
+    r = ClientSession("alice", "pw", register=True)
+    r.start()
+    assert "hint-register" not in kinds(r.receive(LOGIN, frames("HELLO 1 x", "ERR REGISTER taken name taken")))
+    t = ClientSession("alice", "pw")
+    t.start()
+    assert "hint-register" not in kinds(t.receive(LOGIN, frames("HELLO 1 x", "ERR LOGIN busy try again")))
 
 
 def test_registration_refused_says_so():

@@ -150,7 +150,7 @@ def test_errors_before_a_session_are_json_on_stdout_too(server, clients):
     assert client.process.rest("err") == []
     wrong = JsonClient(clients(server.port, "--json", user=unique("nobody"), password="x"))
     assert wrong.process.wait() == 1
-    assert [e["type"] for e in wrong.rest()] == ["login-failed"]
+    assert [e["type"] for e in wrong.rest()] == ["login-failed", "hint-register"]
 
 
 def test_reconnecting_as_json():

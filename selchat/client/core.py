@@ -833,6 +833,8 @@ class ClientSession:
             if event.code == "throttled":  # "<seconds> <text>": the text says the seconds too
                 text = text.partition(" ")[2] or text
             self._show(kind, text=text)
+            if event.code == "auth-failed" and not self._register and not self._was_online:
+                self._show("hint-register")  # the server does not say which was wrong: the name may be new
             if event.code in TRANSIENT_LOGIN_ERRORS and self.reconnect and self._was_online:
                 self._drop(text)  # the password was right before: try again later
             else:

@@ -60,7 +60,7 @@ ROLE = {
     "message": "partner", "sent": "own", "request-in": "alert",
     "error": "error", "not-delivered": "error", "not-delivered-old": "error", "lost": "error",
     "protocol-error": "error", "disconnected": "error", "chat-dropped": "error", "request-dropped": "error",
-    "login-failed": "error", "register-failed": "error", "unreachable": "error",
+    "login-failed": "error", "register-failed": "error", "unreachable": "error", "hint-register": "quiet",
     "hint-idle": "quiet", "hint-request-in": "quiet", "hint-request-out": "quiet", "help": "quiet",
     "help-command": "quiet", "retrying": "quiet", "reconnecting": "quiet", "gave-up": "quiet",
     "connected": "quiet", "unconfirmed": "error", "chat-kept": "quiet", "queued": "quiet", "delivered": "quiet",

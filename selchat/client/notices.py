@@ -65,6 +65,7 @@ FORMATS: dict[str, str] = {
     "chat-gone":         "chat with {user} is over (the server has no chat for you)",  # UNDELIVERED not-in-chat
     # Before there is a session: scripted mode prints these on stderr.
     "login-failed":      "login failed: {text}",                        # ERR LOGIN, BYE auth-failed
+    "hint-register":     "no account yet? connect with --register to create one",  # after a first failed LOGIN
     "register-failed":   "registration failed: {text}",                 # ERR REGISTER
     "unreachable":       "cannot reach {text}: {detail}",               # connect() failed
     "retrying":          "retrying in {detail} s",
@@ -75,7 +76,8 @@ FORMATS: dict[str, str] = {
 #: Kinds that belong on stderr in scripted mode: there is no session yet, or
 #: (``connected``, only with several servers) they say only where the client
 #: connected, so stdout stays the same whatever ``--host`` lists.
-STDERR_KINDS = frozenset({"login-failed", "register-failed", "unreachable", "retrying", "connected"})
+STDERR_KINDS = frozenset({"login-failed", "hint-register", "register-failed", "unreachable", "retrying",
+                          "connected"})
 #: Kinds that echo what the user did: shown on a terminal and in --json, but not
 #: in plain scripted mode, whose output stays what scripts already expect.
 ECHO_KINDS = frozenset({"sent"})
@@ -131,6 +133,7 @@ JSON_FIELDS: dict[str, dict[str, tuple[str, type]]] = {
     "chat-gone": {"user": ("user", str)},
     "password-changed": {},
     "login-failed": {"text": ("text", str)},
+    "hint-register": {},
     "register-failed": {"text": ("text", str)},
     "unreachable": {"address": ("text", str), "error": ("detail", str)},
     "retrying": {"delay": ("detail", float)},
