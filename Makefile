@@ -22,6 +22,8 @@ $(STAMP): setup.py selchat/_version.py | $(BIN)/python
 venv: $(STAMP)
 
 run: $(STAMP)
+	@echo "in another terminal: $(BIN)/selchat connect --host $(HOST) --port $(PORT) --register --user NAME"
+	@echo "(--register the first time; Ctrl-C here stops the server)"
 	$(BIN)/selchat serve --host $(HOST) --port $(PORT) --db $(DB)
 
 # In file order (pytest-randomly off); `make test-random` shuffles the order
