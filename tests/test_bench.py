@@ -23,7 +23,7 @@ from click.testing import CliRunner
 import selchat
 from selchat.bench import BenchError, flows, matrix, relay, report, servers, sysinfo
 from selchat.bench.command import bench
-from selchat.bench.flows import ACK_DELAY_NS, MIN_SIZE, Fleet, Flow, V2ChatConn, V2LoginConn
+from selchat.bench.flows import ACK_DELAY_NS, MIN_SIZE, Fleet, Flow, V2ChatConn, V2LoginConn, filler
 from selchat.bench.stats import latency_summary, percentile
 from selchat.bench.vusers import Setup, VUser
 from selchat.protocol.events import ACK_DELAY, ACK_EVERY, ack_rest
@@ -231,6 +231,17 @@ def test_relay_one_direction_one_in_flight_no_baseline():
     assert_relay_correct(result["selchat"]["summary"])
     assert result["selchat"]["summary"]["runs"] == 2
     assert result["selchat"]["warmup"]["received"] > 0
+
+
+def test_utf8_text_is_relayed_whole_by_both_servers():
+    """--text utf8: messages of é's reach their receivers in order, through
+    selchat and the baseline alike (what the fast path for UTF-8 is measured with)."""
+    assert filler(9, "utf8") == "xéééé".encode() and filler(10, "utf8") == "xééééx".encode()
+    result = run_bench("--pairs", "2", "--window", "8", "--text", "utf8", "--duration", "0.5", "--repeat", "1",
+                       "--warmup", "0.2")
+    assert result["correct"] and "UTF-8 text" in result["label"]
+    for kind in ("selchat", "baseline"):
+        assert_relay_correct(result[kind]["summary"])
 
 
 def test_every_server_is_warmed_up_with_a_burst_before_it_is_measured(monkeypatch):

@@ -13,6 +13,10 @@ from selchat.protocol.state import State
 
 texts = st.one_of(
     st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=40),
+    # beyond ASCII: letters, CJK, emoji (the fast path too), and near the C1 controls (not it)
+    st.text(st.characters(min_codepoint=0xa0, max_codepoint=0x1f9ff, blacklist_categories=("Cs",)),
+            min_size=1, max_size=20),
+    st.text(st.characters(min_codepoint=0x78, max_codepoint=0xb0), min_size=1, max_size=8),
     st.text(min_size=0, max_size=20),  # anything, control characters included
     st.just("x" * 4100),  # over the cap
 )
@@ -147,3 +151,15 @@ def test_the_ack_fast_path_gives_what_the_frame_by_frame_path_gives(frames_, dat
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)]) if b > a]  # b"" would be EOF
     events, _ = fast(chunks, 1 << 30, low, high, State.CHECK)
     assert events == frame_by_frame(server_connection(State.CHECK), chunks)
+
+
+def test_utf8_messages_take_the_fast_path_and_c1_controls_or_bad_bytes_do_not():
+    conn = chat_connection()
+    conn.receive_data("MSG héllo 🎉\nMSG ünï\tcode\n".encode())
+    assert conn.next_messages(32) == ("MSG héllo 🎉\nMSG ünï\tcode".encode(), 2)
+    for bad in ("MSG a\u0085b\n".encode(), b"MSG \xed\xa0\x80\n", b"MSG \xc3\n", b"MSG \xff\n"):
+        conn = chat_connection()
+        conn.receive_data(bad)
+        assert conn.next_messages(32) is None, bad   # the frame-by-frame path refuses it, as ever
+        event = conn.next_event()
+        assert isinstance(event, ev.BadFrame) and event.reply.code == "bad-encoding", (bad, event)

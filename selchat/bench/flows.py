@@ -375,6 +375,15 @@ class RxConn(Conn):
         return self.flow.receive(data, monotonic_ns())
 
 
+def filler(size: int, text: str) -> bytes:
+    """``size`` bytes of message text: ASCII x's, or (``utf8``) an x (the
+    receiver's pattern ends with it) and then é's, two bytes each, as a chat
+    in most languages other than English has."""
+    if text == "utf8":
+        return b"x" + "é".encode() * ((size - 1) // 2) + b"x" * ((size - 1) % 2)
+    return b"x" * size
+
+
 class Flow:
     """One direction of one pair: what was sent, what arrived, in what order."""
 
@@ -382,12 +391,12 @@ class Flow:
                  "late", "gaps", "rxbuf", "lat", "sending", "delivered", "accepted", "reads", "acker",
                  "pace", "next_ns", "queued")
 
-    def __init__(self, fleet: Fleet, tx: Conn, prefix: bytes, size: int):
+    def __init__(self, fleet: Fleet, tx: Conn, prefix: bytes, size: int, text: str = "ascii"):
         if size < MIN_SIZE:
             raise ValueError(f"message size must be at least {MIN_SIZE} bytes")
         self.fleet, self.tx = fleet, tx
         self.head = prefix + b"%010d "                      # b"MSG %010d " or b"to bob %010d "
-        self.tail = b" " + b"x" * (size - HEADER) + b"\n"
+        self.tail = b" " + filler(size - HEADER, text) + b"\n"
         self.window = 1
         self.sent = 0          # messages handed to send() (seq of the last one)
         self.received = 0      # messages that arrived

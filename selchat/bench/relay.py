@@ -79,6 +79,7 @@ class RelayOptions:
     pairs: int = 100
     window: int = 32
     size: int = 64
+    text: str = "ascii"               # the messages' text: "ascii" or "utf8" (flows.filler)
     duration: float = 5.0
     both: bool = True
     repeat: int = 3
@@ -104,7 +105,8 @@ class RelayOptions:
         cluster = f", a cluster of {self.cluster} nodes beside one node" if self.cluster else ""
         against = f", beside the selchat of {self.against}" if self.against else ""
         rate = f", paced at {self.rate:,.0f} msgs/s" if self.rate else ""
-        return (f"{self.pairs} pairs, {self.window} in flight, {self.size} B, "
+        text = ", UTF-8 text" if self.text == "utf8" else ""
+        return (f"{self.pairs} pairs, {self.window} in flight, {self.size} B{text}, "
                 f"{'both directions' if self.both else 'one direction'}{rate}{protocol}{cluster}{against}")
 
     def pace_ns(self) -> int:
@@ -188,7 +190,7 @@ def run_relay(opts: RelayOptions, progress: Progress | None = None) -> dict:
                          **({"addresses": s.addresses, "nodes": placement[i::workers]} if kind == "cluster"
                             else {})}
                         for kind, s in servers.items()],
-            "password": PASSWORD, "size": opts.size, "both": opts.both,
+            "password": PASSWORD, "size": opts.size, "text": opts.text, "both": opts.both,
             "sources": sources,
             "cpus": gen_cpus, "nofile": per_worker * (sockets_per_pair + 2) + 256,
             "concurrency": concurrency,

@@ -132,7 +132,7 @@ def relay_worker(pipe, index, progress, spec) -> None:
                       sources=spec["sources"], concurrency=spec.get("concurrency", 128), version=version)
         setup.run(users, pair=True, timeout=spec.get("setup_timeout", 300))
         setup.release()
-        fleets[kind] = build_fleet(protocol, users, spec["size"], spec["both"], version)
+        fleets[kind] = build_fleet(protocol, users, spec["size"], spec["both"], version, spec.get("text", "ascii"))
         setup_seconds[kind] = time.monotonic() - started
     pipe.send(("ok", {"setup_seconds": setup_seconds}))
 
@@ -151,7 +151,8 @@ def relay_worker(pipe, index, progress, spec) -> None:
         fleet.close()
 
 
-def build_fleet(protocol: str, users: list[VUser], size: int, both: bool, version: int = 1) -> Fleet:
+def build_fleet(protocol: str, users: list[VUser], size: int, both: bool, version: int = 1,
+                text: str = "ascii") -> Fleet:
     """Turn ready pairs ``[a0, b0, a1, b1, ...]`` into flows over their sockets."""
     fleet = Fleet(protocol, version)
     for conn in (c for u in users for c in u.conns() if c.buf):
@@ -159,19 +160,19 @@ def build_fleet(protocol: str, users: list[VUser], size: int, both: bool, versio
     for a, b in zip(users[0::2], users[1::2]):
         directions = [(a, b), (b, a)] if both else [(a, b)]
         if protocol == "selchat" and version >= 2:
-            _selchat_v2_pair(fleet, (a, b), directions, size)
+            _selchat_v2_pair(fleet, (a, b), directions, size, text)
         elif protocol == "selchat":
-            _selchat_pair(fleet, (a, b), directions, size)
+            _selchat_pair(fleet, (a, b), directions, size, text)
         else:
-            _baseline_pair(fleet, (a, b), directions, size)
+            _baseline_pair(fleet, (a, b), directions, size, text)
     return fleet
 
 
-def _selchat_pair(fleet: Fleet, pair, directions, size: int) -> None:
+def _selchat_pair(fleet: Fleet, pair, directions, size: int, text: str) -> None:
     """Messages go out on the sender's chat socket and arrive on the receiver's
     login socket; the check sockets answer PINGs; everything else stays silent."""
     chat = {u: fleet.add(Conn(u.chat.sock, fleet, f"{u.name} chat")) for u in pair}
-    incoming = {receiver: Flow(fleet, chat[sender], b"MSG ", size) for sender, receiver in directions}
+    incoming = {receiver: Flow(fleet, chat[sender], b"MSG ", size, text) for sender, receiver in directions}
     fleet.flows += incoming.values()
     for u in pair:
         fleet.add(CheckConn(u.check.sock, fleet, f"{u.name} check"))
@@ -182,12 +183,12 @@ def _selchat_pair(fleet: Fleet, pair, directions, size: int) -> None:
             fleet.add(Conn(u.login.sock, fleet, label))
 
 
-def _selchat_v2_pair(fleet: Fleet, pair, directions, size: int) -> None:
+def _selchat_v2_pair(fleet: Fleet, pair, directions, size: int, text: str) -> None:
     """As ``_selchat_pair``, with protocol version 2: the chat sockets get
     RECEIVED, the login sockets count their frames and ACK them on the check
     socket, and a sender's login socket gets its DELIVERED receipts."""
     chat = {u: fleet.add(V2ChatConn(u.chat.sock, fleet, f"{u.name} chat", None)) for u in pair}
-    incoming = {receiver: Flow(fleet, chat[sender], b"MSG ", size) for sender, receiver in directions}
+    incoming = {receiver: Flow(fleet, chat[sender], b"MSG ", size, text) for sender, receiver in directions}
     outgoing = {sender: incoming[receiver] for sender, receiver in directions}
     fleet.flows += incoming.values()
     for u in pair:
@@ -199,11 +200,11 @@ def _selchat_v2_pair(fleet: Fleet, pair, directions, size: int) -> None:
             outgoing[u].acker = login
 
 
-def _baseline_pair(fleet: Fleet, pair, directions, size: int) -> None:
+def _baseline_pair(fleet: Fleet, pair, directions, size: int, text: str) -> None:
     """One socket per user sends its own flow and receives its partner's."""
     conns = {u: RxConn(u.login.sock, fleet, u.name, None) for u in pair}
     for sender, receiver in directions:
-        flow = Flow(fleet, conns[sender], b"to " + receiver.name.encode() + b" ", size)
+        flow = Flow(fleet, conns[sender], b"to " + receiver.name.encode() + b" ", size, text)
         conns[receiver].flow = flow
         fleet.flows.append(flow)
     for conn in conns.values():

@@ -139,8 +139,8 @@ class Connection:
         """The relay's fast path (server side, chat socket).
 
         If the next complete frames buffered (at most ``limit`` of them) are
-        all plain ``MSG <text>`` (upper-case verb, printable ASCII, within the
-        length cap), consume them and return ``(block, count)``: the frames
+        all plain ``MSG <text>`` (upper-case verb, text in UTF-8 without
+        control characters other than TAB, within the length cap), consume them and return ``(block, count)``: the frames
         joined by LF, without the last LF. Otherwise return None
         and leave everything to ``next_event()``, which handles the general
         case frame by frame; the same bytes are not scanned again.
@@ -168,7 +168,7 @@ class Connection:
             count = block.count(b"\nMSG ") + 1
         self._fast_from = end + 1  # win or lose, do not scan these bytes twice
         if (
-            not block.isascii()
+            not (block.isascii() or _utf8_without_c1(block))
             # Deleting every control character and every LF deletes exactly
             # one byte per "\nMSG " only if there is no control character and
             # every LF starts a MSG frame: both checks in one C pass.
@@ -304,6 +304,19 @@ _ACK_AT = re.compile(rb"ACK ([0-9]{1,20})\n").match
 # slow path). Deleting them with translate() and comparing lengths is a single
 # C pass, ten times faster than re.search.
 _CONTROLS = bytes([c for c in range(32) if c != 9] + [127])
+#: C1 control characters (U+0080-U+009F) in UTF-8: refused as codec._CONTROL refuses them.
+_C1 = re.compile(rb"\xc2[\x80-\x9f]")
+
+
+def _utf8_without_c1(block: bytes) -> bool:
+    """A non-ASCII block may take the fast path too: if it is valid UTF-8
+    (surrogates are not) with no C1 control character, exactly what
+    ``codec.decode_text`` accepts beyond ASCII. Two C-level passes."""
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return _C1.search(block) is None
 
 
 def _is_msg(line: bytes) -> bool:
