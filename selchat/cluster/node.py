@@ -773,8 +773,9 @@ class ClusterNode:
         except KeyError:
             log.warning("cluster: unknown message %r", head[:80])
             return
-        if kind in self._WAIT_FOR_ARRIVAL and key in self.arriving and self._local(key, epoch) is None:
-            self.arriving[key].append((handler, fields, payload))  # being moved here: handled once it is
+        arriving = self.arriving  # usually empty: one test per message on the hot path
+        if arriving and key in arriving and kind in self._WAIT_FOR_ARRIVAL and self._local(key, epoch) is None:
+            arriving[key].append((handler, fields, payload))  # being moved here: handled once it is
             return
         handler(self, key, epoch, fields, payload)
 
