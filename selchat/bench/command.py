@@ -27,7 +27,7 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
               help="Messages in flight per sender (sent, not yet received).")
 @click.option("--size", default=64, show_default=True, type=click.IntRange(MIN_SIZE, MAX_SIZE), metavar="BYTES",
               help="Message text size (sequence number and timestamp included).")
-@click.option("--text", type=click.Choice(["ascii", "utf8"]), default="ascii", show_default=True,
+@click.option("--text", "charset", type=click.Choice(["ascii", "utf8"]), default="ascii", show_default=True,
               help="The messages' text: ASCII, or UTF-8 beyond ASCII (é, two bytes each).")
 @click.option("--duration", default=5.0, show_default=True, type=click.FloatRange(0.1), metavar="SECONDS",
               help="Length of each timed window.")
@@ -92,7 +92,7 @@ MAX_SIZE = 4000  # a chat message is at most 4096 bytes with "MSG "; leave room
 @click.option("--save", type=click.Path(dir_okay=False, writable=True), metavar="PATH",
               help="Also write the result as JSON to PATH.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def bench(pairs, window, size, text, duration, direction, rate, repeat, warmup, protocol, baseline, baseline_script,
+def bench(pairs, window, size, charset, duration, direction, rate, repeat, warmup, protocol, baseline, baseline_script,
           baseline_port, baseline_pid, cluster_nodes, against, host, port, spawn,
           server_pid, ping_interval, pin, workers, idle_users, hold, storm_logins, storm_concurrency, storm_rate,
           matrix, as_json, save, quiet):
@@ -159,8 +159,9 @@ def bench(pairs, window, size, text, duration, direction, rate, repeat, warmup, 
         else:
             from selchat.bench.relay import RelayOptions, run_relay
 
-            opts = RelayOptions(pairs=pairs, window=window, size=size, text=text, duration=duration, both=direction == "both",
-                                repeat=repeat, warmup=warmup, baseline=baseline, workers=workers, pin=pin,
+            opts = RelayOptions(pairs=pairs, window=window, size=size, text=charset, duration=duration,
+                                both=direction == "both", repeat=repeat, warmup=warmup, baseline=baseline,
+                                workers=workers, pin=pin,
                                 host=host if port else None, port=port, server_pid=server_pid,
                                 baseline_script=baseline_script, baseline_port=baseline_port,
                                 baseline_pid=baseline_pid, ping_interval=ping_interval, protocol=protocol,

@@ -140,7 +140,8 @@ class Connection:
 
         If the next complete frames buffered (at most ``limit`` of them) are
         all plain ``MSG <text>`` (upper-case verb, text in UTF-8 without
-        control characters other than TAB, within the length cap), consume them and return ``(block, count)``: the frames
+        control characters other than TAB, within the length cap), consume
+        them and return ``(block, count)``: the frames
         joined by LF, without the last LF. Otherwise return None
         and leave everything to ``next_event()``, which handles the general
         case frame by frame; the same bytes are not scanned again.
