@@ -16,6 +16,7 @@ import pytest
 from selchat.store import passwords
 from selchat.store.accounts import (
     DEFAULT_DB_PATH,
+    SCHEMA_VERSION,
     USERNAME_MAX,
     AccountStore,
     InvalidPassword,
@@ -420,7 +421,7 @@ def test_wal_sync_busy_timeout_and_schema_version(store, db_path):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
-    assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     # WAL is a persistent property of the file: a plain connection sees it.
     raw = sqlite3.connect(db_path)
     try:
@@ -583,3 +584,164 @@ def test_store_is_bound_to_its_thread(store):
     t.join()
     assert len(errors) == 1
     assert isinstance(errors[0], sqlite3.ProgrammingError)
+
+
+# -- block lists: what only SQLite has (the rest: test_store_postgres.py, on both) ----
+
+
+def make_version_1_database(path: str) -> None:
+    """A file as selchat with schema version 1 made it, with the account Alice ("old pw")."""
+    raw = sqlite3.connect(path)
+    try:
+        raw.execute(
+            """CREATE TABLE users (
+                name    TEXT NOT NULL PRIMARY KEY COLLATE NOCASE,
+                pwhash  TEXT NOT NULL,
+                created TEXT NOT NULL
+            )"""
+        )
+        raw.execute(
+            "INSERT INTO users (name, pwhash, created) VALUES (?, ?, ?)",
+            ("Alice", hash_password("old pw", CHEAP_N), "2024-01-02T03:04:05+00:00"),
+        )
+        raw.execute("PRAGMA user_version = 1")
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def tables(path: str) -> set[str]:
+    raw = sqlite3.connect(path)
+    try:
+        return {n for (n,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        raw.close()
+
+
+def test_a_new_database_has_the_block_table_at_version_2(db_path):
+    with AccountStore(db_path, scrypt_n=CHEAP_N) as s:
+        assert s._conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert tables(db_path) == {"users", "blocks"}
+
+
+def test_a_version_1_database_is_upgraded(db_path):
+    make_version_1_database(db_path)
+    assert tables(db_path) == {"users"}
+    with AccountStore(db_path, scrypt_n=CHEAP_N) as s:
+        assert s._conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert s.verify("alice", "old pw") == "Alice"
+        assert s.list_users() == [("Alice", "2024-01-02T03:04:05+00:00")]
+        s.add_user("bob", "pw")
+        assert s.block("ALICE", "BOB") == "bob"
+        assert s.blocked_users("alice") == ["bob"] and s.is_blocked("alice", "Bob")
+    assert tables(db_path) == {"users", "blocks"}
+    with AccountStore(db_path, scrypt_n=CHEAP_N) as s:     # opened again: nothing to do
+        assert s.verify("Alice", "old pw") == "Alice"
+        assert s.blocked_users("alice") == ["bob"]
+        assert s.unblock("alice", "bob") == "bob"
+
+
+def test_an_upgrade_that_fails_leaves_version_1(db_path, monkeypatch):
+    import selchat.store.accounts as accounts
+
+    make_version_1_database(db_path)
+    monkeypatch.setattr(accounts, "_SCHEMA_BLOCKS", accounts._SCHEMA_BLOCKS + ("NOT SQL",))
+    with pytest.raises(StorageUnavailable):
+        AccountStore(db_path, scrypt_n=CHEAP_N)
+    assert tables(db_path) == {"users"}                  # all or nothing
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+    finally:
+        raw.close()
+    monkeypatch.undo()
+    with AccountStore(db_path, scrypt_n=CHEAP_N) as s:
+        assert s.verify("alice", "old pw") == "Alice" and s.block("alice", "alice") == "Alice"
+
+
+def test_a_version_1_file_opened_read_only_is_storage_unavailable(db_path):
+    make_version_1_database(db_path)
+    with pytest.raises(StorageUnavailable):
+        AccountStore(f"file:{db_path}?mode=ro", scrypt_n=CHEAP_N)
+
+
+def test_block_writes_fail_cleanly_on_a_read_only_connection(store):
+    store.add_user("alice", "pw")
+    store.add_user("bob", "pw")
+    store.block("alice", "bob")
+    store._conn.execute("PRAGMA query_only = ON")
+    for call in (lambda: store.block("alice", "alice"), lambda: store.unblock("alice", "bob"),
+                 lambda: store.delete_user("bob")):
+        with pytest.raises(StorageUnavailable) as info:
+            call()
+        assert isinstance(info.value.__cause__, sqlite3.Error)
+        assert not store._conn.in_transaction              # rolled back, not left open
+    assert store.blocked_users("alice") == ["bob"] and store.is_blocked("alice", "bob")
+    store._conn.execute("PRAGMA query_only = OFF")
+    assert store.unblock("alice", "bob") == "bob"
+
+
+def test_a_held_write_lock_makes_block_storage_unavailable(db_path, monkeypatch):
+    import selchat.store.accounts as accounts
+
+    with AccountStore(db_path, scrypt_n=CHEAP_N) as s:
+        s.add_user("alice", "pw")
+        s.add_user("bob", "pw")
+    monkeypatch.setattr(accounts, "BUSY_TIMEOUT_MS", 50)
+    store = AccountStore(db_path, scrypt_n=CHEAP_N)
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StorageUnavailable, match="locked"):
+            store.block("alice", "bob")
+        assert not store.is_blocked("alice", "bob")       # reads go on
+        holder.execute("ROLLBACK")
+        assert store.block("alice", "bob") == "bob"
+    finally:
+        holder.close()
+        store.close()
+
+
+def test_the_reactor_wrapper_runs_block_calls_on_a_worker(db_path):
+    import concurrent.futures
+    import threading
+
+    from selchat.server.accounts import Accounts
+
+    class Reactor:
+        """run_in_thread as the loop's: func on a worker, done(future) after."""
+
+        def __init__(self):
+            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+        def run_in_thread(self, func, *args, done):
+            self.pool.submit(func, *args).add_done_callback(done)
+
+    reactor = Reactor()
+    accounts = Accounts(reactor, db_path, scrypt_n=CHEAP_N)
+
+    def call(method, *args):
+        finished = threading.Event()
+        futures = []
+
+        def done(future):
+            futures.append(future)
+            finished.set()
+
+        method(*args, done)
+        assert finished.wait(10)
+        return futures[0].result()
+
+    try:
+        call(accounts.register, "Alice", "pw")
+        call(accounts.register, "bob", "pw")
+        assert call(accounts.block, "alice", "BOB") == "bob"
+        assert call(accounts.block, "alice", "nobody") is None
+        assert call(accounts.is_blocked, "ALICE", "bob") is True
+        assert call(accounts.blocked_users, "alice") == ["bob"]
+        assert call(accounts.unblock, "alice", "Bob") == "bob"
+        assert call(accounts.is_blocked, "alice", "bob") is False
+        assert call(accounts.blocked_users, "alice") == []
+    finally:
+        reactor.pool.shutdown(wait=True)
+        accounts.close()

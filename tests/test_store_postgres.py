@@ -14,18 +14,23 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 
 import pytest
 
 from selchat.store import describe_db, is_postgres_url, open_store
+from selchat.store import accounts as accounts_module
 from selchat.store.accounts import (
+    MAX_BLOCKS,
     AccountStore,
     InvalidPassword,
     InvalidUsername,
     StorageUnavailable,
+    TooManyBlocks,
     UserExists,
 )
+from selchat.store.passwords import hash_password
 from tests import pgserver
 from tests.pgserver import PgServer, free_port
 from tests.support import DEADLINE, REPO_ROOT, RawUser, ServerProcess, read_line_from, unique
@@ -280,7 +285,7 @@ def test_stores_that_open_at_once_create_the_schema_once(pg):
     import psycopg
 
     with psycopg.connect(url) as conn:
-        assert conn.execute("SELECT version FROM selchat_schema").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM selchat_schema").fetchall() == [(2,)]
 
 
 def test_a_newer_schema_is_refused(pg):
@@ -289,8 +294,8 @@ def test_a_newer_schema_is_refused(pg):
     url = pg.create_schema()
     open_store(url).close()
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("UPDATE selchat_schema SET version = 2")
-    with pytest.raises(StorageUnavailable, match="schema version 2; this selchat understands up to 1") as info:
+        conn.execute("UPDATE selchat_schema SET version = 3")
+    with pytest.raises(StorageUnavailable, match="schema version 3; this selchat understands up to 2") as info:
         open_store(url)
     assert pg.password not in str(info.value)
 
@@ -312,7 +317,9 @@ def test_a_stopped_server_is_storage_unavailable_then_the_next_call_works(pg, sh
     try:
         calls = [lambda: store.verify(name, "pw"), lambda: store.add_user(unique(), "pw"),
                  lambda: store.exists(name), lambda: store.canonical_name(name),
-                 store.list_users, lambda: store.delete_user(name)]
+                 store.list_users, lambda: store.delete_user(name),
+                 lambda: store.block(name, name), lambda: store.unblock(name, name),
+                 lambda: store.blocked_users(name), lambda: store.is_blocked(name, name)]
         for call in calls:
             with pytest.raises(StorageUnavailable) as info:
                 call()
@@ -465,3 +472,286 @@ def test_a_password_is_changed_only_with_the_one_it_has_now(any_store):
     assert store.set_password("alice", "reset") is True
     assert store.verify("Alice", "reset") == "Alice"
     assert store.set_password("nobody", "reset") is False and not store.exists("nobody")
+
+
+# -- block lists, on both stores -------------------------------------------------------
+
+
+def block_rows(store) -> list[tuple[str, str]]:
+    """Every block list entry as stored, ``(owner, blocked)``, sorted."""
+    if isinstance(store, AccountStore):
+        rows = store._conn.execute("SELECT owner, blocked FROM blocks").fetchall()
+    else:
+        import psycopg
+
+        with psycopg.connect(store.url) as conn:
+            rows = conn.execute("SELECT owner, blocked FROM selchat_blocks").fetchall()
+    return sorted((o, b) for o, b in rows)
+
+
+def reopen(store):
+    """Another store on the same database (as another worker thread has)."""
+    if isinstance(store, AccountStore):
+        return AccountStore(store.path, scrypt_n=CHEAP_N)
+    return open_store(store.url, scrypt_n=CHEAP_N)
+
+
+def add_users(store, *names: str) -> None:
+    for name in names:
+        store.add_user(name, "pw")
+
+
+def test_block_unblock_list_and_ask(any_store):
+    store = any_store
+    add_users(store, "Alice", "bob", "Carol", "dave")
+    assert store.blocked_users("alice") == [] and not store.is_blocked("alice", "bob")
+    assert store.block("alice", "BOB") == "bob"          # the canonical spelling
+    assert store.block("ALICE", "carol") == "Carol"
+    assert store.blocked_users("aLiCe") == ["bob", "Carol"]
+    assert store.is_blocked("alice", "bob") and store.is_blocked("ALICE", "CAROL")
+    assert not store.is_blocked("alice", "dave")
+    assert not store.is_blocked("bob", "alice")          # one way only
+    assert store.blocked_users("bob") == []
+    assert block_rows(store) == [("Alice", "Carol"), ("Alice", "bob")]   # both names canonical
+    assert store.unblock("alice", "BOB") == "bob"        # the stored spelling
+    assert store.unblock("alice", "bob") is None         # not blocked (any more)
+    assert store.unblock("alice", "dave") is None        # never blocked
+    assert not store.is_blocked("alice", "bob")
+    assert store.blocked_users("alice") == ["Carol"]
+    assert store.unblock("CAROL", "alice") is None       # the other way round is not an entry
+    assert store.unblock("aLiCe", "cArOl") == "Carol"
+    assert store.blocked_users("alice") == [] and block_rows(store) == []
+
+
+def test_blocking_again_changes_nothing(any_store):
+    store = any_store
+    add_users(store, "Alice", "Bob")
+    assert store.block("alice", "bob") == "Bob"
+    for owner, other in (("alice", "bob"), ("ALICE", "BOB"), ("Alice", "Bob")):
+        assert store.block(owner, other) == "Bob"
+    assert store.blocked_users("alice") == ["Bob"]
+    assert block_rows(store) == [("Alice", "Bob")]
+    assert store.unblock("alice", "bob") == "Bob"
+    assert store.unblock("alice", "bob") is None
+
+
+def test_blocked_users_are_sorted_as_list_users_is(any_store):
+    names = ["charlie", "Bob", "alice", "_under", "Dave", "-dash", "0zero", "Zed", "zebra"]
+    add_users(any_store, "owner", *names)
+    for name in names:
+        any_store.block("owner", name.upper())
+    assert any_store.blocked_users("OWNER") == sorted(names, key=lambda n: (n.lower(), n))
+
+
+def test_unknown_or_malformed_names_block_nothing(any_store):
+    store = any_store
+    add_users(store, "alice")
+    assert store.block("alice", "nobody") is None
+    assert store.block("nobody", "alice") is None        # no owner account: nothing to keep it on
+    for bad in ("", "bad name", "x" * 33, "caf\u00e9"):
+        assert store.block("alice", bad) is None
+        assert store.block(bad, "alice") is None
+        assert store.unblock("alice", bad) is None and store.unblock(bad, "alice") is None
+        assert store.is_blocked("alice", bad) is False and store.is_blocked(bad, "alice") is False
+        assert store.blocked_users(bad) == []
+    assert store.blocked_users("nobody") == [] and not store.is_blocked("nobody", "alice")
+    assert block_rows(store) == []
+
+
+def test_the_block_list_has_a_limit(any_store, monkeypatch):
+    assert MAX_BLOCKS == 1000
+    monkeypatch.setattr(accounts_module, "MAX_BLOCKS", 3)   # read at each call, by both stores
+    store = any_store
+    add_users(store, "Alice", "u1", "u2", "u3", "u4", "other")
+    for name in ("u1", "u2", "u3"):
+        assert store.block("alice", name) == name
+    with pytest.raises(TooManyBlocks) as info:
+        store.block("ALICE", "u4")
+    assert info.value.code == "too-many-blocks"
+    assert str(info.value) == "'Alice' has blocked 3 users already, the most allowed"
+    assert store.block("alice", "U2") == "u2"            # one already there is no new entry: no error
+    assert store.blocked_users("alice") == ["u1", "u2", "u3"] and not store.is_blocked("alice", "u4")
+    assert store.block("other", "u4") == "u4"            # the limit is per owner
+    assert store.unblock("alice", "u1") == "u1"
+    assert store.block("alice", "u4") == "u4"            # room again
+    assert store.blocked_users("alice") == ["u2", "u3", "u4"]
+    # The refusal left no transaction open: everything else still works.
+    assert store.add_user("later", "pw") == "later" and store.delete_user("later")
+
+
+def test_deleting_an_account_drops_its_blocks_both_ways(any_store):
+    store = any_store
+    add_users(store, "alice", "Bob", "carol")
+    store.block("alice", "bob")
+    store.block("alice", "carol")
+    store.block("bob", "alice")
+    store.block("bob", "carol")
+    store.block("carol", "bob")
+    assert store.delete_user("BOB") is True
+    assert store.blocked_users("alice") == ["carol"] and store.blocked_users("carol") == []
+    assert block_rows(store) == [("alice", "carol")]
+    # Someone else takes the name: no blocks of the old Bob's, and blocked by nobody.
+    assert store.add_user("bOb", "new") == "bOb"
+    assert store.blocked_users("bob") == []
+    assert not store.is_blocked("alice", "bob") and not store.is_blocked("carol", "BOB")
+    assert store.block("bob", "alice") == "alice"
+    assert block_rows(store) == [("alice", "carol"), ("bOb", "alice")]
+    assert store.delete_user("alice") is True
+    assert block_rows(store) == []
+    assert store.delete_user("alice") is False and store.delete_user("bad name") is False
+
+
+def test_blocks_are_shared_by_stores_on_one_database(any_store):
+    add_users(any_store, "alice", "bob")
+    with reopen(any_store) as other:
+        assert other.block("ALICE", "BOB") == "bob"
+        assert any_store.is_blocked("alice", "bob") and any_store.blocked_users("alice") == ["bob"]
+        assert any_store.unblock("alice", "bob") == "bob"
+        assert not other.is_blocked("alice", "bob")
+
+
+def test_the_limit_holds_when_blocks_race(any_store, monkeypatch):
+    monkeypatch.setattr(accounts_module, "MAX_BLOCKS", 3)
+    count = 6
+    add_users(any_store, "owner", *[f"u{i}" for i in range(count)])
+    barrier = threading.Barrier(count)
+    results: list = [None] * count
+
+    def block_one(i):
+        store = reopen(any_store)   # one store per thread, as the server has
+        try:
+            barrier.wait(DEADLINE)
+            results[i] = store.block("owner", f"u{i}")
+        except Exception as exc:   # noqa: BLE001 - reported below
+            results[i] = exc
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=block_one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE)
+    blocked = [r for r in results if isinstance(r, str)]
+    refused = [r for r in results if isinstance(r, TooManyBlocks)]
+    assert len(blocked) == 3 and len(refused) == count - 3, results
+    assert any_store.blocked_users("owner") == sorted(blocked)
+
+
+# -- block lists: what only PostgreSQL has ----------------------------------------------
+
+
+def test_two_accounts_blocking_each_other_at_once_do_not_deadlock(pg_store):
+    add_users(pg_store, "alice", "bob")
+    rounds = 25
+    barrier = threading.Barrier(2)
+    errors: list = []
+
+    def churn(owner, other):
+        store = reopen(pg_store)
+        try:
+            barrier.wait(DEADLINE)
+            for _ in range(rounds):
+                assert store.block(owner, other) == other
+                assert store.unblock(owner, other) == other
+        except Exception as exc:   # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=churn, args=pair) for pair in (("alice", "bob"), ("bob", "alice"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE)
+    assert errors == []
+    assert block_rows(pg_store) == []
+
+
+def test_a_version_1_database_is_upgraded(pg):
+    import psycopg
+
+    url = pg.create_schema()
+    # The tables as selchat with schema version 1 made them, with an account in them.
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("""CREATE TABLE selchat_users (
+            name    text        NOT NULL,
+            pwhash  text        NOT NULL,
+            created timestamptz NOT NULL DEFAULT now()
+        )""")
+        conn.execute("CREATE UNIQUE INDEX selchat_users_name ON selchat_users (lower(name))")
+        conn.execute("CREATE TABLE selchat_schema (version integer NOT NULL)")
+        conn.execute("INSERT INTO selchat_schema (version) VALUES (1)")
+        conn.execute("INSERT INTO selchat_users (name, pwhash) VALUES ('Alice', %s)",
+                     (hash_password("old pw", CHEAP_N),))
+    with open_store(url, scrypt_n=CHEAP_N) as store:
+        assert store.verify("alice", "old pw") == "Alice"
+        store.add_user("bob", "pw")
+        assert store.block("alice", "BOB") == "bob"
+        assert store.blocked_users("ALICE") == ["bob"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM selchat_schema").fetchall() == [(2,)]
+        with pytest.raises(psycopg.errors.UniqueViolation):   # one entry per pair, in any case
+            conn.execute("INSERT INTO selchat_blocks (owner, blocked) VALUES ('ALICE', 'Bob')")
+    with open_store(url, scrypt_n=CHEAP_N) as store:            # opened again: nothing to do
+        assert store.is_blocked("alice", "bob") and store.verify("Alice", "old pw") == "Alice"
+
+
+def test_a_block_waits_for_the_owners_block_in_flight(pg_store, monkeypatch):
+    # One block() is stopped after its count, before its insert; a second by the
+    # same owner must wait for it, then count its row too: the limit holds.
+    import psycopg
+
+    monkeypatch.setattr(accounts_module, "MAX_BLOCKS", 3)
+    add_users(pg_store, "owner", "u1", "u2", "u3", "u4")
+    pg_store.block("owner", "u1")
+    pg_store.block("owner", "u2")
+    first, second = reopen(pg_store), reopen(pg_store)
+    at_insert, go_on = threading.Event(), threading.Event()
+
+    class PausingConnection:
+        def __init__(self, conn):
+            self._conn = conn
+
+        def __getattr__(self, name):
+            return getattr(self._conn, name)
+
+        def execute(self, query, *args, **kwargs):
+            if query.startswith("INSERT INTO selchat_blocks"):
+                at_insert.set()
+                assert go_on.wait(DEADLINE)
+            return self._conn.execute(query, *args, **kwargs)
+
+    first._conn = PausingConnection(first._conn)
+    results: dict = {}
+
+    def run(key, store, other):
+        try:
+            results[key] = store.block("owner", other)
+        except Exception as exc:   # noqa: BLE001 - reported below
+            results[key] = exc
+
+    one = threading.Thread(target=run, args=("first", first, "u3"))
+    one.start()
+    assert at_insert.wait(DEADLINE)
+    pid = second._conn.info.backend_pid
+    two = threading.Thread(target=run, args=("second", second, "u4"))
+    two.start()
+    # Until the second waits on a lock (or, were there none, has finished).
+    with psycopg.connect(pg_store.url, autocommit=True) as watch:
+        deadline = time.monotonic() + DEADLINE
+        while two.is_alive() and time.monotonic() < deadline:
+            (waiting,) = watch.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
+                                       "WHERE pid = %s", (pid,)).fetchone()
+            if waiting:
+                break
+            time.sleep(0.01)   # polling interval; the condition ends the wait
+    go_on.set()
+    one.join(DEADLINE)
+    two.join(DEADLINE)
+    first._conn = first._conn._conn
+    first.close()
+    second.close()
+    assert results["first"] == "u3"
+    assert isinstance(results["second"], TooManyBlocks), results
+    assert pg_store.blocked_users("owner") == ["u1", "u2", "u3"]

@@ -53,6 +53,20 @@ class Accounts:
     def exists(self, name: str, done) -> None:
         self.reactor.run_in_thread(lambda: self._store().exists(name), done=done)
 
+    # Block lists: see LookupMethods.block and the rest for the results.
+
+    def block(self, owner: str, other: str, done) -> None:
+        self.reactor.run_in_thread(lambda: self._store().block(owner, other), done=done)
+
+    def unblock(self, owner: str, other: str, done) -> None:
+        self.reactor.run_in_thread(lambda: self._store().unblock(owner, other), done=done)
+
+    def blocked_users(self, owner: str, done) -> None:
+        self.reactor.run_in_thread(lambda: self._store().blocked_users(owner), done=done)
+
+    def is_blocked(self, owner: str, other: str, done) -> None:
+        self.reactor.run_in_thread(lambda: self._store().is_blocked(owner, other), done=done)
+
     def close(self) -> None:
         with self._lock:
             for store in self._stores:

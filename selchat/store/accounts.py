@@ -4,6 +4,10 @@ Usernames are 1-32 characters of ``[A-Za-z0-9_-]``.  They are stored as
 given (the *canonical* spelling) and are unique regardless of case; every
 lookup is case-insensitive and reports the canonical spelling.
 
+Each account also has a block list: the accounts it has blocked (at most
+``MAX_BLOCKS``), kept by canonical spelling and dropped, in both
+directions, when an account is deleted.
+
 The database runs in WAL mode with ``synchronous=FULL``, so once
 :meth:`AccountStore.add_user` returns, the registration is on disk and
 survives a crash of the process (and, as far as the OS and disk honour
@@ -27,12 +31,14 @@ from selchat.store.passwords import (
 __all__ = [
     "DEFAULT_DB_PATH",
     "USERNAME_MAX",
+    "MAX_BLOCKS",
     "SCHEMA_VERSION",
     "BUSY_TIMEOUT_MS",
     "StoreError",
     "InvalidUsername",
     "InvalidPassword",
     "UserExists",
+    "TooManyBlocks",
     "StorageUnavailable",
     "check_username",
     "check_password",
@@ -44,7 +50,10 @@ __all__ = [
 DEFAULT_DB_PATH = "selchat.db"
 
 USERNAME_MAX = 32
-SCHEMA_VERSION = 1
+#: The most accounts one account may have on its block list.
+MAX_BLOCKS = 1000
+#: 1: users. 2: blocks.
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 
 _USERNAME_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -77,6 +86,16 @@ class InvalidPassword(StoreError):
 
 class UserExists(StoreError):
     code = "taken"
+
+
+class TooManyBlocks(StoreError):
+    """The account has ``MAX_BLOCKS`` entries on its block list already."""
+
+    code = "too-many-blocks"
+
+    @classmethod
+    def of(cls, owner: str, limit: int) -> TooManyBlocks:
+        return cls(f"{owner!r} has blocked {limit} users already, the most allowed")
 
 
 class StorageUnavailable(StoreError):
@@ -134,6 +153,7 @@ def _storage_error(action: str, exc: sqlite3.Error) -> StorageUnavailable:
     return err
 
 
+# Version 1: the accounts.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     name    TEXT NOT NULL PRIMARY KEY COLLATE NOCASE,
@@ -142,13 +162,29 @@ CREATE TABLE IF NOT EXISTS users (
 )
 """
 
+# Version 2: block lists. ``owner`` has blocked ``blocked``; both canonical.
+_SCHEMA_BLOCKS = (
+    """CREATE TABLE IF NOT EXISTS blocks (
+    owner   TEXT NOT NULL COLLATE NOCASE,
+    blocked TEXT NOT NULL COLLATE NOCASE,
+    created TEXT NOT NULL,
+    PRIMARY KEY (owner, blocked)
+)""",
+    # delete_user finds the rows that name an account as the one blocked.
+    "CREATE INDEX IF NOT EXISTS blocks_blocked ON blocks (blocked)",
+)
+
 
 class LookupMethods:
     """What every account store does with its own ``_lookup(name) ->
     (canonical name, encoded hash) | None``, ``_replace_hash(name, encoded)
     -> bool`` and ``scrypt_n``: check a password, set or change one, say
     whether a name exists and how it is spelled (the SQLite store here,
-    ``postgres.PostgresAccountStore``)."""
+    ``postgres.PostgresAccountStore``).
+
+    The block list likewise: the names are checked here, the SQL is each
+    store's ``_add_block``, ``_remove_block``, ``_blocks_of`` and
+    ``_has_block``, called only with well-formed names."""
 
     scrypt_n: int
 
@@ -222,6 +258,65 @@ class LookupMethods:
         row = self._lookup(name)
         return row[0] if row else None
 
+    # -- block lists -----------------------------------------------------------
+
+    def block(self, owner: str, other: str) -> str | None:
+        """Put *other* on *owner*'s block list; return *other*'s canonical name.
+
+        None if either account does not exist (or a name is malformed).
+        Blocking again is no error and adds nothing. Raises
+        :class:`TooManyBlocks` if *owner* has ``MAX_BLOCKS`` entries already
+        (and *other* is not one of them), :class:`StorageUnavailable` on a
+        database failure. Whether *owner* may block itself is the caller's
+        business.
+        """
+        try:
+            check_username(owner)
+            check_username(other)
+        except InvalidUsername:
+            return None
+        # Read now, not at import: the limit is the module's at the time of the call.
+        return self._add_block(owner, other, MAX_BLOCKS)
+
+    def unblock(self, owner: str, other: str) -> str | None:
+        """Take *other* (any case) off *owner*'s block list; return the
+        canonical name removed, or None if it was not there."""
+        try:
+            check_username(owner)
+            check_username(other)
+        except InvalidUsername:
+            return None
+        return self._remove_block(owner, other)
+
+    def blocked_users(self, owner: str) -> list[str]:
+        """The canonical names *owner* has blocked, sorted case-insensitively."""
+        try:
+            check_username(owner)
+        except InvalidUsername:
+            return []
+        return self._blocks_of(owner)
+
+    def is_blocked(self, owner: str, other: str) -> bool:
+        """True if *owner* has blocked *other* (both in any case)."""
+        try:
+            check_username(owner)
+            check_username(other)
+        except InvalidUsername:
+            return False
+        return self._has_block(owner, other)
+
+    def _add_block(self, owner: str, other: str, limit: int) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _remove_block(self, owner: str, other: str) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _blocks_of(self, owner: str) -> list[str]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _has_block(self, owner: str, other: str) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
 
 class AccountStore(LookupMethods):
     """Accounts in a SQLite database at *path*.
@@ -286,23 +381,34 @@ class AccountStore(LookupMethods):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
+        self._check_not_newer(version)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the write lock: another store may have won the race.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            self._check_not_newer(version)
+            # Each step takes the schema one version on, all in this transaction:
+            # a new file goes straight to SCHEMA_VERSION, an old one is upgraded.
+            if version == 0:
+                conn.execute(_SCHEMA)
+                version = 1
+            if version == 1:
+                for statement in _SCHEMA_BLOCKS:
+                    conn.execute(statement)
+                version = 2
+            # Future migrations: `if version == 2: ...; version = 3` here.
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _check_not_newer(self, version: int) -> None:
         if version > SCHEMA_VERSION:
             raise StorageUnavailable(
                 f"database {self.path!r} has schema version {version}; "
                 f"this selchat understands up to {SCHEMA_VERSION}"
             )
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Re-read under the write lock: another store may have won the race.
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                conn.execute(_SCHEMA)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            # Future migrations: `if version == 1: ...; version = 2` here.
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -361,19 +467,105 @@ class AccountStore(LookupMethods):
             raise _storage_error("write", exc) from exc
         return cur.rowcount > 0
 
-    def delete_user(self, name: str) -> bool:
-        """Delete *name* (any case); True if it existed."""
+    def _write(self, work):
+        """``work(conn)`` in one write transaction (``BEGIN IMMEDIATE``: the
+        write lock from the start, so what it reads cannot change before it
+        writes). Committed if it returns, rolled back if it raises."""
+        db = self._db
         try:
-            check_username(name)
-        except InvalidUsername:
-            return False
-        try:
-            cur = self._db.execute("DELETE FROM users WHERE name = ?", (name,))
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # the first error is the one to report
+                raise
         except sqlite3.ProgrammingError:
             raise  # misuse (wrong thread...), not a storage failure
         except sqlite3.Error as exc:
             raise _storage_error("write", exc) from exc
-        return cur.rowcount > 0
+        return result
+
+    def delete_user(self, name: str) -> bool:
+        """Delete *name* (any case), and every block list entry naming it
+        either way; True if it existed."""
+        try:
+            check_username(name)
+        except InvalidUsername:
+            return False
+
+        def delete(db: sqlite3.Connection) -> bool:
+            cur = db.execute("DELETE FROM users WHERE name = ?", (name,))
+            # Whoever registers the name next starts with no blocks, and blocked by nobody.
+            db.execute("DELETE FROM blocks WHERE owner = ? OR blocked = ?", (name, name))
+            return cur.rowcount > 0
+
+        return self._write(delete)
+
+    # -- block lists -----------------------------------------------------------
+
+    def _add_block(self, owner: str, other: str, limit: int) -> str | None:
+        def add(db: sqlite3.Connection) -> str | None:
+            found = []
+            for name in (owner, other):
+                row = db.execute("SELECT name FROM users WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    return None
+                found.append(row[0])
+            owner_name, other_name = found
+            if db.execute(
+                "SELECT 1 FROM blocks WHERE owner = ? AND blocked = ?", (owner_name, other_name)
+            ).fetchone():
+                return other_name
+            (count,) = db.execute("SELECT count(*) FROM blocks WHERE owner = ?", (owner_name,)).fetchone()
+            if count >= limit:
+                raise TooManyBlocks.of(owner_name, limit)
+            db.execute(
+                "INSERT INTO blocks (owner, blocked, created) VALUES (?, ?, ?)",
+                (owner_name, other_name, _now_iso()),
+            )
+            return other_name
+
+        return self._write(add)
+
+    def _remove_block(self, owner: str, other: str) -> str | None:
+        def remove(db: sqlite3.Connection) -> str | None:
+            row = db.execute(
+                "SELECT blocked FROM blocks WHERE owner = ? AND blocked = ?", (owner, other)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM blocks WHERE owner = ? AND blocked = ?", (owner, other))
+            return row[0]
+
+        return self._write(remove)
+
+    def _blocks_of(self, owner: str) -> list[str]:
+        try:
+            rows = self._db.execute(
+                "SELECT blocked FROM blocks WHERE owner = ? ORDER BY blocked COLLATE NOCASE, blocked",
+                (owner,),
+            ).fetchall()
+        except sqlite3.ProgrammingError:
+            raise  # misuse (wrong thread...), not a storage failure
+        except sqlite3.Error as exc:
+            raise _storage_error("read", exc) from exc
+        return [n for (n,) in rows]
+
+    def _has_block(self, owner: str, other: str) -> bool:
+        try:
+            row = self._db.execute(
+                "SELECT 1 FROM blocks WHERE owner = ? AND blocked = ?", (owner, other)
+            ).fetchone()
+        except sqlite3.ProgrammingError:
+            raise  # misuse (wrong thread...), not a storage failure
+        except sqlite3.Error as exc:
+            raise _storage_error("read", exc) from exc
+        return row is not None
 
     def list_users(self) -> list[tuple[str, str]]:
         """All accounts as ``(canonical name, created ISO-8601 UTC)``, sorted case-insensitively."""

@@ -6,7 +6,8 @@ rules are those of the SQLite store: names are 1-32 characters of
 ``[A-Za-z0-9_-]``, kept as first registered and unique regardless of case
 (a unique index on ``lower(name)``); passwords are scrypt hashes made by
 :mod:`selchat.store.passwords`, always computed in the calling thread and
-never inside a transaction.
+never inside a transaction. Block lists are rows of ``selchat_blocks``
+(owner, blocked), unique regardless of case, as in SQLite's ``blocks``.
 
 The driver is psycopg 3 (``pip install 'selchat[postgres]'``), imported only
 when a store is opened, so a server without it runs on SQLite as before.
@@ -30,6 +31,7 @@ from selchat.store.accounts import (
     LookupMethods,
     StorageUnavailable,
     StoreError,
+    TooManyBlocks,
     UserExists,
     check_password,
     check_username,
@@ -48,14 +50,16 @@ __all__ = [
     "PostgresAccountStore",
 ]
 
-SCHEMA_VERSION = 1
+#: 1: selchat_users. 2: selchat_blocks.
+SCHEMA_VERSION = 2
 #: Seconds to wait for a connection, unless the URL sets ``connect_timeout``.
 CONNECT_TIMEOUT = 5
 INSTALL_HINT = "pip install 'selchat[postgres]'"
 
 # Any constant will do: it only has to be the same in every selchat process,
-# so two that start at once do not both create the tables.
+# so two that start at once do not both create (or upgrade) the tables.
 _SCHEMA_LOCK = 0x5E1C4A7
+# Version 1: the accounts.
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS selchat_users (
         name    text        NOT NULL,
@@ -64,6 +68,17 @@ _SCHEMA = (
     )""",
     "CREATE UNIQUE INDEX IF NOT EXISTS selchat_users_name ON selchat_users (lower(name))",
     "CREATE TABLE IF NOT EXISTS selchat_schema (version integer NOT NULL)",
+)
+# Version 2: block lists. ``owner`` has blocked ``blocked``; both canonical.
+_SCHEMA_BLOCKS = (
+    """CREATE TABLE IF NOT EXISTS selchat_blocks (
+        owner   text        NOT NULL,
+        blocked text        NOT NULL,
+        created timestamptz NOT NULL DEFAULT now()
+    )""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS selchat_blocks_pair ON selchat_blocks (lower(owner), lower(blocked))",
+    # delete_user finds the rows that name an account as the one blocked.
+    "CREATE INDEX IF NOT EXISTS selchat_blocks_blocked ON selchat_blocks (lower(blocked))",
 )
 
 
@@ -140,8 +155,9 @@ class PostgresAccountStore(LookupMethods):
     :class:`StorageUnavailable`, including on open. No message shows the
     password from the URL.
 
-    Opening connects and creates the tables if they are missing (under an
-    advisory lock, so processes that start together do not collide).
+    Opening connects and creates the tables if they are missing, or brings
+    those of an older selchat up to ``SCHEMA_VERSION`` (under an advisory
+    lock, so processes that start together do not collide).
 
     Threading: psycopg connections may be shared, but a store does one thing
     at a time; the server opens one store per worker thread, as with SQLite.
@@ -197,22 +213,30 @@ class PostgresAccountStore(LookupMethods):
 
     def _setup(self, conn) -> None:
         version = self._schema_version(conn)
-        if version is None:
-            # Serialise with any other selchat creating the tables now, then
-            # look again: it may have finished first. A session lock, taken
-            # in its own transaction, so that the look after it is a new
-            # transaction (one begun before the wait could miss the tables
-            # the other made: its catalog lookups may be cached).
+        if version is None or version < SCHEMA_VERSION:
+            # Serialise with any other selchat creating or upgrading the
+            # tables now, then look again: it may have finished first. A
+            # session lock, taken in its own transaction, so that the look
+            # after it is a new transaction (one begun before the wait could
+            # miss the tables the other made: its catalog lookups may be cached).
             conn.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
             try:
                 version = self._schema_version(conn)
-                if version is None:
+                if version is None or version < SCHEMA_VERSION:
+                    # Each step takes the schema one version on, all in one
+                    # transaction: new tables go straight to SCHEMA_VERSION.
                     with conn.transaction():
-                        for statement in _SCHEMA:
-                            conn.execute(statement)
-                        conn.execute("INSERT INTO selchat_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
-                    version = SCHEMA_VERSION
-                # Future migrations: `if version == 1: ...; version = 2` here.
+                        if version is None:
+                            for statement in _SCHEMA:
+                                conn.execute(statement)
+                            conn.execute("INSERT INTO selchat_schema (version) VALUES (1)")
+                            version = 1
+                        if version == 1:
+                            for statement in _SCHEMA_BLOCKS:
+                                conn.execute(statement)
+                            version = 2
+                        # Future migrations: `if version == 2: ...; version = 3` here.
+                        conn.execute("UPDATE selchat_schema SET version = %s", (version,))
             finally:
                 try:
                     conn.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
@@ -329,18 +353,94 @@ class PostgresAccountStore(LookupMethods):
         return self._run("write", update) > 0
 
     def delete_user(self, name: str) -> bool:
-        """Delete *name* (any case); True if it existed."""
+        """Delete *name* (any case), and every block list entry naming it
+        either way; True if it existed."""
         try:
             check_username(name)
         except StoreError:
             return False
 
         def delete(conn):
-            return conn.execute(
-                "DELETE FROM selchat_users WHERE lower(name) = lower(%s)", (name,)
-            ).rowcount
+            with conn.transaction():
+                # The account first: its row lock waits for a block() that
+                # holds it, whose new row the next statement then sees.
+                deleted = conn.execute(
+                    "DELETE FROM selchat_users WHERE lower(name) = lower(%s)", (name,)
+                ).rowcount
+                # Whoever registers the name next starts with no blocks, and blocked by nobody.
+                conn.execute(
+                    "DELETE FROM selchat_blocks WHERE lower(owner) = lower(%s) OR lower(blocked) = lower(%s)",
+                    (name, name),
+                )
+            return deleted
 
         return self._run("write", delete) > 0
+
+    # -- block lists -----------------------------------------------------------
+
+    def _add_block(self, owner: str, other: str, limit: int) -> str | None:
+        def add(conn):
+            with conn.transaction():
+                # Both accounts' rows locked, in one order (so two people
+                # blocking each other at once do not deadlock): no second
+                # block() by the owner can pass the count below at the same
+                # time, and neither account can be deleted until this commits.
+                rows = conn.execute(
+                    "SELECT name FROM selchat_users WHERE lower(name) IN (lower(%s), lower(%s)) "
+                    'ORDER BY lower(name) COLLATE "C" FOR UPDATE',
+                    (owner, other),
+                ).fetchall()
+                found = {row[0].lower(): row[0] for row in rows}
+                owner_name, other_name = found.get(owner.lower()), found.get(other.lower())
+                if owner_name is None or other_name is None:
+                    return None
+                if conn.execute(
+                    "SELECT 1 FROM selchat_blocks WHERE lower(owner) = lower(%s) AND lower(blocked) = lower(%s)",
+                    (owner_name, other_name),
+                ).fetchone():
+                    return other_name
+                (count,) = conn.execute(
+                    "SELECT count(*) FROM selchat_blocks WHERE lower(owner) = lower(%s)", (owner_name,)
+                ).fetchone()
+                if count >= limit:
+                    raise TooManyBlocks.of(owner_name, limit)
+                conn.execute(
+                    "INSERT INTO selchat_blocks (owner, blocked) VALUES (%s, %s)", (owner_name, other_name)
+                )
+            return other_name
+
+        return self._run("write", add)
+
+    def _remove_block(self, owner: str, other: str) -> str | None:
+        def remove(conn):
+            return conn.execute(
+                "DELETE FROM selchat_blocks WHERE lower(owner) = lower(%s) AND lower(blocked) = lower(%s) "
+                "RETURNING blocked",
+                (owner, other),
+            ).fetchone()
+
+        row = self._run("write", remove)
+        return None if row is None else row[0]
+
+    def _blocks_of(self, owner: str) -> list[str]:
+        def query(conn):
+            # The order of list_users (and of SQLite), whatever the locale.
+            return conn.execute(
+                "SELECT blocked FROM selchat_blocks WHERE lower(owner) = lower(%s) "
+                'ORDER BY lower(blocked) COLLATE "C", blocked COLLATE "C"',
+                (owner,),
+            ).fetchall()
+
+        return [row[0] for row in self._run("read", query, retry=True)]
+
+    def _has_block(self, owner: str, other: str) -> bool:
+        def query(conn):
+            return conn.execute(
+                "SELECT 1 FROM selchat_blocks WHERE lower(owner) = lower(%s) AND lower(blocked) = lower(%s)",
+                (owner, other),
+            ).fetchone()
+
+        return self._run("read", query, retry=True) is not None
 
     def list_users(self) -> list[tuple[str, str]]:
         """All accounts as ``(canonical name, created ISO-8601 UTC)``, sorted case-insensitively."""
