@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +13,7 @@ from selchat.client.core import (
     Roster, Send, check_password, check_username,
 )
 from selchat.client.notices import ECHO_KINDS, FORMATS, JSON_FIELDS, STDERR_KINDS, Notice
+from selchat.client.ui import json_event
 from selchat.protocol.codec import MAX_FRAME
 
 
@@ -171,6 +174,9 @@ def test_lines_typed_before_ready_are_refused_locally():
     ("/decline", "DECLINE"),
     ("/quit", "QUIT"),
     ("/exit", "EXIT"),
+    ("/block bob", "BLOCK bob"),
+    ("/UNBLOCK Bob", "UNBLOCK Bob"),
+    ("/blocks", "BLOCKS"),
 ])
 def test_commands_become_frames_on_the_chat_socket(line, frame):
     assert sent(online().typed(line), CHAT) == [frame]
@@ -188,6 +194,12 @@ def test_commands_become_frames_on_the_chat_socket(line, frame):
     ("/whoo", "error: unknown command /whoo; did you mean /who?"),
     ("/help me please", "error: usage: /help [COMMAND]"),
     ("/help frob", "error: unknown command /frob; /help lists the commands"),
+    ("/block", "error: usage: /block NAME"),
+    ("/block bob carol", "error: usage: /block NAME"),
+    ("/unblock", "error: usage: /unblock NAME"),
+    ("/blocks bob", "error: usage: /blocks"),
+    ("/block b@d", "error: not a valid user name: 'b@d' (1-32 letters, digits, _ or -)"),
+    ("/unblock b@d", "error: not a valid user name: 'b@d' (1-32 letters, digits, _ or -)"),
 ])
 def test_bad_commands_are_refused_locally(line, error):
     effects = online().typed(line)
@@ -858,6 +870,195 @@ def test_with_reconnect_any_bytes_end_in_closed_or_reconnecting(role, data):
     assert [type(e) for e in effects].count(Reconnect) + [type(e) for e in effects].count(Close) == 1
 
 
+# --- the block list ---------------------------------------------------------------------------
+
+BLOCKED_BOB = "you blocked bob: their chat requests are declined for you"
+
+
+def test_block_and_unblock_are_sent_and_their_answers_shown():
+    s = online()
+    assert sent(s.typed("/block BOB"), CHAT) == ["BLOCK BOB"]
+    effects = s.receive(CHAT, frames("OK BLOCK Bob"))   # the registered spelling
+    assert shown(effects) == ["you blocked Bob: their chat requests are declined for you"]
+    assert kinds(effects) == ["blocked"] and s.blocked == ("Bob",) and s.phase is Phase.IDLE
+    assert sent(s.typed("/unblock bob"), CHAT) == ["UNBLOCK bob"]
+    assert shown(s.receive(CHAT, frames("OK UNBLOCK Bob"))) == ["you unblocked Bob"]
+    assert s.blocked == ()
+
+
+def test_blocks_lists_the_blocked_users_in_one_line_and_leaves_the_roster_alone():
+    s = online()
+    s.receive(LOGIN, frames("REQUEST dave"))   # a name offered for completion
+    s.typed("/decline")
+    assert sent(s.typed("/blocks"), CHAT) == ["BLOCKS"]
+    assert s.receive(CHAT, frames("OK DECLINE dave", "USER bob blocked", "USER carol blocked")) \
+        == [Notice("you-declined", user="dave")]
+    effects = s.receive(CHAT, frames("OK BLOCKS 2"))
+    assert shown(effects) == ["blocked: bob, carol"]
+    assert not any(isinstance(e, Roster) for e in effects) and s.known_users == ("dave",)
+    assert s.blocked == ("bob", "carol")
+    s.typed("/blocks")
+    assert shown(s.receive(CHAT, frames("OK BLOCKS 0"))) == ["blocked: nobody"] and s.blocked == ()
+
+
+@pytest.mark.parametrize("blocks_first", [False, True])
+@pytest.mark.parametrize("one_read", [False, True])
+def test_blocks_and_a_background_who_take_each_their_own_user_lines(blocks_first, one_read):
+    """The USER lines before an OK belong to it, whichever OK it is: the
+    roster gets no blocked name, the block list no online one."""
+    s = online()
+    who = ["USER alice idle", "USER dave busy", "OK WHO 2"]
+    blocks = ["USER bob blocked", "USER carol blocked", "OK BLOCKS 2"]
+    if blocks_first:
+        s.typed("/blocks")
+        assert sent(s.refresh_names(), CHAT) == ["WHO"]
+        replies = blocks + who
+    else:
+        assert sent(s.refresh_names(), CHAT) == ["WHO"]
+        s.typed("/blocks")
+        replies = who + blocks
+    if one_read:
+        effects = s.receive(CHAT, frames(*replies))
+    else:
+        effects = [e for line in replies for e in s.receive(CHAT, frames(line))]
+    assert shown(effects) == ["blocked: bob, carol"]
+    assert [e for e in effects if isinstance(e, Roster)] == [Roster(("alice", "dave"))]
+    assert s.known_users == ("alice", "dave") and s.blocked == ("bob", "carol") and not s.refreshing
+    [notice] = [e for e in effects if isinstance(e, Notice)]
+    assert notice.users == (("bob", "blocked"), ("carol", "blocked"))
+
+
+def test_a_users_who_after_blocks_is_shown_without_the_blocked():
+    s = online()
+    s.typed("/blocks")
+    s.typed("/who")
+    effects = s.receive(CHAT, frames("USER bob blocked", "OK BLOCKS 1", "USER alice idle", "OK WHO 1"))
+    assert shown(effects) == ["blocked: bob", "online: alice (idle)"]
+
+
+def test_a_refused_blocks_forgets_its_user_lines():
+    s = online()
+    s.typed("/blocks")
+    s.receive(CHAT, frames("USER bob blocked", "ERR BLOCKS storage the database is not answering"))
+    s.refresh_names()
+    assert s.receive(CHAT, frames("USER alice idle", "OK WHO 1")) == [Roster(("alice",))]
+
+
+@pytest.mark.parametrize("verb, line", [("BLOCK", "/block bob"), ("UNBLOCK", "/unblock bob"), ("BLOCKS", "/blocks")])
+def test_a_server_without_a_block_list_says_so(verb, line):
+    s = online()
+    s.typed(line)
+    effects = s.receive(CHAT, frames(f"ERR {verb} unknown-command unknown command {verb}; send HELP for the list"))
+    assert shown(effects) == ["error: this server has no block list (it is older than selchat 0.6.0)"]
+    assert s.phase is Phase.IDLE
+
+
+@pytest.mark.parametrize("typed, frame, line", [
+    ("/block bob", "ERR BLOCK unknown-user no such user: bob", "error: no such user: bob"),
+    ("/block alice", "ERR BLOCK self you cannot block yourself", "error: you cannot block yourself"),
+    ("/block bob", "ERR BLOCK too-many you have blocked 1000 users already",
+     "error: you have blocked 1000 users already"),
+    ("/unblock bob", "ERR UNBLOCK not-blocked bob is not blocked", "error: bob is not blocked"),
+    ("/blocks", "ERR BLOCKS storage the database is not answering", "error: the database is not answering"),
+])
+def test_block_refusals_are_errors(typed, frame, line):
+    s = online()
+    s.typed(typed)
+    assert shown(s.receive(CHAT, frames(frame))) == [line] and s.blocked == ()
+
+
+@pytest.mark.parametrize("ended_first", [True, False])
+def test_blocking_the_partner_ends_the_chat_once_and_not_as_an_error(ended_first):
+    s = chatting()
+    assert sent(s.typed("/block bob"), CHAT) == ["BLOCK bob"]
+    replies = [(LOGIN, "ENDED bob quit you ended the chat"), (CHAT, "OK BLOCK bob")]
+    if not ended_first:
+        replies.reverse()   # two sockets: read in either order
+    effects = [e for role, line in replies for e in s.receive(role, frames(line))]
+    ended = "chat with bob ended (quit): you ended the chat"
+    assert shown(effects) == ([ended, BLOCKED_BOB] if ended_first else [BLOCKED_BOB, ended])
+    assert s.phase is Phase.IDLE and s.partner is None
+    assert shown(s.typed("hello")) == [FORMATS["hint-idle"]]   # not sent to bob
+
+
+@pytest.mark.parametrize("ended_first", [True, False])
+def test_block_then_quit_before_the_end_arrives(ended_first):
+    """/quit typed after /block, before its ENDED: the server ended the chat
+    for the BLOCK and refuses the QUIT. The end is shown once; the refusal
+    only when it was read before the ENDED (as when the partner quits first)."""
+    s = chatting()
+    s.typed("/block bob")
+    assert sent(s.typed("/quit"), CHAT) == ["QUIT"]
+    login = [(LOGIN, "ENDED bob quit you ended the chat")]
+    chat = [(CHAT, "OK BLOCK bob"), (CHAT, "ERR QUIT not-in-chat you are not in a chat")]
+    effects = [e for role, line in (login + chat if ended_first else chat + login)
+               for e in s.receive(role, frames(line))]
+    lines = shown(effects)
+    assert lines.count("chat with bob ended (quit): you ended the chat") == 1 and BLOCKED_BOB in lines
+    assert ("error: you are not in a chat" in lines) is (not ended_first)
+    assert s.phase is Phase.IDLE and s.partner is None
+
+
+def test_blocking_with_a_request_pending_drops_it():
+    """The server drops a request between us with no event for us: OK BLOCK says it."""
+    s = online()
+    s.typed("/chat bob")
+    s.receive(CHAT, frames("OK CHAT bob"))
+    s.typed("/block bob")
+    assert shown(s.receive(CHAT, frames("OK BLOCK bob"))) == ["you withdrew your chat request to bob", BLOCKED_BOB]
+    assert s.phase is Phase.IDLE and s.partner is None
+    t = online()
+    t.receive(LOGIN, frames("REQUEST bob"))
+    t.typed("/block bob")
+    assert shown(t.receive(CHAT, frames("OK BLOCK bob"))) == ["you declined bob's chat request", BLOCKED_BOB]
+    assert t.phase is Phase.IDLE and t.partner is None
+
+
+def test_blocking_someone_else_leaves_the_chat_or_request_alone():
+    s = chatting()
+    s.typed("/block carol")
+    assert shown(s.receive(CHAT, frames("OK BLOCK carol"))) == [
+        "you blocked carol: their chat requests are declined for you"]
+    assert s.phase is Phase.CHATTING and s.partner == "bob"
+    u = online()
+    u.receive(LOGIN, frames("REQUEST bob"))
+    u.typed("/block carol")
+    u.receive(CHAT, frames("OK BLOCK carol"))
+    assert u.phase is Phase.REQUEST_IN and u.partner == "bob"
+    v = online()
+    v.typed("/chat bob")
+    v.typed("/block carol")
+    assert shown(v.receive(CHAT, frames("OK CHAT bob", "OK BLOCK carol"))) == [
+        "chat request sent to bob", "you blocked carol: their chat requests are declined for you"]
+    assert v.phase is Phase.REQUEST_OUT and v.partner == "bob"
+
+
+def test_the_block_list_kinds_as_json():
+    def fields(notice: Notice) -> dict:
+        event = json.loads(json_event(notice, when=0.0))
+        assert event.pop("time") and event.pop("line") == notice.line()
+        return event
+    s = online()
+    s.typed("/block bob")
+    [blocked] = s.receive(CHAT, frames("OK BLOCK bob"))
+    assert fields(blocked) == {"type": "blocked", "user": "bob"}
+    s.typed("/unblock bob")
+    [unblocked] = s.receive(CHAT, frames("OK UNBLOCK bob"))
+    assert fields(unblocked) == {"type": "unblocked", "user": "bob"}
+    s.typed("/blocks")
+    [listed] = s.receive(CHAT, frames("USER bob blocked", "USER carol blocked", "OK BLOCKS 2"))
+    assert fields(listed) == {"type": "blocks", "users": [{"name": "bob", "status": "blocked"},
+                                                          {"name": "carol", "status": "blocked"}]}
+    s.typed("/blocks")
+    [nobody] = s.receive(CHAT, frames("OK BLOCKS 0"))
+    assert fields(nobody) == {"type": "blocks", "users": []}
+
+
+def test_help_mentions_the_block_list():
+    assert "/block NAME" in FORMATS["help"] and "/unblock" in FORMATS["help"] and "/blocks" in FORMATS["help"]
+    assert shown(online().typed("/help block")) == [f"/block NAME: {COMMANDS['/block'].help}"]
+
+
 # --- formats and checks -------------------------------------------------------------------
 
 
@@ -910,8 +1111,10 @@ _SERVER_LINES = [
     (LOGIN, "CANCELLED bob"), (LOGIN, "ENDED bob quit q"), (LOGIN, "MSG bob hi"), (LOGIN, "REQUEST carol"),
     (CHAT, "OK CHAT bob"), (CHAT, "ERR CHAT busy b"), (CHAT, "OK QUIT bob"), (CHAT, "ERR QUIT not-in-chat n"),
     (CHAT, "OK DECLINE bob"), (CHAT, "OK ACCEPT bob"), (CHAT, "NACK 1 not-in-chat n"), (CHECK, "PING 3"),
+    (CHAT, "OK BLOCK bob"), (CHAT, "OK BLOCK carol"), (CHAT, "USER bob blocked"), (CHAT, "OK BLOCKS 1"),
 ]
-_TYPED = ["/chat bob", "/chat carol", "yes", "no", "/quit", "hello", "/who", "/accept", "/decline"]
+_TYPED = ["/chat bob", "/chat carol", "yes", "no", "/quit", "hello", "/who", "/accept", "/decline",
+          "/block bob", "/blocks"]
 
 
 @settings(max_examples=300, deadline=None)

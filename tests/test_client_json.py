@@ -13,7 +13,8 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from selchat.client.notices import JSON_FIELDS
+from selchat.client.notices import JSON_FIELDS, Notice
+from selchat.client.ui import json_event
 from tests.support import REPO_ROOT, ClientProcess, RawUser, unique
 from tests.test_client_scripted import FakeServer
 
@@ -56,6 +57,9 @@ def check_event(line: str) -> dict:
     if kind == "who":
         for user in event["users"]:
             assert set(user) == {"name", "status"} and user["status"] in ("idle", "busy"), user
+    if kind == "blocks":
+        for user in event["users"]:
+            assert set(user) == {"name", "status"} and user["status"] == "blocked", user
     return event
 
 
@@ -190,12 +194,20 @@ def test_motd_and_notice_as_json(clients):
         fake.stop()
 
 
+def test_the_block_list_kinds_are_as_documented():
+    for notice in (Notice("blocked", user="bob"), Notice("unblocked", user="bob"),
+                   Notice("blocks", text="bob", users=(("bob", "blocked"),)), Notice("blocks", text="nobody")):
+        check_event(json_event(notice))
+
+
 @pytest.mark.parametrize("line", [
     '{"type": "nonsense", "time": "2025-01-01T00:00:00.000+00:00", "line": "x"}',
     '{"type": "ready", "time": "2025-01-01T00:00:00.000+00:00", "line": "x"}',
     '{"type": "ready", "time": "2025-01-01T00:00:00.000+00:00", "line": "x", "user": 3}',
     '{"type": "ready", "time": "2025-01-01T00:00:00.000+02:00", "line": "x", "user": "a"}',
     '{"type": "logged-out", "time": "2025-01-01T00:00:00.000+00:00", "line": "x", "extra": 1}',
+    '{"type": "blocks", "time": "2025-01-01T00:00:00.000+00:00", "line": "x",'
+    ' "users": [{"name": "b", "status": "idle"}]}',
 ])
 def test_the_checker_refuses_what_the_schema_does_not_allow(line):
     with pytest.raises(AssertionError):

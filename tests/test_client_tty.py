@@ -130,6 +130,16 @@ def test_completions_of_commands_names_and_help_topics():
     assert completions("/help qu", names) == ("qu", ["quit"])
     assert completions("hello /c", names) == ("", [])
     assert completions("/chat bob x", names) == ("", [])
+    assert completions("/block b", names, me="alice") == ("b", ["Bob", "bobby"])
+    assert completions(" /UNBLOCK car", names) == ("car", ["carol"])
+    assert completions("/blocks b", names) == ("", [])   # /blocks takes no name
+    assert completions("/b", names) == ("/b", ["/block", "/blocks"])
+    assert completions("/unb", names) == ("/unb", ["/unblock"])
+    assert completions("/unblock b", ("bob", "Bob", "bobby")) == ("b", ["Bob", "bobby"])  # one per user
+    # /unblock offers the blocked too, online or not; /block and /chat do not
+    assert completions("/unblock d", names, blocked=("dave",)) == ("d", ["dave"])
+    assert completions("/unblock b", names, blocked=("bob",)) == ("b", ["Bob", "bobby"])
+    assert completions("/block d", names, blocked=("dave",)) == ("d", [])
     assert common_prefix(["Bob", "bobby"]) == "Bob" and common_prefix(["bobby", "bobcat"]) == "bob"
 
 

@@ -607,6 +607,52 @@ def test_chat_refusals_across_nodes(spread, alone):
     same_as_one_server(scenario_refusals, spread, alone)
 
 
+def scenario_blocks(p: Place) -> list[str]:
+    alice, bob, carol = p.user("alice", 0), p.user("bob", 1, v2=True), p.user("carol", 2)
+    ghost = p.name("ghost")
+    p.chat(alice, bob)
+    bob.chat.send(f"BLOCK {alice.name}")  # ends the chat, as QUIT would
+    p.expect(bob, "login", "ENDED ")
+    p.expect(bob, "chat", "OK BLOCK ")
+    p.expect(alice, "login", "ENDED ")
+    p.visible(0, bob, "idle")
+    alice.chat.send(f"CHAT {bob.name}")  # answered for bob, at once, as a decline
+    p.expect(alice, "chat", "OK CHAT ")
+    p.expect(alice, "login", "DECLINED ")
+    p.visible(1, carol)
+    carol.chat.send(f"CHAT {bob.name}")  # not blocked: asked as ever
+    p.expect(carol, "chat", "OK CHAT ")
+    p.expect(bob, "login", "REQUEST ")
+    bob.chat.send(f"BLOCK {carol.name.upper()}")  # a pending request from them is declined
+    p.expect(carol, "login", "DECLINED ")
+    p.expect(bob, "chat", "OK BLOCK ")
+    p.visible(2, bob, "idle")
+    bob.chat.send(f"CHAT {carol.name}")  # one's own request to them is withdrawn
+    p.expect(bob, "chat", "OK CHAT ")
+    p.expect(carol, "login", "REQUEST ")
+    bob.chat.send(f"BLOCK {carol.name}", "BLOCKS")
+    p.expect(carol, "login", "CANCELLED ")
+    p.expect(bob, "chat", "OK BLOCK ")
+    for _ in range(2):
+        p.expect(bob, "chat", "USER ")
+    p.expect(bob, "chat", "OK BLOCKS 2")
+    for line in (f"BLOCK {bob.name}", f"BLOCK {ghost}", f"UNBLOCK {ghost}"):
+        bob.chat.send(line)
+        p.expect(bob, "chat", "ERR ")
+    bob.chat.send(f"UNBLOCK {alice.name}")
+    p.expect(bob, "chat", "OK UNBLOCK ")
+    p.chat(alice, bob)  # asked as ever again
+    p.quiet(alice, bob, carol)
+    return p.transcript()
+
+
+def test_a_user_blocks_another_on_any_node(spread, alone):
+    """BLOCK ends a chat or request with the user blocked; their requests are
+    then declined at once, from any node (the list is in the shared account
+    store); UNBLOCK undoes it."""
+    same_as_one_server(scenario_blocks, spread, alone)
+
+
 def scenario_leaving(p: Place) -> list[str]:
     # EXIT in a chat: the partner on another node hears "left".
     alice, bob = p.user("alice", 0), p.user("bob", 1)

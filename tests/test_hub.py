@@ -401,6 +401,44 @@ def test_quit_withdraws_own_pending_request(w):
     assert w.hub.accept(bob).code == "no-request"
 
 
+def test_a_blocked_request_is_declined_at_once_and_reaches_nobody(w):
+    alice, bob = w.users("alice", "bob")
+    assert w.hub.chat(alice, "BOB", blocked=True) == ev.Ok("CHAT", "bob")
+    assert take(alice) == [ev.Declined("bob")]
+    assert_quiet(bob)
+    assert_free(alice, bob)
+    assert len(w.wheel) == 0  # no request, so no expiry either
+    w.chatting(bob, alice)  # and the refusals come first: a busy user is busy
+    carol = w.user("carol")
+    assert w.hub.chat(carol, "bob", blocked=True).code == "busy"
+    assert_quiet(carol)
+
+
+@pytest.mark.parametrize("case", ["chatting", "their-request", "my-request"])
+def test_part_ends_the_chat_or_request_with_that_user_only(w, case):
+    alice, bob, carol, dave = w.users("alice", "bob", "carol", "dave")
+    w.chatting(carol, dave)  # a chat of others: untouched
+    if case == "chatting":
+        w.chatting(alice, bob)
+    elif case == "their-request":
+        w.requested(bob, alice)
+    else:
+        w.requested(alice, bob)
+    w.hub.part(alice, "carol")  # with someone else: nothing happens
+    assert_quiet(alice, bob, carol, dave)
+    w.hub.part(alice, "bob")
+    mine, theirs = take(alice), take(bob)
+    if case == "chatting":
+        assert mine == [ev.Ended("bob", "quit", "you ended the chat")]
+        assert theirs == [ev.Ended("alice", "quit", "alice ended the chat")]
+    else:
+        assert mine == []  # the BLOCK's reply says it
+        assert theirs == [ev.Declined("alice") if case == "their-request" else ev.Cancelled("alice")]
+    assert_free(alice, bob)
+    assert_partners(carol, dave)
+    assert_quiet(carol, dave)
+
+
 def test_quit_when_idle_is_not_in_chat(w):
     (alice,) = w.users("alice")
     reply = w.hub.quit(alice)

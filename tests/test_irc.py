@@ -11,6 +11,7 @@ import pytest
 import trustme
 
 from selchat.irc.protocol import parse
+from selchat.irc.frontend import SERVICE_HELP
 from tests.ircsupport import IrcClient, IrcServer, make_account
 from tests.support import DEADLINE, RawUser, V2User, start_chat, unique
 
@@ -236,7 +237,7 @@ def test_service_help_who_and_unknown(srv):
     client = irc_user(srv)
     client.send("PRIVMSG selchat :help")
     assert "direct chats" in client.notice()
-    for _ in range(7):
+    for _ in range(len(SERVICE_HELP) - 1):
         client.notice()
     client.send("PRIVMSG selchat :who")
     assert client.notice().startswith("online: ")
@@ -260,6 +261,37 @@ def test_an_irc_user_changes_their_password_through_the_service(srv):
     login = srv.connect()
     login.send(f"LOGIN {name} new one")
     login.expect(f"WELCOME {name} ")
+
+
+def test_an_irc_user_blocks_a_selchat_user_through_the_service(srv):
+    """block ends the chat with them; their requests are then declined at
+    once (nothing reaches the IRC user); blocks lists them; unblock undoes it."""
+    client = irc_user(srv)
+    raw = raw_user(srv)
+    client.send(f"PRIVMSG selchat :chat {raw.name}")
+    assert client.notice().startswith(f"chat request sent to {raw.name}")
+    raw.login.expect(f"REQUEST {client.nick}")
+    raw.chat.send("ACCEPT")
+    raw.chat.expect(f"OK ACCEPT {client.nick}")
+    raw.login.expect(f"STARTED {client.nick}")
+    assert client.notice().startswith(f"chat with {raw.name} started")
+    client.send(f"PRIVMSG selchat :block {raw.name.upper()}")
+    assert client.notice() == f"chat with {raw.name} ended (quit): you ended the chat"
+    assert client.notice() == f"you blocked {raw.name}: their chat requests are declined for you"
+    raw.login.expect(f"ENDED {client.nick} quit ")
+    raw.chat.send(f"CHAT {client.nick}")
+    raw.chat.expect(f"OK CHAT {client.nick}")
+    raw.login.expect(f"DECLINED {client.nick}")
+    client.send("PRIVMSG selchat :blocks", "PRIVMSG selchat :block", "PRIVMSG selchat :unblock nobody-here")
+    assert client.notice() == f"blocked: {raw.name}"  # and no notice of raw's request came before it
+    assert client.notice() == "usage: /msg selchat block NAME"
+    assert client.notice() == "unblock: you have not blocked nobody-here"
+    client.send(f"PRIVMSG selchat :unblock {raw.name}", "PRIVMSG selchat :blocks")
+    assert client.notice() == f"you unblocked {raw.name}"
+    assert client.notice() == "blocked: nobody"
+    raw.chat.send(f"CHAT {client.nick}")
+    raw.chat.expect(f"OK CHAT {client.nick}")
+    assert client.notice() == f"{raw.name} wants to chat: /msg selchat yes (or no)"
 
 
 # -- chats --------------------------------------------------------------------------------

@@ -359,3 +359,56 @@ def test_wrong_current_passwords_are_throttled_as_failed_logins_are(server):
     login.expect("ERR LOGIN throttled ")  # the same count as LOGIN's, for this account from here
     bob.chat.send("WHO")
     bob.chat.expect("USER ")
+
+
+def test_a_blocked_user_is_declined_at_once_across_logins_and_restarts(tmp_path):
+    """BLOCK is kept in the account store: after the blocker logs in again,
+    and after a restart, the blocked user's CHAT is answered OK then
+    DECLINED, and nothing reaches the blocker (the next thing bob hears is
+    someone else's request). Blocking a partner ends the chat, as QUIT."""
+    srv = ServerProcess(tmp_path)
+    alice, bob, carol = RawUser(srv), RawUser(srv), RawUser(srv)
+    start_chat(alice, bob)
+    bob.chat.send(f"BLOCK {alice.name.upper()}")
+    bob.expect(f"ENDED {alice.name} quit ")
+    bob.chat.expect(f"OK BLOCK {alice.name}")  # the registered spelling
+    alice.expect(f"ENDED {bob.name} quit ")
+    bob.close()
+    srv.proc.kill()
+    srv.proc.wait()
+    srv = ServerProcess(tmp_path, db=srv.db)
+    try:
+        alice = RawUser(srv, alice.name, register=False)
+        bob = RawUser(srv, bob.name, register=False)
+        carol = RawUser(srv, carol.name, register=False)
+        alice.chat.send(f"CHAT {bob.name}")
+        alice.chat.expect(f"OK CHAT {bob.name}")
+        alice.expect(f"DECLINED {bob.name}")
+        carol.chat.send(f"CHAT {bob.name}")
+        carol.chat.expect(f"OK CHAT {bob.name}")
+        assert bob.login.line() == f"REQUEST {carol.name}"  # alice's never came
+        bob.chat.send("DECLINE", "BLOCKS")
+        bob.chat.expect("OK DECLINE")
+        assert bob.chat.line() == f"USER {alice.name} blocked"
+        bob.chat.expect("OK BLOCKS 1")
+        bob.chat.send(f"UNBLOCK {alice.name}", "BLOCKS")
+        bob.chat.expect(f"OK UNBLOCK {alice.name}")
+        bob.chat.expect("OK BLOCKS 0")
+        start_chat(alice, bob)
+    finally:
+        srv.stop()
+
+
+def test_block_refusals(server):
+    bob = RawUser(server)
+    for line, reply in ((f"BLOCK {bob.name.upper()}", "ERR BLOCK self "),
+                        (f"BLOCK {unique('ghost')}", "ERR BLOCK unknown-user "),
+                        (f"UNBLOCK {unique('ghost')}", "ERR UNBLOCK not-blocked "),
+                        ("BLOCK", "ERR BLOCK bad-syntax "),
+                        ("BLOCK a b", "ERR BLOCK bad-syntax "),
+                        ("BLOCKS now", "ERR BLOCKS bad-syntax ")):
+        bob.chat.send(line)
+        bob.chat.expect(reply)
+    fresh = server.connect()
+    fresh.send(f"BLOCK {bob.name}")
+    fresh.expect("ERR BLOCK wrong-socket ")

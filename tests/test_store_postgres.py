@@ -435,6 +435,24 @@ def test_the_server_keeps_running_while_postgresql_is_down(pg, shared_url, tmp_p
         assert server.proc.poll() is None
         user.close()
         sock.close()   # before the stop, which would wait for them a while
+        # A chat request waits for the block lists: with them unreadable it
+        # is refused, not let through; then it goes through again.
+        alice, bob = RawUser(server, password="pw"), RawUser(server, password="pw")
+        bob.chat.send(f"BLOCK {alice.name}")
+        bob.chat.expect(f"OK BLOCK {alice.name}")
+        pg.stop()
+        try:
+            alice.chat.send(f"CHAT {bob.name}")
+            alice.chat.expect("ERR CHAT storage ")
+            bob.chat.send("BLOCKS")
+            bob.chat.expect("ERR BLOCKS storage ")
+        finally:
+            pg.start()
+        alice.chat.send(f"CHAT {bob.name}")
+        alice.chat.expect(f"OK CHAT {bob.name}")
+        alice.expect(f"DECLINED {bob.name}")
+        alice.close()
+        bob.close()
     finally:
         server.stop()
 

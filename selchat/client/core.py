@@ -82,6 +82,22 @@ commands went out, so a queue of "was it the user's?" flags, one per WHO
 sent, tells each ``OK WHO`` apart: every one refreshes ``known_users`` (a
 ``Roster`` effect), only the user's own is shown.
 
+``/blocks`` is answered the same way (``USER <name> blocked`` lines, then
+``OK BLOCKS <count>``), and may be answered while such a WHO is on its way.
+Replies stay in order, so the ``USER`` lines read since the last ``OK WHO``
+or ``OK BLOCKS`` belong to whichever of the two comes next: it takes them
+all, and the roster never sees a blocked name, nor the block list a WHO's.
+
+The block list
+--------------
+``/block NAME`` (servers from 0.6.0): the server declines NAME's chat
+requests for us from then on. A chat with NAME ends as if we had typed
+``/quit`` (``ENDED NAME quit ...`` on the login socket, shown as any end of a
+chat); a request between us is dropped with no event for us, so ``OK BLOCK``
+says it (``you-withdrew`` or ``you-declined``) and the phase goes back to idle.
+``blocked`` is the list as far as this session has seen it (``OK BLOCK``,
+``OK UNBLOCK``, ``OK BLOCKS``), for completing ``/unblock``.
+
 Three sockets, one order
 ------------------------
 Replies to commands arrive on the chat socket, their consequences on the
@@ -327,6 +343,7 @@ class ClientSession:
         self.servers = servers
         self._attempts = 0                 # reconnection attempts since the session was last online
         self.known_users: tuple[str, ...] = ()  # from the last WHO, for completion
+        self.blocked: tuple[str, ...] = ()  # whom we blocked, as far as we have seen: for completion
         # The protocol version to ask for (1: never ask). Version 2 only when
         # reconnecting: the server then holds a dropped session for its resume
         # window, which only a client that comes back to resume it should ask
@@ -382,8 +399,9 @@ class ClientSession:
         self._held_end: ev.Ended | None = None  # ENDED that may be the echo of our own QUIT
         self._finished: set[Role] = set()  # while leaving: sockets that said their last
         self._eof: set[Role] = set()       # sockets the server has closed
-        self._who: list[tuple[str, str]] = []
-        self._who_more = 0
+        # USER lines since the last OK WHO or OK BLOCKS: the next of the two takes them.
+        self._entries: list[tuple[str, str]] = []
+        self._entries_more = 0
         self._pings = 0
         self._exit_waits = False           # leaving: EXIT waits for the PONG that syncs our ACKs
 
@@ -804,6 +822,13 @@ class ClientSession:
             self._quit_answered(ok=True, user=user)
         elif verb == "WHO":
             self._who_answered()
+        elif verb == "BLOCKS":
+            self._blocks_answered()
+        elif verb == "BLOCK":
+            self._block_answered(user)
+        elif verb == "UNBLOCK":
+            self.blocked = tuple(name for name in self.blocked if name.lower() != user.lower())
+            self._show("unblocked", user=user)
         elif verb == "EXIT":
             self._socket_done(CHAT)
         elif verb == "HELP":
@@ -855,10 +880,15 @@ class ClientSession:
             self._show("error", text=f"password not changed: {event.text}")
             return
         if verb == "WHO" and role is CHAT and self._whos:
-            self._who, self._who_more = [], 0
+            self._entries, self._entries_more = [], 0
             if not self._whos.popleft():
                 return  # a background WHO: nobody asked to see its fate
         text = event.text
+        if verb in ("BLOCK", "UNBLOCK", "BLOCKS") and role is CHAT:
+            if verb == "BLOCKS":
+                self._entries, self._entries_more = [], 0
+            if event.code == "unknown-command":
+                text = "this server has no block list (it is older than selchat 0.6.0)"
         if verb == "CHAT" and event.code == "in-chat" and self.partner:
             text = f"you are already chatting with {self.partner}; /quit first"  # the server names its verb, QUIT
         self._show("error", text=text)
@@ -968,10 +998,10 @@ class ClientSession:
             self._show("not-delivered", text=text, detail=event.text)
 
     def _on_user_entry(self, role: Role, event: ev.UserEntry) -> None:
-        if len(self._who) < NAMES_KEPT:
-            self._who.append((event.user, event.status))
+        if len(self._entries) < NAMES_KEPT:
+            self._entries.append((event.user, event.status))
         else:
-            self._who_more += 1
+            self._entries_more += 1
 
     def _on_ping(self, role: Role, event: ev.Ping) -> None:
         self._send(role, event.response())
@@ -1064,6 +1094,23 @@ class ClientSession:
     def _cmd_who(self) -> None:
         self._whos.append(True)
         self._send(CHAT, ev.Who())
+
+    def _cmd_block(self, user: str) -> None:
+        self._send_about(ev.Block, user)
+
+    def _cmd_unblock(self, user: str) -> None:
+        self._send_about(ev.Unblock, user)
+
+    def _cmd_blocks(self) -> None:
+        self._send(CHAT, ev.Blocks())
+
+    def _send_about(self, event: type, user: str) -> None:
+        """A command about ``user`` (BLOCK, UNBLOCK): sent if the name is one."""
+        problem = check_username(user)
+        if problem:
+            self._show("error", text=problem)
+        else:
+            self._send(CHAT, event(user))
 
     def _cmd_password(self) -> None:
         self._show("error", text="/password asks for your passwords at a terminal; "
@@ -1205,8 +1252,8 @@ class ClientSession:
     def _who_answered(self) -> None:
         """OK WHO: the user's own is shown; every one refreshes the roster."""
         mine = self._whos.popleft() if self._whos else True
-        entries, more = self._who, self._who_more
-        self._who, self._who_more = [], 0
+        entries, more = self._entries, self._entries_more
+        self._entries, self._entries_more = [], 0
         self.known_users = tuple(name for name, _ in entries)
         self._out.append(Roster(self.known_users))
         if mine:
@@ -1216,6 +1263,29 @@ class ClientSession:
                 listed += f" and {unlisted} more"
             # --json lists up to NAMES_KEPT users; "more" counts the rest
             self._show("who", text=listed, users=tuple(entries), count=more)
+
+    def _blocks_answered(self) -> None:
+        """OK BLOCKS: the USER lines before it are the block list (the server sorts it)."""
+        entries, more = self._entries, self._entries_more
+        self._entries, self._entries_more = [], 0
+        self.blocked = tuple(name for name, _ in entries)
+        listed = ", ".join(self.blocked) or "nobody"
+        if more:
+            listed += f" and {more} more"
+        self._show("blocks", text=listed, users=tuple(entries))
+
+    def _block_answered(self, user: str) -> None:
+        """OK BLOCK: a chat with ``user`` ends with its own ENDED (as after
+        QUIT); a request between us goes with no event for us, so say it here."""
+        if self._is_with(Phase.REQUEST_OUT, user):
+            self._enter(Phase.IDLE)
+            self._show("you-withdrew", user=user)
+        elif self._is_with(Phase.REQUEST_IN, user):
+            self._enter(Phase.IDLE)
+            self._show("you-declined", user=user)
+        if user and user.lower() not in (name.lower() for name in self.blocked):
+            self.blocked = tuple(sorted((*self.blocked, user), key=str.lower))
+        self._show("blocked", user=user)
 
     def _learn(self, user: str) -> None:
         """A name seen in an event is online now: offer it for completion."""
@@ -1391,17 +1461,24 @@ class Command:
     usage: str
     help: str
     arity: tuple[int, int] = (0, 0)   # fewest and most arguments
+    names: bool = False               # its argument is a user name (Tab completes it)
 
 
 #: Typed commands, in the order /help and completion list them.
 COMMANDS: dict[str, Command] = {
     "/chat": Command(ClientSession._cmd_chat, "/chat NAME", "ask NAME for a chat (Tab completes names)",
-                     (1, 1)),
+                     (1, 1), names=True),
     "/accept": Command(ClientSession._cmd_accept, "/accept", "accept the chat request you were sent (or: yes)"),
     "/decline": Command(ClientSession._cmd_decline, "/decline", "decline the chat request you were sent (or: no)"),
     "/quit": Command(ClientSession._cmd_quit, "/quit",
                      "leave the chat, or withdraw your chat request (also Ctrl-C)"),
     "/who": Command(ClientSession._cmd_who, "/who", "list who is online, and who is busy"),
+    "/block": Command(ClientSession._cmd_block, "/block NAME",
+                      "decline NAME's chat requests from now on (NAME cannot tell), and end your chat"
+                      " or request with NAME", (1, 1), names=True),
+    "/unblock": Command(ClientSession._cmd_unblock, "/unblock NAME", "take NAME off your block list",
+                        (1, 1), names=True),
+    "/blocks": Command(ClientSession._cmd_blocks, "/blocks", "list the users you have blocked"),
     "/password": Command(ClientSession._cmd_password, "/password",
                          "change your password (asks for the one you have, then the new one twice)"),
     "/help": Command(ClientSession._cmd_help, "/help [COMMAND]", "list the commands, or explain one", (0, 1)),

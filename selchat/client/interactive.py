@@ -79,7 +79,9 @@ STYLE = Style.from_dict({
     "bottom-toolbar.alert": "reverse ansimagenta",
 })
 
-_CHAT_NAME = re.compile(r"\s*/chat\s+(\S*)$", re.IGNORECASE)
+#: A command whose argument is a user name (``/chat``, ``/block``...), and the name so far.
+_USER_NAME = re.compile(r"\s*(%s)\s+(\S*)$" % "|".join(re.escape(name) for name, c in COMMANDS.items() if c.names),
+                        re.IGNORECASE)
 _PASSWORD = re.compile(r"\s*/password\s*", re.IGNORECASE)
 _HELP_NAME = re.compile(r"\s*/help\s+(\S*)$", re.IGNORECASE)
 
@@ -164,14 +166,18 @@ def status_text(session: ClientSession, client, reconnect_note: Notice | None = 
     return status + hints if len(status) + len(hints) <= width else status
 
 
-def completions(text: str, names, me: str = "") -> tuple[str, list[str]]:
+def completions(text: str, names, me: str = "", blocked=()) -> tuple[str, list[str]]:
     """What Tab can complete at the end of ``text``: the word being completed
-    and its candidates (command names, or user names after ``/chat``)."""
-    chat = _CHAT_NAME.match(text)
-    if chat:
-        word = chat.group(1)
-        found = {n for n in names if n.lower().startswith(word.lower()) and n.lower() != me.lower()}
-        return word, sorted(found, key=str.lower)
+    and its candidates (command names, or user names after ``/chat`` and
+    the other commands that take one; after ``/unblock``, the ``blocked``
+    names too, online or not)."""
+    named = _USER_NAME.match(text)
+    if named:
+        word = named.group(2)
+        if named.group(1).lower() == "/unblock":
+            names = (*blocked, *names)
+        found = {n.lower(): n for n in names if n.lower().startswith(word.lower()) and n.lower() != me.lower()}
+        return word, sorted(found.values(), key=str.lower)
     helped = _HELP_NAME.match(text)
     if helped:
         word = helped.group(1)
@@ -363,7 +369,7 @@ class InteractiveUI:
         return bindings
 
     async def _complete(self, buffer) -> None:
-        """Tab: complete a command, or a user name after ``/chat``, shell-style.
+        """Tab: complete a command, or a user name after ``/chat`` (``/block``...), shell-style.
 
         One candidate is inserted whole; several insert what they share, and
         when they share nothing more they are listed above the prompt. Names
@@ -374,17 +380,17 @@ class InteractiveUI:
         """
         text = buffer.document.text_before_cursor
         names = self.session.known_users
-        if _CHAT_NAME.match(text):
+        if _USER_NAME.match(text):
             with contextlib.suppress(asyncio.TimeoutError):
                 names = await asyncio.wait_for(asyncio.shield(self.client.refresh_names()), NAMES_WAIT)
             if buffer.document.text_before_cursor != text:
                 return   # typed on meanwhile: this Tab is out of date
-        word, found = completions(text, names, self.session.user)
+        word, found = completions(text, names, self.session.user, self.session.blocked)
         if not found:
             return
         insert = found[0] if len(found) == 1 else common_prefix(found)
         if len(found) == 1 and insert.startswith("/") and COMMANDS[insert].arity[1]:
-            insert += " "   # /chat and /help go on with an argument
+            insert += " "   # /chat, /block, /help... go on with an argument
         if insert != word:
             buffer.delete_before_cursor(len(word))
             buffer.insert_text(insert)

@@ -44,7 +44,8 @@ FORMATS: dict[str, str] = {
     "hint-request-out":  "waiting for {user} to answer; /quit withdraws the request",
     "help":              "commands: /chat NAME (ask NAME for a chat), yes or /accept,"
                          " no or /decline, /quit (leave the chat or withdraw your request),"
-                         " /who (who is online), /exit (log out), /help; in a chat every"
+                         " /who (who is online), /block NAME (decline NAME's chat requests;"
+                         " /unblock NAME, /blocks), /exit (log out), /help; in a chat every"
                          " other line is a message (start it with // to send a leading /)",
     "help-command":      "{text}: {detail}",                            # /help COMMAND
     # Connection trouble, with reconnecting on.
@@ -63,6 +64,10 @@ FORMATS: dict[str, str] = {
     "resumed":           "reconnected: {text}",                         # RESUMED (before the events it replays)
     "password-changed":  "your password is changed",                    # OK PASSWORD
     "chat-gone":         "chat with {user} is over (the server has no chat for you)",  # UNDELIVERED not-in-chat
+    # The block list (servers from 0.6.0).
+    "blocked":           "you blocked {user}: their chat requests are declined for you",  # OK BLOCK
+    "unblocked":         "you unblocked {user}",                        # OK UNBLOCK
+    "blocks":            "blocked: {text}",                             # USER... OK BLOCKS
     # Before there is a session: scripted mode prints these on stderr.
     "login-failed":      "login failed: {text}",                        # ERR LOGIN, BYE auth-failed
     "hint-register":     "no account yet? connect with --register to create one",  # after a first failed LOGIN
@@ -131,6 +136,9 @@ JSON_FIELDS: dict[str, dict[str, tuple[str, type]]] = {
     "queued": {"seq": ("count", int), "text": ("text", str)},
     "resumed": {"user": ("user", str), "text": ("text", str), "resent": ("count", int)},
     "chat-gone": {"user": ("user", str)},
+    "blocked": {"user": ("user", str)},
+    "unblocked": {"user": ("user", str)},
+    "blocks": {"users": ("users", list)},
     "password-changed": {},
     "login-failed": {"text": ("text", str)},
     "hint-register": {},
@@ -145,7 +153,8 @@ JSON_FIELDS: dict[str, dict[str, tuple[str, type]]] = {
 class Notice:
     """Something to show the user; ``line()`` renders it from ``FORMATS``.
 
-    ``users`` is the (name, status) list of a ``who`` notice; ``count`` a
+    ``users`` is the (name, status) list of a ``who`` notice (of a ``blocks``
+    notice too, each status ``blocked``: the same JSON shape); ``count`` a
     number some kinds carry (the attempt, how many more users).
     """
 

@@ -81,8 +81,9 @@ class ClusterHub:
 
     # -- chat requests ------------------------------------------------------------
 
-    def chat(self, session, name: str, done) -> None:
-        """``done(reply)``, or ``done(None)`` when ``name`` is online nowhere."""
+    def chat(self, session, name: str, done, blocked: bool = False) -> None:
+        """``done(reply)``, or ``done(None)`` when ``name`` is online nowhere.
+        ``blocked``: ``name`` has blocked the asker (as ``Hub.chat``)."""
         key = name.lower()
         if key == session.key:
             done(ev.Error("CHAT", "self", "you cannot chat with yourself"))
@@ -95,6 +96,9 @@ class ClusterHub:
             code, other = _s(value[0]), _s(value[1]) if len(value) > 1 else ""
             if code == "ok":
                 self.call_later(self.request_timeout, self._expire, session.key, key, _s(value[2]))
+                done(ev.Ok("CHAT", other))
+            elif code == "blocked":
+                session.deliver(ev.Declined(other))
                 done(ev.Ok("CHAT", other))
             elif code == "offline":
                 done(None)
@@ -109,7 +113,7 @@ class ClusterHub:
             else:
                 done(ev.Error("CHAT", "unavailable", UNAVAILABLE))
 
-        self.node.eval("request", session.key, session.epoch, key, callback=reply)
+        self.node.eval("request", session.key, session.epoch, key, "1" if blocked else "0", callback=reply)
 
     def _expire(self, source_key: str, target_key: str, request_id: str) -> None:
         self.node.eval("expire", source_key, target_key, request_id)
@@ -128,7 +132,7 @@ class ClusterHub:
 
         self.node.eval("accept", session.key, session.epoch, callback=reply)
 
-    def decline(self, session, done) -> None:
+    def decline(self, session, done, only: str = "") -> None:
         def reply(value) -> None:
             code = _s(value[0]) if not isinstance(value, RedisError) else "unavailable"
             if code == "ok":
@@ -138,9 +142,9 @@ class ClusterHub:
             else:
                 done(ev.Error("DECLINE", "unavailable", UNAVAILABLE))
 
-        self.node.eval("decline", session.key, session.epoch, callback=reply)
+        self.node.eval("decline", session.key, session.epoch, only, callback=reply)
 
-    def quit(self, session, done) -> None:
+    def quit(self, session, done, only: str = "") -> None:
         def reply(value) -> None:
             code = _s(value[0]) if not isinstance(value, RedisError) else "unavailable"
             if code == "ok":
@@ -151,7 +155,21 @@ class ClusterHub:
             else:
                 done(ev.Error("QUIT", "unavailable", UNAVAILABLE))
 
-        self.node.eval("quit", session.key, session.epoch, f"{session.name} ended the chat", callback=reply)
+        self.node.eval("quit", session.key, session.epoch, f"{session.name} ended the chat", only, callback=reply)
+
+    def part(self, session, key: str, done) -> None:
+        """As ``Hub.part``: a chat or request with ``key`` ends (the scripts
+        act only if it is with ``key``); then ``done()``."""
+        def declined(reply) -> None:
+            done()
+
+        def quitted(reply) -> None:
+            if type(reply) is ev.Ok:
+                done()
+            else:  # no chat or request of ours with them: perhaps theirs to us
+                self.decline(session, declined, only=key)
+
+        self.quit(session, quitted, only=key)
 
     # -- messages -----------------------------------------------------------------
 

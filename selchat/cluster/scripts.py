@@ -196,7 +196,9 @@ forget(k, r)
 return 1
 """
 
-#: ARGV: src key, src epoch, dst key. Returns {code, name, partner node, partner epoch}.
+#: ARGV: src key, src epoch, dst key, '1' if dst has blocked src. Returns
+#: {code, name, request id}; code 'blocked' changes nothing (the node
+#: answers it as a decline).
 REQUEST = PRELUDE + r"""
 local k, epoch, dk = ARGV[1], ARGV[2], ARGV[3]
 local s = current(k, epoch)
@@ -214,6 +216,7 @@ local d = rec(dk)
 if d and d.node == '' then return {'away', d.name} end
 if not d or not alive(d.node) then return {'offline', ''} end
 if d.partner ~= '' or d.req_to ~= '' or d.req_from ~= '' then return {'busy', d.name} end
+if ARGV[4] == '1' then return {'blocked', d.name} end
 local id = tostring(redis.call('INCR', P .. 'reqid'))
 redis.call('HSET', u(k), 'req_to', dk, 'req_id', id)
 redis.call('HSET', u(dk), 'req_from', k, 'req_id', id, 'rpos', d.got)
@@ -238,22 +241,24 @@ pub(s.node, 'S ' .. k .. ' ' .. s.epoch .. ' ' .. sk .. ' ' .. src.node .. ' ' .
 return {'ok', src.name, src.node, src.epoch, src.v2, sk}
 """
 
-#: ARGV: key, epoch. Returns {code, source name}.
+#: ARGV: key, epoch[, only this source's key]. Returns {code, source name}.
 DECLINE = PRELUDE + r"""
 local k = ARGV[1]
 local s, src = request_for(k, ARGV[2])
 if not src then return {s} end
+if ARGV[3] and ARGV[3] ~= '' and s.req_from ~= ARGV[3] then return {'no-request'} end
 redis.call('HSET', u(k), 'req_from', '', 'req_id', '')
 redis.call('HSET', u(s.req_from), 'req_to', '', 'req_id', '')
 tell('E', s.req_from, src, 'DECLINED ' .. s.name)
 return {'ok', src.name}
 """
 
-#: ARGV: key, epoch, text for the partner. Returns {code, other name}.
+#: ARGV: key, epoch, text for the partner[, only with this key]. Returns {code, other name}.
 QUIT = PRELUDE + r"""
-local k, epoch = ARGV[1], ARGV[2]
+local k, epoch, only = ARGV[1], ARGV[2], ARGV[4]
 local s = current(k, epoch)
 if not s then return {'fenced'} end
+if only and only ~= '' and s.partner ~= only and s.req_to ~= only then return {'not-in-chat'} end
 if s.partner ~= '' then
   local p = rec(s.partner)
   redis.call('HSET', u(k), 'partner', '')

@@ -85,6 +85,8 @@ SERVICE_HELP = (
     "  quit        end your chat (or withdraw your request)",
     "  who         who is online, idle or busy",
     "  password OLD NEW   change your password (a space in OLD is written '\\ ')",
+    "  block NAME  decline NAME's chat requests from now on (and end a chat with them)",
+    "  unblock NAME, blocks   undo it; list whom you have blocked",
     "  help        this list",
     "While chatting, /msg NAME (or /query NAME) talks to your partner. /quit logs out.",
 )
@@ -527,6 +529,13 @@ class IrcConnection(ReadPausing):
             self._who_answered(entries)
         elif verb == "PASSWORD":
             self.notice("your password is changed")
+        elif verb == "BLOCK":
+            self.notice(f"you blocked {info}: their chat requests are declined for you")
+        elif verb == "UNBLOCK":
+            self.notice(f"you unblocked {info}")
+        elif verb == "BLOCKS":  # its USER lines came first, as WHO's do
+            entries, self.who_entries = self.who_entries, []
+            self.notice("blocked: " + (", ".join(e.user for e in entries) or "nobody"))
 
     def _on_user_entry(self, event: ev.UserEntry) -> None:
         self.who_entries.append(event)
@@ -800,6 +809,17 @@ class IrcConnection(ReadPausing):
             server.on_quit(self, ev.Quit())
         elif verb == "who":
             self._who(self._who_notice)
+        elif verb in ("block", "unblock"):
+            if len(words) != 2:
+                self.notice(f"usage: /msg {SERVICE} {verb} NAME")
+            elif not _NICK.fullmatch(words[1]):
+                self.notice(f"there is no user {words[1]}")
+            elif verb == "block":
+                server.blocking.on_block(self, ev.Block(words[1]))
+            else:
+                server.blocking.on_unblock(self, ev.Unblock(words[1]))
+        elif verb == "blocks":
+            server.blocking.on_blocks(self, ev.Blocks())
         elif verb == "password":  # not split into words: a password may have spaces, a trailing one too
             try:
                 old, new = codec.split_escaped("PASSWORD", clean_text(text).lstrip().partition(" ")[2],

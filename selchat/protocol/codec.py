@@ -79,6 +79,7 @@ _CLIENT_NULLARY = {
     "EXIT": ev.Exit(),
     "WHO": ev.Who(),
     "HELP": ev.Help(),
+    "BLOCKS": ev.Blocks(),
 }
 
 
@@ -102,6 +103,11 @@ def decode_client(line: bytes) -> ev.Event:
         if " " in user:
             raise FrameError("bad-syntax", "usage: CHAT <user>", verb)
         return ev.ChatRequest(user)
+    if verb in ("BLOCK", "UNBLOCK"):
+        (user,) = _args(verb, rest, 1, f"{verb} <user>")
+        if " " in user:
+            raise FrameError("bad-syntax", f"usage: {verb} <user>", verb)
+        return (ev.Block if verb == "BLOCK" else ev.Unblock)(user)
     if verb in ("LOGIN", "REGISTER"):
         user, password = _args(verb, rest, 2, f"{verb} <user> <password>")
         return (ev.Login if verb == "LOGIN" else ev.Register)(user, password)
@@ -277,6 +283,9 @@ _ENCODERS = {
     ev.Exit: lambda e: b"EXIT\n",
     ev.Who: lambda e: b"WHO\n",
     ev.Help: lambda e: b"HELP\n",
+    ev.Block: lambda e: _frame("BLOCK", e.user),
+    ev.Unblock: lambda e: _frame("UNBLOCK", e.user),
+    ev.Blocks: lambda e: b"BLOCKS\n",
     ev.Password: lambda e: _frame("PASSWORD", escape_word(e.old), e.new),
     ev.Message: lambda e: f"MSG {e.text}\n".encode("utf-8"),
     ev.Version: lambda e: _frame("VERSION", e.version),

@@ -148,6 +148,25 @@ class Help(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Block(Event):
+    """``BLOCK <user>`` (chat socket): ``user``'s chat requests are declined
+    for you from now on, and a chat or request with them ends."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unblock(Event):
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Blocks(Event):
+    """``BLOCKS``: the users you have blocked (``USER <name> blocked`` each,
+    then ``OK BLOCKS <count>``)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Password(Event):
     """``PASSWORD <old> <new>`` (chat socket): change your password; ``old``
     is the one you have now (docs/protocol.md, "Changing your password")."""

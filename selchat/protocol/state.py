@@ -29,7 +29,8 @@ class State(enum.Enum):
 
 S = State
 
-_COMMANDS = (ev.ChatRequest, ev.Accept, ev.Decline, ev.Quit, ev.Exit, ev.Who, ev.Help, ev.Password, ev.Message)
+_COMMANDS = (ev.ChatRequest, ev.Accept, ev.Decline, ev.Quit, ev.Exit, ev.Who, ev.Help, ev.Password,
+             ev.Block, ev.Unblock, ev.Blocks, ev.Message)
 
 #: Frames a client may send: state -> {event type: next state}.
 CLIENT_FRAMES: dict[State, dict[type, State]] = {

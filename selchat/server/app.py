@@ -30,6 +30,7 @@ from selchat.server.config import ServerConfig
 from selchat.server.control import ControlSocket
 from selchat.server.hub import COMMANDS_HELP, Hub
 from selchat.server.admission import Admission
+from selchat.server.blocking import Blocking
 from selchat.server.limits import bucket
 from selchat.server.logins import SHUTTING_DOWN, Logins
 from selchat.server.metrics import Metrics, MetricsEndpoint
@@ -106,6 +107,7 @@ class Server:
         self.stopping = False
         self.admission = Admission(self)
         self.logins = Logins(self)
+        self.blocking = Blocking(self)
         self._handlers = {
             ev.Message: self.on_message,
             ev.Login: self.logins.on_login,
@@ -121,6 +123,9 @@ class Server:
             ev.Exit: self.on_exit,
             ev.Who: self.on_who,
             ev.Password: self.logins.on_password,
+            ev.Block: self.blocking.on_block,
+            ev.Unblock: self.blocking.on_unblock,
+            ev.Blocks: self.blocking.on_blocks,
             ev.Help: self.on_help,
             ev.Ping: self.on_ping,
             ev.Pong: self.on_pong,
@@ -439,30 +444,36 @@ class Server:
                 wait = requests.wait()
                 peer.send(ev.Error("CHAT", "rate-limited", f"too many chat requests; try again in {wait:.0f} s"))
                 return
-        if self.cluster is not None:  # the answer comes from Redis: later frames wait for it
-            peer.pause(WAITING)
+        # Has the user asked blocked the asker? A database read, so on a
+        # worker; later frames on this socket wait for the answer, in order.
+        self.blocking.check_request(peer, session, event.user,
+                                    lambda blocked: self._chat(peer, session, event.user, blocked))
 
-            def answered(reply) -> None:
-                if reply is None:
-                    self._offline(peer, event.user)
-                    return
-                if requests is not None and type(reply) is ev.Ok:
-                    requests.tokens -= 1.0
-                peer.send(reply)
-                peer.resume(WAITING)
+    def _chat(self, peer: Peer, session: Session, user: str, blocked: bool) -> None:
+        requests = session.requests
 
-            self.hub.chat(session, event.user, answered)
-            return
-        reply = self.hub.chat(session, event.user)
-        if reply is not None:
+        def answered(reply) -> None:
+            if reply is None:
+                self._offline(peer, user)
+                return
             if requests is not None and type(reply) is ev.Ok:
                 requests.tokens -= 1.0  # only requests that reached someone count
             peer.send(reply)
+
+        if self.cluster is not None:  # the answer comes from Redis: later frames wait for it
+            peer.pause(WAITING)
+
+            def later(reply) -> None:
+                answered(reply)
+                if reply is not None:
+                    peer.resume(WAITING)
+
+            self.hub.chat(session, user, later, blocked)
             return
-        # Not online: say whether the account exists at all (a database read,
-        # so on a worker; later commands on this socket wait, to keep order).
-        peer.pause(WAITING)
-        self._offline(peer, event.user)
+        reply = self.hub.chat(session, user, blocked)
+        if reply is None:
+            peer.pause(WAITING)  # _offline resumes it
+        answered(reply)
 
     def _offline(self, peer: Peer, user: str) -> None:
         """``user`` is online nowhere: ERR CHAT offline, or unknown-user if

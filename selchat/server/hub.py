@@ -15,6 +15,7 @@ from selchat.server.session import PendingRequest
 
 COMMANDS_HELP = (
     "CHAT <user> | ACCEPT | DECLINE | QUIT | EXIT | WHO | HELP | MSG <text> | PASSWORD <old> <new>"
+    " | BLOCK <user> | UNBLOCK <user> | BLOCKS"
     " (commands on the chat socket; see docs/protocol.md)"
 )
 
@@ -65,9 +66,11 @@ class Hub:
 
     # -- chat requests ------------------------------------------------------------
 
-    def chat(self, session, name: str):
+    def chat(self, session, name: str, blocked: bool = False):
         """Ask ``name`` for a chat. Returns the reply, or None when ``name`` is not
-        online (the caller then finds out whether the account exists at all)."""
+        online (the caller then finds out whether the account exists at all).
+        If ``name`` has blocked the asker (``blocked``), the request is
+        answered for them as a decline, at once: the asker cannot tell."""
         key = name.lower()
         if key == session.key:
             return ev.Error("CHAT", "self", "you cannot chat with yourself")
@@ -81,6 +84,9 @@ class Hub:
             return None
         if target.busy:
             return ev.Error("CHAT", "busy", f"{target.name} is busy")
+        if blocked:
+            session.deliver(ev.Declined(target.name))
+            return ev.Ok("CHAT", target.name)
         req = PendingRequest(session, target)
         req.timer = self.call_later(self.request_timeout, self._expire, req)
         session.request = target.request = req
@@ -119,6 +125,17 @@ class Hub:
             req.target.deliver(ev.Cancelled(session.name))
             return ev.Ok("QUIT", req.target.name)
         return ev.Error("QUIT", "not-in-chat", "you are not in a chat")
+
+    def part(self, session, key: str) -> None:
+        """``session`` has blocked the user ``key``: end its chat with them,
+        decline their request or withdraw its own, as QUIT and DECLINE would
+        (their replies unsent: the BLOCK has its own)."""
+        partner = session.partner
+        req = session.request
+        if partner is not None and partner.key == key:
+            self.quit(session)
+        elif req is not None and req.other(session).key == key:
+            (self.decline if req.target is session else self.quit)(session)
 
     def _expire(self, req: PendingRequest) -> None:
         if req.source.request is not req:
