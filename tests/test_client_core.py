@@ -1173,3 +1173,110 @@ def test_password_is_not_read_from_a_typed_line_and_a_lost_answer_is_said():
     effects = s.lost("chat socket: reset")
     assert "error: the connection was lost before the server answered /password: your password may or " \
            "may not be changed" in shown(effects)
+
+
+# --- deleting the account -------------------------------------------------------------------
+
+
+def _v2_online(**kwargs) -> ClientSession:
+    """A version 2 session (the server keeps it for a resume), online and idle."""
+    s = ClientSession("alice", "secret", reconnect=True, ack_delay=0, backoff=Backoff(rng=steady(0.0)), **kwargs)
+    s.start()
+    s.receive(LOGIN, frames("HELLO 2 x", "OK VERSION 2", "WELCOME alice ctok ktok rtok"))
+    s.receive(CHAT, frames("HELLO 2 x", "OK ATTACH CHAT"))
+    s.receive(CHECK, frames("HELLO 2 x", "OK ATTACH CHECK"))
+    s.receive(LOGIN, frames("READY alice"))
+    assert s.online
+    return s
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("ok_first", [True, False])
+def test_a_deleted_account_leaves_for_good_whichever_socket_says_it_first(version, ok_first):
+    """OK UNREGISTER (chat socket) and BYE unregistered (login socket) come in
+    either order: the deletion is said once, the session ends as after /exit
+    (exit 0), and nothing reconnects or logs in again."""
+    s = _v2_online() if version == 2 else chatting(reconnect=True, backoff=Backoff(rng=steady(0.0)))
+    assert sent(s.delete_account("my secret")) == ["CHAT: UNREGISTER my secret"]
+    ok = (CHAT, frames("OK UNREGISTER alice"))
+    bye = (LOGIN, frames("BYE unregistered your account is deleted"))
+    effects = []
+    for role, data in (ok, bye) if ok_first else (bye, ok):
+        effects += s.receive(role, data)
+        effects += s.receive(role, b"")
+    effects += s.receive(CHECK, b"")
+    assert shown(effects) == ["your account alice is deleted", "logged out"]
+    assert closed(effects) == 0 and s.exit_code == 0
+    assert not any(isinstance(e, Reconnect) for e in effects)
+    assert s.phase is Phase.CLOSED and s.start() == [] and s.lost("reset") == []
+
+
+def test_the_ok_alone_leaves_and_no_reconnect_follows_a_timeout_or_a_reset():
+    s = online(reconnect=True, backoff=Backoff(rng=steady(0.0)))
+    s.delete_account("secret")
+    effects = s.receive(CHAT, frames("OK UNREGISTER Alice"))
+    assert shown(effects) == ["your account Alice is deleted"] and s.leaving and closed(effects) is None
+    assert s.typed("/who") == []   # leaving: nothing more is sent
+    effects = s.lost("login socket: reset")   # instead of the BYE
+    assert shown(effects) == ["connection lost: login socket: reset"] and closed(effects) == 0
+    assert not any(isinstance(e, Reconnect) for e in effects)
+
+
+def test_a_refused_unregister_says_why_and_the_session_goes_on():
+    s = online(reconnect=True)
+    for reply, line in (
+        ("ERR UNREGISTER auth-failed that is not your current password",
+         "error: account not deleted: that is not your current password"),
+        ("ERR UNREGISTER throttled too many wrong passwords; try again in 4 s",
+         "error: account not deleted: too many wrong passwords; try again in 4 s"),
+        ("ERR UNREGISTER unknown-command unknown command UNREGISTER",
+         "error: this server cannot delete accounts (it is older than selchat 0.6.0)"),
+    ):
+        assert sent(s.delete_account("secret")) == ["CHAT: UNREGISTER secret"]
+        assert shown(s.receive(CHAT, frames(reply))) == [line]
+        assert s.online and not s.leaving
+    # no UNREGISTER is pending now: a BYE is not taken for the deletion's, nor a loss warned of
+    effects = s.receive(LOGIN, frames("BYE shutdown server is shutting down"))
+    assert shown(effects)[0] == "disconnected: server is shutting down" and len(shown(effects)) == 2
+    assert isinstance(effects[-1], Reconnect)
+
+
+def test_unregister_is_refused_locally_when_it_cannot_be_sent():
+    s = online()
+    assert shown(s.delete_account("")) == ["error: account not deleted: the password is empty"]
+    assert sent(s.delete_account("a\x1bb")) == []
+    effects = s.typed("/unregister")
+    assert sent(effects) == [] and shown(effects) == [
+        "error: /unregister asks for your password at a terminal; it cannot read it from a line (or a script)"]
+    assert sent(s.typed("/UNREGISTER secret")) == []   # never sent as typed: usage
+    assert shown(s.typed("/help unregister")) == [f"/unregister: {COMMANDS['/unregister'].help}"]
+    not_yet = ClientSession("alice", "secret")
+    not_yet.start()
+    assert shown(not_yet.delete_account("secret")) == ["error: account not deleted: not connected"]
+    s.exit()
+    assert sent(s.delete_account("secret")) == []   # logging out already
+
+
+@pytest.mark.parametrize("reconnect", [True, False])
+def test_a_connection_lost_before_the_answer_to_unregister_is_said(reconnect):
+    s = online(reconnect=reconnect, backoff=Backoff(rng=steady(0.0)))
+    s.delete_account("secret")
+    effects = s.lost("chat socket: reset")
+    assert "error: the connection was lost before the server answered /unregister: your account may or " \
+           "may not be deleted" in shown(effects)
+    assert closed(effects) == (None if reconnect else 3)
+
+
+def test_a_bye_unregistered_is_final_even_when_this_client_did_not_ask():
+    s = online(reconnect=True)
+    effects = s.receive(LOGIN, frames("BYE unregistered your account is deleted"))
+    assert shown(effects) == ["disconnected: your account is deleted"] and closed(effects) == 3
+    assert not any(isinstance(e, Reconnect) for e in effects)
+
+
+def test_account_deleted_in_json():
+    s = online()
+    s.delete_account("secret")
+    [deleted] = [e for e in s.receive(CHAT, frames("OK UNREGISTER alice")) if isinstance(e, Notice)]
+    assert json.loads(json_event(deleted, 0.0)) | {"time": None} == {
+        "type": "account-deleted", "time": None, "line": "your account alice is deleted", "user": "alice"}

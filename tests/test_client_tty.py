@@ -237,6 +237,52 @@ def test_password_is_asked_unechoed_kept_out_of_the_history_and_then_logs_in(ser
     assert RawUser(server, name, password="s3cret new", register=False).name == name
 
 
+def test_unregister_asks_unechoed_confirms_the_name_keeps_no_history_then_deletes_for_good(server, tty):
+    name = unique("alice")
+    alice = tty(server.port, name, "--reconnect").login()
+    bob = RawUser(server, unique("bob"))
+    start_chat(alice, bob)
+    # A name that is not hers: nothing is sent (the right password would delete the account).
+    alice.send("/unregister\r")
+    alice.expect("password (your account will be deleted for good): ")
+    alice.send("pw tty")
+    alice.expect("******")   # drawn masked before Enter (keys sent with it would be taken unseen)
+    alice.send("\r")
+    alice.expect("type your user name to confirm: ")
+    alice.send("nobody-else\r")
+    alice.expect("error: account not deleted")
+    alice.expect(f"{name} → {bob.name}> ")
+    alice.send("\x1b[A")   # Up: the line before is /unregister, not the name nor the password
+    alice.expect("/unregister")
+    alice.send("\x15still here\r")   # Ctrl-U; the chat goes on: nothing was sent
+    bob.login.expect(f"MSG {alice.user} still here")
+    # Ctrl-C at the password prompt: not deleted either.
+    alice.send("/unregister\r")
+    alice.expect("password (your account will be deleted for good): ")
+    alice.send("\x03")
+    alice.expect("error: account not deleted")
+    alice.expect(f"{name} → {bob.name}> ")
+    # Now for good: the name in other case is hers.
+    alice.send("/unregister\r")
+    alice.expect("password (your account will be deleted for good): ")
+    alice.send("pw tty")
+    alice.expect("******")   # drawn masked before Enter (keys sent with it would be taken unseen)
+    alice.send("\r")
+    alice.expect("type your user name to confirm: ")
+    alice.send(name.upper() + "\r")
+    alice.expect(f"your account {name} is deleted")
+    bob.login.expect(f"ENDED {name} left")
+    alice.expect("logged out")
+    assert alice.finish() == 0   # with --reconnect on, it does not come back
+    screen = alice.out.getvalue()
+    assert not re.search(loose("pw tty"), screen), "the password was drawn"
+    assert "disconnected:" not in screen and "reconnecting" not in screen
+    again = server.connect()
+    again.send(f"LOGIN {name} pw tty")
+    assert again.line().startswith("ERR LOGIN auth-failed")
+    bob.close()
+
+
 def test_ctrl_c_leaves_the_chat_and_a_second_ctrl_c_exits(server, tty):
     alice = tty(server.port, unique("alice")).login()
     bob = RawUser(server, unique("bob"))

@@ -653,6 +653,23 @@ def test_a_user_blocks_another_on_any_node(spread, alone):
     same_as_one_server(scenario_blocks, spread, alone)
 
 
+def scenario_unregister(p: Place) -> list[str]:
+    alice, bob = p.user("alice", 0), p.user("bob", 1)
+    p.chat(alice, bob)
+    alice.chat.send(f"UNREGISTER {PASSWORD}")
+    p.expect(alice, "chat", "OK UNREGISTER ")
+    p.closed(alice, "login")
+    p.expect(bob, "login", "ENDED ")
+    p.everywhere({alice: None})
+    bob.chat.send(f"CHAT {alice.name}")
+    p.expect(bob, "chat", "ERR CHAT unknown-user ")
+    return p.transcript()
+
+
+def test_an_account_deleted_on_one_node_is_gone_on_all(spread, alone):
+    same_as_one_server(scenario_unregister, spread, alone)
+
+
 def scenario_leaving(p: Place) -> list[str]:
     # EXIT in a chat: the partner on another node hears "left".
     alice, bob = p.user("alice", 0), p.user("bob", 1)

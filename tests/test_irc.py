@@ -294,6 +294,22 @@ def test_an_irc_user_blocks_a_selchat_user_through_the_service(srv):
     assert client.notice() == f"{raw.name} wants to chat: /msg selchat yes (or no)"
 
 
+def test_an_irc_user_deletes_their_account_through_the_service(srv):
+    client = irc_user(srv)
+    name = client.nick
+    client.send("PRIVMSG selchat :unregister", "PRIVMSG selchat :unregister wrong one")
+    assert client.notice().startswith("usage: /msg selchat unregister PASSWORD")
+    assert client.notice() == "unregister: that is not your current password"
+    client.send("PRIVMSG selchat :unregister pw secret")
+    assert client.notice() == f"your account {name} is deleted"
+    error = client.expect("ERROR")
+    assert "unregistered: your account is deleted" in error.params[0]
+    assert client.expect_closed() == []
+    login = srv.connect()
+    login.send(f"LOGIN {name} pw secret")
+    login.expect("ERR LOGIN auth-failed ")
+
+
 # -- chats --------------------------------------------------------------------------------
 
 

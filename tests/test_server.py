@@ -354,6 +354,8 @@ def test_wrong_current_passwords_are_throttled_as_failed_logins_are(server):
         bob.chat.expect("ERR PASSWORD auth-failed")
     bob.chat.send("PASSWORD pw\\ secret new")  # the right one, but too late: not even checked
     bob.chat.expect("ERR PASSWORD throttled ")
+    bob.chat.send("UNREGISTER pw secret")  # the same count: not deleted
+    bob.chat.expect("ERR UNREGISTER throttled ")
     login = server.connect()
     login.send(f"LOGIN {bob.name} pw secret")
     login.expect("ERR LOGIN throttled ")  # the same count as LOGIN's, for this account from here
@@ -412,3 +414,27 @@ def test_block_refusals(server):
     fresh = server.connect()
     fresh.send(f"BLOCK {bob.name}")
     fresh.expect("ERR BLOCK wrong-socket ")
+
+
+def test_a_user_deletes_their_account_with_their_password(server):
+    """UNREGISTER <password>: refused with a wrong one (the session goes on);
+    with the right one the account is gone, the session ends (the partner
+    hears that the user left), the name is unknown and then free again."""
+    alice, bob = RawUser(server), RawUser(server)
+    start_chat(alice, bob)
+    alice.chat.send("UNREGISTER pw wrong", "UNREGISTER")
+    alice.chat.expect("ERR UNREGISTER auth-failed ")
+    alice.chat.expect("ERR UNREGISTER bad-syntax ")
+    alice.chat.send("MSG still here")
+    bob.expect(f"MSG {alice.name} still here")
+    alice.chat.send("UNREGISTER pw secret")
+    alice.chat.expect(f"OK UNREGISTER {alice.name}")
+    assert alice.login.expect_closed() == ["BYE unregistered your account is deleted"]
+    bob.expect(f"ENDED {alice.name} left {alice.name} left")
+    bob.chat.send(f"CHAT {alice.name}")
+    bob.chat.expect("ERR CHAT unknown-user ")
+    sock = server.connect()
+    sock.send(f"LOGIN {alice.name} pw secret")
+    sock.expect("ERR LOGIN auth-failed ")
+    again = RawUser(server, alice.name)  # registered anew: a new account
+    assert again.name == alice.name

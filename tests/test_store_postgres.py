@@ -492,6 +492,19 @@ def test_a_password_is_changed_only_with_the_one_it_has_now(any_store):
     assert store.set_password("nobody", "reset") is False and not store.exists("nobody")
 
 
+def test_an_account_is_deleted_by_its_user_only_with_its_password(any_store):
+    store = any_store
+    store.add_user("Alice", "pw")
+    store.add_user("Bob", "pw")
+    store.block("bob", "alice")
+    assert store.delete_account("alice", "wrong") is None
+    assert store.exists("alice")
+    assert store.delete_account("ALICE", "pw") == "Alice"
+    assert not store.exists("alice") and store.verify("alice", "pw") is None
+    assert store.blocked_users("bob") == []   # gone from every list, as with delete_user
+    assert store.delete_account("alice", "pw") is None
+
+
 # -- block lists, on both stores -------------------------------------------------------
 
 

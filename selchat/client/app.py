@@ -377,6 +377,9 @@ class Client:
     def change_password(self, old: str, new: str) -> None:
         self.apply(self.session.change_password(old, new))
 
+    def delete_account(self, password: str) -> None:
+        self.apply(self.session.delete_account(password))
+
     def end_of_input(self) -> None:
         self.apply(self.session.exit())
 

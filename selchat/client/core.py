@@ -31,7 +31,7 @@ Reconnecting
 ------------
 With ``reconnect=True``, a session that has once been online and then loses
 its connection (EOF, a socket error, no heartbeat, or a ``BYE`` other than
-``replaced``, ``kicked``, ``auth-failed`` or ``exit``) does not end: it says what was lost
+``replaced``, ``kicked``, ``auth-failed``, ``exit`` or ``unregistered``) does not end: it says what was lost
 (the chat or request, if any), enters ``Phase.RECONNECTING`` and asks the loop
 to try again after a capped, jittered exponential delay (``Backoff``). The
 next ``start()`` logs in with the same credentials (``LOGIN``, also when the
@@ -154,9 +154,9 @@ RESUME_CAP = 8.0
 ASK_VERSION = 2
 #: BYE reasons after which reconnecting would be wrong: someone else logged in
 #: to the account, an operator disconnected us (``selchat admin kick``: coming
-#: straight back would undo it), the password is no longer accepted, or we
-#: asked to leave.
-FINAL_BYES = frozenset({"replaced", "kicked", "auth-failed", "exit"})
+#: straight back would undo it), the password is no longer accepted, we
+#: asked to leave, or the account is deleted (``/unregister``).
+FINAL_BYES = frozenset({"replaced", "kicked", "auth-failed", "exit", "unregistered"})
 #: ERR LOGIN codes that say "not now" rather than "no": a reconnecting client
 #: (its password worked before) waits and tries again instead of exiting.
 #: Many clients behind one address reconnecting after a restart can meet
@@ -358,6 +358,7 @@ class ClientSession:
         self._offline = False              # lost, and not yet READY again
         self._lost_chat = ""               # the partner of the chat the drop ended
         self._answering = False            # ACCEPT/DECLINE sent for the request in
+        self._deleted = False              # OK UNREGISTER (or its BYE): the account is gone, we leave
         self._out: list[Effect] = []
         self._new_session()
         self._new_connection()
@@ -396,6 +397,7 @@ class ClientSession:
         self._quits: deque[str] = deque()  # QUIT sent, reply pending: the chat partner then, or ""
         self._whos: deque[bool] = deque()  # WHO sent, reply pending: True if the user asked
         self._new_passwords: deque[str] = deque()  # PASSWORD sent, reply pending: the new password
+        self._unregisters = 0              # UNREGISTER sent, reply pending
         self._held_end: ev.Ended | None = None  # ENDED that may be the echo of our own QUIT
         self._finished: set[Role] = set()  # while leaving: sockets that said their last
         self._eof: set[Role] = set()       # sockets the server has closed
@@ -580,6 +582,20 @@ class ClientSession:
         else:
             self._new_passwords.append(new)
             self._send(CHAT, ev.Password(old, new))
+        return self._flush()
+
+    def delete_account(self, password: str) -> list[Effect]:
+        """Ask the server to delete our account (``/unregister``: the UI asks
+        for the password at a terminal, and for the user name to confirm).
+        Once the server says OK, the session ends as after ``/exit``, for good."""
+        problem = check_password(password)
+        if problem:
+            self._show("error", text=f"account not deleted: {problem}")
+        elif not self.online or self.leaving:
+            self._show("error", text="account not deleted: not connected")
+        else:
+            self._unregisters += 1
+            self._send(CHAT, ev.Unregister(password))
         return self._flush()
 
     def exit(self) -> list[Effect]:
@@ -836,6 +852,10 @@ class ClientSession:
         elif verb == "PASSWORD" and self._new_passwords:
             self._password = self._new_passwords.popleft()
             self._show("password-changed")
+        elif verb == "UNREGISTER" and role is CHAT and self._unregisters:
+            self._unregisters -= 1
+            self._account_deleted(user or self.user)
+            self._socket_done(CHAT)   # the server closes it: nothing more comes on it
         # OK ACCEPT: STARTED on the login socket says it. OK VERSION 2: the
         # resume token in WELCOME says it too.
 
@@ -878,6 +898,13 @@ class ClientSession:
         if verb == "PASSWORD" and role is CHAT and self._new_passwords:
             self._new_passwords.popleft()
             self._show("error", text=f"password not changed: {event.text}")
+            return
+        if verb == "UNREGISTER" and role is CHAT and self._unregisters:
+            self._unregisters -= 1
+            if event.code == "unknown-command":
+                self._show("error", text="this server cannot delete accounts (it is older than selchat 0.6.0)")
+            else:
+                self._show("error", text=f"account not deleted: {event.text}")
             return
         if verb == "WHO" and role is CHAT and self._whos:
             self._entries, self._entries_more = [], 0
@@ -1033,6 +1060,11 @@ class ClientSession:
         if self.phase is Phase.LOGGING_IN and event.reason == "auth-failed":
             self._show("register-failed" if self._register else "login-failed", text=event.text)
             self._close(EXIT_LOGIN)
+        elif event.reason == "unregistered" and (self._unregisters or self._deleted):
+            # Our UNREGISTER worked: its OK on the chat socket may still be on
+            # the way (two sockets, read in no set order). Leave as after /exit.
+            self._account_deleted(self.user)
+            self._socket_done(role)
         elif self.leaving:
             if event.reason != "exit":
                 self._show("disconnected", text=event.text, detail=event.reason)
@@ -1115,6 +1147,10 @@ class ClientSession:
     def _cmd_password(self) -> None:
         self._show("error", text="/password asks for your passwords at a terminal; "
                                  "it cannot read them from a line (or a script)")
+
+    def _cmd_unregister(self) -> None:
+        self._show("error", text="/unregister asks for your password at a terminal; "
+                                 "it cannot read it from a line (or a script)")
 
     def _cmd_help(self, name: str = "") -> None:
         if not name:
@@ -1202,6 +1238,15 @@ class ClientSession:
             self._close(EXIT_LOST)
         else:
             self._close(EXIT_OK)  # nothing to log out of yet
+
+    def _account_deleted(self, user: str) -> None:
+        """OK UNREGISTER or BYE unregistered, whichever is read first: say it
+        once, and leave as after /exit (the server ends the session)."""
+        if not self._deleted:
+            self._deleted = True
+            self._show("account-deleted", user=user)
+        self.leaving = True
+        self._exit_waits = False
 
     def _socket_done(self, role: Role) -> None:
         """While leaving: ``role`` has said its last. Done when login and chat have.
@@ -1338,6 +1383,9 @@ class ClientSession:
         """Show why the connection ended; then reconnect (if on, ``again`` and we
         were online once), or exit 3, or 0 when we were leaving anyway."""
         self._show(kind, text=text, detail=detail)
+        if self._unregisters and not self._deleted:
+            self._show("error", text="the connection was lost before the server answered /unregister: "
+                                     "your account may or may not be deleted")
         if self.leaving:
             self._close(EXIT_OK)
         elif again and self.reconnect and self._was_online:
@@ -1481,6 +1529,8 @@ COMMANDS: dict[str, Command] = {
     "/blocks": Command(ClientSession._cmd_blocks, "/blocks", "list the users you have blocked"),
     "/password": Command(ClientSession._cmd_password, "/password",
                          "change your password (asks for the one you have, then the new one twice)"),
+    "/unregister": Command(ClientSession._cmd_unregister, "/unregister",
+                           "delete your account for good (asks for your password)"),
     "/help": Command(ClientSession._cmd_help, "/help [COMMAND]", "list the commands, or explain one", (0, 1)),
     "/exit": Command(ClientSession._cmd_exit, "/exit", "log out and leave (also Ctrl-D)"),
 }

@@ -83,6 +83,7 @@ STYLE = Style.from_dict({
 _USER_NAME = re.compile(r"\s*(%s)\s+(\S*)$" % "|".join(re.escape(name) for name, c in COMMANDS.items() if c.names),
                         re.IGNORECASE)
 _PASSWORD = re.compile(r"\s*/password\s*", re.IGNORECASE)
+_UNREGISTER = re.compile(r"\s*/unregister\s*", re.IGNORECASE)
 _HELP_NAME = re.compile(r"\s*/help\s+(\S*)$", re.IGNORECASE)
 
 
@@ -431,6 +432,8 @@ class InteractiveUI:
                 self._echo(line)
                 if _PASSWORD.fullmatch(line):
                     await self._change_password()
+                elif _UNREGISTER.fullmatch(line):
+                    await self._delete_account()
                 else:
                     self.client.typed(line)
 
@@ -453,6 +456,27 @@ class InteractiveUI:
             self.show(Notice("error", text="password not changed: the two new passwords differ"))
             return
         self.client.change_password(old, new)
+
+    async def _delete_account(self) -> None:
+        """/unregister: the password is read here, unechoed and kept out of
+        the history, then the user name, to confirm; only then is the
+        password handed to the session (never as a typed line)."""
+        if not self.session.online:
+            self.show(Notice("error", text="account not deleted: not connected"))
+            return
+        secret = PromptSession(is_password=True, erase_when_done=True)  # its own: no history kept
+        confirm = PromptSession(erase_when_done=True)
+        try:
+            password = await secret.prompt_async("password (your account will be deleted for good): ",
+                                                 handle_sigint=False)
+            name = await confirm.prompt_async("type your user name to confirm: ", handle_sigint=False)
+        except (EOFError, KeyboardInterrupt):
+            self.show(Notice("error", text="account not deleted"))
+            return
+        if name.strip().lower() != self.session.user.lower():
+            self.show(Notice("error", text="account not deleted"))
+            return
+        self.client.delete_account(password)
 
     def _echo(self, line: str) -> None:
         """Put the entered line back above the prompt (a message is echoed by

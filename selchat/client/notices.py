@@ -63,6 +63,7 @@ FORMATS: dict[str, str] = {
     "queued":            "not connected: '{text}' will be sent once the connection is back",
     "resumed":           "reconnected: {text}",                         # RESUMED (before the events it replays)
     "password-changed":  "your password is changed",                    # OK PASSWORD
+    "account-deleted":   "your account {user} is deleted",              # OK UNREGISTER (or BYE unregistered)
     "chat-gone":         "chat with {user} is over (the server has no chat for you)",  # UNDELIVERED not-in-chat
     # The block list (servers from 0.6.0).
     "blocked":           "you blocked {user}: their chat requests are declined for you",  # OK BLOCK
@@ -140,6 +141,7 @@ JSON_FIELDS: dict[str, dict[str, tuple[str, type]]] = {
     "unblocked": {"user": ("user", str)},
     "blocks": {"users": ("users", list)},
     "password-changed": {},
+    "account-deleted": {"user": ("user", str)},
     "login-failed": {"text": ("text", str)},
     "hint-register": {},
     "register-failed": {"text": ("text", str)},

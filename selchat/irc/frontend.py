@@ -86,6 +86,7 @@ SERVICE_HELP = (
     "  who         who is online, idle or busy",
     "  password OLD NEW   change your password (a space in OLD is written '\\ ')",
     "  block NAME  decline NAME's chat requests from now on (and end a chat with them)",
+    "  unregister PASSWORD   delete your account, for good",
     "  unblock NAME, blocks   undo it; list whom you have blocked",
     "  help        this list",
     "While chatting, /msg NAME (or /query NAME) talks to your partner. /quit logs out.",
@@ -529,6 +530,8 @@ class IrcConnection(ReadPausing):
             self._who_answered(entries)
         elif verb == "PASSWORD":
             self.notice("your password is changed")
+        elif verb == "UNREGISTER":
+            self.notice(f"your account {info} is deleted")
         elif verb == "BLOCK":
             self.notice(f"you blocked {info}: their chat requests are declined for you")
         elif verb == "UNBLOCK":
@@ -809,6 +812,12 @@ class IrcConnection(ReadPausing):
             server.on_quit(self, ev.Quit())
         elif verb == "who":
             self._who(self._who_notice)
+        elif verb == "unregister":  # the rest of the line is the password, as for LOGIN
+            password = clean_text(text).lstrip().partition(" ")[2]
+            if not password:
+                self.notice(f"usage: /msg {SERVICE} unregister PASSWORD (deletes your account for good)")
+            else:
+                server.logins.on_unregister(self, ev.Unregister(password))
         elif verb in ("block", "unblock"):
             if len(words) != 2:
                 self.notice(f"usage: /msg {SERVICE} {verb} NAME")

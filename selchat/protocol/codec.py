@@ -113,6 +113,9 @@ def decode_client(line: bytes) -> ev.Event:
         return (ev.Login if verb == "LOGIN" else ev.Register)(user, password)
     if verb == "PASSWORD":
         return ev.Password(*split_escaped(verb, rest, "PASSWORD <old> <new>"))
+    if verb == "UNREGISTER":
+        (password,) = _args(verb, rest, 1, "UNREGISTER <password>")
+        return ev.Unregister(password)
     if verb == "ACK":
         (ident,) = _args(verb, rest, 1, "ACK <id>")
         return ev.Ack(_number(verb, ident, "ACK <id>"))
@@ -287,6 +290,7 @@ _ENCODERS = {
     ev.Unblock: lambda e: _frame("UNBLOCK", e.user),
     ev.Blocks: lambda e: b"BLOCKS\n",
     ev.Password: lambda e: _frame("PASSWORD", escape_word(e.old), e.new),
+    ev.Unregister: lambda e: _frame("UNREGISTER", e.password),
     ev.Message: lambda e: f"MSG {e.text}\n".encode("utf-8"),
     ev.Version: lambda e: _frame("VERSION", e.version),
     ev.Resume: lambda e: (_frame("RESUME", e.token, e.last_id, e.messages) if e.messages >= 0

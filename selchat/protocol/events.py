@@ -179,6 +179,17 @@ class Password(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Unregister(Event):
+    """``UNREGISTER <password>`` (chat socket): delete your account, if
+    ``password`` is its password; the session then ends."""
+
+    password: str
+
+    def __repr__(self) -> str:  # never in a log or a test report
+        return "Unregister(password=...)"
+
+
+@dataclass(frozen=True, slots=True)
 class Message(Event):
     """A chat line from the client; relayed to the partner as ``Incoming``."""
 

@@ -30,7 +30,7 @@ class State(enum.Enum):
 S = State
 
 _COMMANDS = (ev.ChatRequest, ev.Accept, ev.Decline, ev.Quit, ev.Exit, ev.Who, ev.Help, ev.Password,
-             ev.Block, ev.Unblock, ev.Blocks, ev.Message)
+             ev.Unregister, ev.Block, ev.Unblock, ev.Blocks, ev.Message)
 
 #: Frames a client may send: state -> {event type: next state}.
 CLIENT_FRAMES: dict[State, dict[type, State]] = {

@@ -50,6 +50,9 @@ class Accounts:
     def change_password(self, name: str, old: str, new: str, done) -> None:
         self.reactor.run_in_thread(lambda: self._store().change_password(name, old, new), done=done)
 
+    def delete_account(self, name: str, password: str, done) -> None:
+        self.reactor.run_in_thread(lambda: self._store().delete_account(name, password), done=done)
+
     def exists(self, name: str, done) -> None:
         self.reactor.run_in_thread(lambda: self._store().exists(name), done=done)
 

@@ -123,6 +123,7 @@ class Server:
             ev.Exit: self.on_exit,
             ev.Who: self.on_who,
             ev.Password: self.logins.on_password,
+            ev.Unregister: self.logins.on_unregister,
             ev.Block: self.blocking.on_block,
             ev.Unblock: self.blocking.on_unblock,
             ev.Blocks: self.blocking.on_blocks,

@@ -15,7 +15,7 @@ from selchat.server.session import PendingRequest
 
 COMMANDS_HELP = (
     "CHAT <user> | ACCEPT | DECLINE | QUIT | EXIT | WHO | HELP | MSG <text> | PASSWORD <old> <new>"
-    " | BLOCK <user> | UNBLOCK <user> | BLOCKS"
+    " | BLOCK <user> | UNBLOCK <user> | BLOCKS | UNREGISTER <password>"
     " (commands on the chat socket; see docs/protocol.md)"
 )
 

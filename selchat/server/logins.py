@@ -1,4 +1,5 @@
-"""Logging in: LOGIN and REGISTER, from the frame to the session; and PASSWORD.
+"""Logging in: LOGIN and REGISTER, from the frame to the session; and the
+commands the current password must back, PASSWORD and UNREGISTER.
 
 Throttling of failed logins (per account and address, and per address),
 the fair queue of password checks waiting for a worker thread, and the
@@ -8,7 +9,8 @@ new session (``Registry.start_session``). The hash itself runs on a worker
 
 May touch: the peer being logged in (pause, resume, send, close), the
 account store through its non-blocking calls, the metrics and the log
-events; from the ``Server`` its config (swapped on reload) and ``stopping``.
+events; from the ``Server`` its config (swapped on reload) and ``stopping``,
+and the registry to end the session of an account just deleted.
 """
 
 from __future__ import annotations
@@ -98,14 +100,27 @@ class Logins:
         logins; reading the socket waits meanwhile. A wrong old password
         counts as a failed login for the account from that address (so it
         is throttled as guesses at LOGIN are), without closing anything."""
-        name = peer.session.name
         try:
             check_password(event.new)
         except StoreError as exc:
             peer.send(ev.Error("PASSWORD", "bad-password", str(exc)))
             return
-        if len(event.old.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
-            peer.send(ev.Error("PASSWORD", "auth-failed", WRONG_PASSWORD))
+        self._with_password(peer, event, "PASSWORD", event.old)
+
+    def on_unregister(self, peer, event) -> None:
+        """UNREGISTER <password> on a chat socket: the account is deleted, if
+        the password is right (checked as PASSWORD's old one is), and the
+        session ends."""
+        self._with_password(peer, event, "UNREGISTER", event.password)
+
+    def _with_password(self, peer, event, verb: str, password: str) -> None:
+        """A command of a logged-in user that the current ``password`` must
+        back: checked on a worker, in the logins' fair queue, and throttled
+        with them (a wrong one counts as a failed login for the account
+        from that address)."""
+        name = peer.session.name
+        if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
+            peer.send(ev.Error(verb, "auth-failed", WRONG_PASSWORD))
             return
         host = peer.host
         pair = (name.lower(), host)
@@ -114,14 +129,14 @@ class Logins:
         if wait > 0:
             seconds = math.ceil(wait)
             audit.emit("throttled", logging.WARNING, user=name, addr=host, wait=seconds)
-            peer.send(ev.Error("PASSWORD", "throttled", f"too many wrong passwords; try again in {seconds} s"))
+            peer.send(ev.Error(verb, "throttled", f"too many wrong passwords; try again in {seconds} s"))
             return
         if len(self.queue) >= self.server.config.max_hash_queue or self.queue.queued(host) >= HASHES_PER_ADDRESS:
-            peer.send(ev.Error("PASSWORD", "busy", "the server is busy; try again in a moment"))
+            peer.send(ev.Error(verb, "busy", "the server is busy; try again in a moment"))
             return
         self.pair_failures.failed(pair, now)
         peer.pause(WAITING)
-        self.queue.push(host, (peer, event, "PASSWORD", pair))
+        self.queue.push(host, (peer, event, verb, pair))
         self._run_hashes()
 
     def _run_hashes(self) -> None:
@@ -134,13 +149,18 @@ class Logins:
             self.hashing += 1
             if verb == "PASSWORD":
                 accounts.change_password(pair[0], event.old, event.new,
-                                         done=lambda fut, p=peer, k=pair: self._password_done(p, k, fut))
+                                         done=lambda fut, p=peer, k=pair: self._checked(p, k, "PASSWORD", fut))
+                continue
+            if verb == "UNREGISTER":
+                accounts.delete_account(pair[0], event.password,
+                                        done=lambda fut, p=peer, k=pair: self._checked(p, k, "UNREGISTER", fut))
                 continue
             call = accounts.register if verb == "REGISTER" else accounts.verify
             call(event.user, event.password,
                  done=lambda fut, p=peer, e=event, v=verb, k=pair: self._login_done(p, e, v, k, fut))
 
-    def _password_done(self, peer, pair, future) -> None:
+    def _checked(self, peer, pair, verb: str, future) -> None:
+        """PASSWORD or UNREGISTER is back from its worker."""
         self.hashing -= 1
         self._run_hashes()
         host = peer.host
@@ -150,17 +170,23 @@ class Logins:
             self.pair_failures.refund(pair)
             if isinstance(exc, StorageUnavailable):
                 audit.emit("storage-error", logging.ERROR, user=pair[0], addr=host, error=str(exc))
-            reply = ev.Error("PASSWORD", exc.code, str(exc))
+            reply = ev.Error(verb, exc.code, str(exc))
         except Exception as exc:
             log.exception("account store failed")
             self.pair_failures.refund(pair)
             audit.emit("storage-error", logging.ERROR, user=pair[0], addr=host, error=repr(exc))
-            reply = ev.Error("PASSWORD", "storage", "the account store failed; try again later")
+            reply = ev.Error(verb, "storage", "the account store failed; try again later")
         else:
             if name is None:
                 self.addr_failures.failed(host, self.reactor.clock())
-                audit.emit("password-failed", logging.WARNING, user=pair[0], addr=host)
-                reply = ev.Error("PASSWORD", "auth-failed", WRONG_PASSWORD)
+                audit.emit("password-failed" if verb == "PASSWORD" else "unregister-failed", logging.WARNING,
+                           user=pair[0], addr=host)
+                reply = ev.Error(verb, "auth-failed", WRONG_PASSWORD)
+            elif verb == "UNREGISTER":
+                self.pair_failures.succeeded(pair)
+                audit.emit("account-deleted", user=name, addr=host)
+                self._unregistered(peer, name)
+                return
             else:
                 self.pair_failures.succeeded(pair)
                 audit.emit("password-changed", user=name, addr=host)
@@ -168,6 +194,15 @@ class Logins:
         if not peer.transport.closing:
             peer.send(reply)
             peer.resume(WAITING)
+
+    def _unregistered(self, peer, name: str) -> None:
+        """The account is gone: OK UNREGISTER, then the session ends as at
+        EXIT (the partner hears that the user left)."""
+        session = peer.session
+        peer.send(ev.Ok("UNREGISTER", name))
+        if session is not None:
+            self.server.registry.end_session(session, "left", f"{name} left",
+                                             ev.Bye("unregistered", "your account is deleted"), why="unregistered")
 
     def _login_done(self, peer, event, verb: str, pair, future) -> None:
         self.hashing -= 1

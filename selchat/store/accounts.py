@@ -241,6 +241,16 @@ class LookupMethods:
             return None
         return canonical
 
+    def delete_account(self, name: str, password: str) -> str | None:
+        """Delete *name* if *password* is its password (the user's own
+        deletion; ``delete_user`` is the operator's). Returns the canonical
+        name, or None (wrong password, no such account) after the same
+        hashing work as ``verify``."""
+        canonical = self.verify(name, password)
+        if canonical is None or not self.delete_user(canonical):
+            return None
+        return canonical
+
     def exists(self, name: str) -> bool:
         """True if an account *name* exists (case-insensitive)."""
         try:
