@@ -70,6 +70,9 @@ def _check_metrics(ctx, param, value):
           help="After login, the chat and check sockets must attach within this.")
 @_setting("registration", "--registration/--no-registration", show_default="on",
           help="Let clients create accounts with REGISTER.")
+@_setting("registrations_per_hour", type=float, metavar="N",
+          help=f"Accounts one address may create per hour, after a burst of {DEFAULTS.registration_burst}"
+               " (0: no limit).")
 @_setting("stuck_timeout", type=float, metavar="SECONDS",
           help="Drop a client that has not read its output for this long.")
 @_setting("resume_window", type=float, metavar="SECONDS",

@@ -57,7 +57,9 @@ class ServerProcess:
     def __init__(self, tmp_path, *args: str, db: str | None = None, preexec_fn=None):
         self.db = db or str(tmp_path / "accounts.db")
         cmd = [sys.executable, "-m", "selchat.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--db", self.db, "--scrypt-n", "16", *args]
+               "--db", self.db, "--scrypt-n", "16",
+               # every test registers its users from 127.0.0.1: a test of the limit sets its own
+               "--registrations-per-hour", "0", *args]
         self.log_path = tmp_path / f"server-{next(_names)}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,

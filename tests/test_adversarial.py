@@ -247,6 +247,35 @@ def test_password_guessing_is_throttled_at_once_and_only_from_that_address(canar
     canary.check()
 
 
+def _register_reply(srv, name: str, source: str | None = None) -> str | None:
+    sock = LineSocket(srv.host, srv.port, source=source)
+    try:
+        sock.send(f"REGISTER {name} pw")
+        return sock.line()
+    finally:
+        sock.close()
+
+
+def test_account_creation_is_limited_per_address(make_server):
+    """An address creates 10 accounts at once, then 1 per hour (here): the
+    11th REGISTER is answered at once with the wait, nothing is made. A
+    REGISTER that made no account (the name was taken) is not charged;
+    another address and logins are not slowed."""
+    srv = make_server("--registrations-per-hour", "1")
+    names = [unique("r") for _ in range(10)]
+    for i, name in enumerate(names):
+        assert _register_reply(srv, name).startswith("WELCOME "), i
+        if i == 0:
+            assert _register_reply(srv, name.upper()).startswith("ERR REGISTER taken ")
+    spam = unique("spam")
+    reply = _register_reply(srv, spam)
+    assert reply.startswith("ERR REGISTER throttled "), reply
+    assert 3000 <= int(reply.split()[3]) <= 3600, reply   # "<seconds> too many accounts ..."
+    assert _login_reply(srv, spam, "pw") == "ERR LOGIN auth-failed invalid username or password"  # not made
+    assert _login_reply(srv, names[0], "pw").startswith("WELCOME ")
+    assert _register_reply(srv, spam, source="127.0.0.2").startswith("WELCOME ")
+
+
 def test_parallel_guesses_are_throttled_too(make_server):
     srv = make_server()
     victim = RawUser(srv)

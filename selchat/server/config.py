@@ -83,6 +83,9 @@ class ServerConfig:
     # -- passwords --
     #: Whether clients may create accounts with REGISTER.
     registration: bool = True
+    #: Accounts one address may create per hour, after a burst; 0 = unlimited.
+    registrations_per_hour: float = 30.0
+    registration_burst: int = 10
     #: Threads for password hashing and database writes.
     workers: int = 2
     #: Password checks waiting or running at once; more are refused as "busy".

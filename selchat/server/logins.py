@@ -20,7 +20,7 @@ import math
 
 from selchat.protocol import events as ev
 from selchat.server import audit
-from selchat.server.limits import FailureTracker, FairQueue
+from selchat.server.limits import FailureTracker, FairQueue, TokenBucket
 from selchat.server.peer import WAITING
 from selchat.store.accounts import MAX_PASSWORD_BYTES, StorageUnavailable, StoreError, check_password
 
@@ -49,6 +49,7 @@ class Logins:
         self.pair_failures = FailureTracker(free=FREE_FAILURES_PER_ACCOUNT)
         self.addr_failures = FailureTracker(free=server.config.throttle_after or None)
         self.queue = FairQueue()    # password checks waiting, per address
+        self.registrations: dict[str, TokenBucket] = {}  # address -> accounts it may still create
         self.hashing = 0            # password checks on a worker
 
     def on_login(self, peer, event) -> None:
@@ -88,7 +89,17 @@ class Logins:
         if len(self.queue) >= self.server.config.max_hash_queue or self.queue.queued(host) >= HASHES_PER_ADDRESS:
             self._login_refused(peer, verb, "busy", "the server is busy; try again in a moment")
             return
-        if not register:
+        if register:
+            wait = self._registration_wait(host, now)
+            if wait > 0:
+                seconds = math.ceil(wait)
+                self.server.metrics.logins["throttled"] += 1
+                audit.emit("throttled", logging.WARNING, user=event.user, addr=host, wait=seconds)
+                self._login_failed(peer, verb, event.user, "throttled",
+                                   f"{seconds} too many accounts created from your address; try again in {seconds} s",
+                                   counted=False)
+                return
+        else:
             self.pair_failures.failed(pair, now)
         peer.pause(WAITING)
         self.queue.push(host, (peer, event, verb, pair))
@@ -271,10 +282,32 @@ class Logins:
         audit.emit("register" if verb == "REGISTER" else "login", user=name, addr=peer.host, session=session.sid)
         peer.resume(WAITING)
 
+    def _registration_wait(self, host: str, now: float) -> float:
+        """0 and one account charged to ``host``, or how long it must wait
+        to create another (config.registrations_per_hour, after a burst)."""
+        cfg = self.server.config
+        if cfg.registrations_per_hour <= 0:
+            return 0.0
+        rate = self.registrations.get(host)
+        if rate is None:
+            if len(self.registrations) > 10_000:
+                for known, old in list(self.registrations.items()):
+                    old.refill(now)
+                    if old.full:
+                        del self.registrations[known]
+            rate = self.registrations[host] = TokenBucket(cfg.registrations_per_hour / 3600, cfg.registration_burst,
+                                                          now)
+        return 0.0 if rate.take(now) else rate.wait()
+
     def _refund(self, verb: str, pair) -> None:
-        """The check never ran to a verdict: take back the failure charged in advance."""
+        """The check never ran to a verdict (or, for REGISTER, made no account):
+        take back what was charged in advance."""
         if verb == "LOGIN":
             self.pair_failures.refund(pair)
+        elif verb == "REGISTER":
+            rate = self.registrations.get(pair[1])
+            if rate is not None:
+                rate.tokens = min(rate.burst, rate.tokens + 1.0)
 
     def _login_refused(self, peer, verb: str, code: str, text: str, count: bool = True) -> None:
         """An answer that is nobody's fault or not a guess: reading goes on."""
