@@ -639,6 +639,7 @@ class Model:
         self.partner: dict[Session, Session] = {}
         self.requests: dict[tuple[Session, Session], float] = {}  # (source, target) -> deadline
         self.inbox: dict[Session, list] = {}  # everything each user was told
+        self.blocks: set[tuple[str, str]] = set()  # (key, key it has blocked): the account store's
 
     def tell(self, s: Session, event) -> None:
         self.inbox[s].append(norm(event))
@@ -682,6 +683,9 @@ class Model:
             return None
         if self.busy(t):
             return err("CHAT", "busy")
+        if (t.key, s.key) in self.blocks:  # declined for them, at once
+            self.tell(s, ev.Declined(t.name))
+            return ev.Ok("CHAT", t.name)
         self.requests[(s, t)] = self.now + self.timeout
         self.tell(t, ev.Request(s.name))
         return ev.Ok("CHAT", t.name)
@@ -722,6 +726,16 @@ class Model:
             self.tell(pair[1], ev.Cancelled(s.name))
             return ev.Ok("QUIT", pair[1].name)
         return err("QUIT", "not-in-chat")
+
+    def block(self, s: Session, key: str) -> None:
+        """BLOCK: on the list from now on; a chat or request with them ends."""
+        self.blocks.add((s.key, key))
+        p = self.partner.get(s)
+        pair = self.request_of(s)
+        if p is not None and p.key == key:
+            self.quit(s)
+        elif pair is not None and (pair[0] if pair[1] is s else pair[1]).key == key:
+            (self.decline if pair[1] is s else self.quit)(s)
 
     def message(self, s: Session, text: str, seq: int):
         p = self.partner.get(s)
@@ -764,8 +778,12 @@ class HubMachine(RuleBasedStateMachine):
         return s
 
     def _do(self, verb: str, a: Session, *args):
-        """Run one command on the hub and on the model; the replies must agree."""
-        got = getattr(self.hub, verb)(a, *args)
+        """Run one command on the hub and on the model; the replies must agree.
+        A CHAT is told, as Blocking tells it, whether the one asked blocked the asker."""
+        extra = ()
+        if verb == "chat":
+            extra = ((args[0].lower(), a.key) in self.model.blocks,)
+        got = getattr(self.hub, verb)(a, *args, *extra)
         want = getattr(self.model, verb)(a, *args)
         assert norm(got) == want, (verb, a, args)
 
@@ -822,6 +840,19 @@ class HubMachine(RuleBasedStateMachine):
     @rule(a=users)
     def quit(self, a):
         self._do("quit", a)
+
+    @rule(a=users, name=st.sampled_from(NAMES), unblock=st.booleans())
+    def block(self, a, name, unblock):
+        """BLOCK (or UNBLOCK) name: what Blocking does around the hub, with
+        the list kept where the store would keep it (here, the model's)."""
+        key = name.lower()
+        if key == a.key:
+            return  # refused before the hub hears of it
+        if unblock:
+            self.model.blocks.discard((a.key, key))
+            return
+        self.model.block(a, key)
+        self.hub.part(a, key)
 
     @rule(a=users, text=st.sampled_from(["hi", "ok", "bye"]))
     def message(self, a, text):
