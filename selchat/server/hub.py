@@ -70,7 +70,7 @@ class Hub:
         """Ask ``name`` for a chat. Returns the reply, or None when ``name`` is not
         online (the caller then finds out whether the account exists at all).
         If ``name`` has blocked the asker (``blocked``), the request is
-        answered for them as a decline, at once: the asker cannot tell."""
+        answered for them as a decline, at once (the asker gets a "no")."""
         key = name.lower()
         if key == session.key:
             return ev.Error("CHAT", "self", "you cannot chat with yourself")
