@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -193,6 +194,31 @@ def test_against_runs_the_selchat_of_another_tree_beside_this_one(tmp_path):
     text = report.relay_text(result)
     assert "this/against" in text and "correct: yes" in text
     assert_fits(text.splitlines())
+
+
+def test_against_passes_only_the_options_the_other_tree_has_and_makes_its_accounts_with_its_store(tmp_path):
+    """An older tree's serve lacks newer options (--registrations-per-hour
+    before 0.6.0) and its store may not open a newer schema: the flags and
+    the accounts database come from that tree's own code."""
+    tree = tmp_path / "tree"
+    shutil.copytree(Path(selchat.__file__).parent, tree / "selchat",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    cli_py = tree / "selchat" / "cli.py"
+    text = cli_py.read_text()
+    start = text.index('@_setting("registrations_per_hour"')
+    cli_py.write_text(text[:start] + text[text.index("@_setting(", start + 1):])
+    assert "--registrations-per-hour" in servers.limit_flags()
+    assert "--registrations-per-hour" not in servers.limit_flags(str(tree))
+    store_py = tree / "selchat" / "store" / "accounts.py"
+    store_py.write_text(store_py.read_text() + '\n_now_iso = lambda: "made by the tree"  # noqa\n')
+    db = tmp_path / "bench.db"
+    servers.prepare_accounts(db, ["a1", "a2"], "pw", 16, str(tree))
+    conn = sqlite3.connect(str(db))
+    try:
+        assert conn.execute("SELECT created FROM users WHERE name = 'a1'").fetchone() == ("made by the tree",)
+        assert conn.execute("SELECT count(*) FROM users").fetchone() == (2,)
+    finally:
+        conn.close()
 
 
 def test_against_with_both_versions_measures_version_2_over_the_other_trees_version_1(tmp_path):

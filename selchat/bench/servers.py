@@ -126,16 +126,25 @@ def _read_line(stream, timeout: float) -> str | None:
     return stream.readline().strip() or None
 
 
-def prepare_accounts(db: Path, names: list[str], password: str, scrypt_n: int) -> None:
+def prepare_accounts(db: Path, names: list[str], password: str, scrypt_n: int, tree: str | None = None) -> None:
     """Register ``names`` in a fresh database, all with ``password``.
 
     The first goes through ``AccountStore.add_user`` (so the schema and the
-    hash format are the store's own); the rest get a copy of its hash row in
-    one transaction, which takes a second for 10,000 users instead of one
-    scrypt and one fsync each. Sharing a salt does not change what verifying
-    a login costs."""
-    with AccountStore(str(db), scrypt_n=scrypt_n) as store:
-        store.add_user(names[0], password)
+    hash format are the store's own: with ``tree``, that tree's store, whose
+    server will open the file); the rest get a copy of its hash row in one
+    transaction, which takes a second for 10,000 users instead of one scrypt
+    and one fsync each. Sharing a salt does not change what verifying a
+    login costs."""
+    if tree is None:
+        with AccountStore(str(db), scrypt_n=scrypt_n) as store:
+            store.add_user(names[0], password)
+    else:
+        code = ("import sys; from selchat.store.accounts import AccountStore; "
+                "AccountStore(sys.argv[1], scrypt_n=int(sys.argv[2])).add_user(sys.argv[3], sys.stdin.read())")
+        done = subprocess.run([sys.executable, "-c", code, str(db), str(scrypt_n), names[0]], input=password,
+                              capture_output=True, text=True, env=tree_env(tree), cwd="/", timeout=120)
+        if done.returncode != 0:
+            raise BenchError(f"--against {tree}: could not make the accounts: {done.stderr.strip()}")
     if len(names) == 1:
         return
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -151,16 +160,18 @@ def prepare_accounts(db: Path, names: list[str], password: str, scrypt_n: int) -
 
 
 @functools.lru_cache(maxsize=None)
-def serve_options() -> frozenset:
-    """The option names ``selchat serve`` accepts (it grows; we adapt)."""
+def serve_options(tree: str | None = None) -> frozenset:
+    """The option names ``selchat serve`` accepts, this one's or ``tree``'s
+    (it grows; we adapt)."""
+    env, cwd = (tree_env(tree), "/") if tree else (None, None)
     out = subprocess.run([sys.executable, "-m", "selchat.cli", "serve", "--help"], capture_output=True,
-                         text=True, timeout=60).stdout
+                         text=True, timeout=60, env=env, cwd=cwd).stdout
     return frozenset(re.findall(r"--[a-z][a-z-]*", out))
 
 
-def limit_flags() -> list[str]:
-    """``LIMITS_NOT_BINDING`` as arguments, for the options this server has."""
-    known = serve_options()
+def limit_flags(tree: str | None = None) -> list[str]:
+    """``LIMITS_NOT_BINDING`` as arguments, for the options this server (or ``tree``'s) has."""
+    known = serve_options(tree)
     return [arg for flag, value in LIMITS_NOT_BINDING.items() if flag in known for arg in (flag, value)]
 
 
@@ -175,8 +186,8 @@ def spawn_selchat(workdir: Path, users: list[str], password: str, *, scrypt_n: i
 
     db = workdir / "bench.db"
     started = time.monotonic()
-    prepare_accounts(db, users, password, scrypt_n or DEFAULT_SCRYPT_N)
-    cmd = selchat_command(db, scrypt_n, ping_interval) + list(extra)
+    prepare_accounts(db, users, password, scrypt_n or DEFAULT_SCRYPT_N, tree)
+    cmd = selchat_command(db, scrypt_n, ping_interval, tree) + list(extra)
     env = tree_env(tree) if tree else None  # run from workdir: python -m puts the cwd first on sys.path
     server = SpawnedServer("selchat", cmd, workdir, cpus=cpus, nofile=nofile, env=env, cwd=workdir if tree else None)
     server.prepare_seconds = time.monotonic() - started
@@ -198,15 +209,16 @@ def tree_env(tree: str) -> dict:
     return env
 
 
-def selchat_command(db: Path, scrypt_n: int | None, ping_interval: float | None) -> list[str]:
+def selchat_command(db: Path, scrypt_n: int | None, ping_interval: float | None,
+                    tree: str | None = None) -> list[str]:
     """``selchat serve`` as the bench runs it: a free loopback port, ``db``,
-    the flood limits never binding."""
+    the flood limits never binding (those that ``tree``'s server has, with ``tree``)."""
     cmd = [sys.executable, "-m", "selchat.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--db", str(db)]
     if scrypt_n:
         cmd += ["--scrypt-n", str(scrypt_n)]
     if ping_interval:
         cmd += ["--ping-interval", str(ping_interval)]
-    return cmd + limit_flags()
+    return cmd + limit_flags(tree)
 
 
 def spawn_baseline(workdir: Path, script: Path | None = None, cpus=None, nofile: int | None = None) -> SpawnedServer:
