@@ -77,7 +77,7 @@ def request(path: str, message: dict, timeout: float = TIMEOUT) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the server's reply as JSON, as it came.")
 @click.pass_context
 def admin(ctx, path, as_json):
-    """Manage a running server: status, who, kick, broadcast, reload.
+    """Manage a running server: status, who, kick, lock, unlock, broadcast, reload.
 
     Exit codes: 0 done, 1 refused by the server (or bad usage), 2 no server
     answers at the socket.
@@ -167,6 +167,31 @@ def kick(ctx, name, words, text):
     if text is not None:
         message["text"] = text
     _run(ctx, message, lambda r: click.echo(f"kicked {r['user']}"))
+
+
+@admin.command()
+@click.argument("name")
+@click.argument("words", nargs=-1, metavar="[REASON...]")
+@click.pass_context
+def lock(ctx, name, words):
+    """Lock account NAME and end its session on this server: its password no
+    longer logs it in (it is told the REASON), and the name stays taken.
+
+    The lock is in the account database, so every server sharing it refuses
+    the account; a session on another node of a cluster lasts until it logs
+    out or is kicked there. `selchat user lock` does the same offline."""
+    message = {"cmd": "lock", "user": name}
+    if words:
+        message["text"] = " ".join(words)
+    _run(ctx, message, lambda r: click.echo(f"locked {r['user']}" + (" (session ended)" if r["kicked"] else "")))
+
+
+@admin.command()
+@click.argument("name")
+@click.pass_context
+def unlock(ctx, name):
+    """Unlock account NAME: its password logs it in again."""
+    _run(ctx, {"cmd": "unlock", "user": name}, lambda r: click.echo(f"unlocked {r['user']}"))
 
 
 @admin.command()

@@ -300,13 +300,48 @@ def user_del(ctx, name):
     click.echo(f"deleted {name}")
 
 
+@user.command("lock")
+@click.argument("name")
+@click.argument("words", nargs=-1, metavar="[REASON...]")
+@click.pass_context
+def user_lock(ctx, name, words):
+    """Lock account NAME (abuse): its password no longer logs it in (a login
+    with it is told the REASON, if any), and the name stays taken. Locking
+    again replaces the reason. A logged-in user stays online until they leave
+    or are kicked (`selchat admin kick NAME`; `selchat admin lock` does both)."""
+    reason = " ".join(words)
+    canonical = _with_store(ctx, lambda store: store.lock_user(name, reason))
+    if canonical is None:
+        raise click.ClickException(f"no user {name}")
+    click.echo(f"locked {canonical}")
+
+
+@user.command("unlock")
+@click.argument("name")
+@click.pass_context
+def user_unlock(ctx, name):
+    """Unlock account NAME: its password logs it in again."""
+    def unlock(store):
+        canonical = store.unlock_user(name)
+        if canonical is None:
+            existing = store.canonical_name(name)
+            raise click.ClickException(f"{existing} is not locked" if existing else f"no user {name}")
+        return canonical
+
+    click.echo(f"unlocked {_with_store(ctx, unlock)}")
+
+
 @user.command("list")
 @click.pass_context
 def user_list(ctx):
-    """List accounts, with their creation time (UTC)."""
-    with _open_store(ctx) as store:
-        for name, created in store.list_users():
-            click.echo(f"{name}\t{created}")
+    """List accounts, with their creation time (UTC), one a line, tab-separated;
+    a locked account has a third column, `locked: REASON`."""
+    users, locked = _with_store(ctx, lambda store: (store.list_users(), store.locked_users()))
+    for name, created in users:
+        line = f"{name}\t{created}"
+        if name in locked:
+            line += f"\tlocked: {locked[name]}"
+        click.echo(line)
 
 
 # -- connect --------------------------------------------------------------------------

@@ -131,6 +131,33 @@ def test_kick_of_someone_not_online_exits_1(served):
     assert result.stderr.strip() == f"error: {name} is not online"
 
 
+def test_lock_ends_the_session_and_keeps_the_account_out_until_unlock(served):
+    """admin lock: the session ends (BYE kicked with the reason), the right
+    password then gets ERR LOGIN locked (a wrong one still auth-failed: the
+    lock shows only to whoever knows the password), the name stays taken;
+    admin unlock lets it in again."""
+    mallory, bob = RawUser(served), RawUser(served)
+    start_chat(mallory, bob)
+    result = admin(served.admin_path, "lock", mallory.name.upper(), "spam", "again")
+    assert result.returncode == 0, result
+    assert result.stdout.strip() == f"locked {mallory.name} (session ended)"
+    assert "BYE kicked your account is locked: spam again" in mallory.login.expect_closed()
+    bob.expect(f"ENDED {mallory.name} kicked ")
+    sock = served.connect()
+    sock.send(f"LOGIN {mallory.name} wrong", f"LOGIN {mallory.name} pw secret", f"REGISTER {mallory.name} pw")
+    assert sock.line() == "ERR LOGIN auth-failed invalid username or password"
+    assert sock.line() == "ERR LOGIN locked this account is locked: spam again"
+    assert sock.line().startswith("ERR REGISTER taken ")
+    result = admin(served.admin_path, "lock", mallory.name)  # again, not online: nothing to end
+    assert result.returncode == 0 and result.stdout.strip() == f"locked {mallory.name}"
+    assert admin(served.admin_path, "unlock", mallory.name).stdout.strip() == f"unlocked {mallory.name}"
+    again = admin(served.admin_path, "unlock", mallory.name)
+    assert again.returncode == 1 and again.stderr.strip() == f"error: {mallory.name} is not a locked account"
+    nobody = admin(served.admin_path, "lock", unique("ghost"))
+    assert nobody.returncode == 1 and "there is no account" in nobody.stderr
+    assert RawUser(served, mallory.name, register=False).name == mallory.name
+
+
 def test_broadcast_reaches_every_online_user(served):
     users = [RawUser(served) for _ in range(3)]
     start_chat(users[0], users[1])

@@ -172,3 +172,63 @@ def test_user_passwd_sets_a_new_password_without_the_old_one(tmp_path):
         assert store.verify("hana", "forgotten") is None and store.verify("hana", "from stdin") == "hana"
     missing = run("user", "--db", db, "passwd", "nobody", env={"SELCHAT_PASSWORD": "pw"})
     assert missing.exit_code == 1 and "no user nobody" in missing.output
+
+
+def test_user_lock_and_unlock(tmp_path):
+    db = str(tmp_path / "u.db")
+    run("user", "--db", db, "add", "Mallory", env={"SELCHAT_PASSWORD": "pw"})
+    run("user", "--db", db, "add", "bob", env={"SELCHAT_PASSWORD": "pw"})
+    locked = run("user", "--db", db, "lock", "mallory", "spam", "and", "abuse")
+    assert locked.exit_code == 0 and locked.output == "locked Mallory\n"
+    with AccountStore(db, scrypt_n=16) as store:
+        assert store.locked_users() == {"Mallory": "spam and abuse"}   # the rest of the words
+    again = run("user", "--db", db, "lock", "MALLORY")                  # no reason: replaced by none
+    assert again.exit_code == 0 and again.output == "locked Mallory\n"
+    with AccountStore(db, scrypt_n=16) as store:
+        assert store.locked_users() == {"Mallory": ""}
+    unlocked = run("user", "--db", db, "unlock", "MALLORY")
+    assert unlocked.exit_code == 0 and unlocked.output == "unlocked Mallory\n"
+    with AccountStore(db, scrypt_n=16) as store:
+        assert store.locked_users() == {} and store.verify("mallory", "pw") == "Mallory"
+
+
+def test_user_lock_and_unlock_errors_exit_1(tmp_path):
+    db = str(tmp_path / "u.db")
+    run("user", "--db", db, "add", "Carol", env={"SELCHAT_PASSWORD": "pw"})
+    missing = run("user", "--db", db, "lock", "nobody", "spam")
+    assert missing.exit_code == 1 and missing.output == "Error: no user nobody\n"
+    not_locked = run("user", "--db", db, "unlock", "carol")
+    assert not_locked.exit_code == 1 and not_locked.output == "Error: Carol is not locked\n"
+    no_such = run("user", "--db", db, "unlock", "nobody")
+    assert no_such.exit_code == 1 and no_such.output == "Error: no user nobody\n"
+    too_long = run("user", "--db", db, "lock", "carol", "x" * 201)
+    assert too_long.exit_code == 1 and "at most 200 characters" in too_long.output
+    with AccountStore(db, scrypt_n=16) as store:
+        assert store.locked_users() == {}
+    assert run("user", "--db", db, "lock").exit_code == 2       # NAME is required
+    assert run("user", "--db", db, "unlock").exit_code == 2
+
+
+def test_user_list_shows_the_locks_in_a_third_column(tmp_path):
+    db = str(tmp_path / "u.db")
+    for name in ("alice", "Bob", "carol"):
+        run("user", "--db", db, "add", name, env={"SELCHAT_PASSWORD": "pw"})
+    run("user", "--db", db, "lock", "bob", "spam", "bot")
+    run("user", "--db", db, "lock", "carol")
+    listed = run("user", "--db", db, "list")
+    assert listed.exit_code == 0
+    rows = [line.split("\t") for line in listed.output.splitlines()]
+    assert [row[0] for row in rows] == ["alice", "Bob", "carol"]
+    assert [len(row) for row in rows] == [2, 3, 3]             # name, created[, lock]
+    assert rows[1][2] == "locked: spam bot" and rows[2][2] == "locked: "
+    for row in rows:
+        assert row[1].endswith("+00:00")
+    run("user", "--db", db, "unlock", "bob")
+    assert [len(line.split("\t")) for line in run("user", "--db", db, "list").output.splitlines()] == [2, 2, 3]
+
+
+def test_user_lock_help_says_a_session_lasts_until_kicked():
+    for command in ("lock", "del"):
+        help_text = " ".join(run("user", command, "--help").output.split())
+        assert "stays online until they leave" in help_text, command
+    assert "selchat admin kick NAME" in " ".join(run("user", "lock", "--help").output.split())

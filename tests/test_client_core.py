@@ -831,11 +831,16 @@ def test_interrupt_or_end_of_input_while_offline_stops_reconnecting():
     assert closed(t.exit()) == 3
 
 
-def test_a_refused_login_after_reconnecting_exits_1():
+@pytest.mark.parametrize("reply, line", [
+    ("ERR LOGIN auth-failed invalid username or password", "login failed: invalid username or password"),
+    ("ERR LOGIN locked this account is locked: spam", "login failed: this account is locked: spam"),
+])
+def test_a_refused_login_after_reconnecting_exits_1(reply, line):
     s = online(reconnect=True)
     s.lost("reset")
     s.start()
-    assert closed(s.receive(LOGIN, frames("ERR LOGIN auth-failed invalid username or password"))) == 1
+    effects = s.receive(LOGIN, frames(reply))
+    assert closed(effects) == 1 and line in shown(effects)
 
 
 @pytest.mark.parametrize("reply", [

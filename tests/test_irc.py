@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import signal
 import ssl
+import subprocess
+import sys
 
 import pytest
 import trustme
@@ -154,6 +156,17 @@ def test_wrong_password_and_no_password(srv):
     client.expect("464")
     client.expect("ERROR")
     assert client.msg() is None
+
+
+def test_a_locked_account_is_refused_with_the_reason(srv):
+    name = make_account(srv)
+    locked = subprocess.run([sys.executable, "-m", "selchat.cli", "user", "--db", srv.db, "lock", name, "spam"],
+                            capture_output=True, text=True, timeout=DEADLINE)
+    assert locked.returncode == 0, locked.stderr
+    client = srv.irc()
+    client.send("PASS pw secret", f"NICK {name}", "USER x 0 * :real")
+    client.expect("464", name, "Login refused (locked): this account is locked: spam")
+    client.expect("ERROR")
 
 
 def test_before_registration(srv):

@@ -16,10 +16,13 @@ import pytest
 from selchat.store import passwords
 from selchat.store.accounts import (
     DEFAULT_DB_PATH,
+    LOCK_REASON_MAX,
     SCHEMA_VERSION,
     USERNAME_MAX,
+    AccountLocked,
     AccountStore,
     InvalidPassword,
+    InvalidReason,
     InvalidUsername,
     StorageUnavailable,
     StoreError,
@@ -71,6 +74,27 @@ def test_error_codes_and_messages():
         err = cls("something human")
         assert str(err) == "something human"
         assert err.code == cls.code
+
+
+def test_account_locked_carries_its_reason():
+    assert issubclass(AccountLocked, StoreError) and issubclass(InvalidReason, StoreError)
+    assert AccountLocked.code == "locked" and InvalidReason.code == "bad-reason"
+    plain = AccountLocked("")
+    assert str(plain) == "this account is locked" and plain.reason == "" and plain.code == "locked"
+    why = AccountLocked("spam, again")
+    assert str(why) == "this account is locked: spam, again" and why.reason == "spam, again"
+
+
+def test_lock_reasons_must_be_one_short_printable_line(store):
+    store.add_user("alice", "pw")
+    assert LOCK_REASON_MAX == 200
+    assert store.lock_user("alice", "x" * LOCK_REASON_MAX) == "alice"
+    assert store.lock_user("alice", "caf\u00e9 \U0001F6AB spam") == "alice"
+    for bad in ("x" * (LOCK_REASON_MAX + 1), "two\nlines", "cr\r", "tab\there", "nul\x00", "a\udc80b", None):
+        with pytest.raises(InvalidReason) as info:
+            store.lock_user("alice", bad)
+        assert info.value.code == "bad-reason"
+    assert store.locked_users() == {"alice": "caf\u00e9 \U0001F6AB spam"}   # the refusals changed nothing
 
 
 # -- username rules ----------------------------------------------------------
@@ -610,6 +634,14 @@ def make_version_1_database(path: str) -> None:
         raw.close()
 
 
+def user_columns(path: str) -> list[str]:
+    raw = sqlite3.connect(path)
+    try:
+        return [row[1] for row in raw.execute("PRAGMA table_info(users)")]
+    finally:
+        raw.close()
+
+
 def tables(path: str) -> set[str]:
     raw = sqlite3.connect(path)
     try:
@@ -622,23 +654,32 @@ def test_a_new_database_has_the_block_table_at_version_2(db_path):
     with AccountStore(db_path, scrypt_n=CHEAP_N) as s:
         assert s._conn.execute("PRAGMA user_version").fetchone()[0] == 2
     assert tables(db_path) == {"users", "blocks"}
+    assert user_columns(db_path) == ["name", "pwhash", "created", "locked"]
 
 
 def test_a_version_1_database_is_upgraded(db_path):
     make_version_1_database(db_path)
     assert tables(db_path) == {"users"}
+    assert user_columns(db_path) == ["name", "pwhash", "created"]
     with AccountStore(db_path, scrypt_n=CHEAP_N) as s:
         assert s._conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert s._conn.execute("SELECT name, locked FROM users").fetchall() == [("Alice", None)]
+        assert s.locked_users() == {}                       # the old accounts are not locked
         assert s.verify("alice", "old pw") == "Alice"
         assert s.list_users() == [("Alice", "2024-01-02T03:04:05+00:00")]
         s.add_user("bob", "pw")
         assert s.block("ALICE", "BOB") == "bob"
         assert s.blocked_users("alice") == ["bob"] and s.is_blocked("alice", "Bob")
+        assert s.lock_user("BOB", "spam") == "bob"
     assert tables(db_path) == {"users", "blocks"}
+    assert user_columns(db_path) == ["name", "pwhash", "created", "locked"]
     with AccountStore(db_path, scrypt_n=CHEAP_N) as s:     # opened again: nothing to do
         assert s.verify("Alice", "old pw") == "Alice"
         assert s.blocked_users("alice") == ["bob"]
         assert s.unblock("alice", "bob") == "bob"
+        assert s.locked_users() == {"bob": "spam"}
+        with pytest.raises(AccountLocked):
+            s.verify("bob", "pw")
 
 
 def test_an_upgrade_that_fails_leaves_version_1(db_path, monkeypatch):
@@ -649,6 +690,7 @@ def test_an_upgrade_that_fails_leaves_version_1(db_path, monkeypatch):
     with pytest.raises(StorageUnavailable):
         AccountStore(db_path, scrypt_n=CHEAP_N)
     assert tables(db_path) == {"users"}                  # all or nothing
+    assert user_columns(db_path) == ["name", "pwhash", "created"]
     raw = sqlite3.connect(db_path)
     try:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
@@ -657,6 +699,52 @@ def test_an_upgrade_that_fails_leaves_version_1(db_path, monkeypatch):
     monkeypatch.undo()
     with AccountStore(db_path, scrypt_n=CHEAP_N) as s:
         assert s.verify("alice", "old pw") == "Alice" and s.block("alice", "alice") == "Alice"
+        assert s.lock_user("alice") == "Alice"
+
+
+def test_an_upgrade_whose_lock_column_fails_leaves_version_1(db_path, monkeypatch):
+    import selchat.store.accounts as accounts
+
+    make_version_1_database(db_path)
+    monkeypatch.setattr(accounts, "_SCHEMA_LOCKS", accounts._SCHEMA_LOCKS + ("NOT SQL",))
+    with pytest.raises(StorageUnavailable):
+        AccountStore(db_path, scrypt_n=CHEAP_N)
+    assert tables(db_path) == {"users"}                  # the blocks table went too
+    assert user_columns(db_path) == ["name", "pwhash", "created"]
+
+
+def test_verify_spends_one_hash_on_a_locked_account(store, monkeypatch):
+    store.add_user("alice", "right")
+    store.lock_user("alice", "spam")
+    calls = []
+    real = passwords.hashlib.scrypt
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["n"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(passwords.hashlib, "scrypt", spy)
+    assert store.verify("alice", "wrong") is None
+    assert calls == [CHEAP_N]
+    calls.clear()
+    with pytest.raises(AccountLocked):
+        store.verify("alice", "right")
+    assert calls == [CHEAP_N]
+
+
+def test_lock_writes_fail_cleanly_on_a_read_only_connection(store):
+    store.add_user("alice", "pw")
+    store.add_user("bob", "pw")
+    store.lock_user("bob", "spam")
+    store._conn.execute("PRAGMA query_only = ON")
+    for call in (lambda: store.lock_user("alice"), lambda: store.unlock_user("bob")):
+        with pytest.raises(StorageUnavailable) as info:
+            call()
+        assert isinstance(info.value.__cause__, sqlite3.Error)
+        assert not store._conn.in_transaction              # rolled back, not left open
+    assert store.locked_users() == {"bob": "spam"}         # reads go on
+    store._conn.execute("PRAGMA query_only = OFF")
+    assert store.unlock_user("bob") == "bob"
 
 
 def test_a_version_1_file_opened_read_only_is_storage_unavailable(db_path):

@@ -23,6 +23,7 @@ from selchat.store import describe_db, is_postgres_url, open_store
 from selchat.store import accounts as accounts_module
 from selchat.store.accounts import (
     MAX_BLOCKS,
+    AccountLocked,
     AccountStore,
     InvalidPassword,
     InvalidUsername,
@@ -319,7 +320,8 @@ def test_a_stopped_server_is_storage_unavailable_then_the_next_call_works(pg, sh
                  lambda: store.exists(name), lambda: store.canonical_name(name),
                  store.list_users, lambda: store.delete_user(name),
                  lambda: store.block(name, name), lambda: store.unblock(name, name),
-                 lambda: store.blocked_users(name), lambda: store.is_blocked(name, name)]
+                 lambda: store.blocked_users(name), lambda: store.is_blocked(name, name),
+                 lambda: store.lock_user(name), lambda: store.unlock_user(name), store.locked_users]
         for call in calls:
             with pytest.raises(StorageUnavailable) as info:
                 call()
@@ -669,6 +671,96 @@ def test_the_limit_holds_when_blocks_race(any_store, monkeypatch):
     assert any_store.blocked_users("owner") == sorted(blocked)
 
 
+# -- locks, on both stores -------------------------------------------------------------
+
+
+def test_lock_unlock_and_list_the_locked(any_store):
+    store = any_store
+    add_users(store, "Alice", "bob", "Carol")
+    assert store.locked_users() == {}
+    assert store.lock_user("ALICE", "spam") == "Alice"      # the canonical spelling
+    assert store.lock_user("carol") == "Carol"              # no reason: ""
+    assert store.locked_users() == {"Alice": "spam", "Carol": ""}
+    assert list(store.locked_users()) == ["Alice", "Carol"]   # in list_users order
+    assert store.lock_user("alice", "spam, and worse") == "Alice"   # again: the reason is replaced
+    assert store.locked_users() == {"Alice": "spam, and worse", "Carol": ""}
+    assert store.lock_user("nobody", "x") is None and store.lock_user("bad name") is None
+    assert store.unlock_user("bob") is None                 # not locked
+    assert store.unlock_user("nobody") is None and store.unlock_user("bad name") is None
+    assert store.unlock_user("CAROL") == "Carol"
+    assert store.unlock_user("carol") is None               # not any more
+    assert store.locked_users() == {"Alice": "spam, and worse"}
+    assert store.verify("carol", "pw") == "Carol"           # its password works again
+    # Still an account in every other way.
+    assert [n for n, _ in store.list_users()] == ["Alice", "bob", "Carol"]
+    assert store.exists("alice") and store.canonical_name("ALICE") == "Alice"
+    assert store.block("bob", "alice") == "Alice" and store.block("alice", "bob") == "bob"
+
+
+def test_a_locked_account_is_refused_only_with_the_right_password(any_store):
+    store = any_store
+    add_users(store, "Alice")
+    store.lock_user("alice", "spam")
+    assert store.verify("alice", "wrong") is None           # the lock is not revealed
+    assert store.verify("alice", "") is None
+    for variant in ("alice", "ALICE", "Alice"):
+        with pytest.raises(AccountLocked) as info:
+            store.verify(variant, "pw")
+        assert info.value.code == "locked" and info.value.reason == "spam"
+        assert str(info.value) == "this account is locked: spam"
+    store.lock_user("alice")
+    with pytest.raises(AccountLocked) as info:
+        store.verify("alice", "pw")
+    assert info.value.reason == "" and str(info.value) == "this account is locked"
+    assert store.unlock_user("alice") == "Alice"
+    assert store.verify("alice", "pw") == "Alice"
+
+
+def test_a_locked_user_cannot_change_the_password_or_delete_the_account(any_store):
+    store = any_store
+    add_users(store, "Alice")
+    store.lock_user("alice", "spam")
+    assert store.change_password("alice", "wrong", "new pw") is None
+    with pytest.raises(AccountLocked):
+        store.change_password("alice", "pw", "new pw")
+    assert store.delete_account("alice", "wrong") is None
+    with pytest.raises(AccountLocked):
+        store.delete_account("ALICE", "pw")
+    assert store.exists("alice")
+    store.unlock_user("alice")
+    assert store.verify("alice", "pw") == "Alice"           # the password was not changed
+    assert store.verify("alice", "new pw") is None
+
+
+def test_a_locked_name_stays_taken_until_the_operator_deletes_it(any_store):
+    store = any_store
+    add_users(store, "Alice", "bob")
+    store.block("bob", "alice")
+    store.lock_user("alice", "spam")
+    for variant in ("alice", "ALICE"):
+        with pytest.raises(UserExists, match="'Alice'"):
+            store.add_user(variant, "other")
+    assert store.set_password("alice", "reset") is True     # an operator's reset keeps the lock
+    with pytest.raises(AccountLocked):
+        store.verify("alice", "reset")
+    assert store.delete_user("ALICE") is True               # as any other account
+    assert not store.exists("alice") and store.locked_users() == {}
+    assert store.blocked_users("bob") == []
+    assert store.add_user("alice", "new") == "alice"        # free again, and not locked
+    assert store.verify("alice", "new") == "alice" and store.locked_users() == {}
+
+
+def test_locks_are_shared_by_stores_on_one_database(any_store):
+    add_users(any_store, "alice")
+    with reopen(any_store) as other:
+        assert other.lock_user("ALICE", "spam") == "alice"
+        assert any_store.locked_users() == {"alice": "spam"}
+        with pytest.raises(AccountLocked):
+            any_store.verify("alice", "pw")
+        assert any_store.unlock_user("alice") == "alice"
+        assert other.verify("alice", "pw") == "alice"
+
+
 # -- block lists: what only PostgreSQL has ----------------------------------------------
 
 
@@ -704,6 +796,13 @@ def test_a_version_1_database_is_upgraded(pg):
 
     url = pg.create_schema()
     # The tables as selchat with schema version 1 made them, with an account in them.
+    def columns():
+        with psycopg.connect(url) as conn:
+            return [n for (n,) in conn.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = 'selchat_users' ORDER BY ordinal_position"
+            )]
+
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("""CREATE TABLE selchat_users (
             name    text        NOT NULL,
@@ -715,17 +814,39 @@ def test_a_version_1_database_is_upgraded(pg):
         conn.execute("INSERT INTO selchat_schema (version) VALUES (1)")
         conn.execute("INSERT INTO selchat_users (name, pwhash) VALUES ('Alice', %s)",
                      (hash_password("old pw", CHEAP_N),))
+    assert columns() == ["name", "pwhash", "created"]
     with open_store(url, scrypt_n=CHEAP_N) as store:
+        assert store.locked_users() == {}                       # the old accounts are not locked
         assert store.verify("alice", "old pw") == "Alice"
         store.add_user("bob", "pw")
         assert store.block("alice", "BOB") == "bob"
         assert store.blocked_users("ALICE") == ["bob"]
+        assert store.lock_user("BOB", "spam") == "bob"
+    assert columns() == ["name", "pwhash", "created", "locked"]
     with psycopg.connect(url, autocommit=True) as conn:
         assert conn.execute("SELECT version FROM selchat_schema").fetchall() == [(2,)]
+        assert conn.execute("SELECT name, locked FROM selchat_users ORDER BY name").fetchall() == [
+            ("Alice", None), ("bob", "spam")]
         with pytest.raises(psycopg.errors.UniqueViolation):   # one entry per pair, in any case
             conn.execute("INSERT INTO selchat_blocks (owner, blocked) VALUES ('ALICE', 'Bob')")
     with open_store(url, scrypt_n=CHEAP_N) as store:            # opened again: nothing to do
         assert store.is_blocked("alice", "bob") and store.verify("Alice", "old pw") == "Alice"
+        assert store.locked_users() == {"bob": "spam"}
+        with pytest.raises(AccountLocked):
+            store.verify("bob", "pw")
+
+
+def test_a_new_database_has_the_lock_column(pg):
+    import psycopg
+
+    url = pg.create_schema()
+    open_store(url).close()
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT data_type, is_nullable FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'selchat_users' AND column_name = 'locked'"
+        ).fetchall()
+    assert rows == [("text", "YES")]
 
 
 def test_a_block_waits_for_the_owners_block_in_flight(pg_store, monkeypatch):

@@ -53,6 +53,12 @@ class Accounts:
     def delete_account(self, name: str, password: str, done) -> None:
         self.reactor.run_in_thread(lambda: self._store().delete_account(name, password), done=done)
 
+    def lock_user(self, name: str, reason: str, done) -> None:
+        self.reactor.run_in_thread(lambda: self._store().lock_user(name, reason), done=done)
+
+    def unlock_user(self, name: str, done) -> None:
+        self.reactor.run_in_thread(lambda: self._store().unlock_user(name), done=done)
+
     def exists(self, name: str, done) -> None:
         self.reactor.run_in_thread(lambda: self._store().exists(name), done=done)
 

@@ -7,11 +7,14 @@ each way::
 
     {"cmd": "who"}                              -> {"ok": true, "sessions": [...]}
     {"cmd": "kick", "user": "bob"}              -> {"ok": true, "user": "bob"}
+    {"cmd": "lock", "user": "bob", "text": "spam"} -> {"ok": true, "user": "bob", "kicked": true}
+    {"cmd": "unlock", "user": "bob"}            -> {"ok": true, "user": "bob"}
     {"cmd": "broadcast", "text": "back in 5"}   -> {"ok": true, "users": 3}
     {"cmd": "frobnicate"}                       -> {"ok": false, "error": "unknown command ..."}
 
-Replies come in the order of the requests: while a ``reload`` waits for its
-worker, later requests on that connection wait too (reading is paused).
+Replies come in the order of the requests: while a ``reload``, ``lock`` or
+``unlock`` waits for its worker, later requests on that connection wait too
+(reading is paused).
 Garbage (bad JSON, a non-object, a missing or unknown command) gets an error
 reply and the connection stays usable; a line over ``MAX_LINE`` bytes gets an
 error reply and the connection is closed, since where the next request starts
@@ -51,7 +54,7 @@ IDLE_TIMEOUT = 60.0
 #: Longest kick or broadcast text, in bytes: it must fit in one server frame.
 MAX_TEXT = codec.MAX_FRAME - 64
 
-COMMANDS = ("status", "who", "kick", "broadcast", "reload")
+COMMANDS = ("status", "who", "kick", "lock", "unlock", "broadcast", "reload")
 
 
 class ControlError(OSError):
@@ -123,7 +126,7 @@ class ControlSocket:
         self.connections: set[ControlConnection] = set()
         self.listener = Listener(server.reactor, sock, self._accept, max_per_turn=MAX_CLIENTS)
         self._commands = {
-            "status": self.status, "who": self.who, "kick": self.kick,
+            "status": self.status, "who": self.who, "kick": self.kick, "lock": self.lock, "unlock": self.unlock,
             "broadcast": self.broadcast, "reload": self.reload,
         }
         log.info("admin socket at %s", path)
@@ -210,6 +213,45 @@ class ControlSocket:
             raise RequestError(f"{user} is not online")
         audit.emit("admin", cmd="kick", user=user, text=text)
         return {"ok": True, "user": user}
+
+    def lock(self, request: dict, reply_later) -> None:
+        """Lock the account in the database (a worker's write), then end its
+        session here, if it has one: its password no longer logs it in."""
+        user = _string(request, "user")
+        reason = _text(request, "text", default="")
+
+        def done(future) -> None:
+            try:
+                name = future.result()
+            except Exception as exc:
+                reply_later(_error(f"not locked: {exc}"))
+                return
+            if name is None:
+                reply_later(_error(f"there is no account {user}"))
+                return
+            why = f"your account is locked: {reason}" if reason else "your account is locked"
+            kicked = self.server.kick(name, why)
+            audit.emit("admin", cmd="lock", user=name, text=reason, kicked=kicked)
+            reply_later({"ok": True, "user": name, "kicked": kicked})
+
+        self.server.accounts.lock_user(user, reason, done)
+
+    def unlock(self, request: dict, reply_later) -> None:
+        user = _string(request, "user")
+
+        def done(future) -> None:
+            try:
+                name = future.result()
+            except Exception as exc:
+                reply_later(_error(f"not unlocked: {exc}"))
+                return
+            if name is None:
+                reply_later(_error(f"{user} is not a locked account"))
+                return
+            audit.emit("admin", cmd="unlock", user=name)
+            reply_later({"ok": True, "user": name})
+
+        self.server.accounts.unlock_user(user, done)
 
     def broadcast(self, request: dict, reply_later) -> dict:
         text = _text(request, "text")

@@ -22,7 +22,9 @@ from selchat.protocol import events as ev
 from selchat.server import audit
 from selchat.server.limits import FailureTracker, FairQueue, TokenBucket
 from selchat.server.peer import WAITING
-from selchat.store.accounts import MAX_PASSWORD_BYTES, StorageUnavailable, StoreError, check_password
+from selchat.store.accounts import (
+    MAX_PASSWORD_BYTES, AccountLocked, StorageUnavailable, StoreError, check_password,
+)
 
 log = logging.getLogger("selchat.server")
 
@@ -225,6 +227,11 @@ class Logins:
             self.server.metrics.logins["error"] += 1
             audit.emit("storage-error", logging.ERROR, user=event.user, addr=peer.host, error=str(exc))
             self._login_refused(peer, verb, exc.code, str(exc), count=False)
+            return
+        except AccountLocked as exc:  # the right password, for an account an operator locked
+            self.pair_failures.succeeded(pair)
+            audit.emit("login-locked", logging.WARNING, user=event.user, addr=peer.host)
+            self._login_refused(peer, verb, exc.code, str(exc))
             return
         except StoreError as exc:  # bad username, name taken: the client's mistake
             self._refund(verb, pair)

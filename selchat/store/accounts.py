@@ -8,6 +8,10 @@ Each account also has a block list: the accounts it has blocked (at most
 ``MAX_BLOCKS``), kept by canonical spelling and dropped, in both
 directions, when an account is deleted.
 
+An operator may *lock* an account (abuse): its name stays taken, but its
+password no longer logs in (``verify`` raises :class:`AccountLocked`, and
+only when the password is right, so only its owner learns of the lock).
+
 The database runs in WAL mode with ``synchronous=FULL``, so once
 :meth:`AccountStore.add_user` returns, the registration is on disk and
 survives a crash of the process (and, as far as the OS and disk honour
@@ -32,6 +36,7 @@ __all__ = [
     "DEFAULT_DB_PATH",
     "USERNAME_MAX",
     "MAX_BLOCKS",
+    "LOCK_REASON_MAX",
     "SCHEMA_VERSION",
     "BUSY_TIMEOUT_MS",
     "StoreError",
@@ -39,9 +44,12 @@ __all__ = [
     "InvalidPassword",
     "UserExists",
     "TooManyBlocks",
+    "AccountLocked",
+    "InvalidReason",
     "StorageUnavailable",
     "check_username",
     "check_password",
+    "check_lock_reason",
     "AccountStore",
     "LookupMethods",
 ]
@@ -52,7 +60,9 @@ DEFAULT_DB_PATH = "selchat.db"
 USERNAME_MAX = 32
 #: The most accounts one account may have on its block list.
 MAX_BLOCKS = 1000
-#: 1: users. 2: blocks.
+#: The longest reason a lock may carry, in characters (it is shown in protocol replies).
+LOCK_REASON_MAX = 200
+#: 1: users. 2: blocks, and users.locked.
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 
@@ -96,6 +106,25 @@ class TooManyBlocks(StoreError):
     @classmethod
     def of(cls, owner: str, limit: int) -> TooManyBlocks:
         return cls(f"{owner!r} has blocked {limit} users already, the most allowed")
+
+
+class AccountLocked(StoreError):
+    """The password is right, but an operator has locked the account.
+
+    ``reason`` is the operator's reason ("" if none was given)."""
+
+    code = "locked"
+
+    def __init__(self, reason: str = "") -> None:
+        message = "this account is locked"
+        super().__init__(f"{message}: {reason}" if reason else message)
+        self.reason = reason
+
+
+class InvalidReason(StoreError):
+    """A lock reason that could not be shown in a reply: too long, or not one printable line."""
+
+    code = "bad-reason"
 
 
 class StorageUnavailable(StoreError):
@@ -142,6 +171,21 @@ def check_password(password: str) -> None:
         )
 
 
+def check_lock_reason(reason: str) -> None:
+    """Raise :class:`InvalidReason` unless *reason* is at most
+    ``LOCK_REASON_MAX`` printable characters (spaces allowed; no tabs,
+    line breaks or other control characters): it ends up in a one-line
+    protocol reply and in ``selchat user list``'s tab-separated lines."""
+    if not isinstance(reason, str):
+        raise InvalidReason("the lock reason must be a string")
+    if len(reason) > LOCK_REASON_MAX:
+        raise InvalidReason(
+            f"the lock reason must be at most {LOCK_REASON_MAX} characters (got {len(reason)})"
+        )
+    if not reason.isprintable():
+        raise InvalidReason("the lock reason must be one line of printable characters")
+
+
 def _now_iso() -> str:
     # "+00:00" rather than "Z" so datetime.fromisoformat() reads it on 3.10 too.
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -173,22 +217,25 @@ _SCHEMA_BLOCKS = (
     # delete_user finds the rows that name an account as the one blocked.
     "CREATE INDEX IF NOT EXISTS blocks_blocked ON blocks (blocked)",
 )
+# Version 2 too: account locks. NULL: not locked; else the reason, perhaps "".
+_SCHEMA_LOCKS = ("ALTER TABLE users ADD COLUMN locked TEXT",)
 
 
 class LookupMethods:
     """What every account store does with its own ``_lookup(name) ->
-    (canonical name, encoded hash) | None``, ``_replace_hash(name, encoded)
-    -> bool`` and ``scrypt_n``: check a password, set or change one, say
-    whether a name exists and how it is spelled (the SQLite store here,
-    ``postgres.PostgresAccountStore``).
+    (canonical name, encoded hash, lock reason or None) | None``,
+    ``_replace_hash(name, encoded) -> bool`` and ``scrypt_n``: check a
+    password, set or change one, say whether a name exists and how it is
+    spelled (the SQLite store here, ``postgres.PostgresAccountStore``).
 
     The block list likewise: the names are checked here, the SQL is each
     store's ``_add_block``, ``_remove_block``, ``_blocks_of`` and
-    ``_has_block``, called only with well-formed names."""
+    ``_has_block``, called only with well-formed names. Locks too:
+    ``_set_lock``, ``_clear_lock`` and ``_locks``."""
 
     scrypt_n: int
 
-    def _lookup(self, name: str) -> tuple[str, str] | None:  # pragma: no cover - interface
+    def _lookup(self, name: str) -> tuple[str, str, str | None] | None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def verify(self, name: str, password: str) -> str | None:
@@ -197,6 +244,9 @@ class LookupMethods:
         An unknown user, a wrong password and a malformed name or password
         all give None after the same amount of hashing work.  A database
         failure raises :class:`StorageUnavailable` rather than returning None.
+        The right password for a locked account raises :class:`AccountLocked`
+        (a wrong one gives None, as for any account: the lock is only
+        revealed to whoever knows the password).
         """
         try:
             check_username(name)
@@ -208,10 +258,12 @@ class LookupMethods:
         if row is None:
             dummy_verify(password, self.scrypt_n)
             return None
-        canonical, encoded = row
-        if verify_password(password, encoded):
-            return canonical
-        return None
+        canonical, encoded, locked = row
+        if not verify_password(password, encoded):
+            return None
+        if locked is not None:
+            raise AccountLocked(locked)
+        return canonical
 
     def _replace_hash(self, name: str, encoded: str) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
@@ -233,7 +285,8 @@ class LookupMethods:
         Returns the canonical name, or None (wrong password, no such
         account) after the same hashing work as ``verify``. Raises
         :class:`InvalidPassword` for an unacceptable *new* before any
-        hashing, and :class:`StorageUnavailable` as the other calls do.
+        hashing, :class:`AccountLocked` as ``verify`` does, and
+        :class:`StorageUnavailable` as the other calls do.
         """
         check_password(new)
         canonical = self.verify(name, old)
@@ -245,7 +298,8 @@ class LookupMethods:
         """Delete *name* if *password* is its password (the user's own
         deletion; ``delete_user`` is the operator's). Returns the canonical
         name, or None (wrong password, no such account) after the same
-        hashing work as ``verify``."""
+        hashing work as ``verify``; :class:`AccountLocked` as ``verify``
+        raises it (an operator's ``delete_user`` deletes a locked account)."""
         canonical = self.verify(name, password)
         if canonical is None or not self.delete_user(canonical):
             return None
@@ -267,6 +321,42 @@ class LookupMethods:
             return None
         row = self._lookup(name)
         return row[0] if row else None
+
+    # -- locks ------------------------------------------------------------------
+
+    def lock_user(self, name: str, reason: str = "") -> str | None:
+        """Lock *name* (any case): its password stops logging in, its name
+        stays taken. Returns the canonical name, or None if there is no such
+        account. Locking a locked account again replaces the reason. Raises
+        :class:`InvalidReason` (see :func:`check_lock_reason`). A session
+        already logged in is not ended here: that is the server's business."""
+        check_lock_reason(reason)
+        try:
+            check_username(name)
+        except InvalidUsername:
+            return None
+        return self._set_lock(name, reason)
+
+    def unlock_user(self, name: str) -> str | None:
+        """Unlock *name* (any case); the canonical name if it was locked, else None."""
+        try:
+            check_username(name)
+        except InvalidUsername:
+            return None
+        return self._clear_lock(name)
+
+    def locked_users(self) -> dict[str, str]:
+        """The locked accounts: canonical name -> reason, in ``list_users`` order."""
+        return dict(self._locks())
+
+    def _set_lock(self, name: str, reason: str) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _clear_lock(self, name: str) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _locks(self) -> list[tuple[str, str]]:  # pragma: no cover - interface
+        raise NotImplementedError
 
     # -- block lists -----------------------------------------------------------
 
@@ -403,7 +493,7 @@ class AccountStore(LookupMethods):
                 conn.execute(_SCHEMA)
                 version = 1
             if version == 1:
-                for statement in _SCHEMA_BLOCKS:
+                for statement in _SCHEMA_BLOCKS + _SCHEMA_LOCKS:
                     conn.execute(statement)
                 version = 2
             # Future migrations: `if version == 2: ...; version = 3` here.
@@ -428,10 +518,10 @@ class AccountStore(LookupMethods):
 
     # -- queries -------------------------------------------------------------
 
-    def _lookup(self, name: str) -> tuple[str, str] | None:
+    def _lookup(self, name: str) -> tuple[str, str, str | None] | None:
         try:
             return self._db.execute(
-                "SELECT name, pwhash FROM users WHERE name = ?", (name,)
+                "SELECT name, pwhash, locked FROM users WHERE name = ?", (name,)
             ).fetchone()
         except sqlite3.ProgrammingError:
             raise  # misuse (wrong thread...), not a storage failure
@@ -501,8 +591,8 @@ class AccountStore(LookupMethods):
         return result
 
     def delete_user(self, name: str) -> bool:
-        """Delete *name* (any case), and every block list entry naming it
-        either way; True if it existed."""
+        """Delete *name* (any case, locked or not), and every block list
+        entry naming it either way; True if it existed."""
         try:
             check_username(name)
         except InvalidUsername:
@@ -515,6 +605,42 @@ class AccountStore(LookupMethods):
             return cur.rowcount > 0
 
         return self._write(delete)
+
+    # -- locks ------------------------------------------------------------------
+
+    def _set_lock(self, name: str, reason: str) -> str | None:
+        def lock(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT name FROM users WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE users SET locked = ? WHERE name = ?", (reason, name))
+            return row[0]
+
+        return self._write(lock)
+
+    def _clear_lock(self, name: str) -> str | None:
+        def unlock(db: sqlite3.Connection) -> str | None:
+            row = db.execute(
+                "SELECT name FROM users WHERE name = ? AND locked IS NOT NULL", (name,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE users SET locked = NULL WHERE name = ?", (name,))
+            return row[0]
+
+        return self._write(unlock)
+
+    def _locks(self) -> list[tuple[str, str]]:
+        try:
+            rows = self._db.execute(
+                "SELECT name, locked FROM users WHERE locked IS NOT NULL "
+                "ORDER BY name COLLATE NOCASE, name"
+            ).fetchall()
+        except sqlite3.ProgrammingError:
+            raise  # misuse (wrong thread...), not a storage failure
+        except sqlite3.Error as exc:
+            raise _storage_error("read", exc) from exc
+        return [(n, r) for n, r in rows]
 
     # -- block lists -----------------------------------------------------------
 

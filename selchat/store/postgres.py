@@ -7,7 +7,8 @@ rules are those of the SQLite store: names are 1-32 characters of
 (a unique index on ``lower(name)``); passwords are scrypt hashes made by
 :mod:`selchat.store.passwords`, always computed in the calling thread and
 never inside a transaction. Block lists are rows of ``selchat_blocks``
-(owner, blocked), unique regardless of case, as in SQLite's ``blocks``.
+(owner, blocked), unique regardless of case, as in SQLite's ``blocks``. A
+locked account has its reason in ``selchat_users.locked`` (NULL: not locked).
 
 The driver is psycopg 3 (``pip install 'selchat[postgres]'``), imported only
 when a store is opened, so a server without it runs on SQLite as before.
@@ -50,7 +51,7 @@ __all__ = [
     "PostgresAccountStore",
 ]
 
-#: 1: selchat_users. 2: selchat_blocks.
+#: 1: selchat_users. 2: selchat_blocks, and selchat_users.locked.
 SCHEMA_VERSION = 2
 #: Seconds to wait for a connection, unless the URL sets ``connect_timeout``.
 CONNECT_TIMEOUT = 5
@@ -80,6 +81,8 @@ _SCHEMA_BLOCKS = (
     # delete_user finds the rows that name an account as the one blocked.
     "CREATE INDEX IF NOT EXISTS selchat_blocks_blocked ON selchat_blocks (lower(blocked))",
 )
+# Version 2 too: account locks. NULL: not locked; else the reason, perhaps "".
+_SCHEMA_LOCKS = ("ALTER TABLE selchat_users ADD COLUMN IF NOT EXISTS locked text",)
 
 
 def _url_secrets(url: str) -> list[str]:
@@ -232,7 +235,7 @@ class PostgresAccountStore(LookupMethods):
                             conn.execute("INSERT INTO selchat_schema (version) VALUES (1)")
                             version = 1
                         if version == 1:
-                            for statement in _SCHEMA_BLOCKS:
+                            for statement in _SCHEMA_BLOCKS + _SCHEMA_LOCKS:
                                 conn.execute(statement)
                             version = 2
                         # Future migrations: `if version == 2: ...; version = 3` here.
@@ -303,14 +306,14 @@ class PostgresAccountStore(LookupMethods):
 
     # -- queries -------------------------------------------------------------
 
-    def _lookup(self, name: str) -> tuple[str, str] | None:
+    def _lookup(self, name: str) -> tuple[str, str, str | None] | None:
         def query(conn):
             return conn.execute(
-                "SELECT name, pwhash FROM selchat_users WHERE lower(name) = lower(%s)", (name,)
+                "SELECT name, pwhash, locked FROM selchat_users WHERE lower(name) = lower(%s)", (name,)
             ).fetchone()
 
         row = self._run("read", query, retry=True)
-        return None if row is None else (row[0], row[1])
+        return None if row is None else (row[0], row[1], row[2])
 
     def add_user(self, name: str, password: str) -> str:
         """Register *name* with *password*; return the canonical name.
@@ -353,8 +356,8 @@ class PostgresAccountStore(LookupMethods):
         return self._run("write", update) > 0
 
     def delete_user(self, name: str) -> bool:
-        """Delete *name* (any case), and every block list entry naming it
-        either way; True if it existed."""
+        """Delete *name* (any case, locked or not), and every block list
+        entry naming it either way; True if it existed."""
         try:
             check_username(name)
         except StoreError:
@@ -375,6 +378,39 @@ class PostgresAccountStore(LookupMethods):
             return deleted
 
         return self._run("write", delete) > 0
+
+    # -- locks ------------------------------------------------------------------
+
+    def _set_lock(self, name: str, reason: str) -> str | None:
+        def lock(conn):
+            return conn.execute(
+                "UPDATE selchat_users SET locked = %s WHERE lower(name) = lower(%s) RETURNING name",
+                (reason, name),
+            ).fetchone()
+
+        row = self._run("write", lock)
+        return None if row is None else row[0]
+
+    def _clear_lock(self, name: str) -> str | None:
+        def unlock(conn):
+            return conn.execute(
+                "UPDATE selchat_users SET locked = NULL "
+                "WHERE lower(name) = lower(%s) AND locked IS NOT NULL RETURNING name",
+                (name,),
+            ).fetchone()
+
+        row = self._run("write", unlock)
+        return None if row is None else row[0]
+
+    def _locks(self) -> list[tuple[str, str]]:
+        def query(conn):
+            # The order of list_users.
+            return conn.execute(
+                "SELECT name, locked FROM selchat_users WHERE locked IS NOT NULL "
+                'ORDER BY lower(name) COLLATE "C", name COLLATE "C"'
+            ).fetchall()
+
+        return [(n, r) for n, r in self._run("read", query, retry=True)]
 
     # -- block lists -----------------------------------------------------------
 
