@@ -438,3 +438,22 @@ def test_a_user_deletes_their_account_with_their_password(server):
     sock.expect("ERR LOGIN auth-failed ")
     again = RawUser(server, alice.name)  # registered anew: a new account
     assert again.name == alice.name
+
+
+def test_a_login_racing_an_unregister_leaves_no_session_of_the_deleted_account(make_server):
+    """UNREGISTER and a LOGIN of the same account from elsewhere, hashed at
+    the same time: whichever finishes first, the account is gone and no
+    session of it is left (the login is refused, or its session ends)."""
+    srv = make_server("--scrypt-n", "16384")
+    alice = RawUser(srv, password="pw")
+    other = srv.connect()
+    alice.chat.send("UNREGISTER pw")
+    other.send(f"LOGIN {alice.name} pw")
+    first = other.line()
+    if first.startswith("WELCOME "):  # the login won: its session ends with the account
+        assert other.expect_closed()[-1] == "BYE unregistered your account is deleted"
+    else:
+        assert first.startswith("ERR LOGIN auth-failed "), first
+    login = srv.connect()
+    login.send(f"LOGIN {alice.name} pw")
+    login.expect("ERR LOGIN auth-failed ")

@@ -52,6 +52,7 @@ class Logins:
         self.addr_failures = FailureTracker(free=server.config.throttle_after or None)
         self.queue = FairQueue()    # password checks waiting, per address
         self.registrations: dict[str, TokenBucket] = {}  # address -> accounts it may still create
+        self.deleted: dict[str, float] = {}  # key -> when UNREGISTER deleted it (for logins already queued)
         self.hashing = 0            # password checks on a worker
 
     def on_login(self, peer, event) -> None:
@@ -104,7 +105,7 @@ class Logins:
         else:
             self.pair_failures.failed(pair, now)
         peer.pause(WAITING)
-        self.queue.push(host, (peer, event, verb, pair))
+        self.queue.push(host, (peer, event, verb, pair, now))
         self._run_hashes()
 
     def on_password(self, peer, event) -> None:
@@ -149,14 +150,14 @@ class Logins:
             return
         self.pair_failures.failed(pair, now)
         peer.pause(WAITING)
-        self.queue.push(host, (peer, event, verb, pair))
+        self.queue.push(host, (peer, event, verb, pair, now))
         self._run_hashes()
 
     def _run_hashes(self) -> None:
         """Keep every worker busy with the next password check, fairly by address."""
         accounts = self.server.accounts
         while self.hashing < self.server.config.workers and self.queue:
-            peer, event, verb, pair = self.queue.pop()
+            peer, event, verb, pair, queued = self.queue.pop()
             if peer.transport.closing:
                 continue  # gave up waiting; its charge stands (it never proved the password)
             self.hashing += 1
@@ -170,7 +171,7 @@ class Logins:
                 continue
             call = accounts.register if verb == "REGISTER" else accounts.verify
             call(event.user, event.password,
-                 done=lambda fut, p=peer, e=event, v=verb, k=pair: self._login_done(p, e, v, k, fut))
+                 done=lambda fut, p=peer, e=event, v=verb, k=pair, q=queued: self._login_done(p, e, v, k, q, fut))
 
     def _checked(self, peer, pair, verb: str, future) -> None:
         """PASSWORD or UNREGISTER is back from its worker."""
@@ -210,14 +211,22 @@ class Logins:
 
     def _unregistered(self, peer, name: str) -> None:
         """The account is gone: OK UNREGISTER, then the session ends as at
-        EXIT (the partner hears that the user left)."""
-        session = peer.session
+        EXIT (the partner hears that the user left). So does a session of
+        the account that a login elsewhere started while the password was
+        being checked (it took over from this one); a login whose check
+        began before the deletion and ends after it is refused."""
+        registry = self.server.registry
+        now = self.reactor.clock()
+        if len(self.deleted) > 1000:  # only logins queued before a deletion look here: they are soon done
+            self.deleted = {key: when for key, when in self.deleted.items() if now - when < 600}
+        self.deleted[name.lower()] = now
         peer.send(ev.Ok("UNREGISTER", name))
-        if session is not None:
-            self.server.registry.end_session(session, "left", f"{name} left",
-                                             ev.Bye("unregistered", "your account is deleted"), why="unregistered")
+        for session in (peer.session, registry.sessions.get(name.lower())):
+            if session is not None:
+                registry.end_session(session, "left", f"{name} left",
+                                     ev.Bye("unregistered", "your account is deleted"), why="unregistered")
 
-    def _login_done(self, peer, event, verb: str, pair, future) -> None:
+    def _login_done(self, peer, event, verb: str, pair, queued: float, future) -> None:
         self.hashing -= 1
         self._run_hashes()
         try:
@@ -244,6 +253,8 @@ class Logins:
             audit.emit("storage-error", logging.ERROR, user=event.user, addr=peer.host, error=repr(exc))
             self._login_refused(peer, verb, "storage", "the account store failed; try again later", count=False)
             return
+        if name is not None and verb == "LOGIN" and self.deleted.get(name.lower(), -1.0) >= queued:
+            name = None  # its password was checked just before its owner deleted the account
         if name is None:  # logged even if the guesser hung up before the answer
             self.addr_failures.failed(peer.host, self.reactor.clock())
             self.server.metrics.logins["failed"] += 1
