@@ -616,7 +616,7 @@ def scenario_blocks(p: Place) -> list[str]:
     p.expect(bob, "chat", "OK BLOCK ")
     p.expect(alice, "login", "ENDED ")
     p.visible(0, bob, "idle")
-    alice.chat.send(f"CHAT {bob.name}")  # answered for bob, at once, as a decline
+    alice.chat.send(f"CHAT {bob.name}")  # quiet: bob hears nothing; alice, after a while, a "no"
     p.expect(alice, "chat", "OK CHAT ")
     p.expect(alice, "login", "DECLINED ")
     p.visible(1, carol)
@@ -648,9 +648,35 @@ def scenario_blocks(p: Place) -> list[str]:
 
 def test_a_user_blocks_another_on_any_node(spread, alone):
     """BLOCK ends a chat or request with the user blocked; their requests are
-    then declined at once, from any node (the list is in the shared account
-    store); UNBLOCK undoes it."""
+    then declined after a while, from any node (the list is in the shared
+    account store); UNBLOCK undoes it."""
     same_as_one_server(scenario_blocks, spread, alone)
+
+
+def test_a_quiet_request_across_nodes_is_pending_for_the_asker_and_cancelled_when_its_target_leaves(make_cluster):
+    """alice (node 0) asks bob (node 1), who has blocked her: she is busy
+    with it (another CHAT is "pending"), he is free (carol's request reaches
+    him); when he logs out it ends as a request to him would, CANCELLED,
+    long before its "no" was due (5 s or more with a 60 s request timeout)."""
+    cluster = make_cluster(2, *CLUSTER_ARGS, "--request-timeout", "60")
+    p = Place(cluster.nodes)
+    try:
+        alice, bob, carol = p.user("alice", 0), p.user("bob", 1), p.user("carol", 0)
+        bob.chat.send(f"BLOCK {alice.name}")
+        p.expect(bob, "chat", "OK BLOCK ")
+        p.visible(0, bob)
+        alice.chat.send(f"CHAT {bob.name}", f"CHAT {carol.name}")
+        p.expect(alice, "chat", f"OK CHAT {bob.name}")
+        p.expect(alice, "chat", "ERR CHAT pending ")
+        carol.chat.send(f"CHAT {bob.name}")
+        p.expect(carol, "chat", f"OK CHAT {bob.name}")
+        p.expect(bob, "login", f"REQUEST {carol.name}")  # not alice's: it never reaches him
+        bob.chat.send("DECLINE", "EXIT")
+        p.expect(bob, "chat", "OK DECLINE ")
+        p.expect(carol, "login", f"DECLINED {bob.name}")
+        p.expect(alice, "login", f"CANCELLED {bob.name}", timeout=3.0)
+    finally:
+        p.close()
 
 
 def scenario_unregister(p: Place) -> list[str]:

@@ -27,7 +27,7 @@ from hypothesis.stateful import (
 
 from selchat.protocol import events as ev
 from selchat.reactor.timerwheel import TimerWheel
-from selchat.server.hub import Hub
+from selchat.server.hub import Hub, quiet_delay
 from selchat.server.session import PendingRequest, Session
 
 TIMEOUT = 60.0
@@ -77,7 +77,7 @@ class World:
     def __init__(self) -> None:
         self.clock = FakeClock()
         self.wheel = TimerWheel(tick=1.0, slots=8, clock=self.clock)
-        self.hub = Hub(self.wheel.call_later, TIMEOUT)
+        self.hub = Hub(self.wheel.call_later, TIMEOUT, draw=lambda: 0.5)
 
     def user(self, name: str) -> Session:
         session = make_session(name)
@@ -401,17 +401,44 @@ def test_quit_withdraws_own_pending_request(w):
     assert w.hub.accept(bob).code == "no-request"
 
 
-def test_a_blocked_request_is_declined_at_once_and_reaches_nobody(w):
-    alice, bob = w.users("alice", "bob")
+def test_a_blocked_request_is_pending_for_the_asker_only_then_declined(w):
+    """A quiet request: the asker is told OK and is busy with it (a second
+    CHAT is "pending"); the one who blocked hears nothing, is not busy and
+    may be asked by others; after quiet_delay the asker hears DECLINED."""
+    alice, bob, carol = w.users("alice", "bob", "carol")
     assert w.hub.chat(alice, "BOB", blocked=True) == ev.Ok("CHAT", "bob")
+    assert_quiet(alice, bob)
+    assert alice.busy and not bob.busy and bob.request is None
+    assert w.hub.chat(alice, "carol").code == "pending"
+    assert w.hub.accept(bob).code == "no-request" and w.hub.decline(bob).code == "no-request"
+    w.requested(carol, bob)  # bob is free for others
+    due = quiet_delay(TIMEOUT, 0.5)
+    assert w.advance_to(due - 1.0) == 0
+    assert_quiet(alice)
+    w.advance_to(due + 1.0)
     assert take(alice) == [ev.Declined("bob")]
-    assert_quiet(bob)
-    assert_free(alice, bob)
-    assert len(w.wheel) == 0  # no request, so no expiry either
-    w.chatting(bob, alice)  # and the refusals come first: a busy user is busy
-    carol = w.user("carol")
-    assert w.hub.chat(carol, "bob", blocked=True).code == "busy"
-    assert_quiet(carol)
+    assert_quiet(bob, carol)
+    assert alice.request is None and bob.request is carol.request is not None
+    assert not w.hub.quiet
+
+
+def test_a_blocked_request_ends_as_a_request_would_when_withdrawn_or_when_its_target_leaves(w):
+    alice, bob, carol = w.users("alice", "bob", "carol")
+    w.hub.chat(alice, "bob", blocked=True)
+    assert w.hub.quit(alice) == ev.Ok("QUIT", "bob")  # withdrawn: bob is told nothing
+    assert_quiet(alice, bob)
+    w.hub.chat(alice, "bob", blocked=True)
+    w.hub.chat(carol, "bob", blocked=True)
+    w.hub.leave(bob, "left", "bob left")
+    assert take(alice) == [ev.Cancelled("bob")] and take(carol) == [ev.Cancelled("bob")]
+    assert_free(alice, carol)
+    assert w.advance_to(10 * TIMEOUT) == 0 and not w.hub.quiet
+    assert_quiet(alice, carol)
+
+
+def test_the_quiet_delay_is_a_part_of_the_request_timeout_at_most_20_s():
+    assert quiet_delay(60.0, 0.0) == 5.0 and quiet_delay(60.0, 0.999) < 15.0
+    assert quiet_delay(2.0, 0.0) == 0.5 and quiet_delay(2.0, 0.5) == 1.0
 
 
 @pytest.mark.parametrize("case", ["chatting", "their-request", "my-request"])
@@ -640,13 +667,15 @@ class Model:
         self.requests: dict[tuple[Session, Session], float] = {}  # (source, target) -> deadline
         self.inbox: dict[Session, list] = {}  # everything each user was told
         self.blocks: set[tuple[str, str]] = set()  # (key, key it has blocked): the account store's
+        self.quiet: set[tuple[Session, Session]] = set()  # requests to one who blocked the asker
 
     def tell(self, s: Session, event) -> None:
         self.inbox[s].append(norm(event))
 
     def request_of(self, s: Session):
+        """The request ``s`` has: asked, or asked of it (a quiet one is the asker's only)."""
         for pair in self.requests:
-            if s in pair:
+            if s is pair[0] or (s is pair[1] and pair not in self.quiet):
                 return pair
         return None
 
@@ -663,8 +692,15 @@ class Model:
         pair = self.request_of(s)
         if pair is not None:
             del self.requests[pair]
-            other = pair[1] if pair[0] is s else pair[0]
-            self.tell(other, ev.Cancelled(s.name))
+            if pair in self.quiet:
+                self.quiet.discard(pair)
+            else:
+                other = pair[1] if pair[0] is s else pair[0]
+                self.tell(other, ev.Cancelled(s.name))
+        for pair in [q for q in self.requests if q[1] is s and q in self.quiet]:
+            del self.requests[pair]
+            self.quiet.discard(pair)
+            self.tell(pair[0], ev.Cancelled(s.name))
         p = self.partner.pop(s, None)
         if p is not None:
             del self.partner[p]
@@ -683,8 +719,9 @@ class Model:
             return None
         if self.busy(t):
             return err("CHAT", "busy")
-        if (t.key, s.key) in self.blocks:  # declined for them, at once
-            self.tell(s, ev.Declined(t.name))
+        if (t.key, s.key) in self.blocks:  # quiet: the asker's only, declined after a while
+            self.requests[(s, t)] = self.now + quiet_delay(self.timeout, 0.5)
+            self.quiet.add((s, t))
             return ev.Ok("CHAT", t.name)
         self.requests[(s, t)] = self.now + self.timeout
         self.tell(t, ev.Request(s.name))
@@ -723,7 +760,10 @@ class Model:
         pair = self.request_of(s)
         if pair is not None and pair[0] is s:
             del self.requests[pair]
-            self.tell(pair[1], ev.Cancelled(s.name))
+            if pair in self.quiet:
+                self.quiet.discard(pair)
+            else:
+                self.tell(pair[1], ev.Cancelled(s.name))
             return ev.Ok("QUIT", pair[1].name)
         return err("QUIT", "not-in-chat")
 
@@ -749,6 +789,10 @@ class Model:
         for (src, tgt), deadline in sorted(self.requests.items(), key=lambda kv: kv[1]):
             if deadline <= self.now:
                 del self.requests[(src, tgt)]
+                if (src, tgt) in self.quiet:
+                    self.quiet.discard((src, tgt))
+                    self.tell(src, ev.Declined(tgt.name))
+                    continue
                 self.tell(src, ev.Expired(tgt.name))
                 self.tell(tgt, ev.Expired(src.name))
 
@@ -765,7 +809,7 @@ class HubMachine(RuleBasedStateMachine):
         super().__init__()
         self.clock = FakeClock(0.0)
         self.wheel = TimerWheel(tick=1.0, slots=8, clock=self.clock)  # 60 s = several rotations
-        self.hub = Hub(self.wheel.call_later, TIMEOUT)
+        self.hub = Hub(self.wheel.call_later, TIMEOUT, draw=lambda: 0.5)
         self.model = Model(TIMEOUT)
         self.gone: list[Session] = []  # sessions that left
         self.seq: dict[Session, int] = {}  # MSG frames sent so far, per session
@@ -854,6 +898,16 @@ class HubMachine(RuleBasedStateMachine):
         self.model.block(a, key)
         self.hub.part(a, key)
 
+    @precondition(lambda self: any(o in self.model.online and b in self.model.online and o != b
+                                   for o, b in self.model.blocks))
+    @rule(data=st.data())
+    def blocked_user_asks(self, data):
+        """Someone asks a user who has blocked them (a quiet request, if both are free)."""
+        online = self.model.online
+        pairs = sorted((o, b) for o, b in self.model.blocks if o in online and b in online and o != b)
+        owner, blocked = data.draw(st.sampled_from(pairs), label="block")
+        self._do("chat", online[blocked], online[owner].name)
+
     @rule(a=users, text=st.sampled_from(["hi", "ok", "bye"]))
     def message(self, a, text):
         self._say(a, text)
@@ -895,7 +949,7 @@ class HubMachine(RuleBasedStateMachine):
     def chatter_says(self, data, text):
         self._say(self._pick_chatter(data), text)
 
-    @rule(dt=st.sampled_from([1.0, 10.0, 29.0, TIMEOUT - 1, TIMEOUT, TIMEOUT + 1, 3 * TIMEOUT]))
+    @rule(dt=st.sampled_from([1.0, 9.0, 10.0, 11.0, 29.0, TIMEOUT - 1, TIMEOUT, TIMEOUT + 1, 3 * TIMEOUT]))
     def expire(self, dt):
         self.clock.now += dt
         self.wheel.advance()
@@ -946,7 +1000,8 @@ class HubMachine(RuleBasedStateMachine):
                 reqs[id(s.request)] = s.request
         for key, req in reqs.items():
             assert req.source is not req.target
-            assert sorted(holders[key], key=id) == sorted([req.source, req.target], key=id)
+            holding = [req.source] if req.quiet else [req.source, req.target]
+            assert sorted(holders[key], key=id) == sorted(holding, key=id)
         # one live expiry timer per pending request, none left over
         assert len(self.wheel) == len(reqs) == len(self.model.requests)
 

@@ -276,11 +276,12 @@ def test_an_irc_user_changes_their_password_through_the_service(srv):
     login.expect(f"WELCOME {name} ")
 
 
-def test_an_irc_user_blocks_a_selchat_user_through_the_service(srv):
-    """block ends the chat with them; their requests are then declined at
-    once (nothing reaches the IRC user); blocks lists them; unblock undoes it."""
+def test_an_irc_user_blocks_a_selchat_user_through_the_service(make_irc_server):
+    """block ends the chat with them; their requests are then declined after
+    a while (nothing reaches the IRC user); blocks lists them; unblock undoes it."""
+    srv = make_irc_server("--request-timeout", "2")  # declined within 1.5 s
     client = irc_user(srv)
-    raw = raw_user(srv)
+    raw = RawUser(srv)  # this server has no MOTD
     client.send(f"PRIVMSG selchat :chat {raw.name}")
     assert client.notice().startswith(f"chat request sent to {raw.name}")
     raw.login.expect(f"REQUEST {client.nick}")

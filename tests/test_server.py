@@ -363,12 +363,12 @@ def test_wrong_current_passwords_are_throttled_as_failed_logins_are(server):
     bob.chat.expect("USER ")
 
 
-def test_a_blocked_user_is_declined_at_once_across_logins_and_restarts(tmp_path):
+def test_a_blocked_user_is_declined_across_logins_and_restarts(tmp_path):
     """BLOCK is kept in the account store: after the blocker logs in again,
-    and after a restart, the blocked user's CHAT is answered OK then
-    DECLINED, and nothing reaches the blocker (the next thing bob hears is
-    someone else's request). Blocking a partner ends the chat, as QUIT."""
-    srv = ServerProcess(tmp_path)
+    and after a restart, the blocked user's CHAT is answered OK, then, after
+    a while, DECLINED, and nothing reaches the blocker (the next thing bob
+    hears is someone else's request). Blocking a partner ends the chat, as QUIT."""
+    srv = ServerProcess(tmp_path, "--request-timeout", "2")  # declined within 1.5 s
     alice, bob, carol = RawUser(srv), RawUser(srv), RawUser(srv)
     start_chat(alice, bob)
     bob.chat.send(f"BLOCK {alice.name.upper()}")
@@ -378,7 +378,7 @@ def test_a_blocked_user_is_declined_at_once_across_logins_and_restarts(tmp_path)
     bob.close()
     srv.proc.kill()
     srv.proc.wait()
-    srv = ServerProcess(tmp_path, db=srv.db)
+    srv = ServerProcess(tmp_path, "--request-timeout", "2", db=srv.db)
     try:
         alice = RawUser(srv, alice.name, register=False)
         bob = RawUser(srv, bob.name, register=False)

@@ -419,7 +419,7 @@ def test_two_servers_on_one_database_see_each_others_registrations(pg, tmp_path)
 
 
 def test_the_server_keeps_running_while_postgresql_is_down(pg, shared_url, tmp_path):
-    server = ServerProcess(tmp_path, db=shared_url)
+    server = ServerProcess(tmp_path, "--request-timeout", "2", db=shared_url)  # a blocked request: 1.5 s at most
     try:
         user = RawUser(server, password="pw")
         name = user.name

@@ -12,17 +12,20 @@ the node's ``S``/``X`` messages (for the other).
 
 from __future__ import annotations
 
+import random
+
 from selchat.cluster.node import UNAVAILABLE, ClusterNode, RemoteUser, _s
 from selchat.cluster.redislink import RedisError
 from selchat.protocol import events as ev
-from selchat.server.hub import Hub
+from selchat.server.hub import Hub, quiet_delay
 
 
 class ClusterHub:
-    def __init__(self, node: ClusterNode, call_later, request_timeout: float):
+    def __init__(self, node: ClusterNode, call_later, request_timeout: float, draw=random.random):
         self.node = node
         self.call_later = call_later
         self.request_timeout = request_timeout
+        self.draw = draw
         self.online: dict[str, object] = {}  # key -> this node's sessions (metrics, admin, broadcast)
 
     # -- presence -----------------------------------------------------------------
@@ -97,8 +100,9 @@ class ClusterHub:
             if code == "ok":
                 self.call_later(self.request_timeout, self._expire, session.key, key, _s(value[2]))
                 done(ev.Ok("CHAT", other))
-            elif code == "blocked":
-                session.deliver(ev.Declined(other))
+            elif code == "quiet":  # to a user who blocked the asker: declined later, from here
+                delay = quiet_delay(self.request_timeout, self.draw())
+                self.call_later(delay, self._expire, session.key, key, _s(value[2]), "DECLINED")
                 done(ev.Ok("CHAT", other))
             elif code == "offline":
                 done(None)
@@ -115,8 +119,8 @@ class ClusterHub:
 
         self.node.eval("request", session.key, session.epoch, key, "1" if blocked else "0", callback=reply)
 
-    def _expire(self, source_key: str, target_key: str, request_id: str) -> None:
-        self.node.eval("expire", source_key, target_key, request_id)
+    def _expire(self, source_key: str, target_key: str, request_id: str, verb: str = "EXPIRED") -> None:
+        self.node.eval("expire", source_key, target_key, request_id, verb)
 
     def accept(self, session, done) -> None:
         def reply(value) -> None:

@@ -136,9 +136,19 @@ local function part(k, r, reason, text)
       end
     end
   end
+  -- Quiet requests to k (from users k blocked): cancelled as requests to it are.
+  local quiet = redis.call('HGETALL', P .. 'qf:' .. k)
+  for i = 1, #quiet, 2 do
+    local o = rec(quiet[i])
+    if o and o.req_to == k and o.req_id == quiet[i + 1] then
+      redis.call('HSET', u(quiet[i]), 'req_to', '', 'req_id', '')
+      tell('E', quiet[i], o, 'CANCELLED ' .. r.name)
+    end
+  end
+  redis.call('DEL', P .. 'qf:' .. k)
 end
 local function forget(k, r)
-  redis.call('DEL', u(k), P .. 'in:' .. k, P .. 'fa:' .. k, P .. 'ended:' .. k)
+  redis.call('DEL', u(k), P .. 'in:' .. k, P .. 'fa:' .. k, P .. 'ended:' .. k, P .. 'qf:' .. k)
   if r.rt ~= '' then redis.call('DEL', P .. 'rt:' .. r.rt) end
   redis.call('HDEL', P .. 'online', k)
   redis.call('SREM', P .. 'nu:' .. r.node, k)
@@ -197,8 +207,9 @@ return 1
 """
 
 #: ARGV: src key, src epoch, dst key, '1' if dst has blocked src. Returns
-#: {code, name, request id}; code 'blocked' changes nothing (the node
-#: answers it as a decline).
+#: {code, name, request id}. A request to a user who blocked the source is
+#: 'quiet': only the source's record has it (dst is not told, and its
+#: req_from stays free), and the source's node declines it later (EXPIRE).
 REQUEST = PRELUDE + r"""
 local k, epoch, dk = ARGV[1], ARGV[2], ARGV[3]
 local s = current(k, epoch)
@@ -216,8 +227,12 @@ local d = rec(dk)
 if d and d.node == '' then return {'away', d.name} end
 if not d or not alive(d.node) then return {'offline', ''} end
 if d.partner ~= '' or d.req_to ~= '' or d.req_from ~= '' then return {'busy', d.name} end
-if ARGV[4] == '1' then return {'blocked', d.name} end
 local id = tostring(redis.call('INCR', P .. 'reqid'))
+if ARGV[4] == '1' then
+  redis.call('HSET', u(k), 'req_to', dk, 'req_id', id)
+  redis.call('HSET', P .. 'qf:' .. dk, k, id)  -- so that dk's going away cancels it, as it would a request
+  return {'quiet', d.name, id}
+end
 redis.call('HSET', u(k), 'req_to', dk, 'req_id', id)
 redis.call('HSET', u(dk), 'req_from', k, 'req_id', id, 'rpos', d.got)
 tell('E', dk, d, 'REQUEST ' .. s.name)
@@ -282,13 +297,14 @@ end
 return {'not-in-chat'}
 """
 
-#: ARGV: src key, dst key, request id. An unanswered request runs out.
+#: ARGV: src key, dst key, request id, what the source hears (EXPIRED, or
+#: DECLINED for a quiet request). An unanswered request runs out.
 EXPIRE = PRELUDE + r"""
 local k, dk, id = ARGV[1], ARGV[2], ARGV[3]
 local s, d = rec(k), rec(dk)
 if not s or s.req_to ~= dk or s.req_id ~= id then return 0 end
 redis.call('HSET', u(k), 'req_to', '', 'req_id', '')
-tell('E', k, s, 'EXPIRED ' .. (d and d.name or dk))
+tell('E', k, s, (ARGV[4] or 'EXPIRED') .. ' ' .. (d and d.name or dk))
 if d and d.req_from == k and d.req_id == id then
   redis.call('HSET', u(dk), 'req_from', '', 'req_id', '')
   tell('E', dk, d, 'EXPIRED ' .. s.name)

@@ -5,8 +5,9 @@ The list is kept in the account store, so it outlives sessions and is the
 same on every node of a cluster; each read or write runs on a worker thread
 (``Accounts``) and the chat socket is not read meanwhile, so replies keep
 their order. A request from a blocked user is answered for the user who
-blocked them as a decline (``Hub.chat``): the asker gets the frames of a
-"no" (at once, which is the only hint), and the one who blocked hears nothing.
+blocked them as a decline (``Hub.chat``): a *quiet* request, pending for
+the asker only and declined after a random while, so that it looks like a
+"no"; the one who blocked hears nothing and stays free.
 
 May touch: the peer that sent the command (pause, resume, send), the account
 store's non-blocking calls, and the hub's ``part``.

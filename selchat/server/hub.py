@@ -8,6 +8,7 @@ touches a socket, so the tests drive it with plain objects and a fake clock.
 
 from __future__ import annotations
 
+import random
 from typing import Callable
 
 from selchat.protocol import events as ev
@@ -20,11 +21,26 @@ COMMANDS_HELP = (
 )
 
 
+#: A request to a user who has blocked the asker is declined after a part of
+#: the request timeout drawn at random (at most this many seconds), as a
+#: person might take to say no; not at once, which would give the block away.
+QUIET_DECLINE_MAX = 20.0
+
+
+def quiet_delay(request_timeout: float, draw: float) -> float:
+    """When a blocked request is declined, for ``draw`` in [0, 1): a quarter
+    to three quarters of the request timeout (of ``QUIET_DECLINE_MAX`` if
+    that is shorter)."""
+    return (0.25 + 0.5 * draw) * min(request_timeout, QUIET_DECLINE_MAX)
+
+
 class Hub:
-    def __init__(self, call_later: Callable, request_timeout: float):
+    def __init__(self, call_later: Callable, request_timeout: float, draw: Callable[[], float] = random.random):
         self.call_later = call_later
         self.request_timeout = request_timeout
+        self.draw = draw
         self.online: dict[str, object] = {}  # key -> session
+        self.quiet: dict[object, list] = {}  # target session -> quiet requests to it (from users it blocked)
 
     # -- presence -----------------------------------------------------------------
 
@@ -38,7 +54,12 @@ class Hub:
         if session.request is not None:
             req = session.request
             self._clear_request(req)
-            req.other(session).deliver(ev.Cancelled(session.name))
+            if not req.quiet:
+                req.other(session).deliver(ev.Cancelled(session.name))
+        for req in self.quiet.pop(session, ()):  # as a request to it would be: cancelled
+            if req.source.request is req:
+                self._clear_request(req)
+                req.source.deliver(ev.Cancelled(session.name))
         if session.partner is not None:
             partner = session.partner
             session.partner = partner.partner = None
@@ -57,7 +78,8 @@ class Hub:
             if req is not None:
                 self._clear_request(req)
                 req.source.deliver(ev.Expired(req.target.name))
-                req.target.deliver(ev.Expired(req.source.name))
+                if not req.quiet:
+                    req.target.deliver(ev.Expired(req.source.name))
 
     def who(self) -> list:
         sessions = sorted(self.online.values(), key=lambda s: s.key)
@@ -69,8 +91,9 @@ class Hub:
     def chat(self, session, name: str, blocked: bool = False):
         """Ask ``name`` for a chat. Returns the reply, or None when ``name`` is not
         online (the caller then finds out whether the account exists at all).
-        If ``name`` has blocked the asker (``blocked``), the request is
-        answered for them as a decline, at once (the asker gets a "no")."""
+        If ``name`` has blocked the asker (``blocked``), the request is a
+        quiet one: to the asker it is pending as any other, but ``name``
+        hears nothing of it, and it is declined after ``quiet_delay``."""
         key = name.lower()
         if key == session.key:
             return ev.Error("CHAT", "self", "you cannot chat with yourself")
@@ -85,7 +108,9 @@ class Hub:
         if target.busy:
             return ev.Error("CHAT", "busy", f"{target.name} is busy")
         if blocked:
-            session.deliver(ev.Declined(target.name))
+            req = session.request = PendingRequest(session, target, quiet=True)
+            req.timer = self.call_later(quiet_delay(self.request_timeout, self.draw()), self._expire, req)
+            self.quiet.setdefault(target, []).append(req)
             return ev.Ok("CHAT", target.name)
         req = PendingRequest(session, target)
         req.timer = self.call_later(self.request_timeout, self._expire, req)
@@ -122,7 +147,8 @@ class Hub:
         req = session.request
         if req is not None and req.source is session:
             self._clear_request(req)
-            req.target.deliver(ev.Cancelled(session.name))
+            if not req.quiet:
+                req.target.deliver(ev.Cancelled(session.name))
             return ev.Ok("QUIT", req.target.name)
         return ev.Error("QUIT", "not-in-chat", "you are not in a chat")
 
@@ -141,14 +167,24 @@ class Hub:
         if req.source.request is not req:
             return  # answered or withdrawn meanwhile
         self._clear_request(req)
+        if req.quiet:  # the "no" of a user who blocked the asker
+            req.source.deliver(ev.Declined(req.target.name))
+            return
         req.source.deliver(ev.Expired(req.target.name))
         req.target.deliver(ev.Expired(req.source.name))
 
-    @staticmethod
-    def _clear_request(req: PendingRequest) -> None:
+    def _clear_request(self, req: PendingRequest) -> None:
         if req.timer is not None:
             req.timer.cancel()
-        req.source.request = req.target.request = None
+        req.source.request = None
+        if not req.quiet:
+            req.target.request = None
+            return
+        waiting = self.quiet.get(req.target)  # a quiet request was never the target's own
+        if waiting is not None and req in waiting:
+            waiting.remove(req)
+            if not waiting:
+                del self.quiet[req.target]
 
     # -- messages -----------------------------------------------------------------
 

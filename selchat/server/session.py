@@ -24,14 +24,19 @@ class Phase(enum.Enum):
 
 
 class PendingRequest:
-    """A chat request from ``source`` to ``target`` that nobody has answered yet."""
+    """A chat request from ``source`` to ``target`` that nobody has answered yet.
 
-    __slots__ = ("source", "target", "timer")
+    A ``quiet`` one is a request to a user who has blocked the source: only
+    the source holds it (the target is not told, not busy, and answers
+    nothing), and it ends, after a while, as declined."""
 
-    def __init__(self, source: "Session", target: "Session"):
+    __slots__ = ("source", "target", "timer", "quiet")
+
+    def __init__(self, source: "Session", target: "Session", quiet: bool = False):
         self.source = source
         self.target = target
         self.timer = None
+        self.quiet = quiet
 
     def other(self, session: "Session") -> "Session":
         return self.target if session is self.source else self.source
