@@ -386,6 +386,7 @@ def test_a_blocked_user_is_declined_across_logins_and_restarts(tmp_path):
         alice.chat.send(f"CHAT {bob.name}")
         alice.chat.expect(f"OK CHAT {bob.name}")
         alice.expect(f"DECLINED {bob.name}")
+        srv.wait_for_log(f"request-blocked user={alice.name} target={bob.name} ")  # for the operator
         carol.chat.send(f"CHAT {bob.name}")
         carol.chat.expect(f"OK CHAT {bob.name}")
         assert bob.login.line() == f"REQUEST {carol.name}"  # alice's never came

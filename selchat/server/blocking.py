@@ -10,7 +10,7 @@ the asker only and declined after a random while, so that it looks like a
 "no"; the one who blocked hears nothing and stays free.
 
 May touch: the peer that sent the command (pause, resume, send), the account
-store's non-blocking calls, and the hub's ``part``.
+store's non-blocking calls, the hub's ``part`` and the log events.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 
 from selchat.protocol import events as ev
+from selchat.server import audit
 from selchat.server.peer import WAITING
 from selchat.server.session import Phase
 from selchat.store.accounts import MAX_BLOCKS, TooManyBlocks
@@ -125,6 +126,8 @@ class Blocking:
         lost meanwhile takes the request with it."""
         def looked_up(blocked: bool) -> None:
             if session.chat is peer:
+                if blocked:  # for an operator looking into harassment: who keeps asking whom
+                    audit.emit("request-blocked", user=session.name, target=user, addr=peer.host)
                 then(blocked)
 
         self._consult(peer, session, "CHAT", self.server.accounts.is_blocked, user, session.name, answer=looked_up)
