@@ -242,14 +242,18 @@ def test_unregister_asks_unechoed_confirms_the_name_keeps_no_history_then_delete
     alice = tty(server.port, name, "--reconnect").login()
     bob = RawUser(server, unique("bob"))
     start_chat(alice, bob)
+
+    def unregister(confirm: str) -> None:
+        alice.send("/unregister\r")
+        alice.expect("password (your account will be deleted for good): ")
+        alice.send("pw tty")
+        alice.expect("******")   # drawn masked before Enter (keys sent with it would be taken unseen)
+        alice.send("\r")
+        alice.expect("type your user name to confirm: ")
+        alice.send(confirm + "\r")
+
     # A name that is not hers: nothing is sent (the right password would delete the account).
-    alice.send("/unregister\r")
-    alice.expect("password (your account will be deleted for good): ")
-    alice.send("pw tty")
-    alice.expect("******")   # drawn masked before Enter (keys sent with it would be taken unseen)
-    alice.send("\r")
-    alice.expect("type your user name to confirm: ")
-    alice.send("nobody-else\r")
+    unregister("nobody-else")
     alice.expect("error: account not deleted")
     alice.expect(f"{name} → {bob.name}> ")
     alice.send("\x1b[A")   # Up: the line before is /unregister, not the name nor the password
@@ -263,13 +267,7 @@ def test_unregister_asks_unechoed_confirms_the_name_keeps_no_history_then_delete
     alice.expect("error: account not deleted")
     alice.expect(f"{name} → {bob.name}> ")
     # Now for good: the name in other case is hers.
-    alice.send("/unregister\r")
-    alice.expect("password (your account will be deleted for good): ")
-    alice.send("pw tty")
-    alice.expect("******")   # drawn masked before Enter (keys sent with it would be taken unseen)
-    alice.send("\r")
-    alice.expect("type your user name to confirm: ")
-    alice.send(name.upper() + "\r")
+    unregister(name.upper())
     alice.expect(f"your account {name} is deleted")
     bob.login.expect(f"ENDED {name} left")
     alice.expect("logged out")

@@ -284,7 +284,9 @@ def test_old_params_verify_after_store_n_changes(db_path):
     assert hashes["new"].split("$")[1] == str(2**5)
 
 
-def test_dummy_verify_spends_a_hash(monkeypatch):
+@pytest.fixture
+def scrypt_calls(monkeypatch) -> list:
+    """The cost (n) of every scrypt hash computed from now on, in order."""
     calls = []
     real = passwords.hashlib.scrypt
 
@@ -293,22 +295,20 @@ def test_dummy_verify_spends_a_hash(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(passwords.hashlib, "scrypt", spy)
+    return calls
+
+
+def test_dummy_verify_spends_a_hash(scrypt_calls):
+    calls = scrypt_calls
     assert dummy_verify("whatever", n=CHEAP_N) is None
     dummy_verify("x" * 5000, n=CHEAP_N)  # oversize input is fine
     dummy_verify("a\udc80", n=CHEAP_N)  # so is a lone surrogate
     assert calls == [CHEAP_N] * 3
 
 
-def test_verify_spends_one_hash_on_every_path(store, monkeypatch):
+def test_verify_spends_one_hash_on_every_path(store, scrypt_calls):
     store.add_user("alice", "right")
-    calls = []
-    real = passwords.hashlib.scrypt
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs["n"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(passwords.hashlib, "scrypt", spy)
+    calls = scrypt_calls
     cases = [
         ("alice", "right"),  # success
         ("alice", "wrong"),  # wrong password
@@ -713,17 +713,11 @@ def test_an_upgrade_whose_lock_column_fails_leaves_version_1(db_path, monkeypatc
     assert user_columns(db_path) == ["name", "pwhash", "created"]
 
 
-def test_verify_spends_one_hash_on_a_locked_account(store, monkeypatch):
+def test_verify_spends_one_hash_on_a_locked_account(store, scrypt_calls):
     store.add_user("alice", "right")
     store.lock_user("alice", "spam")
-    calls = []
-    real = passwords.hashlib.scrypt
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs["n"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(passwords.hashlib, "scrypt", spy)
+    calls = scrypt_calls
+    calls.clear()  # the hash add_user made
     assert store.verify("alice", "wrong") is None
     assert calls == [CHEAP_N]
     calls.clear()

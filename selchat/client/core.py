@@ -1522,8 +1522,8 @@ COMMANDS: dict[str, Command] = {
                      "leave the chat, or withdraw your chat request (also Ctrl-C)"),
     "/who": Command(ClientSession._cmd_who, "/who", "list who is online, and who is busy"),
     "/block": Command(ClientSession._cmd_block, "/block NAME",
-                      "decline NAME's chat requests from now on, unseen (NAME is told \"declined\" after a while), and end your chat"
-                      " or request with NAME", (1, 1), names=True),
+                      "decline NAME's chat requests from now on, unseen (NAME is told \"declined\" after a"
+                      " while), and end your chat or request with NAME", (1, 1), names=True),
     "/unblock": Command(ClientSession._cmd_unblock, "/unblock NAME", "take NAME off your block list",
                         (1, 1), names=True),
     "/blocks": Command(ClientSession._cmd_blocks, "/blocks", "list the users you have blocked"),

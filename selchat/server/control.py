@@ -220,38 +220,40 @@ class ControlSocket:
         user = _string(request, "user")
         reason = _text(request, "text", default="")
 
-        def done(future) -> None:
-            try:
-                name = future.result()
-            except Exception as exc:
-                reply_later(_error(f"not locked: {exc}"))
-                return
+        def locked(name: str | None) -> dict:
             if name is None:
-                reply_later(_error(f"there is no account {user}"))
-                return
-            why = f"your account is locked: {reason}" if reason else "your account is locked"
-            kicked = self.server.kick(name, why)
+                return _error(f"there is no account {user}")
+            kicked = self.server.kick(name, f"your account is locked: {reason}" if reason else "your account is locked")
             audit.emit("admin", cmd="lock", user=name, text=reason, kicked=kicked)
-            reply_later({"ok": True, "user": name, "kicked": kicked})
+            return {"ok": True, "user": name, "kicked": kicked}
 
-        self.server.accounts.lock_user(user, reason, done)
+        self._in_store(reply_later, "not locked", locked, self.server.accounts.lock_user, user, reason)
 
     def unlock(self, request: dict, reply_later) -> None:
         user = _string(request, "user")
 
+        def unlocked(name: str | None) -> dict:
+            if name is None:
+                return _error(f"{user} is not a locked account")
+            audit.emit("admin", cmd="unlock", user=name)
+            return {"ok": True, "user": name}
+
+        self._in_store(reply_later, "not unlocked", unlocked, self.server.accounts.unlock_user, user)
+
+    @staticmethod
+    def _in_store(reply_later, failed: str, then, call, *args) -> None:
+        """``call(*args, done)``, one of the account store's calls on a
+        worker; then ``reply_later(then(result))`` on the loop, or an error
+        reply that starts with ``failed``."""
         def done(future) -> None:
             try:
-                name = future.result()
+                result = future.result()
             except Exception as exc:
-                reply_later(_error(f"not unlocked: {exc}"))
+                reply_later(_error(f"{failed}: {exc}"))
                 return
-            if name is None:
-                reply_later(_error(f"{user} is not a locked account"))
-                return
-            audit.emit("admin", cmd="unlock", user=name)
-            reply_later({"ok": True, "user": name})
+            reply_later(then(result))
 
-        self.server.accounts.unlock_user(user, done)
+        call(*args, done)
 
     def broadcast(self, request: dict, reply_later) -> dict:
         text = _text(request, "text")

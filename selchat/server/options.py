@@ -46,7 +46,8 @@ FILE_KEYS = tuple(name for name in _FIELDS if name != "config_file")
 #: file sets. ``scrypt_n`` is a hidden option for tests, without a variable.
 ENV_KEYS = (
     "host", "port", "db", "ping_interval", "ping_timeout", "request_timeout", "login_timeout",
-    "attach_timeout", "registration", "registrations_per_hour", "stuck_timeout", "resume_window", "resume_buffer", "cluster", "max_connections",
+    "attach_timeout", "registration", "registrations_per_hour", "stuck_timeout", "resume_window", "resume_buffer",
+    "cluster", "max_connections",
     "max_per_address",
     "conn_rate", "cmd_rate", "msg_rate", "throttle_after", "tls_cert", "tls_key", "workers",
     "motd_file", "metrics", "admin_socket", "log_file", "log_format", "irc_port", "irc_tls_port",
