@@ -80,13 +80,16 @@ TEXT = st.text(_CHAR, min_size=1, max_size=40)
 OPT_TEXT = st.text(_CHAR, max_size=40)
 ROLE = st.sampled_from([ev.Role.CHAT, ev.Role.CHECK])
 
-NULLARY_CLIENT = [ev.Accept(), ev.Decline(), ev.Quit(), ev.Exit(), ev.Who(), ev.Help()]
+NULLARY_CLIENT = [ev.Accept(), ev.Decline(), ev.Quit(), ev.Exit(), ev.Who(), ev.Help(), ev.Blocks()]
 
 chat_commands = st.one_of(
     st.builds(ev.ChatRequest, NAME),
     st.sampled_from(NULLARY_CLIENT),
     st.builds(ev.Message, TEXT),
     st.builds(ev.Password, TEXT, TEXT),   # <old> escaped: any text, spaces and backslashes too
+    st.builds(ev.Block, NAME),
+    st.builds(ev.Unblock, NAME),
+    st.builds(ev.Unregister, TEXT),       # the rest of the line, as LOGIN's password
 )
 heartbeats = st.one_of(st.builds(ev.Ping, OPT_TEXT), st.builds(ev.Pong, OPT_TEXT))
 
@@ -191,6 +194,10 @@ def test_server_event_roundtrip(event):
         (ev.Login("alice", "two words "), b"LOGIN alice two words \n"),
         (ev.Register("bob", " lead"), b"REGISTER bob  lead\n"),
         (ev.Password("my old\\one", " new pass"), b"PASSWORD my\\ old\\\\one  new pass\n"),
+        (ev.Unregister(" my pass "), b"UNREGISTER  my pass \n"),
+        (ev.Block("bob"), b"BLOCK bob\n"),
+        (ev.Unblock("bob"), b"UNBLOCK bob\n"),
+        (ev.Blocks(), b"BLOCKS\n"),
         (ev.Attach(ev.Role.CHECK, "tok-1_x"), b"ATTACH CHECK tok-1_x\n"),
         (ev.ChatRequest("bob"), b"CHAT bob\n"),
         (ev.Message("h\u00e9 there\t!"), "MSG h\u00e9 there\t!\n".encode()),

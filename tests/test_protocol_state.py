@@ -37,6 +37,10 @@ CLIENT_EVENTS = [
     ev.Help(),
     ev.Message("hello there"),
     ev.Password("old one", "new one"),
+    ev.Unregister("pass word"),
+    ev.Block("bob"),
+    ev.Unblock("bob"),
+    ev.Blocks(),
     ev.Ping("1"),
     ev.Ping(""),
     ev.Pong("1"),
@@ -88,6 +92,7 @@ VERB = {
     ev.Login: "LOGIN", ev.Register: "REGISTER", ev.Attach: "ATTACH", ev.ChatRequest: "CHAT",
     ev.Accept: "ACCEPT", ev.Decline: "DECLINE", ev.Quit: "QUIT", ev.Exit: "EXIT", ev.Who: "WHO",
     ev.Help: "HELP", ev.Password: "PASSWORD", ev.Message: "MSG", ev.Ping: "PING", ev.Pong: "PONG",
+    ev.Unregister: "UNREGISTER", ev.Block: "BLOCK", ev.Unblock: "UNBLOCK", ev.Blocks: "BLOCKS",
     ev.Hello: "HELLO", ev.Welcome: "WELCOME", ev.Attached: "OK", ev.Ready: "READY", ev.Ok: "OK",
     ev.Error: "ERR", ev.UserEntry: "USER", ev.Request: "REQUEST", ev.Started: "STARTED",
     ev.Declined: "DECLINED", ev.Expired: "EXPIRED", ev.Cancelled: "CANCELLED", ev.Ended: "ENDED",
@@ -110,7 +115,8 @@ WHERE = {
 
 # --- the specification, from docs/protocol.md ----------------------------------------
 
-_COMMANDS = {ev.ChatRequest, ev.Accept, ev.Decline, ev.Quit, ev.Exit, ev.Who, ev.Help, ev.Password, ev.Message}
+_COMMANDS = {ev.ChatRequest, ev.Accept, ev.Decline, ev.Quit, ev.Exit, ev.Who, ev.Help, ev.Password, ev.Message,
+             ev.Unregister, ev.Block, ev.Unblock, ev.Blocks}
 _LOGIN_SOCKET = {
     ev.Ready, ev.Request, ev.Started, ev.Declined, ev.Expired, ev.Cancelled,
     ev.Ended, ev.Incoming, ev.Error, ev.Shutdown,
