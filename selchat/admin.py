@@ -156,7 +156,8 @@ def who(ctx):
 @click.option("--message", "text", metavar="TEXT", help="What the user is told (BYE kicked TEXT); or give it as REASON.")
 @click.pass_context
 def kick(ctx, name, words, text):
-    """End NAME's session; their chat partner is told the chat ended.
+    """End NAME's session (in a cluster, on whichever node holds it); their
+    chat partner is told the chat ended.
 
     The reason may follow the name, as in IRC's KICK: `kick mallory stop spamming`."""
     if words and text is not None:
@@ -166,7 +167,7 @@ def kick(ctx, name, words, text):
     message = {"cmd": "kick", "user": name}
     if text is not None:
         message["text"] = text
-    _run(ctx, message, lambda r: click.echo(f"kicked {r['user']}"))
+    _run(ctx, message, lambda r: click.echo(f"kicked {r['user']}" + _elsewhere(r.get("node"))))
 
 
 @admin.command()
@@ -174,16 +175,17 @@ def kick(ctx, name, words, text):
 @click.argument("words", nargs=-1, metavar="[REASON...]")
 @click.pass_context
 def lock(ctx, name, words):
-    """Lock account NAME and end its session on this server: its password no
-    longer logs it in (it is told the REASON), and the name stays taken.
+    """Lock account NAME and end its session: its password no longer logs it
+    in (it is told the REASON), and the name stays taken.
 
     The lock is in the account database, so every server sharing it refuses
-    the account; a session on another node of a cluster lasts until it logs
-    out or is kicked there. `selchat user lock` does the same offline."""
+    the account; in a cluster, the node holding the session ends it.
+    `selchat user lock` locks offline (a session then lasts until kicked)."""
     message = {"cmd": "lock", "user": name}
     if words:
         message["text"] = " ".join(words)
-    _run(ctx, message, lambda r: click.echo(f"locked {r['user']}" + (" (session ended)" if r["kicked"] else "")))
+    _run(ctx, message, lambda r: click.echo(f"locked {r['user']}" + (
+        f" (session ended{_elsewhere(r['kicked'])})" if r["kicked"] else "")))
 
 
 @admin.command()
@@ -218,6 +220,11 @@ def reload(ctx):
 
 
 # -- formatting -------------------------------------------------------------------------
+
+def _elsewhere(node) -> str:
+    """" on node X" for a session another node of a cluster held, else ""."""
+    return f" on node {node}" if node and node != "here" else ""
+
 
 def _partner(session: dict) -> str:
     if session["partner"]:

@@ -41,6 +41,7 @@ import urllib.request
 import pytest
 
 from tests.clusterharness import ALL, CLUSTER_ARGS, cluster, make_cluster, require_cluster_mode  # noqa: F401
+from tests.test_admin import admin
 from tests.support import DEADLINE, LineSocket, RawUser, ServerProcess, V2User, unique
 
 PASSWORD = "pw secret"  # RawUser's and V2User's default
@@ -1151,6 +1152,38 @@ def test_v2_ten_thousand_messages_each_way_at_once_across_nodes(spread):
 
 
 # -- node death -------------------------------------------------------------------------------
+
+def test_an_operator_on_one_node_kicks_and_locks_a_session_on_another(make_cluster, tmp_path):
+    """selchat admin kick and lock, sent to node 1, end a session that node 0
+    holds (its node says BYE kicked, its partner hears it); a user online
+    nowhere is "not online"."""
+    require_cluster_mode()
+    c = make_cluster(1)
+    admin_socket = tmp_path / "admin.sock"
+    c.args = (*c.args, "--admin-socket", str(admin_socket))
+    c.start_node()   # node 1: the operator's
+    p = Place(c.nodes)
+    try:
+        mallory, bob = p.user("mallory", 0), p.user("bob", 0)
+        p.chat(mallory, bob)
+        kicked = admin(admin_socket, "kick", mallory.name, "calm", "down")
+        assert kicked.returncode == 0, kicked
+        assert kicked.stdout.strip() == f"kicked {mallory.name} on node {c.node_id(0)}"
+        assert "BYE kicked calm down" in mallory.login.expect_closed()
+        p.expect(bob, "login", f"ENDED {mallory.name} kicked ")
+        again = p.user("mallory", 0, name=mallory.name, register=False, label="again")
+        locked = admin(admin_socket, "lock", mallory.name, "spam")
+        assert locked.stdout.strip() == f"locked {mallory.name} (session ended on node {c.node_id(0)})", locked
+        assert "BYE kicked your account is locked: spam" in again.login.expect_closed()
+        p.everywhere({mallory.name: None})
+        nobody = admin(admin_socket, "kick", mallory.name)
+        assert nobody.returncode == 1 and nobody.stderr.strip() == f"error: {mallory.name} is not online"
+        sock = c.node(1).connect()
+        sock.send(f"LOGIN {mallory.name} {PASSWORD}")
+        assert sock.line() == "ERR LOGIN locked this account is locked: spam"
+    finally:
+        p.close()
+
 
 def test_a_killed_node_s_users_leave_who_and_their_partners_hear_dropped(make_cluster):
     # Version 1 sessions die with their node. A version 2 session is kept

@@ -835,6 +835,25 @@ class ClusterNode:
         elif new_node == self.node_id:
             self._on_release(key, epoch, fields, b"")
 
+    def kick_elsewhere(self, key: str, text: str, done) -> None:
+        """An operator's kick (or lock) of ``key``, whose session is not on
+        this node: the node that holds it ends it. ``done(node_id)``, or
+        ``done(None)`` if it is online nowhere (or Redis cannot say)."""
+        def found(reply) -> None:
+            if isinstance(reply, RedisError) or not reply or not reply[0] or not reply[1]:
+                done(None)  # no record, or detached (no node): nothing to end now
+                return
+            node_id, epoch = _s(reply[0]), _s(reply[1])
+            self.post(node_id, f"O {key} {epoch}", text.encode())
+            done(node_id)
+
+        self.link.command("HMGET", f"selchat:u:{key}", "node", "epoch", callback=found)
+
+    def _on_operator_kick(self, key, epoch, fields, payload) -> None:
+        """O: an operator on another node kicked (or locked) this session."""
+        if self._local(key, epoch) is not None:  # still the session the operator's node saw
+            self.server.registry.kick(key, payload.decode())
+
     def _on_release(self, key, epoch, fields, payload) -> None:
         """R: the old holder let go of the session (payload: the events it
         handed over, after an M)."""
@@ -911,7 +930,7 @@ class ClusterNode:
     _WAIT_FOR_ARRIVAL = frozenset("EXSD")
     _HANDLERS = {
         "E": _on_event, "X": _on_ended, "S": _on_started, "K": _on_kick, "R": _on_release,
-        "D": _on_delivery, "F": _on_flow, "M": _on_move, "P": _on_partner_moved,
+        "D": _on_delivery, "F": _on_flow, "M": _on_move, "P": _on_partner_moved, "O": _on_operator_kick,
     }
 
     def close(self) -> None:

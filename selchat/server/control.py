@@ -6,8 +6,8 @@ more than a bounded amount of work. The protocol is one JSON object per line
 each way::
 
     {"cmd": "who"}                              -> {"ok": true, "sessions": [...]}
-    {"cmd": "kick", "user": "bob"}              -> {"ok": true, "user": "bob"}
-    {"cmd": "lock", "user": "bob", "text": "spam"} -> {"ok": true, "user": "bob", "kicked": true}
+    {"cmd": "kick", "user": "bob"}              -> {"ok": true, "user": "bob", "node": "here"}
+    {"cmd": "lock", "user": "bob", "text": "spam"} -> {"ok": true, "user": "bob", "kicked": "here"}
     {"cmd": "unlock", "user": "bob"}            -> {"ok": true, "user": "bob"}
     {"cmd": "broadcast", "text": "back in 5"}   -> {"ok": true, "users": 3}
     {"cmd": "frobnicate"}                       -> {"ok": false, "error": "unknown command ..."}
@@ -206,13 +206,22 @@ class ControlSocket:
         sessions = sorted(self.server.sessions.values(), key=lambda s: s.key)
         return {"ok": True, "sessions": [_describe(s) for s in sessions]}
 
-    def kick(self, request: dict, reply_later) -> dict:
+    def kick(self, request: dict, reply_later) -> dict | None:
         user = _string(request, "user")
         text = _text(request, "text", default="kicked by an operator")
-        if not self.server.kick(user, text):
+
+        def kicked(where: str | None) -> dict:
+            if where is None:
+                return _error(f"{user} is not online")
+            audit.emit("admin", cmd="kick", user=user, text=text, node=where)
+            return {"ok": True, "user": user, "node": where}
+
+        if self.server.kick(user, text):
+            return kicked("here")
+        if self.server.cluster is None:
             raise RequestError(f"{user} is not online")
-        audit.emit("admin", cmd="kick", user=user, text=text)
-        return {"ok": True, "user": user}
+        self.server.cluster.kick_elsewhere(user.lower(), text, lambda node: reply_later(kicked(node)))
+        return None
 
     def lock(self, request: dict, reply_later) -> None:
         """Lock the account in the database (a worker's write), then end its
@@ -220,12 +229,22 @@ class ControlSocket:
         user = _string(request, "user")
         reason = _text(request, "text", default="")
 
-        def locked(name: str | None) -> dict:
+        text = f"your account is locked: {reason}" if reason else "your account is locked"
+
+        def locked(name: str | None) -> dict | None:
             if name is None:
                 return _error(f"there is no account {user}")
-            kicked = self.server.kick(name, f"your account is locked: {reason}" if reason else "your account is locked")
-            audit.emit("admin", cmd="lock", user=name, text=reason, kicked=kicked)
-            return {"ok": True, "user": name, "kicked": kicked}
+            if self.server.kick(name, text):
+                return done(name, "here")
+            if self.server.cluster is None:
+                return done(name, None)
+            self.server.cluster.kick_elsewhere(name.lower(), text, lambda node: reply_later(done(name, node)))
+            return None
+
+        def done(name: str, where: str | None) -> dict:
+            """``where``: "here", another node's id, or None (not online)."""
+            audit.emit("admin", cmd="lock", user=name, text=reason, node=where or "-")
+            return {"ok": True, "user": name, "kicked": where}
 
         self._in_store(reply_later, "not locked", locked, self.server.accounts.lock_user, user, reason)
 
@@ -251,7 +270,9 @@ class ControlSocket:
             except Exception as exc:
                 reply_later(_error(f"{failed}: {exc}"))
                 return
-            reply_later(then(result))
+            reply = then(result)
+            if reply is not None:  # else ``then`` replies later itself
+                reply_later(reply)
 
         call(*args, done)
 
