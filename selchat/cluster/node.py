@@ -837,10 +837,14 @@ class ClusterNode:
 
     def kick_elsewhere(self, key: str, text: str, done) -> None:
         """An operator's kick (or lock) of ``key``, whose session is not on
-        this node: the node that holds it ends it. ``done(node_id)``, or
-        ``done(None)`` if it is online nowhere (or Redis cannot say)."""
+        this node: the node that holds it ends it. ``done(node_id)``;
+        ``done(None)`` if it is online nowhere, ``done(False)`` if Redis
+        cannot say."""
         def found(reply) -> None:
-            if isinstance(reply, RedisError) or not reply or not reply[0] or not reply[1]:
+            if isinstance(reply, RedisError):
+                done(False)
+                return
+            if not reply or not reply[0] or not reply[1]:
                 done(None)  # no record, or detached (no node): nothing to end now
                 return
             node_id, epoch = _s(reply[0]), _s(reply[1])

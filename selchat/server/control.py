@@ -41,6 +41,7 @@ from selchat.protocol.errors import FrameError
 from selchat.reactor.listener import Listener
 from selchat.reactor.transport import Transport
 from selchat.server import audit
+from selchat.server.logins import UNAVAILABLE
 from selchat.server.session import Phase
 
 log = logging.getLogger("selchat.server")
@@ -210,7 +211,9 @@ class ControlSocket:
         user = _string(request, "user")
         text = _text(request, "text", default="kicked by an operator")
 
-        def kicked(where: str | None) -> dict:
+        def kicked(where) -> dict:
+            if where is False:
+                return _error(UNAVAILABLE)
             if where is None:
                 return _error(f"{user} is not online")
             audit.emit("admin", cmd="kick", user=user, text=text, node=where)
@@ -241,9 +244,13 @@ class ControlSocket:
             self.server.cluster.kick_elsewhere(name.lower(), text, lambda node: reply_later(done(name, node)))
             return None
 
-        def done(name: str, where: str | None) -> dict:
-            """``where``: "here", another node's id, or None (not online)."""
-            audit.emit("admin", cmd="lock", user=name, text=reason, node=where or "-")
+        def done(name: str, where) -> dict:
+            """``where``: "here", another node's id, None (not online) or
+            False (the cluster cannot say: locked all the same)."""
+            audit.emit("admin", cmd="lock", user=name, text=reason, node="?" if where is False else where or "-")
+            if where is False:
+                return _error(f"{name} is locked, but whether a session of it is online elsewhere is not known: "
+                              f"{UNAVAILABLE}")
             return {"ok": True, "user": name, "kicked": where}
 
         self._in_store(reply_later, "not locked", locked, self.server.accounts.lock_user, user, reason)
