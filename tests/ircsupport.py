@@ -46,6 +46,18 @@ def next_stdout_line(stream) -> str:
     return box[0].rstrip("\n")
 
 
+def irc_user_asks(client: "IrcClient", nick: str, raw) -> None:
+    """The IRC user (nick ``nick``) asks ``raw`` (a selchat-protocol user)
+    through the service; ``raw`` accepts; both are told the chat started."""
+    client.send(f"PRIVMSG selchat :chat {raw.name}")
+    assert client.notice().startswith(f"chat request sent to {raw.name}")
+    raw.login.expect(f"REQUEST {nick}")
+    raw.chat.send("ACCEPT")
+    raw.chat.expect(f"OK ACCEPT {nick}")
+    raw.login.expect(f"STARTED {nick}")
+    assert client.notice().startswith(f"chat with {raw.name} started")
+
+
 def make_account(server: ServerProcess, name: str | None = None, password: str = "pw secret") -> str:
     """Create an account (REGISTER, then let the half-made session go)."""
     name = name or unique("i")

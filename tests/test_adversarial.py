@@ -215,13 +215,18 @@ def test_descriptor_exhaustion_pauses_accepting_and_recovers(tmp_path):
 # --- passwords ------------------------------------------------------------------------
 
 
-def _login_reply(srv, name: str, password: str, source: str | None = None) -> str | None:
+def _first_reply(srv, line: str, source: str | None = None) -> str | None:
+    """The answer to ``line`` on a fresh socket (from ``source``), which is then closed."""
     sock = LineSocket(srv.host, srv.port, source=source)
     try:
-        sock.send(f"LOGIN {name} {password}")
+        sock.send(line)
         return sock.line()
     finally:
         sock.close()
+
+
+def _login_reply(srv, name: str, password: str, source: str | None = None) -> str | None:
+    return _first_reply(srv, f"LOGIN {name} {password}", source)
 
 
 def test_password_guessing_is_throttled_at_once_and_only_from_that_address(canary_server):
@@ -248,12 +253,7 @@ def test_password_guessing_is_throttled_at_once_and_only_from_that_address(canar
 
 
 def _register_reply(srv, name: str, source: str | None = None) -> str | None:
-    sock = LineSocket(srv.host, srv.port, source=source)
-    try:
-        sock.send(f"REGISTER {name} pw")
-        return sock.line()
-    finally:
-        sock.close()
+    return _first_reply(srv, f"REGISTER {name} pw", source)
 
 
 def test_account_creation_is_limited_per_address(make_server):

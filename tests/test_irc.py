@@ -14,7 +14,7 @@ import trustme
 
 from selchat.irc.protocol import parse
 from selchat.irc.frontend import SERVICE_HELP
-from tests.ircsupport import IrcClient, IrcServer, make_account
+from tests.ircsupport import IrcClient, IrcServer, irc_user_asks, make_account
 from tests.support import DEADLINE, RawUser, V2User, start_chat, unique
 
 MOTD = ["welcome to the test server", "", "be nice"]
@@ -282,13 +282,7 @@ def test_an_irc_user_blocks_a_selchat_user_through_the_service(make_irc_server):
     srv = make_irc_server("--request-timeout", "2")  # declined within 1.5 s
     client = irc_user(srv)
     raw = RawUser(srv)  # this server has no MOTD
-    client.send(f"PRIVMSG selchat :chat {raw.name}")
-    assert client.notice().startswith(f"chat request sent to {raw.name}")
-    raw.login.expect(f"REQUEST {client.nick}")
-    raw.chat.send("ACCEPT")
-    raw.chat.expect(f"OK ACCEPT {client.nick}")
-    raw.login.expect(f"STARTED {client.nick}")
-    assert client.notice().startswith(f"chat with {raw.name} started")
+    irc_user_asks(client, client.nick, raw)
     client.send(f"PRIVMSG selchat :block {raw.name.upper()}")
     assert client.notice() == f"chat with {raw.name} ended (quit): you ended the chat"
     assert client.notice() == f"you blocked {raw.name}: their chat requests are declined for you"
@@ -356,13 +350,7 @@ def test_selchat_user_asks_irc_user(srv):
 def test_irc_user_asks_selchat_user_and_quits_the_chat(srv):
     client = irc_user(srv, sasl=True)
     raw = raw_user(srv)
-    client.send(f"PRIVMSG selchat :chat {raw.name}")
-    assert client.notice().startswith(f"chat request sent to {raw.name}")
-    raw.login.expect(f"REQUEST {client.nick}")
-    raw.chat.send("ACCEPT")
-    raw.chat.expect("OK ACCEPT")
-    raw.login.expect(f"STARTED {client.nick}")
-    assert client.notice().startswith(f"chat with {raw.name} started")
+    irc_user_asks(client, client.nick, raw)
     client.send(*[f"PRIVMSG {raw.name} :line {i}" for i in range(50)])
     assert [raw.login.line() for _ in range(50)] == [f"MSG {client.nick} line {i}" for i in range(50)]
     raw.chat.send(*[f"MSG back {i}" for i in range(50)])

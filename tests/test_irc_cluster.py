@@ -5,7 +5,7 @@ session per account holds across nodes and front ends."""
 from __future__ import annotations
 
 from tests.clusterharness import CLUSTER_ARGS, make_cluster  # noqa: F401 (fixture)
-from tests.ircsupport import IrcClient, make_account, next_stdout_line
+from tests.ircsupport import IrcClient, irc_user_asks, make_account, next_stdout_line
 from tests.support import RawUser, V2User
 
 
@@ -36,13 +36,7 @@ def test_irc_user_and_selchat_user_on_two_nodes(make_cluster):
     a, b, name, client = irc_user_on_the_first_of_two_nodes(make_cluster, sasl=True)
     bob = RawUser(b)
 
-    client.send(f"PRIVMSG selchat :chat {bob.name}")  # the hub's answer comes from Redis
-    assert client.notice().startswith(f"chat request sent to {bob.name}")
-    bob.login.expect(f"REQUEST {name}")
-    bob.chat.send("ACCEPT")
-    bob.chat.expect(f"OK ACCEPT {name}")
-    bob.login.expect(f"STARTED {name}")
-    assert client.notice().startswith(f"chat with {bob.name} started")
+    irc_user_asks(client, name, bob)  # the hub's answers come from Redis
 
     client.send(*[f"PRIVMSG {bob.name} :across {i}" for i in range(20)])
     assert [bob.login.line() for _ in range(20)] == [f"MSG {name} across {i}" for i in range(20)]
