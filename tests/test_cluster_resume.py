@@ -279,6 +279,81 @@ def test_a_version_1_sender_hears_a_nack_for_each_message_held_for_a_partner_tha
     assert [old.chat.line(), old.chat.line()] == [f"NACK 2 away {why}", f"NACK 3 away {why}"]
 
 
+def _relayed_but_never_written(c, alice: V2User, bob, node: int) -> None:
+    """alice's message 1 reaches bob; then bob's node is stopped, and
+    alice's 2-4 are relayed (Redis has them and published them to that
+    node) but never written to bob; then the node is killed."""
+    alice.chat.send("MSG written")
+    assert bob.expect(f"MSG {alice.name} ") == f"MSG {alice.name} written"
+    if isinstance(bob, V2User):
+        bob.ack()
+    assert alice.expect("DELIVERED ") == "DELIVERED 1 1"
+    c.node(node).proc.send_signal(signal.SIGSTOP)
+    alice.chat.send("MSG never 2", "MSG never 3", "MSG never 4")
+    record = f"selchat:u:{alice.name.lower()}"
+    wait_for(lambda: int(c.redis.call("HGET", record, "acc") or 0) == 4, "alice's messages relayed")
+    c.kill(node)
+
+
+def fates_and_end(alice: V2User, bob_name: str, last: int) -> set[str]:
+    """What alice reads when her chat with bob ends with her messages 2 to
+    ``last`` not delivered: the chat's end, and UNDELIVERED for each of
+    those messages exactly once (in any order: a fate goes through Redis
+    first). The fates' texts, one per reason."""
+    ended, seqs, texts = [], [], set()
+    while not ended or len(seqs) < last - 1:
+        frame = alice.expect("", timeout=LEASE + DEADLINE)
+        if frame.startswith("ENDED "):
+            assert not ended and frame.startswith(f"ENDED {bob_name} dropped"), frame
+            ended.append(frame)
+            continue
+        _, first, upto, code, text = frame.split(" ", 4)
+        assert frame.startswith("UNDELIVERED ") and code == "gone", frame
+        seqs += range(int(first), int(upto) + 1)
+        texts.add(text)
+    assert seqs == list(range(2, last + 1)), seqs
+    return texts
+
+
+def test_a_version_1_partner_s_node_dying_gives_the_messages_it_never_wrote_their_fate(make_cluster):
+    """A version 1 client acknowledges nothing: its node says DELIVERED as it
+    writes each message. Messages its node had not written when it died get
+    no fate from it; the sender's node reports them once the cluster sees
+    that node dead, near the chat's end."""
+    require_cluster_mode()
+    c = make_cluster(2)
+    alice, bob = V2User(c.node(0).connect), RawUser(c.node(1))
+    start_chat(alice, bob)
+    _relayed_but_never_written(c, alice, bob, 1)
+    assert fates_and_end(alice, bob.name, 4) == {f"{bob.name}'s server went down before it was delivered"}
+    alice.chat.send("MSG after")  # the chat is over: refused at once, not held
+    assert alice.expect("").startswith("UNDELIVERED 5 5 not-in-chat")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_login_after_its_node_died_gives_the_messages_held_for_the_old_session_their_fate(make_cluster, version):
+    """bob's node dies with alice's messages 2-4 on their way to him, and bob
+    logs in again (a new session, not a resume) on another node before the
+    dead node's lease has run out: the new login ends the old session, and
+    since no node is there to report what it held, the login does."""
+    require_cluster_mode()
+    c = make_cluster(2)
+    alice = V2User(c.node(0).connect)
+    bob = V2User(c.node(1).connect) if version == 2 else RawUser(c.node(1))
+    start_chat(alice, bob)
+    _relayed_but_never_written(c, alice, bob, 1)
+    dead = f"selchat:n:{c.node_id(1)}"
+    wait_for(lambda: c.redis.call("PUBSUB", "NUMSUB", dead)[1] == 0, "node 1's subscription gone")
+    assert c.redis.call("EXISTS", f"selchat:node:{c.node_id(1)}") == 1  # its lease still runs
+    if version == 2:
+        V2User(c.node(0).connect, name=bob.name, register=False)
+        why = f"{bob.name} logged in again before receiving it"
+    else:
+        RawUser(c.node(0), name=bob.name, register=False)
+        why = f"{bob.name}'s server went down before it was delivered"
+    assert fates_and_end(alice, bob.name, 4) == {why}
+
+
 def test_a_client_shows_what_happened_while_its_node_was_dead_after_it_resumes(make_cluster, clients):
     """alice's selchat client (nodes 0, then 1) chats with bob (node 1). Node 0
     is killed while her client is stopped; bob says a last word and ends the

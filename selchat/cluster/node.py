@@ -41,6 +41,9 @@ protocol lines)::
                                  the session's partner is on pnode now (it
                                  resumed there); payload: BACK (a version 1
                                  client's node drops it)
+    L <key> <epoch> <pkey>       the session's partner pkey (version 1) was
+                                 on a node that died: the messages relayed to
+                                 it that have no fate yet never will
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class RemoteUser:
     ``deliver_block``, ``hold_back``), carried through Redis."""
 
     __slots__ = ("node", "key", "name", "name_bytes", "node_id", "epoch", "outbox", "blocked", "partner",
-                 "__weakref__")
+                 "unfated", "__weakref__")
 
     def __init__(self, node: "ClusterNode", key: str, name: str, node_id: str, epoch: str, v2: bool):
         self.node = node
@@ -121,10 +124,15 @@ class RemoteUser:
         self.outbox = True if v2 else None  # only ever tested against None
         self.blocked = False                # its node said stop (F): its outbox or socket is full
         self.partner = None
+        # Version 1: the first and last seq of the version 2 messages relayed
+        # to it whose fate has not come back yet (see ``lost``).
+        self.unfated: list[int] | None = None
 
     def deliver(self, event, sender=None, seq: int = 0) -> None:
         kind = type(event)
         if sender is not None and kind is ev.Incoming:
+            if self.outbox is None and sender.outbox is not None:
+                self._relayed(seq, seq)
             self.node.send_message(self, sender, seq, -1, codec.encode(event))
         elif kind is ev.Delivered or kind is ev.Undelivered:  # kept in Redis for its session, wherever it is
             self.node.eval("fate", self.key, self.epoch, codec.encode(event)[:-1], 0, self.node.keep)
@@ -132,7 +140,34 @@ class RemoteUser:
             self.node.post(self.node_id, f"D {self.key} {self.epoch} - - 0 0 0 0", codec.encode(event))
 
     def deliver_block(self, sender, block: bytes, count: int, first_seq: int) -> None:
+        if self.outbox is None and sender.outbox is not None:
+            self._relayed(first_seq, first_seq + count - 1)
         self.node.send_message(self, sender, first_seq, count, block)
+
+    # A version 1 session's node says DELIVERED as it writes each message to
+    # it. If that node dies, the messages it had not written yet get no fate
+    # from it: the partner's node keeps the range still waiting for one, and
+    # reports it when Redis says the node died (``L``).
+
+    def _relayed(self, first: int, last: int) -> None:
+        if self.unfated is None:
+            self.unfated = [first, last]
+        else:
+            self.unfated[1] = last
+
+    def fated(self, last: int) -> None:
+        """A fate came for the sender's messages up to ``last``."""
+        unfated = self.unfated
+        if unfated is not None and last >= unfated[0]:
+            if last >= unfated[1]:
+                self.unfated = None
+            else:
+                unfated[0] = last + 1
+
+    def lost(self) -> tuple[int, int] | None:
+        """Its node died: the seqs relayed to it that will never have a fate from it."""
+        unfated, self.unfated = self.unfated, None
+        return (unfated[0], unfated[1]) if unfated is not None else None
 
     def hold_back(self, feeder) -> None:
         """Its node said stop (``F``): pause the sender until it says go."""
@@ -790,6 +825,9 @@ class ClusterNode:
         if session is not None:
             event = _event(payload)
             if session.outbox is not None and type(event) in (ev.Delivered, ev.Undelivered):
+                partner = session.partner
+                if partner is not None and partner.unfated is not None:
+                    partner.fated(event.last)
                 session.record(event)  # kept in Redis already (FATE)
             else:
                 session.deliver(event)
@@ -806,6 +844,15 @@ class ClusterNode:
                 if partner.blocked and session.chat is not None:
                     session.chat.resume(PARTNER)  # nothing to wait for any more
         session.deliver(_event(payload))
+
+    def _on_lost(self, key, epoch, fields, payload) -> None:
+        session = self._local(key, epoch)
+        partner = session.partner if session is not None else None
+        if partner is None or partner.key != fields[3]:
+            return
+        lost = partner.lost()
+        if lost is not None:
+            session.deliver(ev.Undelivered(*lost, "gone", f"{partner.name}'s server went down before it was delivered"))
 
     def _on_started(self, key, epoch, fields, payload) -> None:
         session = self._local(key, epoch)
@@ -935,6 +982,7 @@ class ClusterNode:
     _HANDLERS = {
         "E": _on_event, "X": _on_ended, "S": _on_started, "K": _on_kick, "R": _on_release,
         "D": _on_delivery, "F": _on_flow, "M": _on_move, "P": _on_partner_moved, "O": _on_operator_kick,
+        "L": _on_lost,
     }
 
     def close(self) -> None:

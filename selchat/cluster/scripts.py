@@ -116,6 +116,19 @@ local function bury(k, code, text)
          'UNDELIVERED ' .. first .. ' ' .. (first + tonumber(n) - 1) .. ' ' .. code .. ' ' .. text, 0, 1000)
   end
 end
+-- The session k (record r) speaks version 1 and its node died. Its node
+-- said DELIVERED for each message as it wrote it (a version 1 client
+-- acknowledges nothing), so a version 2 partner's messages published to that
+-- node and not written yet have no fate coming: the partner's node, which
+-- knows which of them have none, reports them (L). Before part, which ends
+-- the chat.
+local function lost(k, r)
+  if r.v2 == '1' or r.partner == '' then return end
+  local p = rec(r.partner)
+  if p and p.partner == k and p.v2 == '1' and p.node ~= '' then
+    pub(p.node, 'L ' .. r.partner .. ' ' .. p.epoch .. ' ' .. k .. '\n')
+  end
+end
 -- The session k (record r) goes away: end its chat and its request.
 local function part(k, r, reason, text)
   if r.partner ~= '' then
@@ -178,14 +191,20 @@ local epoch = redis.call('INCR', P .. 'fence:' .. k)
 local old = rec(k)
 local old_node, old_alive, old_epoch = '', 0, ''
 if old then
-  part(k, old, 'dropped', old.name .. ' lost connection')
   old_node, old_epoch = old.node, old.epoch
+  local heard = 0
   if alive(old.node) then
     old_alive = 1
-    pub(old.node, 'K ' .. k .. ' ' .. old.epoch .. '\n' .. node)  -- it ends the session and says so
-  else
+    -- It ends the session and says so, and reports what it held for it.
+    heard = redis.call('PUBLISH', P .. 'n:' .. old.node, 'K ' .. k .. ' ' .. old.epoch .. '\n' .. node)
+  end
+  if heard == 0 then
+    -- Its node is dead (its lease may still run, but nobody is listening:
+    -- a node that lost its subscription fences itself), so that is for us.
+    lost(k, old)
     bury(k, 'gone', old.name .. ' logged in again before receiving it')
   end
+  part(k, old, 'dropped', old.name .. ' lost connection')
   forget(k, old)
 end
 redis.call('HSET', u(k), 'name', name, 'node', node, 'epoch', epoch, 'v2', v2,
@@ -348,6 +367,8 @@ for _, node in ipairs(redis.call('SMEMBERS', P .. 'nodes')) do
         if r.v2 == '1' and r.rt ~= '' and window > 0 then
           detach(k, r, window)
         else
+          lost(k, r)
+          bury(k, 'gone', r.name .. ' lost connection before receiving it')
           part(k, r, 'dropped', r.name .. ' lost connection')
           forget(k, r)
         end
