@@ -26,18 +26,25 @@ run: $(STAMP)
 	@echo "(--register the first time; Ctrl-C here stops the server)"
 	$(BIN)/selchat serve --host $(HOST) --port $(PORT) --db $(DB)
 
-# In file order (pytest-randomly off); `make test-random` shuffles the order
-# (a new seed each run, printed first; SEED=N repeats one).
+# The suite mostly waits on real timers (leases, resume windows), so it runs
+# in JOBS processes (pytest-xdist, a test file to a process), then the tests
+# marked serial alone: they time latencies, or load every core. JOBS=0: all
+# in one process. In file order (pytest-randomly off); `make test-random`
+# shuffles the order (a new seed each run, printed first; SEED=N repeats one).
+JOBS   ?= 2
+PYTEST := $(BIN)/python -m pytest -q -rs
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs -p no:randomly tests
+	$(PYTEST) -p no:randomly -n $(JOBS) --dist loadfile -m "not serial" tests
+	$(PYTEST) -p no:randomly -m serial tests
 
 test-random: $(STAMP)
 	@seed=$${SEED:-$$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')}; \
 	echo "tests in random order, seed $$seed (make test-random SEED=$$seed repeats it)"; \
-	$(BIN)/python -m pytest -q -rs -p randomly --randomly-seed=$$seed tests
+	$(PYTEST) -p randomly --randomly-seed=$$seed -n $(JOBS) --dist loadfile -m "not serial" tests && \
+	$(PYTEST) -p randomly --randomly-seed=$$seed -m serial tests
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow --run-slow tests
+	$(PYTEST) -m slow --run-slow tests
 
 # The standard matrix of docs/performance.md (about 6 minutes), with the
 # asyncio baseline measured in the same run.

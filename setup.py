@@ -29,7 +29,7 @@ setup(
         # `selchat serve --db postgresql://...`: psycopg 3 in the account worker threads.
         "postgres": ["psycopg[binary]>=3.1"],
         "test": ["pytest>=7", "hypothesis>=6.80", "pexpect>=4.8", "trustme>=1.0", "prometheus_client>=0.16",
-                 "pytest-randomly>=3.12", "hiredis>=2.0", "psycopg[binary]>=3.1"],
+                 "pytest-randomly>=3.12", "pytest-xdist>=3.5", "hiredis>=2.0", "psycopg[binary]>=3.1"],
     },
     entry_points={"console_scripts": ["selchat=selchat.cli:main"]},
 )

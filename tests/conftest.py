@@ -12,6 +12,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long soak/stress runs (make test-slow)")
+    config.addinivalue_line("markers", "serial: run alone, after the tests that share the CPUs "
+                                       "(`make test`): it times latencies, or loads every core")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -30,6 +30,9 @@ from selchat.bench.vusers import Setup, VUser
 from selchat.protocol.events import ACK_DELAY, ACK_EVERY, ack_rest
 from tests.support import RawUser, ServerProcess, start_chat
 
+# The bench loads both cores (and pins to them): run alone, after the rest (make test).
+pytestmark = pytest.mark.serial
+
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 ACK_REST_NS = int(ack_rest(ACK_DELAY, 0.5) * 1e9)  # the rest after a timed ACK, undrawn (the middle of its range)
 

@@ -13,6 +13,9 @@ import pytest
 
 from tests.support import DEADLINE, Canary
 
+# A canary's p99 latency is the point: run alone, after the rest (make test).
+pytestmark = pytest.mark.serial
+
 USERS = 1000
 LOGGED_IN = r"\b(?:register|login) user="
 LOGINS_IN_FLIGHT = 8
