@@ -388,6 +388,67 @@ def test_a_client_shows_what_happened_while_its_node_was_dead_after_it_resumes(m
     assert f"USER {alice.name} idle" in listed, listed
 
 
+@pytest.mark.parametrize("when", ["sent-before-its-node-died", "while-its-node-was-dead"])
+def test_a_declined_request_the_client_never_read_is_said_after_the_resume(make_cluster, when):
+    """alice asks bob; bob declines while her node is stopped (it has the
+    DECLINED and never writes it) or dead (nobody has it). Resumed through
+    node 1, she reads the DECLINED, and is free to ask again."""
+    require_cluster_mode()
+    c = make_cluster(2, *PATIENT)
+    alice, bob = V2User(c.node(0).connect), V2User(c.node(1).connect)
+    alice.chat.send(f"CHAT {bob.name}")
+    alice.chat.expect(f"OK CHAT {bob.name}")
+    bob.expect(f"REQUEST {alice.name}")
+    if when == "sent-before-its-node-died":
+        c.node(0).proc.send_signal(signal.SIGSTOP)
+    else:
+        dead = f"selchat:n:{c.node_id(0)}"
+        c.kill(0)
+        wait_for(lambda: c.redis.call("PUBSUB", "NUMSUB", dead)[1] == 0, "node 0's subscription gone")
+    bob.chat.send("DECLINE")
+    bob.chat.expect(f"OK DECLINE {alice.name}")
+    if when == "sent-before-its-node-died":
+        c.kill(0)
+    resume_on(alice, c.node(1), messages=0)
+    assert alice.expect("", timeout=LEASE + DEADLINE) == f"DECLINED {bob.name}"
+    alice.chat.send(f"CHAT {bob.name}")
+    alice.chat.expect(f"OK CHAT {bob.name}")
+    assert bob.expect("") == f"REQUEST {alice.name}"
+
+
+@pytest.mark.parametrize("read", [True, False])
+def test_a_client_shows_a_decline_once_whether_or_not_it_read_it_before_its_node_died(make_cluster, clients, read):
+    """The node alice's client resumes on says again how her request ended
+    (it cannot know whether her client read it from the node that died):
+    her client shows it once either way, and she is idle."""
+    require_cluster_mode()
+    c = make_cluster(2, *PATIENT)
+    n0, n1 = c.node(0).port, c.node(1).port
+    alice = Peer(clients, n0, unique("da"), "--host", f"127.0.0.1:{n0},127.0.0.1:{n1}")
+    alice.expect("ready")
+    bob = V2User(c.node(1).connect)
+    alice.write(f"/chat {bob.name}")
+    bob.expect(f"REQUEST {alice.name}")
+    if read:
+        bob.chat.send("DECLINE")
+        bob.chat.expect(f"OK DECLINE {alice.name}")
+        alice.expect("declined", user=bob.name)
+        c.kill(0)
+    else:
+        alice.process.proc.send_signal(signal.SIGSTOP)  # she cannot read it from node 0
+        try:
+            c.kill(0)
+            bob.chat.send("DECLINE")
+            bob.chat.expect(f"OK DECLINE {alice.name}")
+        finally:
+            alice.process.proc.send_signal(signal.SIGCONT)
+    alice.expect("resumed", timeout=LEASE + 2 * DEADLINE)
+    bob.chat.send(f"CHAT {alice.name}")  # she is idle: bob may ask her
+    bob.chat.expect(f"OK CHAT {alice.name}")
+    alice.expect("request-in", user=bob.name)
+    assert len(alice.of("declined")) == 1, alice.events
+
+
 class Exchange:
     """Two ``selchat connect --json`` clients sending numbered messages to each
     other from threads, and what each showed."""

@@ -808,8 +808,9 @@ class ClientSession:
         self._show("started", user=event.user)
 
     def _on_request_over(self, role: Role, event: ev.Declined | ev.Expired | ev.Cancelled) -> None:
-        if self._is_with(Phase.REQUEST_OUT, event.user) or self._is_with(Phase.REQUEST_IN, event.user):
-            self._enter(Phase.IDLE)
+        if not (self._is_with(Phase.REQUEST_OUT, event.user) or self._is_with(Phase.REQUEST_IN, event.user)):
+            return  # said again by a node the session moved to, or withdrawn meanwhile: nothing to tell
+        self._enter(Phase.IDLE)
         kind = {ev.Declined: "declined", ev.Expired: "expired", ev.Cancelled: "cancelled"}[type(event)]
         self._show(kind, user=event.user)
 

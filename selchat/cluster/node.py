@@ -677,10 +677,11 @@ class ClusterNode:
         messages its client had not received (``event.messages``: how many it
         had), with in their place among them the other events: those the old
         node handed over (``handed``, if it was alive), the ``ENDED`` no node
-        could tell it, and where the session stands (``STARTED``,
-        ``REQUEST``, then ``AWAY``: the client may have missed them from a
-        node that died; it drops what it knows). Messages it had but had not
-        acknowledged are DELIVERED now."""
+        could tell it, where the session stands (``STARTED``, ``REQUEST``,
+        then ``AWAY``) and how its last chat request ended (``DECLINED``...,
+        unless the client read a message after it): the client may have missed
+        them from a node that died, and drops what it knows. Messages it had
+        but had not acknowledged are DELIVERED now."""
         waiting = self.arriving.pop(key, [])
         if not isinstance(reply, list) or _s(reply[0]) != "ok" or not self.up:
             self._resume_failed(peer, "unavailable", UNAVAILABLE)
@@ -692,6 +693,7 @@ class ClusterNode:
         journal = session.journal = Journal(self, session, durable=acc)
         for line in fates:
             session.record(_event(line))
+        seen = max(event.messages, 0)  # chat messages its client had
         # Events to put among the messages: (messages relayed before it, event).
         said = []
         for line in handed.splitlines():
@@ -708,11 +710,15 @@ class ClusterNode:
             stands = (int(reply[12]), ev.Request(asker))
         if stands is not None and all(e != stands[1] for _, e in said):  # not if the old node handed it over
             said.append(stands)
+        if reply[13]:  # how its last request ended: said again unless a message after it was read
+            got, _, line = reply[13].partition(b"\n")
+            over = (int(got), _event(line))
+            if over[0] >= seen and all(e != over[1] for _, e in said):
+                said.append(over)
         said.sort(key=lambda pair: pair[0])  # stable: an ENDED before the STARTED of the next chat
         if pkey and not pnode:  # its node died and its lease ran out: detached
             said.append((math.inf, ev.Away(pname)))
         said.reverse()
-        seen = max(event.messages, 0)
         journal.got = seen
         journal.marks.append((event.last_id, seen))  # acknowledged by the RESUME itself
         shown: list[list] = []  # (sender, first, last): had, not acknowledged: delivered

@@ -19,8 +19,9 @@ Keys (``selchat:`` prefixed):
                    message that reached Redis), got (how many chat messages
                    were relayed to it), cpos and rpos (``got`` when its
                    chat started, when the request to it came), rt (its
-                   resume token's hash) and, while its node is dead, until
-                   (end of its resume window, ms) with node ''.
+                   resume token's hash), rq (how its last chat request, to
+                   or from it, ended: see ``over``) and, while its node is
+                   dead, until (end of its resume window, ms) with node ''.
 ``in:<key>``       version 2: the chat messages relayed to the session that
                    its client has not acknowledged, one entry per relayed
                    block: ``<pos> <n> <count> <sname> <snode> <sepoch> <sv2>
@@ -91,6 +92,15 @@ local function tell(kind, k, r, line)
     redis.call('LTRIM', P .. 'ended:' .. k, -16, -1)
   end
 end
+-- A chat request of session k's is over (line: DECLINED, EXPIRED or
+-- CANCELLED <user>): told as tell does, and for version 2 also kept in its
+-- record (rq: ``<got>\n<line>``, got as in ended:), so that a node resuming
+-- the session after its node died can say it again (TAKE): the client may
+-- not have read it. A new request of k's clears it (REQUEST).
+local function over(k, r, line)
+  tell('E', k, r, line)
+  if r.v2 == '1' then redis.call('HSET', u(k), 'rq', r.got .. '\n' .. line) end
+end
 -- A fate of session k's messages (a DELIVERED or UNDELIVERED line), kept in
 -- fa:k for a resume on another node, then told to its node. ``epoch`` may be
 -- any of the session's (since..epoch): a resume elsewhere keeps the session.
@@ -145,7 +155,7 @@ local function part(k, r, reason, text)
       local back = (f == 'req_to') and 'req_from' or 'req_to'
       if o and o[back] == k then
         redis.call('HSET', u(other), back, '', 'req_id', '')
-        tell('E', other, o, 'CANCELLED ' .. r.name)
+        over(other, o, 'CANCELLED ' .. r.name)
       end
     end
   end
@@ -155,7 +165,7 @@ local function part(k, r, reason, text)
     local o = rec(quiet[i])
     if o and o.req_to == k and o.req_id == quiet[i + 1] then
       redis.call('HSET', u(quiet[i]), 'req_to', '', 'req_id', '')
-      tell('E', quiet[i], o, 'CANCELLED ' .. r.name)
+      over(quiet[i], o, 'CANCELLED ' .. r.name)
     end
   end
   redis.call('DEL', P .. 'qf:' .. k)
@@ -247,6 +257,7 @@ if d and d.node == '' then return {'away', d.name} end
 if not d or not alive(d.node) then return {'offline', ''} end
 if d.partner ~= '' or d.req_to ~= '' or d.req_from ~= '' then return {'busy', d.name} end
 local id = tostring(redis.call('INCR', P .. 'reqid'))
+redis.call('HDEL', u(k), 'rq')
 if ARGV[4] == '1' then
   redis.call('HSET', u(k), 'req_to', dk, 'req_id', id)
   redis.call('HSET', P .. 'qf:' .. dk, k, id)  -- so that dk's going away cancels it, as it would a request
@@ -254,6 +265,7 @@ if ARGV[4] == '1' then
 end
 redis.call('HSET', u(k), 'req_to', dk, 'req_id', id)
 redis.call('HSET', u(dk), 'req_from', k, 'req_id', id, 'rpos', d.got)
+redis.call('HDEL', u(dk), 'rq')
 tell('E', dk, d, 'REQUEST ' .. s.name)
 return {'ok', d.name, id}
 """
@@ -283,7 +295,7 @@ if not src then return {s} end
 if ARGV[3] and ARGV[3] ~= '' and s.req_from ~= ARGV[3] then return {'no-request'} end
 redis.call('HSET', u(k), 'req_from', '', 'req_id', '')
 redis.call('HSET', u(s.req_from), 'req_to', '', 'req_id', '')
-tell('E', s.req_from, src, 'DECLINED ' .. s.name)
+over(s.req_from, src, 'DECLINED ' .. s.name)
 return {'ok', src.name}
 """
 
@@ -309,7 +321,7 @@ if s.req_to ~= '' then
   redis.call('HSET', u(k), 'req_to', '', 'req_id', '')
   if t and t.req_from == k then
     redis.call('HSET', u(s.req_to), 'req_from', '', 'req_id', '')
-    tell('E', s.req_to, t, 'CANCELLED ' .. s.name)
+    over(s.req_to, t, 'CANCELLED ' .. s.name)
   end
   return {'ok', t and t.name or s.req_to}
 end
@@ -323,10 +335,10 @@ local k, dk, id = ARGV[1], ARGV[2], ARGV[3]
 local s, d = rec(k), rec(dk)
 if not s or s.req_to ~= dk or s.req_id ~= id then return 0 end
 redis.call('HSET', u(k), 'req_to', '', 'req_id', '')
-tell('E', k, s, (ARGV[4] or 'EXPIRED') .. ' ' .. (d and d.name or dk))
+over(k, s, (ARGV[4] or 'EXPIRED') .. ' ' .. (d and d.name or dk))
 if d and d.req_from == k and d.req_id == id then
   redis.call('HSET', u(dk), 'req_from', '', 'req_id', '')
-  tell('E', dk, d, 'EXPIRED ' .. s.name)
+  over(dk, d, 'EXPIRED ' .. s.name)
 end
 return 1
 """
@@ -497,7 +509,8 @@ return {'ok', k, r.name, epoch, r.node, old_alive, r.epoch}
 #: holder needs, {acc, partner key, name, node, epoch, v2, {fates}, {held
 #: messages}, {ENDED lines not told}, the name of a user whose request waits
 #: for its answer or '', the chat's and the request's positions among the
-#: messages relayed to the session (cpos, rpos: how many came before)}; the
+#: messages relayed to the session (cpos, rpos: how many came before), the
+#: end of its last request (rq, or '')}; the
 #: partner's node hears where the session is now (P), and the partner
 #: ``BACK`` (its node drops it for a version 1 client). A partner node '' is
 #: away.
@@ -521,12 +534,12 @@ if r.req_from ~= '' then
   local src = rec(r.req_from)
   if src and src.req_to == k then asker = src.name end
 end
-local at = redis.call('HMGET', u(k), 'cpos', 'rpos')
-local cpos, rpos = tonumber(at[1] or '0'), tonumber(at[2] or '0')
+local at = redis.call('HMGET', u(k), 'cpos', 'rpos', 'rq')
+local cpos, rpos, rq = tonumber(at[1] or '0'), tonumber(at[2] or '0'), at[3] or ''
 if p then
-  return {'ok', r.acc, pk, p.name, p.node, p.epoch, p.v2, fates, held, ended, asker, cpos, rpos}
+  return {'ok', r.acc, pk, p.name, p.node, p.epoch, p.v2, fates, held, ended, asker, cpos, rpos, rq}
 end
-return {'ok', r.acc, '', '', '', '', '', fates, held, ended, asker, cpos, rpos}
+return {'ok', r.acc, '', '', '', '', '', fates, held, ended, asker, cpos, rpos, rq}
 """
 
 #: ARGV: node id, lease ms, generation. Renews the lease; returns the
