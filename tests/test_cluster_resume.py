@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+from selchat.cluster.node import MOVING
 from tests.clusterharness import CLUSTER_ARGS, make_cluster, require_cluster_mode  # noqa: F401
 from tests.support import DEADLINE, RawUser, V2User, start_chat, unique, wait_for
 from tests.faultproxy import FaultProxy
@@ -447,6 +448,60 @@ def test_a_client_shows_a_decline_once_whether_or_not_it_read_it_before_its_node
     bob.chat.expect(f"OK CHAT {alice.name}")
     alice.expect("request-in", user=bob.name)
     assert len(alice.of("declined")) == 1, alice.events
+
+
+def test_a_node_shut_down_hands_its_version_2_sessions_to_the_other_nodes(make_cluster):
+    """SIGTERM on one node of a cluster that goes on: its version 2 user
+    hears a NOTICE and loses the connection without a BYE, her session
+    detached at once (her partner hears AWAY), and resumes on another node
+    with her chat, without waiting for the node's lease: it is gone when the
+    node exits. Its version 1 user ends as on a lone server."""
+    require_cluster_mode()
+    c = make_cluster(2)
+    alice, bob = chatting(c, 0, 1)
+    old, carol = RawUser(c.node(0)), V2User(c.node(1).connect)
+    start_chat(old, carol)
+    alice.chat.send("MSG before")
+    assert bob.expect(f"MSG {alice.name} ") == f"MSG {alice.name} before"
+    assert c.node(0).stop(signal.SIGTERM) == 0
+    assert c.redis.call("EXISTS", f"selchat:node:{c.node_id(0)}") == 0  # no node waits for its lease
+    assert alice.expect("NOTICE ") == f"NOTICE {MOVING}"
+    assert alice.login.expect_closed() == []  # no BYE: her client resumes
+    assert old.login.expect_closed()[-1].startswith("BYE shutdown")
+    assert carol.expect(f"ENDED {old.name} shutdown")
+    bob.expect(f"AWAY {alice.name}")
+    assert resume_on(alice, c.node(1), messages=0) == 1
+    assert alice.expect("") == f"STARTED {bob.name}"  # where she stands, said again
+    bob.expect(f"BACK {alice.name}")
+    bob.chat.send("MSG after")
+    assert alice.expect(f"MSG {bob.name} ") == f"MSG {bob.name} after"
+    alice.ack()
+    assert bob.expect("DELIVERED ") == "DELIVERED 1 1"
+    bob.ack()
+    assert alice.expect("DELIVERED ") == "DELIVERED 1 1"  # "before": its receipt, on her new node
+
+
+def test_a_client_whose_node_shuts_down_goes_on_chatting_on_the_next(make_cluster, clients):
+    """What a user of ``selchat connect`` sees: the notice, a reconnection,
+    the chat going on; nothing said twice."""
+    require_cluster_mode()
+    c = make_cluster(2)
+    n0, n1 = c.node(0).port, c.node(1).port
+    alice = Peer(clients, n0, unique("sa"), "--host", f"127.0.0.1:{n0},127.0.0.1:{n1}")
+    alice.expect("ready")
+    bob = V2User(c.node(1).connect)
+    alice.write(f"/chat {bob.name}")
+    bob.expect(f"REQUEST {alice.name}")
+    bob.chat.send("ACCEPT")
+    bob.chat.expect("OK ACCEPT")
+    alice.expect("started", user=bob.name)
+    assert c.node(0).stop(signal.SIGTERM) == 0
+    alice.expect("notice", text=MOVING)
+    alice.expect("resumed", timeout=2 * DEADLINE)
+    bob.chat.send("MSG still here")
+    alice.expect("message", user=bob.name, text="still here")
+    kinds = [e["type"] for e in alice.events]
+    assert kinds.count("started") == 1 and "ended" not in kinds and "disconnected" not in kinds, kinds
 
 
 class Exchange:

@@ -84,6 +84,9 @@ __all__ = ["ClusterNode", "RemoteUser", "SUPERSEDED", "UNAVAILABLE"]
 #: ``claim``'s answer for a login that a later one of the same account beat.
 SUPERSEDED = "superseded"
 
+#: What a version 2 user hears when its node shuts down and the cluster goes on.
+MOVING = "this server is shutting down; your session moves to another server of the cluster"
+
 
 def _sha(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()
@@ -422,6 +425,51 @@ class ClusterNode:
                 why="cluster-lost")
         if self.link.up and self.sub.up:
             self.reactor.call_soon(self._link_up)
+
+    # -- shutting down while the cluster goes on ---------------------------------------
+
+    def depart(self) -> int:
+        """The node shuts down (SIGTERM), the cluster does not: every
+        version 2 session here is detached in Redis at once, as if the node
+        had died, and let go of here with a ``NOTICE`` and no ``BYE``, so
+        that its client resumes it on another node (or on this one, back
+        within the resume window) with its chat. Returns how many; the
+        others end as on a lone server."""
+        if not self.up:
+            return 0
+        registry = self.server.registry
+        args, now = [], time.monotonic()
+        for session in list(registry.sessions.values()):
+            if session.journal is None or session.outbox is None:
+                continue
+            # Its client may have read what it has not acknowledged: hand over
+            # only what it drops if it has it. Where it stands (STARTED,
+            # REQUEST, a request's end, AWAY) the next node says from Redis.
+            handed = self._hand_over(session, session.outbox.acked, only=b"ENDED ")
+            session.deliver(ev.Notice(MOVING))
+            if session.login is not None:
+                session.login.transport.flush()  # the NOTICE, before the sockets are dropped
+            registry.let_go(session)
+            self.moved[(session.key, session.epoch)] = now  # what still comes for it is in Redis
+            args += (session.key, session.epoch, handed)
+        if args:
+            window = int(self.server.config.resume_window * 1000)
+            self.eval("depart", self.node_id, window, *args)
+        return len(args) // 3
+
+    def leave(self, done) -> None:
+        """Last, after ``depart`` and the other sessions' ends: the lease
+        goes (Redis runs one connection's commands in order, so after them),
+        and the other nodes reap this one at once. ``done()`` when Redis has
+        answered, or at once if it cannot."""
+        for timer in (self._renew, self._reap):
+            if timer is not None:
+                timer.cancel()
+        self._renew = self._reap = None
+        if not self.up:
+            done()
+            return
+        self.link.command("DEL", f"selchat:node:{self.node_id}", callback=lambda reply: done())
 
     # -- Redis ----------------------------------------------------------------------
 
@@ -765,11 +813,12 @@ class ClusterNode:
             self.post(new_node, f"R {key} {epoch}", handed)
 
     @staticmethod
-    def _hand_over(session, last_id: int) -> bytes:
+    def _hand_over(session, last_id: int, only: bytes = b"") -> bytes:
         """The events after ``last_id`` in the session's outbox that Redis
         does not keep (not chat messages, not fates: a chat's start or end,
-        a request, AWAY...), each as ``<pos> <frame>``: pos, how many chat
-        messages were relayed to the session before it."""
+        a request, AWAY...; only those starting with ``only`` if given),
+        each as ``<pos> <frame>``: pos, how many chat messages were relayed
+        to the session before it."""
         outbox, journal = session.outbox, session.journal
         if outbox is None or journal is None:
             return b""
@@ -778,7 +827,7 @@ class ClusterNode:
             if entry.sender is not None or entry.count != 1 or entry.first_id <= last_id:
                 continue
             frame = entry.data
-            if frame.startswith((b"DELIVERED ", b"UNDELIVERED ")):
+            if frame.startswith((b"DELIVERED ", b"UNDELIVERED ")) or not frame.startswith(only):
                 continue
             out.append(b"%d %s" % (journal.got_before(entry.first_id), frame))
         return b"".join(out)

@@ -30,7 +30,9 @@ Keys (``selchat:`` prefixed):
 ``fa:<key>``       version 2: the fates of its messages, the last ``keep``.
 ``ended:<key>``    version 2: the ENDED lines no node could tell it (it was
                    detached, or its node had just died), each as ``<got>\n<line>``
-                   (got: the chat messages relayed to it before), the last 16.
+                   (got: the chat messages relayed to it before), the last 16;
+                   and the events its node had not seen acknowledged when it
+                   shut down (DEPART).
 ``rt:<hash>``      a resume token's SHA-256 -> the account key.
 ``detached``       keys of version 2 sessions whose node died (resumable).
 ``online``         key -> node ('' while detached), for WHO.
@@ -406,6 +408,30 @@ end
 return n
 """
 
+#: ARGV: node, resume window (ms), then (key, epoch, events) for each
+#: version 2 session the node lets go of as it shuts down (the cluster goes
+#: on): each is detached now, as if its node had died, so that its client
+#: resumes it on another node with its chat, and no node waits for this one.
+#: ``events``: what its client had not acknowledged that Redis does not keep
+#: (``<got> <line>`` lines, as a node hands over after M), kept in its
+#: ended: list for TAKE. Returns how many were detached.
+DEPART = PRELUDE + r"""
+local node, window, n = ARGV[1], tonumber(ARGV[2]), 0
+for i = 3, #ARGV, 3 do
+  local k = ARGV[i]
+  local r = current(k, ARGV[i + 1])
+  if r and r.node == node and r.rt ~= '' then
+    for got, line in string.gmatch(ARGV[i + 2], '(%d+) ([^\n]*)\n') do
+      redis.call('RPUSH', P .. 'ended:' .. k, got .. '\n' .. line)
+    end
+    redis.call('SREM', P .. 'nu:' .. node, k)
+    detach(k, r, window)
+    n = n + 1
+  end
+end
+return n
+"""
+
 #: ARGV: src key, src epoch, dst key, count, first seq, sender name, sender
 #: node, sender v2, bound, payload. Chat messages for the sender's partner,
 #: only while the sender's epoch is current (fencing): their seqs reach the
@@ -560,5 +586,5 @@ return gen
 SCRIPTS = {
     "claim": CLAIM, "leave": LEAVE, "request": REQUEST, "accept": ACCEPT, "decline": DECLINE,
     "quit": QUIT, "expire": EXPIRE, "who": WHO, "reap": REAP, "relay": RELAY, "lease": LEASE,
-    "fate": FATE, "acked": ACKED, "token": TOKEN, "reclaim": RECLAIM, "take": TAKE,
+    "fate": FATE, "acked": ACKED, "token": TOKEN, "reclaim": RECLAIM, "take": TAKE, "depart": DEPART,
 }

@@ -92,6 +92,7 @@ class Server:
         self._reloading = False
         self._reload_next: list | None = None   # asked again while reloading: their done callbacks
         self.cluster = None  # selchat.cluster.node.ClusterNode with --cluster
+        self.leaving_cluster = False  # shutting down: until Redis has this node's last word
         if config.cluster:
             self.cluster, self.hub = make_cluster(self, config)
         else:
@@ -176,6 +177,10 @@ class Server:
             self.control.close()  # removes the socket file
         if self.irc is not None:
             self.irc.close()
+        if self.cluster is not None:  # the cluster goes on: its version 2 sessions move to other nodes
+            moved = self.cluster.depart()
+            if moved:
+                log.info("cluster: %d resumable sessions let go of, to resume on other nodes", moved)
         sessions = list(self.sessions.values())
         # Both partners of a chat hear the same, in the same order: SHUTDOWN,
         # ENDED <other> shutdown, BYE shutdown. (Ending the sessions one by
@@ -188,11 +193,17 @@ class Server:
                                       fate=("gone", SHUTTING_DOWN))
         for peer in list(self.peers):
             peer.close(ev.Bye("shutdown", SHUTTING_DOWN))
+        if self.cluster is not None:
+            self.leaving_cluster = True
+            self.cluster.leave(self._left_cluster)  # after the sessions' ends, in Redis too
         deadline = self.reactor.clock() + self.config.shutdown_grace
         self._wait_drained(deadline)
 
+    def _left_cluster(self) -> None:
+        self.leaving_cluster = False
+
     def _wait_drained(self, deadline: float) -> None:
-        if not self.peers or self.reactor.clock() >= deadline:
+        if (not self.peers and not self.leaving_cluster) or self.reactor.clock() >= deadline:
             for peer in list(self.peers):
                 peer.transport.abort()
             self.reactor.stop()
