@@ -907,7 +907,8 @@ class ClusterNode:
             return
         lost = partner.lost()
         if lost is not None:
-            session.deliver(ev.Undelivered(*lost, "gone", f"{partner.name}'s server went down before it was delivered"))
+            why = f"{partner.name}'s server went down before it was delivered"
+            session.deliver(ev.Undelivered(*lost, "gone", why))
 
     def _on_started(self, key, epoch, fields, payload) -> None:
         session = self._local(key, epoch)

@@ -31,8 +31,8 @@ Keys (``selchat:`` prefixed):
 ``ended:<key>``    version 2: the ENDED lines no node could tell it (it was
                    detached, or its node had just died), each as ``<got>\n<line>``
                    (got: the chat messages relayed to it before), the last 16;
-                   and the events its node had not seen acknowledged when it
-                   shut down (DEPART).
+                   and the ENDED lines its client had not acknowledged when
+                   its node shut down (DEPART).
 ``rt:<hash>``      a resume token's SHA-256 -> the account key.
 ``detached``       keys of version 2 sessions whose node died (resumable).
 ``online``         key -> node ('' while detached), for WHO.
@@ -412,9 +412,9 @@ return n
 #: version 2 session the node lets go of as it shuts down (the cluster goes
 #: on): each is detached now, as if its node had died, so that its client
 #: resumes it on another node with its chat, and no node waits for this one.
-#: ``events``: what its client had not acknowledged that Redis does not keep
-#: (``<got> <line>`` lines, as a node hands over after M), kept in its
-#: ended: list for TAKE. Returns how many were detached.
+#: ``events``: the ENDED lines its client had not acknowledged (``<got>
+#: <line>`` lines, as a node hands over after M), kept in its ended: list
+#: for TAKE. Returns how many were detached.
 DEPART = PRELUDE + r"""
 local node, window, n = ARGV[1], tonumber(ARGV[2]), 0
 for i = 3, #ARGV, 3 do
