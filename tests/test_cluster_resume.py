@@ -355,6 +355,27 @@ def test_a_login_after_its_node_died_gives_the_messages_held_for_the_old_session
     assert fates_and_end(alice, bob.name, 4) == {why}
 
 
+def client_asks(c, clients, prefix: str) -> tuple[Peer, V2User]:
+    """alice, a ``selchat connect`` given nodes 0 and 1 (on node 0), has asked
+    bob (raw, on node 1) for a chat."""
+    n0, n1 = c.node(0).port, c.node(1).port
+    alice = Peer(clients, n0, unique(prefix), "--host", f"127.0.0.1:{n0},127.0.0.1:{n1}")
+    alice.expect("ready")
+    bob = V2User(c.node(1).connect)
+    alice.write(f"/chat {bob.name}")
+    bob.expect(f"REQUEST {alice.name}")
+    return alice, bob
+
+
+def client_chatting(c, clients, prefix: str) -> tuple[Peer, V2User]:
+    """As ``client_asks``, and bob said yes."""
+    alice, bob = client_asks(c, clients, prefix)
+    bob.chat.send("ACCEPT")
+    bob.chat.expect("OK ACCEPT")
+    alice.expect("started", user=bob.name)
+    return alice, bob
+
+
 def test_a_client_shows_what_happened_while_its_node_was_dead_after_it_resumes(make_cluster, clients):
     """alice's selchat client (nodes 0, then 1) chats with bob (node 1). Node 0
     is killed while her client is stopped; bob says a last word and ends the
@@ -362,15 +383,7 @@ def test_a_client_shows_what_happened_while_its_node_was_dead_after_it_resumes(m
     and she is idle."""
     require_cluster_mode()
     c = make_cluster(2)
-    n0, n1 = c.node(0).port, c.node(1).port
-    alice = Peer(clients, n0, unique("ka"), "--host", f"127.0.0.1:{n0},127.0.0.1:{n1}")
-    alice.expect("ready")
-    bob = V2User(c.node(1).connect)
-    alice.write(f"/chat {bob.name}")
-    bob.expect(f"REQUEST {alice.name}")
-    bob.chat.send("ACCEPT")
-    bob.chat.expect("OK ACCEPT")
-    alice.expect("started", user=bob.name)
+    alice, bob = client_chatting(c, clients, "ka")
     alice.process.proc.send_signal(signal.SIGSTOP)  # she cannot come back before bob has left
     try:
         c.kill(0)
@@ -424,12 +437,7 @@ def test_a_client_shows_a_decline_once_whether_or_not_it_read_it_before_its_node
     her client shows it once either way, and she is idle."""
     require_cluster_mode()
     c = make_cluster(2, *PATIENT)
-    n0, n1 = c.node(0).port, c.node(1).port
-    alice = Peer(clients, n0, unique("da"), "--host", f"127.0.0.1:{n0},127.0.0.1:{n1}")
-    alice.expect("ready")
-    bob = V2User(c.node(1).connect)
-    alice.write(f"/chat {bob.name}")
-    bob.expect(f"REQUEST {alice.name}")
+    alice, bob = client_asks(c, clients, "da")
     if read:
         bob.chat.send("DECLINE")
         bob.chat.expect(f"OK DECLINE {alice.name}")
@@ -486,15 +494,7 @@ def test_a_client_whose_node_shuts_down_goes_on_chatting_on_the_next(make_cluste
     the chat going on; nothing said twice."""
     require_cluster_mode()
     c = make_cluster(2)
-    n0, n1 = c.node(0).port, c.node(1).port
-    alice = Peer(clients, n0, unique("sa"), "--host", f"127.0.0.1:{n0},127.0.0.1:{n1}")
-    alice.expect("ready")
-    bob = V2User(c.node(1).connect)
-    alice.write(f"/chat {bob.name}")
-    bob.expect(f"REQUEST {alice.name}")
-    bob.chat.send("ACCEPT")
-    bob.chat.expect("OK ACCEPT")
-    alice.expect("started", user=bob.name)
+    alice, bob = client_chatting(c, clients, "sa")
     assert c.node(0).stop(signal.SIGTERM) == 0
     alice.expect("notice", text=MOVING)
     alice.expect("resumed", timeout=2 * DEADLINE)
