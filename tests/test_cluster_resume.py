@@ -489,6 +489,45 @@ def test_a_node_shut_down_hands_its_version_2_sessions_to_the_other_nodes(make_c
     assert alice.expect("DELIVERED ") == "DELIVERED 1 1"  # "before": its receipt, on her new node
 
 
+def test_a_session_already_away_when_its_node_shuts_down_resumes_elsewhere(make_cluster):
+    """alice's connection was lost (node 0 holds her session for its window,
+    and what bob sends her); node 0 shuts down meanwhile: she resumes on
+    node 1 and gets bob's message once."""
+    require_cluster_mode()
+    c = make_cluster(2)
+    alice, bob = chatting(c, 0, 1)
+    alice.cut()
+    bob.expect(f"AWAY {alice.name}")
+    bob.chat.send("MSG while you were away")
+    received_up_to(bob, 1)
+    assert c.node(0).stop(signal.SIGTERM) == 0
+    resume_on(alice, c.node(1), messages=0)
+    assert alice.expect("") == f"STARTED {bob.name}"
+    assert alice.expect("") == f"MSG {bob.name} while you were away"
+    bob.expect(f"BACK {alice.name}")
+    alice.ack()
+    assert bob.expect("DELIVERED ") == "DELIVERED 1 1"
+
+
+def test_a_chat_with_a_version_1_user_of_the_node_that_shut_down_ends_after_the_resume(make_cluster):
+    """alice (version 2) and old (version 1) chat on node 0, which shuts
+    down: old's session ends there, and alice, moved, reads the chat's end
+    when she resumes on node 1, then is free."""
+    require_cluster_mode()
+    c = make_cluster(2)
+    alice, old = V2User(c.node(0).connect), RawUser(c.node(0))
+    start_chat(alice, old)
+    alice.ack()
+    assert c.node(0).stop(signal.SIGTERM) == 0
+    assert alice.expect("NOTICE ") == f"NOTICE {MOVING}"
+    assert old.login.expect_closed()[-1].startswith("BYE shutdown")
+    resume_on(alice, c.node(1), messages=0)
+    assert alice.expect("").startswith(f"ENDED {old.name} shutdown")
+    bob = V2User(c.node(1).connect)
+    alice.chat.send(f"CHAT {bob.name}")
+    alice.chat.expect(f"OK CHAT {bob.name}")
+
+
 def test_a_client_whose_node_shuts_down_goes_on_chatting_on_the_next(make_cluster, clients):
     """What a user of ``selchat connect`` sees: the notice, a reconnection,
     the chat going on; nothing said twice."""
