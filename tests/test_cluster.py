@@ -1449,3 +1449,51 @@ def test_admin_status_names_the_node_and_its_redis(make_cluster, tmp_path):
     text = subprocess.run([sys.executable, "-m", "selchat.cli", "admin", "--socket", sock, "status"],
                           capture_output=True, text=True, timeout=DEADLINE).stdout
     assert f"cluster:      {c.url}: node {c.node_id(0)}, fenced 0 times" in text, text
+
+
+# -- limits the nodes count together ---------------------------------------------------------
+
+
+def heard_by(c, index: int, user: V2User) -> None:
+    """Everything published before now has reached node ``index``: a NOTICE
+    sent to ``user`` (on that node) through Redis comes after it, on the same
+    subscription."""
+    key = user.name.lower()
+    epoch = c.redis.call("HGET", f"selchat:u:{key}", "epoch").decode()
+    c.redis.call("PUBLISH", f"selchat:n:{c.node_id(index)}", f"E {key} {epoch}\nNOTICE in sync")
+    user.expect("NOTICE in sync")
+
+
+def test_failed_logins_on_one_node_throttle_the_account_on_the_others(make_cluster):
+    """Three wrong passwords for alice from one address on node 0: a fourth
+    try from that address on node 1, even with the right password, is
+    throttled as it would be on one server. Spreading guesses over the nodes
+    gains nothing."""
+    require_cluster_mode()
+    c = make_cluster(2)
+    alice = RawUser(c.node(0))
+    alice.close()
+    for _ in range(3):
+        guess = c.node(0).connect()
+        guess.send(f"LOGIN {alice.name} wrong-guess")
+        assert guess.expect("ERR LOGIN ").startswith("ERR LOGIN auth-failed")
+        guess.close()
+    carol = V2User(c.node(1).connect)
+    heard_by(c, 1, carol)
+    again = c.node(1).connect()
+    again.send(f"LOGIN {alice.name} pw secret")
+    assert again.expect("ERR LOGIN ").startswith("ERR LOGIN throttled")
+
+
+def test_accounts_made_on_one_node_count_against_the_address_on_the_others(make_cluster):
+    """10 accounts at once from one address, counted across the cluster: the
+    11th, on another node, is refused."""
+    require_cluster_mode()
+    c = make_cluster(2, *CLUSTER_ARGS, "--registrations-per-hour", "30")
+    carol = V2User(c.node(1).connect)  # one account from this address, on node 1
+    for _ in range(9):
+        RawUser(c.node(0)).close()
+    heard_by(c, 1, carol)
+    late = c.node(1).connect()
+    late.send(f"REGISTER {unique()} pw secret")
+    assert late.expect("ERR REGISTER ").startswith("ERR REGISTER throttled")

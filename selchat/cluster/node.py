@@ -84,6 +84,11 @@ __all__ = ["ClusterNode", "RemoteUser", "SUPERSEDED", "UNAVAILABLE"]
 #: ``claim``'s answer for a login that a later one of the same account beat.
 SUPERSEDED = "superseded"
 
+#: The channel every node listens to: what the nodes count together (failed
+#: logins and accounts made per address, ``Logins.shared``), as
+#: ``<kind> <node id> <fields...>``.
+SHARED = "selchat:all"
+
 #: What a version 2 user hears when its node shuts down and the cluster goes on.
 MOVING = "this server is shutting down; your session moves to another server of the cluster"
 
@@ -326,6 +331,7 @@ class ClusterNode:
         for body in scripts.SCRIPTS.values():
             self.link.command("SCRIPT", "LOAD", body)
         self.node_id = secrets.token_hex(6)
+        self.sub.subscribe(SHARED, on_message=self._on_shared)
         self.sub.subscribe(f"selchat:n:{self.node_id}", on_message=self._on_message,
                            callback=lambda reply: self._renew_lease())
 
@@ -398,7 +404,7 @@ class ClusterNode:
                 timer.cancel()
         self._renew = self._reap = None
         if old:
-            self.sub.unsubscribe(f"selchat:n:{old}")
+            self.sub.unsubscribe(f"selchat:n:{old}", SHARED)
         self.users.clear()
         self.feeders.clear()
         self.held.clear()  # their sessions end here
@@ -425,6 +431,21 @@ class ClusterNode:
                 why="cluster-lost")
         if self.link.up and self.sub.up:
             self.reactor.call_soon(self._link_up)
+
+    # -- limits the nodes count together -------------------------------------------------
+
+    def share(self, kind: str, *fields: str) -> None:
+        """Tell every other node (``Logins.shared``): a failed or a good
+        password from an address, an account made from one. So a guesser or
+        an account maker spreading over the nodes is counted as on one
+        server; each node still decides alone, without waiting for Redis."""
+        if self.up:
+            self.link.command("PUBLISH", SHARED, " ".join((kind, self.node_id, *fields)))
+
+    def _on_shared(self, channel: bytes, data: bytes) -> None:
+        kind, node_id, *fields = data.decode().split(" ")
+        if self.joined and node_id != self.node_id:
+            self.server.logins.shared(kind, *fields)
 
     # -- shutting down while the cluster goes on ---------------------------------------
 

@@ -193,16 +193,17 @@ class Logins:
         else:
             if name is None:
                 self.addr_failures.failed(host, self.reactor.clock())
+                self._share("failed", pair)
                 audit.emit("password-failed" if verb == "PASSWORD" else "unregister-failed", logging.WARNING,
                            user=pair[0], addr=host)
                 reply = ev.Error(verb, "auth-failed", WRONG_PASSWORD)
             elif verb == "UNREGISTER":
-                self.pair_failures.succeeded(pair)
+                self._succeeded(pair)
                 audit.emit("account-deleted", user=name, addr=host)
                 self._unregistered(peer, name)
                 return
             else:
-                self.pair_failures.succeeded(pair)
+                self._succeeded(pair)
                 audit.emit("password-changed", user=name, addr=host)
                 reply = ev.Ok("PASSWORD")
         if not peer.transport.closing:
@@ -238,7 +239,7 @@ class Logins:
             self._login_refused(peer, verb, exc.code, str(exc), count=False)
             return
         except AccountLocked as exc:  # the right password, for an account an operator locked
-            self.pair_failures.succeeded(pair)
+            self._succeeded(pair)
             audit.emit("login-locked", logging.WARNING, user=event.user, addr=peer.host)
             self._login_refused(peer, verb, exc.code, str(exc))
             return
@@ -257,13 +258,16 @@ class Logins:
             name = None  # its password was checked just before its owner deleted the account
         if name is None:  # logged even if the guesser hung up before the answer
             self.addr_failures.failed(peer.host, self.reactor.clock())
+            self._share("failed", pair)
             self.server.metrics.logins["failed"] += 1
             audit.emit("login-failed", logging.WARNING, user=event.user, addr=peer.host, reason="auth-failed")
             if not peer.transport.closing:
                 self._login_failed(peer, verb, event.user, "auth-failed", AUTH_FAILED, counted=False)
             return
         if verb == "LOGIN":
-            self.pair_failures.succeeded(pair)
+            self._succeeded(pair)
+        else:
+            self._share("registered", pair)
         if peer.transport.closing:
             return
         if self.server.stopping:
@@ -316,6 +320,32 @@ class Logins:
             rate = self.registrations[host] = TokenBucket(cfg.registrations_per_hour / 3600, cfg.registration_burst,
                                                           now)
         return 0.0 if rate.take(now) else rate.wait()
+
+    # -- in a cluster, the other nodes count these too --------------------------
+
+    def _succeeded(self, pair) -> None:
+        self.pair_failures.succeeded(pair)
+        self._share("succeeded", pair)
+
+    def _share(self, kind: str, pair) -> None:
+        cluster = self.server.cluster
+        if cluster is not None:
+            cluster.share(kind, *pair)
+
+    def shared(self, kind: str, user: str, host: str) -> None:
+        """What another node of the cluster counted (``ClusterNode.share``):
+        counted here too, so that spreading attempts over the nodes gains
+        nothing. A failure counts for the account from that address and for
+        the address; a success clears the former; an account made takes one
+        from the address's allowance."""
+        now = self.reactor.clock()
+        if kind == "failed":
+            self.pair_failures.failed((user, host), now)
+            self.addr_failures.failed(host, now)
+        elif kind == "succeeded":
+            self.pair_failures.succeeded((user, host))
+        elif kind == "registered":
+            self._registration_wait(host, now)
 
     def _refund(self, verb: str, pair) -> None:
         """The check never ran to a verdict (or, for REGISTER, made no account):
