@@ -1497,3 +1497,24 @@ def test_accounts_made_on_one_node_count_against_the_address_on_the_others(make_
     late = c.node(1).connect()
     late.send(f"REGISTER {unique()} pw secret")
     assert late.expect("ERR REGISTER ").startswith("ERR REGISTER throttled")
+
+
+def test_a_login_on_another_node_racing_an_unregister_leaves_no_session_of_the_deleted_account(make_cluster):
+    """As on one server (test_server.py): UNREGISTER on node 0 and a LOGIN of
+    the same account on node 1, hashed at the same time. Whichever finishes
+    first, no session of the deleted account is left on any node."""
+    require_cluster_mode()
+    c = make_cluster(2, *CLUSTER_ARGS, "--scrypt-n", "16384")
+    alice = RawUser(c.node(0), password="pw")
+    other = c.node(1).connect()
+    alice.chat.send("UNREGISTER pw")
+    other.send(f"LOGIN {alice.name} pw")
+    first = other.line()
+    if first.startswith("WELCOME "):  # the login won, or its check began before the deletion
+        assert other.expect_closed()[-1] == "BYE unregistered your account is deleted"
+    else:
+        assert first.startswith("ERR LOGIN auth-failed "), first
+    for node in (0, 1):
+        login = c.node(node).connect()
+        login.send(f"LOGIN {alice.name} pw")
+        login.expect("ERR LOGIN auth-failed ")

@@ -217,15 +217,22 @@ class Logins:
         being checked (it took over from this one); a login whose check
         began before the deletion and ends after it is refused."""
         registry = self.server.registry
-        now = self.reactor.clock()
-        if len(self.deleted) > 1000:  # only logins queued before a deletion look here: they are soon done
-            self.deleted = {key: when for key, when in self.deleted.items() if now - when < 600}
-        self.deleted[name.lower()] = now
+        self._mark_deleted(name.lower())
         peer.send(ev.Ok("UNREGISTER", name))
         for session in (peer.session, registry.sessions.get(name.lower())):
             if session is not None:
-                registry.end_session(session, "left", f"{name} left",
-                                     ev.Bye("unregistered", "your account is deleted"), why="unregistered")
+                self._end_deleted(session)
+        self._share("deleted", (name.lower(), peer.host))  # the same on the other nodes of a cluster
+
+    def _mark_deleted(self, key: str) -> None:
+        now = self.reactor.clock()
+        if len(self.deleted) > 1000:  # only logins queued before a deletion look here: they are soon done
+            self.deleted = {k: when for k, when in self.deleted.items() if now - when < 600}
+        self.deleted[key] = now
+
+    def _end_deleted(self, session) -> None:
+        self.server.registry.end_session(session, "left", f"{session.name} left",
+                                         ev.Bye("unregistered", "your account is deleted"), why="unregistered")
 
     def _login_done(self, peer, event, verb: str, pair, queued: float, future) -> None:
         self.hashing -= 1
@@ -286,6 +293,11 @@ class Logins:
             if epoch is None:
                 self._login_refused(peer, verb, "unavailable", UNAVAILABLE, count=False)
                 return
+            if verb == "LOGIN" and self.deleted.get(name.lower(), -1.0) >= queued:
+                # deleted on another node while this login was claimed (Logins.shared)
+                cluster.eval("leave", name.lower(), epoch, "left", f"{name} left")
+                self._login_failed(peer, verb, event.user, "auth-failed", AUTH_FAILED, counted=False)
+                return
             current = self.server.registry.sessions.get(name.lower())
             if epoch == "superseded" or (current is not None and int(current.epoch) > int(epoch)):
                 # a later login of the account won the race (here or on another node)
@@ -337,7 +349,9 @@ class Logins:
         counted here too, so that spreading attempts over the nodes gains
         nothing. A failure counts for the account from that address and for
         the address; a success clears the former; an account made takes one
-        from the address's allowance."""
+        from the address's allowance. A deleted account's session here
+        ends, and a login of it checked before the news is refused, as on
+        the node that deleted it."""
         now = self.reactor.clock()
         if kind == "failed":
             self.pair_failures.failed((user, host), now)
@@ -346,6 +360,11 @@ class Logins:
             self.pair_failures.succeeded((user, host))
         elif kind == "registered":
             self._registration_wait(host, now)
+        elif kind == "deleted":
+            self._mark_deleted(user)
+            session = self.server.registry.sessions.get(user)
+            if session is not None:
+                self._end_deleted(session)
 
     def _refund(self, verb: str, pair) -> None:
         """The check never ran to a verdict (or, for REGISTER, made no account):
