@@ -364,6 +364,7 @@ def client_asks(c, clients, prefix: str) -> tuple[Peer, V2User]:
     bob = V2User(c.node(1).connect)
     alice.write(f"/chat {bob.name}")
     bob.expect(f"REQUEST {alice.name}")
+    alice.expect("request-sent", user=bob.name)  # OK CHAT read: her client keeps the request across a drop
     return alice, bob
 
 
