@@ -200,13 +200,15 @@ def unlock(ctx, name):
 @click.argument("words", nargs=-1, required=True, metavar="TEXT...")
 @click.pass_context
 def broadcast(ctx, words):
-    """Send TEXT to every online user (a NOTICE on their login socket).
+    """Send TEXT to every online user (a NOTICE on their login socket), on
+    every node of a cluster.
 
     Several words are joined with spaces, so TEXT needs no quotes."""
     text = " ".join(words)
     def show(r):
         users = r["users"]
-        click.echo(f"told {users} user{'' if users == 1 else 's'}")
+        told = f"told {users} user{'' if users == 1 else 's'}"
+        click.echo(f"{told} here, and sent to the other nodes of the cluster" if r.get("cluster") else told)
 
     _run(ctx, {"cmd": "broadcast", "text": text}, show)
 

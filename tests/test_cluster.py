@@ -1518,3 +1518,17 @@ def test_a_login_on_another_node_racing_an_unregister_leaves_no_session_of_the_d
         login = c.node(node).connect()
         login.send(f"LOGIN {alice.name} pw")
         login.expect("ERR LOGIN auth-failed ")
+
+
+def test_an_operator_s_broadcast_on_one_node_reaches_the_users_of_every_node(make_cluster, tmp_path):
+    require_cluster_mode()
+    c = make_cluster(1)
+    admin_socket = tmp_path / "admin.sock"
+    c.args = (*c.args, "--admin-socket", str(admin_socket))
+    c.start_node()   # node 1: the operator's
+    alice, bob = V2User(c.node(0).connect), V2User(c.node(1).connect)
+    told = admin(admin_socket, "broadcast", "back", "in", "5")
+    assert alice.expect("NOTICE ") == "NOTICE back in 5"
+    assert bob.expect("NOTICE ") == "NOTICE back in 5"
+    assert told.returncode == 0, told
+    assert told.stdout.strip() == "told 1 user here, and sent to the other nodes of the cluster"

@@ -85,8 +85,8 @@ __all__ = ["ClusterNode", "RemoteUser", "SUPERSEDED", "UNAVAILABLE"]
 SUPERSEDED = "superseded"
 
 #: The channel every node listens to: what the nodes count together (failed
-#: logins and accounts made per address, ``Logins.shared``), as
-#: ``<kind> <node id> <fields...>``.
+#: logins and accounts made per address, ``Logins.shared``) and operators'
+#: broadcasts (``notice``), as ``<kind> <node id> <fields...>``.
 SHARED = "selchat:all"
 
 #: What a version 2 user hears when its node shuts down and the cluster goes on.
@@ -436,16 +436,22 @@ class ClusterNode:
 
     def share(self, kind: str, *fields: str) -> None:
         """Tell every other node (``Logins.shared``): a failed or a good
-        password from an address, an account made from one. So a guesser or
-        an account maker spreading over the nodes is counted as on one
-        server; each node still decides alone, without waiting for Redis."""
+        password from an address, an account made from one, an account
+        deleted. So a guesser or an account maker spreading over the nodes
+        is counted as on one server; each node still decides alone, without
+        waiting for Redis. And an operator's broadcast (``notice``)."""
         if self.up:
             self.link.command("PUBLISH", SHARED, " ".join((kind, self.node_id, *fields)))
 
     def _on_shared(self, channel: bytes, data: bytes) -> None:
-        kind, node_id, *fields = data.decode().split(" ")
-        if self.joined and node_id != self.node_id:
-            self.server.logins.shared(kind, *fields)
+        kind, _, rest = data.decode(errors="replace").partition(" ")
+        node_id, _, rest = rest.partition(" ")
+        if not self.joined or node_id == self.node_id or not rest:
+            return
+        if kind == "notice":  # an operator's broadcast on another node
+            self.server.broadcast(rest, here_only=True)
+        else:
+            self.server.logins.shared(kind, *rest.split(" "))
 
     # -- shutting down while the cluster goes on ---------------------------------------
 

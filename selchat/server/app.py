@@ -311,11 +311,15 @@ class Server:
         """End ``name``'s session: BYE kicked <text>; False if not logged in."""
         return self.registry.kick(name, text)
 
-    def broadcast(self, text: str) -> int:
-        """NOTICE <text> to every logged-in user; returns how many."""
+    def broadcast(self, text: str, here_only: bool = False) -> int:
+        """NOTICE <text> to every logged-in user, and through the cluster to
+        those of the other nodes (unless ``here_only``); returns how many
+        were told here."""
         notice = ev.Notice(text)
         for session in self.sessions.values():
             session.deliver(notice)
+        if self.cluster is not None and not here_only:
+            self.cluster.share("notice", text)
         return len(self.sessions)
 
     # -- connections ----------------------------------------------------------------

@@ -287,6 +287,8 @@ class ControlSocket:
         text = _text(request, "text")
         users = self.server.broadcast(text)
         audit.emit("admin", cmd="broadcast", users=users, text=text)
+        if self.server.cluster is not None:  # the other nodes tell theirs
+            return {"ok": True, "users": users, "cluster": True}
         return {"ok": True, "users": users}
 
     def reload(self, request: dict, reply_later) -> None:

@@ -344,7 +344,7 @@ class Logins:
         if cluster is not None:
             cluster.share(kind, *pair)
 
-    def shared(self, kind: str, user: str, host: str) -> None:
+    def shared(self, kind: str, user: str = "", host: str = "", *_) -> None:
         """What another node of the cluster counted (``ClusterNode.share``):
         counted here too, so that spreading attempts over the nodes gains
         nothing. A failure counts for the account from that address and for
