@@ -490,6 +490,19 @@ def test_a_node_shut_down_hands_its_version_2_sessions_to_the_other_nodes(make_c
     assert alice.expect("DELIVERED ") == "DELIVERED 1 1"  # "before": its receipt, on her new node
 
 
+def test_both_users_of_a_chat_on_a_node_that_shuts_down_go_on_chatting_on_another(make_cluster):
+    require_cluster_mode()
+    c = make_cluster(2)
+    alice, bob = chatting(c, 0, 0)
+    assert c.node(0).stop(signal.SIGTERM) == 0
+    for user in (alice, bob):
+        assert user.expect("NOTICE ") == f"NOTICE {MOVING}"
+        assert resume_on(user, c.node(1), messages=0) == 0
+        assert user.expect("") == f"STARTED {(bob if user is alice else alice).name}"
+    alice.chat.send("MSG on node 1")
+    assert bob.expect(f"MSG {alice.name} ") == f"MSG {alice.name} on node 1"
+
+
 def test_a_session_already_away_when_its_node_shuts_down_resumes_elsewhere(make_cluster):
     """alice's connection was lost (node 0 holds her session for its window,
     and what bob sends her); node 0 shuts down meanwhile: she resumes on
