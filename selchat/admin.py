@@ -126,6 +126,10 @@ def status(ctx):
         if cluster:
             state = f"node {cluster['node']}" if cluster["joined"] else "not joined (fenced or joining)"
             rows.append(("cluster", f"{cluster['redis']}: {state}, fenced {cluster['fences']} times"))
+            users = cluster.get("users")
+            if users is not None:
+                each = ", ".join(f"{node or 'away'}: {n}" for node, n in sorted(users.items()))
+                rows.append(("all nodes", f"{sum(users.values())} sessions" + (f" ({each})" if each else "")))
         for key, value in rows:
             click.echo(f"{key + ':':<14}{value}")
 

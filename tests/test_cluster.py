@@ -1532,3 +1532,19 @@ def test_an_operator_s_broadcast_on_one_node_reaches_the_users_of_every_node(mak
     assert bob.expect("NOTICE ") == "NOTICE back in 5"
     assert told.returncode == 0, told
     assert told.stdout.strip() == "told 1 user here, and sent to the other nodes of the cluster"
+
+
+def test_admin_status_on_a_node_counts_the_sessions_of_every_node(make_cluster, tmp_path):
+    require_cluster_mode()
+    c = make_cluster(1)
+    admin_socket = tmp_path / "admin.sock"
+    c.args = (*c.args, "--admin-socket", str(admin_socket))
+    c.start_node()   # node 1: the operator's
+    users = [V2User(c.node(0).connect), V2User(c.node(0).connect), V2User(c.node(1).connect)]  # kept open
+    status = admin(admin_socket, "status")
+    assert status.returncode == 0, status
+    n0, n1 = c.node_id(0), c.node_id(1)
+    each = ", ".join(f"{node}: {n}" for node, n in sorted({n0: 2, n1: 1}.items()))
+    assert status.stdout.splitlines()[-1] == f"all nodes:    3 sessions ({each})", status.stdout
+    for user in users:
+        user.login.close()

@@ -456,6 +456,25 @@ class ClusterNode:
         else:
             self.server.logins.shared(kind, *rest.split(" "))
 
+    def census(self, done) -> None:
+        """``done({node id: sessions})`` for the whole cluster, as Redis has
+        it (``""``: detached sessions, away until they resume), or
+        ``done(None)`` if Redis cannot say."""
+        if not self.up:
+            self.reactor.call_soon(done, None)
+            return
+
+        def counted(reply) -> None:
+            if not isinstance(reply, list):
+                done(None)
+                return
+            users: dict[str, int] = {}
+            for node in reply[1::2]:
+                users[_s(node)] = users.get(_s(node), 0) + 1
+            done(users)
+
+        self.link.command("HGETALL", "selchat:online", callback=counted)
+
     # -- shutting down while the cluster goes on ---------------------------------------
 
     def depart(self) -> int:

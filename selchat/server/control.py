@@ -176,7 +176,7 @@ class ControlSocket:
             log.exception("admin command %s failed", request["cmd"])
             return _error(f"internal error: {exc!r}")
 
-    def status(self, request: dict, reply_later) -> dict:
+    def status(self, request: dict, reply_later) -> dict | None:
         server = self.server
         listening = {"chat": _address(server.listener.address), "admin": self.path}
         if server.metrics_endpoint is not None:
@@ -187,7 +187,7 @@ class ControlSocket:
             node = server.cluster
             cluster = {"redis": node.link.config.redacted(), "node": node.node_id or None,
                        "joined": node.up, "fences": node.fences}
-        return {
+        result = {
             "ok": True,
             "version": __version__,
             "pid": os.getpid(),
@@ -202,6 +202,15 @@ class ControlSocket:
             "sockets": len(server.peers),
             "cluster": cluster,
         }
+        if cluster is None:
+            return result
+
+        def counted(users) -> None:  # every node's sessions, from Redis
+            cluster["users"] = users
+            reply_later(result)
+
+        server.cluster.census(counted)
+        return None
 
     def who(self, request: dict, reply_later) -> dict:
         sessions = sorted(self.server.sessions.values(), key=lambda s: s.key)
