@@ -1153,15 +1153,21 @@ def test_v2_ten_thousand_messages_each_way_at_once_across_nodes(spread):
 
 # -- node death -------------------------------------------------------------------------------
 
+def with_operator_node(make_cluster, tmp_path):
+    """Two nodes; node 1 has the operator's admin socket (returned)."""
+    c = make_cluster(1)
+    admin_socket = tmp_path / "admin.sock"
+    c.args = (*c.args, "--admin-socket", str(admin_socket))
+    c.start_node()
+    return c, admin_socket
+
+
 def test_an_operator_on_one_node_kicks_and_locks_a_session_on_another(make_cluster, tmp_path):
     """selchat admin kick and lock, sent to node 1, end a session that node 0
     holds (its node says BYE kicked, its partner hears it); a user online
     nowhere is "not online"."""
     require_cluster_mode()
-    c = make_cluster(1)
-    admin_socket = tmp_path / "admin.sock"
-    c.args = (*c.args, "--admin-socket", str(admin_socket))
-    c.start_node()   # node 1: the operator's
+    c, admin_socket = with_operator_node(make_cluster, tmp_path)
     p = Place(c.nodes)
     try:
         mallory, bob = p.user("mallory", 0), p.user("bob", 0)
@@ -1522,10 +1528,7 @@ def test_a_login_on_another_node_racing_an_unregister_leaves_no_session_of_the_d
 
 def test_an_operator_s_broadcast_on_one_node_reaches_the_users_of_every_node(make_cluster, tmp_path):
     require_cluster_mode()
-    c = make_cluster(1)
-    admin_socket = tmp_path / "admin.sock"
-    c.args = (*c.args, "--admin-socket", str(admin_socket))
-    c.start_node()   # node 1: the operator's
+    c, admin_socket = with_operator_node(make_cluster, tmp_path)
     alice, bob = V2User(c.node(0).connect), V2User(c.node(1).connect)
     told = admin(admin_socket, "broadcast", "back", "in", "5")
     assert alice.expect("NOTICE ") == "NOTICE back in 5"
@@ -1536,10 +1539,7 @@ def test_an_operator_s_broadcast_on_one_node_reaches_the_users_of_every_node(mak
 
 def test_admin_status_on_a_node_counts_the_sessions_of_every_node(make_cluster, tmp_path):
     require_cluster_mode()
-    c = make_cluster(1)
-    admin_socket = tmp_path / "admin.sock"
-    c.args = (*c.args, "--admin-socket", str(admin_socket))
-    c.start_node()   # node 1: the operator's
+    c, admin_socket = with_operator_node(make_cluster, tmp_path)
     users = [V2User(c.node(0).connect), V2User(c.node(0).connect), V2User(c.node(1).connect)]  # kept open
     status = admin(admin_socket, "status")
     assert status.returncode == 0, status
