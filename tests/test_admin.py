@@ -158,6 +158,27 @@ def test_lock_ends_the_session_and_keeps_the_account_out_until_unlock(served):
     assert RawUser(served, mallory.name, register=False).name == mallory.name
 
 
+def test_a_login_under_way_when_its_account_is_locked_is_refused(make_server, tmp_path):
+    """The password of a LOGIN is being checked (real scrypt, tens of ms)
+    when the operator locks the account: the check read the account before
+    the lock, but the login is refused all the same, or, if it got in
+    first, its session is ended by the lock."""
+    path = tmp_path / "admin.sock"
+    srv = make_server("--scrypt-n", "16384", "--admin-socket", str(path))
+    mallory = RawUser(srv, password="pw")
+    mallory.close()
+    operator = ControlClient(path)  # connected first: the lock follows the LOGIN within a millisecond
+    sock = srv.connect()
+    sock.send(f"LOGIN {mallory.name} pw")
+    operator.send(json.dumps({"cmd": "lock", "user": mallory.name, "text": "spam"}).encode() + b"\n")
+    assert operator.reply()["ok"]
+    first = sock.line()
+    if first.startswith("WELCOME "):
+        assert "BYE kicked your account is locked: spam" in sock.expect_closed()
+    else:
+        assert first.startswith("ERR LOGIN locked "), first
+
+
 def test_broadcast_reaches_every_online_user(served):
     users = [RawUser(served) for _ in range(3)]
     start_chat(users[0], users[1])

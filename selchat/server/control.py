@@ -246,6 +246,7 @@ class ControlSocket:
         def locked(name: str | None) -> dict | None:
             if name is None:
                 return _error(f"there is no account {user}")
+            self.server.logins.locked(name)  # and its logins under way, here and on the other nodes
             if self.server.kick(name, text):
                 return done(name, "here")
             if self.server.cluster is None:

@@ -52,7 +52,9 @@ class Logins:
         self.addr_failures = FailureTracker(free=server.config.throttle_after or None)
         self.queue = FairQueue()    # password checks waiting, per address
         self.registrations: dict[str, TokenBucket] = {}  # address -> accounts it may still create
-        self.deleted: dict[str, float] = {}  # key -> when UNREGISTER deleted it (for logins already queued)
+        # key -> (when, "deleted" or "locked"): an UNREGISTER or an operator's
+        # lock, for the logins of the account already under way then.
+        self.revoked: dict[str, tuple[float, str]] = {}
         self.hashing = 0            # password checks on a worker
 
     def on_login(self, peer, event) -> None:
@@ -217,18 +219,31 @@ class Logins:
         being checked (it took over from this one); a login whose check
         began before the deletion and ends after it is refused."""
         registry = self.server.registry
-        self._mark_deleted(name.lower())
+        self.revoke(name.lower(), "deleted")
         peer.send(ev.Ok("UNREGISTER", name))
         for session in (peer.session, registry.sessions.get(name.lower())):
             if session is not None:
                 self._end_deleted(session)
         self._share("deleted", (name.lower(), peer.host))  # the same on the other nodes of a cluster
 
-    def _mark_deleted(self, key: str) -> None:
+    def revoke(self, key: str, why: str) -> None:
+        """The account was deleted (``why`` "deleted") or locked ("locked")
+        just now: a login of it whose password check or claim is under way
+        is refused when it ends, as if it had started after."""
         now = self.reactor.clock()
-        if len(self.deleted) > 1000:  # only logins queued before a deletion look here: they are soon done
-            self.deleted = {k: when for k, when in self.deleted.items() if now - when < 600}
-        self.deleted[key] = now
+        if len(self.revoked) > 1000:  # only logins queued before it look here: they are soon done
+            self.revoked = {k: v for k, v in self.revoked.items() if now - v[0] < 600}
+        self.revoked[key] = (now, why)
+
+    def _revoked(self, name: str, queued: float) -> str | None:
+        """Why a login of ``name`` queued at ``queued`` may not go on, if it may not."""
+        when, why = self.revoked.get(name.lower(), (-1.0, ""))
+        return why if when >= queued else None
+
+    def locked(self, name: str) -> None:
+        """An operator locked the account (``selchat admin lock``)."""
+        self.revoke(name.lower(), "locked")
+        self._share("locked", (name.lower(), "-"))
 
     def _end_deleted(self, session) -> None:
         self.server.registry.end_session(session, "left", f"{session.name} left",
@@ -261,8 +276,12 @@ class Logins:
             audit.emit("storage-error", logging.ERROR, user=event.user, addr=peer.host, error=repr(exc))
             self._login_refused(peer, verb, "storage", "the account store failed; try again later", count=False)
             return
-        if name is not None and verb == "LOGIN" and self.deleted.get(name.lower(), -1.0) >= queued:
+        revoked = self._revoked(name, queued) if name is not None and verb == "LOGIN" else None
+        if revoked == "deleted":
             name = None  # its password was checked just before its owner deleted the account
+        elif revoked == "locked":  # ... or before an operator locked it
+            self._refused_locked(peer, verb, event.user)
+            return
         if name is None:  # logged even if the guesser hung up before the answer
             self.addr_failures.failed(peer.host, self.reactor.clock())
             self._share("failed", pair)
@@ -293,10 +312,13 @@ class Logins:
             if epoch is None:
                 self._login_refused(peer, verb, "unavailable", UNAVAILABLE, count=False)
                 return
-            if verb == "LOGIN" and self.deleted.get(name.lower(), -1.0) >= queued:
-                # deleted on another node while this login was claimed (Logins.shared)
+            revoked = self._revoked(name, queued) if verb == "LOGIN" else None
+            if revoked is not None:  # deleted or locked while this login was claimed (also Logins.shared)
                 cluster.eval("leave", name.lower(), epoch, "left", f"{name} left")
-                self._login_failed(peer, verb, event.user, "auth-failed", AUTH_FAILED, counted=False)
+                if revoked == "deleted":
+                    self._login_failed(peer, verb, event.user, "auth-failed", AUTH_FAILED, counted=False)
+                else:
+                    self._refused_locked(peer, verb, event.user)
                 return
             current = self.server.registry.sessions.get(name.lower())
             if epoch == "superseded" or (current is not None and int(current.epoch) > int(epoch)):
@@ -350,8 +372,8 @@ class Logins:
         nothing. A failure counts for the account from that address and for
         the address; a success clears the former; an account made takes one
         from the address's allowance. A deleted account's session here
-        ends, and a login of it checked before the news is refused, as on
-        the node that deleted it."""
+        ends, and a login of a deleted or locked account checked before the
+        news is refused, as on the node where it happened."""
         now = self.reactor.clock()
         if kind == "failed":
             self.pair_failures.failed((user, host), now)
@@ -361,10 +383,12 @@ class Logins:
         elif kind == "registered":
             self._registration_wait(host, now)
         elif kind == "deleted":
-            self._mark_deleted(user)
+            self.revoke(user, kind)
             session = self.server.registry.sessions.get(user)
             if session is not None:
                 self._end_deleted(session)
+        elif kind == "locked":  # its session, wherever it is, the operator's node ends (kick_elsewhere)
+            self.revoke(user, kind)
 
     def _refund(self, verb: str, pair) -> None:
         """The check never ran to a verdict (or, for REGISTER, made no account):
@@ -375,6 +399,10 @@ class Logins:
             rate = self.registrations.get(pair[1])
             if rate is not None:
                 rate.tokens = min(rate.burst, rate.tokens + 1.0)
+
+    def _refused_locked(self, peer, verb: str, user: str) -> None:
+        audit.emit("login-locked", logging.WARNING, user=user, addr=peer.host)
+        self._login_refused(peer, verb, "locked", "this account is locked")
 
     def _login_refused(self, peer, verb: str, code: str, text: str, count: bool = True) -> None:
         """An answer that is nobody's fault or not a guess: reading goes on."""
