@@ -7,10 +7,14 @@ verdict: a refusal, a failure that counts toward closing the socket, or a
 new session (``Registry.start_session``). The hash itself runs on a worker
 (``Accounts``); nothing here blocks the loop.
 
+In a cluster the nodes count failed logins and accounts made together, and
+learn of each other's deletions and locks (``shared``, ``ClusterNode.share``).
+
 May touch: the peer being logged in (pause, resume, send, close), the
 account store through its non-blocking calls, the metrics and the log
 events; from the ``Server`` its config (swapped on reload) and ``stopping``,
-and the registry to end the session of an account just deleted.
+the registry to end the session of an account just deleted, and the
+cluster node's ``claim``, ``track`` and ``share``.
 """
 
 from __future__ import annotations
