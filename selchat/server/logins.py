@@ -284,6 +284,7 @@ class Logins:
         if revoked == "deleted":
             name = None  # its password was checked just before its owner deleted the account
         elif revoked == "locked":  # ... or before an operator locked it
+            self._succeeded(pair)  # the right password, as for a lock the check saw
             self._refused_locked(peer, verb, event.user)
             return
         if name is None:  # logged even if the guesser hung up before the answer
