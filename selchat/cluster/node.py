@@ -440,7 +440,7 @@ class ClusterNode:
     def share(self, kind: str, *fields: str) -> None:
         """Tell every other node (``Logins.shared``): a failed or a good
         password from an address, an account made from one, an account
-        deleted. So a guesser or an account maker spreading over the nodes
+        deleted or locked. So a guesser or an account maker spreading over the nodes
         is counted as on one server; each node still decides alone, without
         waiting for Redis. And an operator's broadcast (``notice``)."""
         if self.up:
