@@ -44,6 +44,13 @@ protocol lines)::
     L <key> <epoch> <pkey>       the session's partner pkey (version 1) was
                                  on a node that died: the messages relayed to
                                  it that have no fate yet never will
+    O <key> <epoch>              (payload: the text) an operator's kick or
+                                 lock on another node: end that session
+
+And on ``selchat:all``, which every node hears, one line ``<kind> <node id>
+...`` (``share``): ``failed``, ``succeeded``, ``registered``, ``deleted``
+or ``locked``, each with an account key and an address (``Logins.shared``);
+``notice <text>``, an operator's broadcast.
 """
 
 from __future__ import annotations
