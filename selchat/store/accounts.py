@@ -518,15 +518,19 @@ class AccountStore(LookupMethods):
 
     # -- queries -------------------------------------------------------------
 
-    def _lookup(self, name: str) -> tuple[str, str, str | None] | None:
+    def _read(self, sql: str, args: tuple = (), one: bool = False):
+        """A query's rows (its first row, or None, if ``one``); a database
+        error is a storage error, misuse (the wrong thread...) is not."""
         try:
-            return self._db.execute(
-                "SELECT name, pwhash, locked FROM users WHERE name = ?", (name,)
-            ).fetchone()
+            cursor = self._db.execute(sql, args)
+            return cursor.fetchone() if one else cursor.fetchall()
         except sqlite3.ProgrammingError:
             raise  # misuse (wrong thread...), not a storage failure
         except sqlite3.Error as exc:
             raise _storage_error("read", exc) from exc
+
+    def _lookup(self, name: str) -> tuple[str, str, str | None] | None:
+        return self._read("SELECT name, pwhash, locked FROM users WHERE name = ?", (name,), one=True)
 
     def add_user(self, name: str, password: str) -> str:
         """Register *name* with *password*; return the canonical name.
@@ -631,15 +635,8 @@ class AccountStore(LookupMethods):
         return self._write(unlock)
 
     def _locks(self) -> list[tuple[str, str]]:
-        try:
-            rows = self._db.execute(
-                "SELECT name, locked FROM users WHERE locked IS NOT NULL "
-                "ORDER BY name COLLATE NOCASE, name"
-            ).fetchall()
-        except sqlite3.ProgrammingError:
-            raise  # misuse (wrong thread...), not a storage failure
-        except sqlite3.Error as exc:
-            raise _storage_error("read", exc) from exc
+        rows = self._read("SELECT name, locked FROM users WHERE locked IS NOT NULL "
+                          "ORDER BY name COLLATE NOCASE, name")
         return [(n, r) for n, r in rows]
 
     # -- block lists -----------------------------------------------------------
@@ -681,38 +678,17 @@ class AccountStore(LookupMethods):
         return self._write(remove)
 
     def _blocks_of(self, owner: str) -> list[str]:
-        try:
-            rows = self._db.execute(
-                "SELECT blocked FROM blocks WHERE owner = ? ORDER BY blocked COLLATE NOCASE, blocked",
-                (owner,),
-            ).fetchall()
-        except sqlite3.ProgrammingError:
-            raise  # misuse (wrong thread...), not a storage failure
-        except sqlite3.Error as exc:
-            raise _storage_error("read", exc) from exc
+        rows = self._read("SELECT blocked FROM blocks WHERE owner = ? ORDER BY blocked COLLATE NOCASE, blocked",
+                          (owner,))
         return [n for (n,) in rows]
 
     def _has_block(self, owner: str, other: str) -> bool:
-        try:
-            row = self._db.execute(
-                "SELECT 1 FROM blocks WHERE owner = ? AND blocked = ?", (owner, other)
-            ).fetchone()
-        except sqlite3.ProgrammingError:
-            raise  # misuse (wrong thread...), not a storage failure
-        except sqlite3.Error as exc:
-            raise _storage_error("read", exc) from exc
+        row = self._read("SELECT 1 FROM blocks WHERE owner = ? AND blocked = ?", (owner, other), one=True)
         return row is not None
 
     def list_users(self) -> list[tuple[str, str]]:
         """All accounts as ``(canonical name, created ISO-8601 UTC)``, sorted case-insensitively."""
-        try:
-            rows = self._db.execute(
-                "SELECT name, created FROM users ORDER BY name COLLATE NOCASE, name"
-            ).fetchall()
-        except sqlite3.ProgrammingError:
-            raise  # misuse (wrong thread...), not a storage failure
-        except sqlite3.Error as exc:
-            raise _storage_error("read", exc) from exc
+        rows = self._read("SELECT name, created FROM users ORDER BY name COLLATE NOCASE, name")
         return [(n, c) for n, c in rows]
 
     def close(self) -> None:
